@@ -1,0 +1,101 @@
+"""From a recipe's `data:` section to per-rank batches.
+
+Training batches: a seeded `DistributedSampler` per epoch, so each rank sees a disjoint slice and
+every rank gets the same number of micro-batches. Evaluation batches: each rank takes every
+world-th example and the shorter ranks are padded with examples that predict nothing, so every rank
+runs the same number of forwards (a ZeRO-3 role hangs otherwise) and no example counts twice.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from distill.recipe import RecipeError
+
+
+@dataclass
+class DataBundle:
+    train: object  # datasets.Dataset with `input_ids`
+    eval: object | None
+    collator: object
+    micro_batch_size: int
+    rank: int
+    world_size: int
+    seed: int
+    pad_id: int
+    grad_accum: int = 1
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.train) // (self.micro_batch_size * self.world_size * self.grad_accum)
+
+    def train_batches(self, *, start_step: int = 0) -> Iterator[list[dict]]:
+        """Endless lists of `grad_accum` micro-batches, epoch after epoch, from optimizer step `start_step`."""
+        per_epoch, grad_accum = self.steps_per_epoch, self.grad_accum
+        epoch, skip = divmod(start_step, per_epoch)
+        while True:
+            sampler = DistributedSampler(self.train, num_replicas=self.world_size, rank=self.rank, shuffle=True,
+                                         seed=self.seed, drop_last=True)
+            sampler.set_epoch(epoch)
+            loader = DataLoader(self.train, batch_size=self.micro_batch_size, sampler=sampler, collate_fn=self.collator,
+                                drop_last=True)
+            it = iter(loader)
+            for step in range(per_epoch):
+                group = [next(it) for _ in range(grad_accum)]
+                if step >= skip:
+                    yield group
+            epoch, skip = epoch + 1, 0
+
+    def eval_batches(self, limit: int | None = None) -> Iterator[dict]:
+        n = len(self.eval)
+        per_rank = -(-n // self.world_size)
+        if limit is not None:
+            per_rank = min(per_rank, limit * self.micro_batch_size)
+        mine = [self.eval[i] for i in range(self.rank, n, self.world_size)][:per_rank]
+        dummy = {"input_ids": [self.pad_id, self.pad_id], "prompt_length": 2}
+        mine += [dummy] * (per_rank - len(mine))
+        for i in range(0, per_rank, self.micro_batch_size):
+            yield self.collator(mine[i:i + self.micro_batch_size])
+
+
+def ensure_synthetic(recipe) -> None:
+    """Write the synthetic language where the recipe expects its files (main process of the node)."""
+    from distill.data.synthetic import write_dataset
+
+    d = recipe.data
+    target = Path(d.train).parent
+    write_dataset(target, seed=d.synthetic_seed)
+
+
+def build_text_data(recipe, tokenizer, rank: int, world_size: int) -> DataBundle:
+    from distill.data.text import CausalCollator, load_text_dataset, tokenize_dataset
+
+    d = recipe.data
+    if d.synthetic_seed is not None and not Path(d.train).exists():
+        if rank == 0:
+            ensure_synthetic(recipe)
+        torch.distributed.barrier() if world_size > 1 else None
+    try:
+        train, stats = tokenize_dataset(load_text_dataset(d.train, text_field=d.text_field), tokenizer,
+                                        max_length=d.max_length, text_field=d.text_field)
+        evl = None
+        if d.eval:
+            evl, _ = tokenize_dataset(load_text_dataset(d.eval, text_field=d.text_field), tokenizer,
+                                      max_length=d.max_length, text_field=d.text_field)
+    except (FileNotFoundError, ValueError) as e:
+        raise RecipeError(f"`data`: {e}") from None
+    if rank == 0 and stats.get("truncated"):
+        print(f"data: {stats['truncated']} of {stats['n']} training texts truncated to data.max_length={d.max_length} tokens")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    collator = CausalCollator(pad, pad_to_multiple_of=8)
+    bundle = DataBundle(train, evl, collator, recipe.train.micro_batch_size, rank, world_size, recipe.seed, pad,
+                        grad_accum=recipe.train.grad_accum)
+    if bundle.steps_per_epoch == 0:
+        raise RecipeError(f"`data.train` has {len(train)} sequences, fewer than one optimizer step needs "
+                          f"({recipe.train.micro_batch_size} x {recipe.train.grad_accum} x {world_size} processes): "
+                          "lower train.micro_batch_size or train.grad_accum, or add data")
+    return bundle

@@ -1,0 +1,37 @@
+"""Distillation losses: a registry of token-level KD divergences and a chunked fused loss."""
+
+from .chunked import chunked_kd_loss
+from .kd import (
+    IGNORE_INDEX,
+    KD_LOSSES,
+    UnknownKDLossError,
+    count_valid,
+    cross_entropy,
+    forward_kl,
+    generalized_jsd,
+    get_kd_loss,
+    kd_loss,
+    register_kd_loss,
+    reverse_kl,
+    skew_forward_kl,
+    skew_reverse_kl,
+    tvd,
+)
+
+__all__ = [
+    "IGNORE_INDEX",
+    "KD_LOSSES",
+    "UnknownKDLossError",
+    "chunked_kd_loss",
+    "count_valid",
+    "cross_entropy",
+    "forward_kl",
+    "generalized_jsd",
+    "get_kd_loss",
+    "kd_loss",
+    "register_kd_loss",
+    "reverse_kl",
+    "skew_forward_kl",
+    "skew_reverse_kl",
+    "tvd",
+]

@@ -1,0 +1,179 @@
+"""From a validated recipe to what each role will be: its DeepSpeed config, model config and size.
+
+Everything here runs before any weight is loaded, so an impossible setup fails in seconds with a
+message naming the recipe key.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from distill.recipe import DEEPSPEED_CONFIG_DIR, RecipeError, Role
+
+_DTYPE_KEYS = {"bf16": "bf16", "fp16": "fp16"}
+
+
+def resolve_deepspeed(value: int | str | dict) -> dict[str, Any]:
+    """A role's `deepspeed` value -> a DeepSpeed config dict (a fresh copy)."""
+    if isinstance(value, bool):
+        raise RecipeError(f"`deepspeed: {value}` is not a ZeRO stage; use 0, 1, 2 or 3, a config name or a path")
+    if isinstance(value, int):
+        if value not in (0, 1, 2, 3):
+            raise RecipeError(f"ZeRO stage {value} does not exist; use 0, 1, 2 or 3")
+        return {"zero_optimization": {"stage": value}}
+    if isinstance(value, dict):
+        cfg = copy.deepcopy(value)
+    else:
+        path = Path(value)
+        if not path.suffix and (DEEPSPEED_CONFIG_DIR / f"{value}.json").is_file():
+            path = DEEPSPEED_CONFIG_DIR / f"{value}.json"
+        if not path.is_file():
+            names = sorted(p.stem for p in DEEPSPEED_CONFIG_DIR.glob("*.json"))
+            raise RecipeError(f"DeepSpeed config `{value}` not found: use a stage (0-3), one of {names}, or a JSON file path")
+        cfg = json.loads(path.read_text())
+    stage = cfg.setdefault("zero_optimization", {}).setdefault("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise RecipeError(f"ZeRO stage {stage} in `{value}` does not exist; use 0, 1, 2 or 3")
+    return cfg
+
+
+@dataclass
+class RolePlan:
+    """What one role will be, decided before loading it."""
+
+    name: str
+    spec: Role
+    ds_config: dict[str, Any]
+    model_config: Any  # transformers.PretrainedConfig
+    num_params: int
+
+    @property
+    def zero_stage(self) -> int:
+        return self.ds_config["zero_optimization"]["stage"]
+
+    @property
+    def offload(self) -> str:
+        z = self.ds_config["zero_optimization"]
+        return z.get("offload_param", {}).get("device", "none") if self.zero_stage == 3 else z.get("offload_optimizer", {}).get("device", "none")
+
+
+def role_ds_config(name: str, spec: Role, *, micro_batch_size: int, grad_accum: int, world_size: int,
+                   grad_clip: float | None, hidden_size: int | None) -> dict[str, Any]:
+    """The DeepSpeed config one role runs with: every `auto` replaced by a concrete value."""
+    cfg = resolve_deepspeed(spec.deepspeed)
+    zero = cfg["zero_optimization"]
+    stage = zero["stage"]
+    if not spec.trainable and stage in (1, 2):
+        # ZeRO-1/2 partition optimizer state and gradients; a frozen role has neither, so it is replicated.
+        zero["stage"] = stage = 0
+    if not spec.trainable:
+        zero.pop("offload_optimizer", None)
+    for key in ("bf16", "fp16"):
+        enabled = str(cfg.get(key, {}).get("enabled", False)).lower() == "true"
+        if enabled and spec.precision != key:
+            raise RecipeError(f"`{name}.deepspeed` enables {key} but `{name}.precision` is {spec.precision}: set `{name}.precision: {key}` or remove {key} from the DeepSpeed config")
+        cfg[key] = {**cfg.get(key, {}), "enabled": spec.precision == key}
+    if spec.offload == "cpu":
+        if stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+        elif not spec.trainable:
+            raise RecipeError(f"`{name}.offload: cpu` offloads a frozen role's parameters, which needs ZeRO-3: set `{name}.deepspeed: zero3`")
+        if spec.trainable:
+            if stage == 0:
+                raise RecipeError(f"`{name}.offload: cpu` offloads optimizer state, which needs ZeRO-1 or above: set `{name}.deepspeed: zero2`")
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if zero.get("offload_param", {}).get("device", "none") not in ("none", None) and stage != 3:
+        raise RecipeError(f"`{name}.deepspeed` offloads parameters at ZeRO-{stage}; parameter offload needs ZeRO-3")
+    ga = grad_accum if spec.trainable else 1
+    cfg["train_micro_batch_size_per_gpu"] = micro_batch_size
+    cfg["gradient_accumulation_steps"] = ga
+    cfg["train_batch_size"] = micro_batch_size * ga * world_size
+    if spec.trainable and grad_clip:
+        cfg["gradient_clipping"] = grad_clip
+    else:
+        cfg.pop("gradient_clipping", None)
+    cfg["steps_per_print"] = 10**12
+    cfg.setdefault("wall_clock_breakdown", False)
+    if hidden_size:
+        # The sizes HF Trainer derives from the hidden size, for configs that leave them `auto`.
+        derived = {"reduce_bucket_size": hidden_size * hidden_size,
+                   "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+                   "stage3_param_persistence_threshold": 10 * hidden_size}
+        for key, value in derived.items():
+            if zero.get(key) == "auto":
+                zero[key] = value
+    left = [k for k, v in _walk(cfg) if v == "auto"]
+    if left:
+        raise RecipeError(f"`{name}.deepspeed` leaves {left} as `auto`, which distill cannot derive: give numbers")
+    return cfg
+
+
+def _walk(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _walk(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def load_model_config(name: str, spec: Role, vocab_size: int | None):
+    """The transformers config of a role, read without loading weights."""
+    from transformers import AutoConfig, CONFIG_MAPPING
+
+    if spec.from_pretrained is not None:
+        src = Path(spec.from_pretrained)
+        looks_local = spec.from_pretrained.startswith((".", "/", "~")) or src.exists() or len(src.parts) > 2
+        if looks_local and not (src / "config.json").is_file():
+            raise RecipeError(f"`{name}.from_pretrained`: `{src}` is not a model directory (no config.json). "
+                              f"Train the shipped teacher with `python -m distill.train recipes/teacher_pretrain.yaml`, or fix the path")
+        try:
+            return AutoConfig.from_pretrained(spec.from_pretrained, trust_remote_code=spec.trust_remote_code)
+        except OSError as e:
+            raise RecipeError(f"`{name}.from_pretrained`: cannot load `{spec.from_pretrained}` ({e.__class__.__name__}); give a local directory") from None
+    cfg = dict(spec.config)
+    model_type = cfg.pop("model_type", None)
+    if model_type not in CONFIG_MAPPING:
+        raise RecipeError(f"`{name}.config.model_type` must name a transformers architecture (e.g. llama), got {model_type!r}")
+    if "vocab_size" not in cfg and vocab_size is not None:
+        cfg["vocab_size"] = vocab_size
+    try:
+        return CONFIG_MAPPING[model_type](**cfg)
+    except (TypeError, ValueError) as e:
+        raise RecipeError(f"`{name}.config`: {e}") from None
+
+
+def count_params(model_config) -> int:
+    """Parameters of a model built on the meta device: exact, instant, no memory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def plan_roles(recipe, trainer_cls, *, world_size: int, vocab_size: int | None) -> dict[str, RolePlan]:
+    """Every role's plan, trainable roles first (the first one owns the primary Accelerator)."""
+    plans = {}
+    for name in sorted(trainer_cls.roles, key=lambda n: not getattr(recipe, n).trainable):
+        spec: Role = getattr(recipe, name)
+        mcfg = load_model_config(name, spec, vocab_size)
+        ds = role_ds_config(name, spec, micro_batch_size=recipe.train.micro_batch_size, grad_accum=recipe.train.grad_accum,
+                            world_size=world_size, grad_clip=recipe.train.grad_clip, hidden_size=getattr(mcfg, "hidden_size", None))
+        plans[name] = RolePlan(name, spec, ds, mcfg, count_params(mcfg))
+    trainable = [n for n, p in plans.items() if p.spec.trainable]
+    if not trainable:
+        raise RecipeError(f"no role is trainable: set `trainable: true` on one of {list(plans)}")
+    return plans
+
+
+def format_plan(plans: dict[str, RolePlan], world_size: int) -> str:
+    rows = [("role", "trainable", "ZeRO", "offload", "precision", "params")]
+    for p in plans.values():
+        rows.append((p.name, "yes" if p.spec.trainable else "frozen", str(p.zero_stage), p.offload, p.spec.precision, f"{p.num_params / 1e6:.2f}M"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    return f"roles ({world_size} process{'es' if world_size > 1 else ''}):\n  " + "\n  ".join(lines)

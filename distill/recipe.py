@@ -1,0 +1,252 @@
+"""Typed recipes: YAML + dotted overrides -> a validated `Recipe`, or one `RecipeError` saying how to fix it.
+
+Every section is a pydantic model with `extra="forbid"`, so a misspelled key fails with the key's full
+path and the nearest valid name. Role blocks (`student:`, `teacher:`, ...) sit at the top level; which
+ones exist is decided by the trainer the recipe names, whose class declares its roles and defaults.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEEPSPEED_CONFIG_DIR = REPO_ROOT / "configs" / "deepspeed"
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run; the message names the key and the fix."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+
+
+class OptimizerSpec(Section):
+    name: Literal["adamw", "sgd"] = "adamw"
+    """Optimizer; AdamW uses torch's fused/foreach implementation where the device supports it."""
+    lr: float = Field(1e-4, gt=0)
+    """Peak learning rate."""
+    weight_decay: float = Field(0.0, ge=0)
+    """Decoupled weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    eps: float = Field(1e-8, gt=0)
+    """AdamW epsilon."""
+
+
+class SchedulerSpec(Section):
+    name: Literal["constant", "linear", "cosine"] = "cosine"
+    """Learning-rate shape after warmup."""
+    warmup_steps: int = Field(0, ge=0)
+    """Optimizer steps of linear warmup from 0."""
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    """Final learning rate as a fraction of the peak (linear and cosine)."""
+
+
+class Role(Section):
+    """One model of the run and how DeepSpeed holds it. Trainer classes declare defaults with it."""
+
+    trainable: bool = False
+    """Whether the role gets gradients and an optimizer."""
+    from_pretrained: str | None = None
+    """A local directory (or hub name) loaded with `AutoModelForCausalLM.from_pretrained`."""
+    config: dict[str, Any] | None = None
+    """A transformers config (with `model_type`) for a randomly initialised model; `vocab_size`
+    defaults to the tokenizer's length."""
+    deepspeed: int | str | dict[str, Any] = 2
+    """ZeRO stage shorthand (0-3), a config name in `configs/deepspeed/` (`zero2`, `zero3`,
+    `zero3_offload`), a path to a DeepSpeed JSON file, or an inline DeepSpeed config."""
+    offload: Literal["none", "cpu"] = "none"
+    """Offload to CPU: parameters (ZeRO-3 only) and, for trainable roles, optimizer state."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """This role's weights and compute dtype. A trainable bf16 role keeps fp32 master weights in its
+    optimizer; a frozen bf16 role is bf16 only."""
+    optimizer: OptimizerSpec | None = None
+    """Trainable roles only; defaults to AdamW."""
+    scheduler: SchedulerSpec | None = None
+    """Trainable roles only; defaults to cosine without warmup."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward (trainable roles)."""
+    trust_remote_code: bool = False
+    """Allow model code from the checkpoint directory to run. Off unless you trust the source."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "Role":
+        if self.from_pretrained is not None and self.config is not None:
+            raise ValueError("give either `from_pretrained` or `config`, not both")
+        if self.trainable:
+            self.optimizer = self.optimizer or OptimizerSpec()
+            self.scheduler = self.scheduler or SchedulerSpec()
+        elif self.optimizer is not None or self.scheduler is not None:
+            raise ValueError("a frozen role has no optimizer or scheduler: remove them, or set `trainable: true`")
+        return self
+
+    @property
+    def zero_stage(self) -> int:
+        from distill.plan import resolve_deepspeed  # the file is read once per call; cheap and not hot
+
+        return int(resolve_deepspeed(self.deepspeed)["zero_optimization"].get("stage", 0))
+
+
+class DataSpec(Section):
+    train: str
+    """Training data: a local .jsonl/.json/.parquet/.txt file, a directory of them, or a hub name."""
+    eval: str | None = None
+    """Evaluation data, same forms as `train`."""
+    text_field: str = "text"
+    """The column holding the text."""
+    max_length: int = Field(128, ge=2)
+    """Tokens per sequence; longer texts are truncated at the end and counted in the log."""
+    tokenizer: str | None = None
+    """Tokenizer directory; defaults to the first role loaded `from_pretrained`."""
+    synthetic_seed: int | None = None
+    """If set and `train`/`eval` are missing, write the project's synthetic language there first."""
+
+
+class TrainSpec(Section):
+    micro_batch_size: int = Field(8, ge=1)
+    """Sequences per rank per forward."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-batches per optimizer step."""
+    max_steps: int | None = Field(None, ge=1)
+    """Optimizer steps; defaults to `epochs` passes over the data."""
+    epochs: int = Field(1, ge=1)
+    """Passes over the training data when `max_steps` is not set."""
+    grad_clip: float | None = Field(1.0, gt=0)
+    """Clip the global gradient norm to this value; null disables clipping."""
+    log_every: int = Field(10, ge=1)
+    """Steps between metric lines."""
+    eval_every: int | None = Field(None, ge=1)
+    """Steps between evaluations; evaluation also runs before the first and after the last step."""
+    eval_batches: int | None = Field(None, ge=1)
+    """Cap on evaluation batches per rank (null: the whole eval set)."""
+    progress: bool = True
+    """A progress bar on rank 0."""
+
+
+class LaunchSpec(Section):
+    num_processes: int = Field(1, ge=1)
+    """Processes to start when the recipe is run with plain `python -m distill.train`."""
+    timeout_s: int = Field(1800, ge=10)
+    """Collective timeout: a rank that waits longer than this ends the job instead of hanging."""
+
+
+class RecipeBase(Section):
+    trainer: str
+    """The algorithm: a registered trainer name (`distill`, `lm`, ...)."""
+    output_dir: str
+    """Run directory: metrics.jsonl, recipe.yaml, final/<role>/."""
+    overwrite: bool = False
+    """Allow writing into an output_dir that already holds a run."""
+    seed: int = 0
+    """Seed for model init, data order and sampling."""
+    data: DataSpec
+    train: TrainSpec = TrainSpec()
+    launch: LaunchSpec = LaunchSpec()
+
+    @field_validator("output_dir")
+    @classmethod
+    def _expand(cls, v: str) -> str:
+        return os.path.expanduser(v)
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`a.b=1 c=x` -> {"a": {"b": 1}, "c": "x"}; values are parsed as YAML scalars/lists."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise RecipeError(f"override `{pair}` has no `=`; write it as key.sub=value, e.g. train.max_steps=10")
+        key, raw = pair.split("=", 1)
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"override `{pair}` sets inside `{p}`, which another override set to a value")
+        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
+    return out
+
+
+def deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def recipe_model(trainer_cls) -> type[RecipeBase]:
+    """The recipe class of one trainer: the base sections + its role blocks + its own sections."""
+    fields: dict[str, Any] = {name: (Role, ...) for name in trainer_cls.roles}
+    for name, section in trainer_cls.sections.items():
+        fields[name] = (section, section())
+    return create_model(f"{trainer_cls.__name__}Recipe", __base__=RecipeBase, **fields)
+
+
+def _describe(err: dict, model: type[BaseModel], raw: dict) -> str:
+    loc = [str(p) for p in err["loc"]]
+    key = ".".join(loc)
+    if err["type"] == "extra_forbidden":
+        parent_model = model
+        for p in loc[:-1]:
+            field = parent_model.model_fields.get(p) if hasattr(parent_model, "model_fields") else None
+            ann = getattr(field, "annotation", None)
+            parent_model = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+            if parent_model is None:
+                break
+        valid = sorted(parent_model.model_fields) if parent_model else []
+        near = difflib.get_close_matches(loc[-1], valid, n=1)
+        hint = f"did you mean `{'.'.join(loc[:-1] + near)}`?" if near else f"valid keys here: {', '.join(valid)}"
+        return f"unknown key `{key}`: {hint}"
+    if err["type"] == "missing":
+        return f"missing key `{key}`: add it to the recipe (or pass {key}=... on the command line)"
+    got = err.get("input")
+    got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"`{key or '<recipe>'}`: {err['msg']}{got_s}"
+
+
+def validate_recipe(raw: dict, trainer_cls) -> RecipeBase:
+    """Merge the trainer's role defaults under the recipe's role blocks and validate everything."""
+    raw = dict(raw)
+    for name, declared in trainer_cls.roles.items():
+        block = raw.get(name)
+        if block is not None and not isinstance(block, dict):
+            raise RecipeError(f"`{name}` must be a mapping of role settings (from_pretrained, deepspeed, ...), got {block!r}")
+        raw[name] = deep_merge(declared.model_dump(exclude_unset=True), block or {})
+    model = recipe_model(trainer_cls)
+    try:
+        recipe = model.model_validate(raw)
+    except ValidationError as e:
+        lines = [_describe(err, model, raw) for err in e.errors()]
+        raise RecipeError("invalid recipe:\n  - " + "\n  - ".join(lines)) from None
+    for name in trainer_cls.roles:
+        role = getattr(recipe, name)
+        if role.from_pretrained is None and role.config is None:
+            raise RecipeError(f"`{name}`: say where the model comes from: `{name}.from_pretrained: DIR` or `{name}.config: {{model_type: llama, ...}}`")
+    return recipe
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None):
+    """Read a recipe file, apply dotted overrides, resolve its trainer, validate. Loads no model."""
+    from distill.trainers import get_trainer
+
+    path = Path(path)
+    if not path.is_file():
+        shipped = sorted(p.name for p in (REPO_ROOT / "recipes").glob("*.yaml"))
+        raise RecipeError(f"recipe file `{path}` does not exist; shipped recipes in recipes/: {', '.join(shipped)}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"recipe `{path}` is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"recipe `{path}` must be a mapping of keys, got {type(raw).__name__}")
+    raw = deep_merge(raw, parse_overrides(overrides or []))
+    if "trainer" not in raw:
+        raise RecipeError(f"recipe `{path}` has no `trainer:` key; add e.g. `trainer: distill`")
+    trainer_cls = get_trainer(raw["trainer"])
+    recipe = validate_recipe(raw, trainer_cls)
+    return recipe, trainer_cls

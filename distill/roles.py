@@ -1,0 +1,178 @@
+"""RoleManager: one DeepSpeed plugin and one Accelerator per role, switched around every call.
+
+accelerate (PR #3097) holds several `DeepSpeedPlugin`s in one `AcceleratorState` and makes one of
+them active with `select_deepspeed_plugin(name)`. The active plugin decides two things: the config
+`Accelerator.prepare` hands to `deepspeed.initialize`, and the global `HfDeepSpeedConfig` through
+which transformers decides whether `from_pretrained` builds the model under `zero.Init` (born
+sharded) and whether ZeRO-3 gathers are needed. This module is the only place that switches it.
+
+Each role gets its own `Accelerator`: accelerate ties `backward()` to the first engine an Accelerator
+prepares, and each `prepare()` overwrites `Accelerator.deepspeed_config`, which `get_state_dict()`
+reads; one Accelerator per role keeps both right by construction.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+
+from distill.plan import RolePlan
+
+
+class RoleModel:
+    """A prepared model of one role; calling it runs the model with the role's plugin active."""
+
+    def __init__(self, name: str, plan: RolePlan, manager: "RoleManager", engine, accelerator, optimizer=None, scheduler=None):
+        self.name, self.plan, self.manager = name, plan, manager
+        self.engine, self.accelerator, self.optimizer, self.scheduler = engine, accelerator, optimizer, scheduler
+
+    @property
+    def trainable(self) -> bool:
+        return self.plan.spec.trainable
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The underlying transformers model (partitioned parameters under ZeRO-3)."""
+        return self.engine.module
+
+    def __call__(self, *args, **kwargs):
+        with self.manager.use(self.name):
+            return self.engine(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor, *, boundary: bool) -> None:
+        """Backward of one micro-batch; steps the optimizer at the accumulation boundary.
+
+        We drive the engine rather than `Accelerator.backward`: that one also steps the engine and
+        divides by the accumulation count, while our losses are already normalised by the tokens
+        of the whole accumulated step.
+        """
+        with self.manager.use(self.name):
+            self.engine.set_gradient_accumulation_boundary(boundary)
+            self.engine.backward(loss, scale_wrt_gas=False)
+            if boundary:
+                self.engine.step()
+                if self.scheduler is not None:
+                    self.scheduler.step()
+
+    def grad_norm(self) -> float | None:
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    def gathered(self, params: list[torch.nn.Parameter]):
+        """Full copies of `params` for the duration of the block (ZeRO-3), else a no-op."""
+        if self.plan.zero_stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Full weights (gathered from ZeRO-3 shards) on the main process; collective call."""
+        with self.manager.use(self.name):
+            return self.accelerator.get_state_dict(self.engine)
+
+    def save_pretrained(self, out_dir, tokenizer=None) -> None:
+        """HF format (safetensors + config [+ tokenizer]) on the main process; every rank must call it."""
+        state = self.state_dict()
+        if self.accelerator.is_main_process:
+            self.accelerator.unwrap_model(self.engine).save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(out_dir)
+        self.accelerator.wait_for_everyone()
+
+
+@dataclass
+class _Slot:
+    plugin: Any
+    hf_config: Any = None  # the plugin's HfDeepSpeedConfig, kept alive so the weakref to it holds
+    accelerator: Any = None
+
+
+class RoleManager:
+    """Maps each role to its DeepSpeed plugin and Accelerator, and switches between them."""
+
+    def __init__(self, plans: dict[str, RolePlan], *, timeout_s: int = 1800):
+        from accelerate import Accelerator
+        from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+
+        from distill.launch import single_process_env
+
+        single_process_env()
+        self.plans = plans
+        self.slots = {
+            name: _Slot(DeepSpeedPlugin(hf_ds_config=p.ds_config, zero3_init_flag=p.zero_stage == 3))
+            for name, p in plans.items()
+        }
+        # On CPU, accelerate only starts a multi-process group under DeepSpeed when told the backend.
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        handler = InitProcessGroupKwargs(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        names = list(plans)
+        first = Accelerator(deepspeed_plugins={n: self.slots[n].plugin for n in names}, mixed_precision="no",
+                            kwargs_handlers=[handler])
+        self.state = first.state
+        for i, name in enumerate(names):
+            # Later Accelerators share the state (and the plugins) of the first.
+            self.slots[name].accelerator = first if i == 0 else Accelerator()
+            self.state.select_deepspeed_plugin(name)
+            self.slots[name].hf_config = self.slots[name].plugin.dschf
+        self._active: str | None = None
+        self._activate(names[0])
+
+    # -- switching -------------------------------------------------------------------------
+    def _activate(self, name: str) -> None:
+        """Make `name` the active plugin: what `select_deepspeed_plugin` does, minus its config copy."""
+        from transformers.integrations.deepspeed import set_hf_deepspeed_config
+
+        for n, slot in self.slots.items():
+            slot.plugin._set_selected(n == name)
+        set_hf_deepspeed_config(self.slots[name].hf_config)
+        self._active = name
+
+    @property
+    def active(self) -> str | None:
+        return self._active
+
+    @contextlib.contextmanager
+    def use(self, name: str) -> Iterator[None]:
+        """Run the block with `name`'s plugin active; the previous role comes back, even on errors."""
+        if name not in self.slots:
+            raise KeyError(f"unknown role `{name}`; roles of this run: {list(self.slots)}")
+        previous = self._active
+        if previous == name:
+            yield
+            return
+        self._activate(name)
+        try:
+            yield
+        finally:
+            self._activate(previous)
+
+    # -- building --------------------------------------------------------------------------
+    @property
+    def accelerator(self):
+        """The primary Accelerator (process info, logging, data helpers)."""
+        return next(iter(self.slots.values())).accelerator
+
+    def build(self, name: str, load_model: Callable[[RolePlan], torch.nn.Module],
+              make_optimizer: Callable[[RolePlan, torch.nn.Module], tuple[Any, Any]] | None = None) -> RoleModel:
+        """Load and prepare one role with its plugin active, so ZeRO-3 roles are born sharded."""
+        plan, slot = self.plans[name], self.slots[name]
+        with self.use(name):
+            model = load_model(plan)
+            if plan.spec.trainable:
+                model.train()
+                optimizer, scheduler = make_optimizer(plan, model)
+                # The scheduler stays ours: accelerate's wrapper steps it once per process.
+                engine, optimizer = slot.accelerator.prepare(model, optimizer)
+            else:
+                model.eval().requires_grad_(False)
+                optimizer = scheduler = None
+                engine = slot.accelerator.prepare(model)
+                engine.eval()
+        return RoleModel(name, plan, self, engine, slot.accelerator, optimizer, scheduler)

@@ -1,0 +1,40 @@
+"""`python -m distill.train RECIPE.yaml [key.sub=value ...]`: parse, build, train, clean up."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from distill.launch import launched, relaunch, world_info
+from distill.recipe import RecipeError, load_recipe
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="distill train", description=__doc__)
+    p.add_argument("recipe", help="a recipe YAML file, e.g. recipes/quickstart.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=10 student.optimizer.lr=3e-4")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    try:
+        recipe, trainer_cls = load_recipe(args.recipe, args.overrides)
+        if recipe.launch.num_processes > 1 and not launched():
+            return relaunch(recipe.launch.num_processes, "distill.train", argv)
+        trainer = trainer_cls(recipe)
+        trainer.train()
+    except RecipeError as e:
+        if world_info()[0] == 0:  # every rank validates the same recipe; say it once
+            print(f"distill: {e}", file=sys.stderr)
+        return 2
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

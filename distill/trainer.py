@@ -1,0 +1,234 @@
+"""RoleTrainer: the one training loop every algorithm shares.
+
+An algorithm is a subclass that declares its `roles` and writes `loss_step` (and, for evaluation,
+`eval_step`). The loop below owns everything else: data, gradient accumulation, the normalisation
+of losses by the valid tokens of the whole accumulated step, logging, evaluation and saving.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import yaml
+
+from distill.data.loading import DataBundle, build_text_data
+from distill.plan import format_plan, plan_roles
+from distill.recipe import RecipeError, Role, Section
+from distill.roles import RoleManager, RoleModel
+
+
+class RoleTrainer:
+    """Subclass, declare `roles`, write `loss_step`; see docs/writing-a-trainer.md."""
+
+    name: ClassVar[str] = ""
+    roles: ClassVar[dict[str, Role]] = {}
+    """Role name -> defaults; the recipe's block of the same name overrides them."""
+    sections: ClassVar[dict[str, type[Section]]] = {}
+    """Extra recipe sections this algorithm reads (e.g. `kd`), name -> typed model."""
+
+    # -- the algorithm -----------------------------------------------------------------------
+    def loss_step(self, batch: dict[str, torch.Tensor], num_tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Losses of one micro-batch, each a sum over its tokens divided by `num_tokens` (the valid
+        tokens of the whole accumulated step on all ranks). `loss` is what backward sees."""
+        raise NotImplementedError
+
+    def eval_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Sums over the batch's valid tokens, keyed by metric; `tokens` is the count they divide by."""
+        n = self.count_tokens(batch)
+        losses = self.loss_step(batch, torch.ones_like(n))
+        return {**{k: v.detach() for k, v in losses.items()}, "tokens": n}
+
+    def count_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The normaliser of one micro-batch (predicted tokens; a preference trainer counts pairs)."""
+        return (batch["labels"] != -100).sum()
+
+    def build_data(self) -> DataBundle:
+        return build_text_data(self.recipe, self.tokenizer, self.rank, self.world_size)
+
+    # -- setup -------------------------------------------------------------------------------
+    def __init__(self, recipe, *, log=print):
+        self.recipe, self.log = recipe, log
+        self.out = Path(recipe.output_dir)
+        from distill.launch import world_info
+
+        rank, world = world_info()
+        _check_output_dir(self.out, recipe.overwrite)
+        self.tokenizer = _load_tokenizer(recipe, self.roles)
+        self.plans = plan_roles(recipe, type(self), world_size=world, vocab_size=len(self.tokenizer))
+        self.manager = RoleManager(self.plans, timeout_s=recipe.launch.timeout_s)
+        self.accelerator = self.manager.accelerator
+        self.rank, self.world_size = self.accelerator.process_index, self.accelerator.num_processes
+        if self.world_size != world:
+            raise RuntimeError(f"launcher reports {world} processes but accelerate sees {self.world_size}")
+        self.device = self.accelerator.device
+        if self.accelerator.is_main_process:
+            self.log(format_plan(self.plans, self.world_size))
+        self.data = self.build_data()
+        torch.manual_seed(recipe.seed)
+        self.models: dict[str, RoleModel] = {}
+        for name in self.plans:
+            self.models[name] = self.manager.build(name, self._load_model, self._make_optimizer)
+            setattr(self, name, self.models[name])
+        trainable = [m for m in self.models.values() if m.trainable]
+        if len(trainable) != 1:
+            raise RecipeError(f"RoleTrainer trains exactly one role per step; {[m.name for m in trainable]} are trainable. "
+                              "Override `train_step` in the trainer to step several.")
+        self.trainable = trainable[0]
+
+    def _load_model(self, plan):
+        from transformers import AutoModelForCausalLM
+
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[plan.spec.precision]
+        if plan.spec.from_pretrained:
+            model = AutoModelForCausalLM.from_pretrained(plan.spec.from_pretrained, dtype=dtype,
+                                                         trust_remote_code=plan.spec.trust_remote_code)
+        else:
+            model = AutoModelForCausalLM.from_config(plan.model_config, dtype=dtype)
+        if plan.spec.gradient_checkpointing and plan.spec.trainable:
+            model.gradient_checkpointing_enable()
+        return model
+
+    def _make_optimizer(self, plan, model):
+        spec, sched = plan.spec.optimizer, plan.spec.scheduler
+        params = [p for p in model.parameters() if p.requires_grad]
+        if spec.name == "adamw":
+            opt = torch.optim.AdamW(params, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay)
+        else:
+            opt = torch.optim.SGD(params, lr=spec.lr, weight_decay=spec.weight_decay)
+        total, warm, floor = self.total_steps, sched.warmup_steps, sched.min_lr_ratio
+
+        def factor(step: int) -> float:
+            if step < warm:
+                return (step + 1) / (warm + 1)
+            progress = min(1.0, (step - warm) / max(1, total - warm))
+            shape = {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress))}[sched.name]
+            return floor + (1 - floor) * shape if sched.name != "constant" else 1.0
+
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+    @property
+    def total_steps(self) -> int:
+        t = self.recipe.train
+        return t.max_steps or t.epochs * self.data.steps_per_epoch
+
+    # -- the loop ----------------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        t = self.recipe.train
+        self._start_run_dir()
+        history = {"before": self.evaluate()} if self.data.eval is not None else {}
+        batches = self.data.train_batches(start_step=0)
+        bar = self._progress(self.total_steps)
+        tokens_seen, t0 = 0, time.perf_counter()
+        for step in range(1, self.total_steps + 1):
+            micro = [self._to_device(b) for b in next(batches)]
+            num_tokens = self._all_reduce(sum(self.count_tokens(b) for b in micro))
+            totals: dict[str, torch.Tensor] = {}
+            for i, batch in enumerate(micro):
+                losses = self.loss_step(batch, num_tokens)
+                # DeepSpeed averages gradients over ranks; the losses are already global means.
+                self.trainable.backward(losses["loss"] * self.world_size, boundary=i == len(micro) - 1)
+                for k, v in losses.items():
+                    totals[k] = totals.get(k, 0) + v.detach().float()
+            tokens_seen += int(self._all_reduce(sum(b["attention_mask"].sum() for b in micro)))
+            if step % t.log_every == 0 or step == self.total_steps:
+                metrics = {k: float(self._all_reduce(v)) for k, v in totals.items()}
+                elapsed = time.perf_counter() - t0
+                metrics.update(step=step, lr=self.trainable.lr(), grad_norm=self.trainable.grad_norm(),
+                               tokens_per_s=tokens_seen / elapsed, elapsed_s=elapsed)
+                self._write_metrics(metrics)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+            bar.update(1)
+            if t.eval_every and step % t.eval_every == 0 and step != self.total_steps and self.data.eval is not None:
+                self._write_metrics({"step": step, **{f"eval/{k}": v for k, v in self.evaluate().items()}})
+        bar.close()
+        if self.data.eval is not None:
+            history["after"] = self.evaluate()
+            self._write_metrics({"step": self.total_steps, **{f"eval/{k}": v for k, v in history["after"].items()}})
+        self.save(self.out / "final")
+        if self.accelerator.is_main_process:
+            (self.out / "summary.json").write_text(json.dumps(history, indent=2))
+            self.log(f"run directory: {self.out} (metrics.jsonl, summary.json, final/<role>/ in HF format)")
+        return history
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Token-weighted means over the whole eval set; every rank runs the same number of batches."""
+        self.trainable.engine.eval()
+        sums: dict[str, torch.Tensor] = {}
+        for batch in self.data.eval_batches(self.recipe.train.eval_batches):
+            for k, v in self.eval_step(self._to_device(batch)).items():
+                sums[k] = sums.get(k, 0) + v.double()
+        self.trainable.engine.train()
+        sums = {k: self._all_reduce(v) for k, v in sums.items()}
+        n = sums.pop("tokens").clamp(min=1)
+        return {k: float(v / n) for k, v in sums.items()}
+
+    def save(self, out_dir: Path) -> None:
+        """Every trainable role in HF format under out_dir/<role>/ (collective call)."""
+        for m in self.models.values():
+            if m.trainable:
+                m.save_pretrained(out_dir / m.name, self.tokenizer)
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _all_reduce(self, x) -> torch.Tensor:
+        x = torch.as_tensor(x, device=self.device).clone()
+        if self.world_size > 1:
+            torch.distributed.all_reduce(x)
+        return x
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def _progress(self, total: int):
+        from tqdm.auto import tqdm
+
+        show = self.accelerator.is_main_process and self.recipe.train.progress
+        # Redraw at most every 2 s when the output is a log file rather than a terminal.
+        interval = 0.1 if sys.stderr.isatty() else 2.0
+        return tqdm(total=total, disable=not show, desc=self.name, dynamic_ncols=True, mininterval=interval)
+
+    def _start_run_dir(self) -> None:
+        if self.accelerator.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "recipe.yaml").write_text(yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False))
+            (self.out / "metrics.jsonl").write_text("")
+        self.accelerator.wait_for_everyone()
+
+    def _write_metrics(self, metrics: dict) -> None:
+        if self.accelerator.is_main_process:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+
+
+def _check_output_dir(out: Path, overwrite: bool) -> None:
+    if (out / "recipe.yaml").exists() and not overwrite:
+        raise RecipeError(f"`output_dir`: {out} already holds a run; choose another output_dir or set overwrite=true")
+
+
+def _load_tokenizer(recipe, roles: dict[str, Role]):
+    """The data tokenizer; every pretrained role that ships a tokenizer must agree with it."""
+    from transformers import AutoTokenizer
+
+    sources = [getattr(recipe, n).from_pretrained for n in roles if getattr(recipe, n).from_pretrained]
+    path = recipe.data.tokenizer or (sources[0] if sources else None)
+    if path is None:
+        raise RecipeError("`data.tokenizer`: no role is loaded from_pretrained, so name a tokenizer directory")
+    if not Path(path).exists() and recipe.data.synthetic_seed is not None:
+        from distill.data.loading import ensure_synthetic
+
+        ensure_synthetic(recipe)
+    if not Path(path).exists():
+        raise RecipeError(f"`data.tokenizer`: `{path}` does not exist")
+    tok = AutoTokenizer.from_pretrained(path)
+    for src in sources:
+        if src != path and any((Path(src) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+            other = AutoTokenizer.from_pretrained(src)
+            if other.get_vocab() != tok.get_vocab():
+                raise RecipeError(f"tokenizer of `{src}` differs from `{path}`: roles must share one tokenizer "
+                                  "(token ids are compared position by position)")
+    return tok

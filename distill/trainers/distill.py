@@ -1,0 +1,124 @@
+"""Offline logit distillation: a trainable student learns from a frozen teacher's distributions."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import Field, field_validator
+
+from distill.losses import cross_entropy, get_kd_loss
+from distill.losses.chunked import chunked_kd_loss
+from distill.recipe import Role, Section
+from distill.trainer import RoleTrainer
+from distill.trainers import register_trainer
+
+
+class KDSpec(Section):
+    loss: str = "forward_kl"
+    """The divergence, by registered name: forward_kl, reverse_kl, generalized_jsd, skew_forward_kl, skew_reverse_kl, tvd."""
+    alpha: float = Field(0.5, ge=0, le=1)
+    """Weight of the cross-entropy on the labels: loss = alpha * CE + (1 - alpha) * KD."""
+    temperature: float = Field(1.0, gt=0)
+    """Softens both distributions; the KD term is scaled by temperature**2."""
+    top_k: int | None = Field(None, ge=1)
+    """Keep only the teacher's top-k probabilities, renormalised."""
+    params: dict[str, Any] = {}
+    """Parameters of the chosen divergence, e.g. {beta: 0.5} for generalized_jsd, {alpha: 0.1} for the skew KLs."""
+    chunked: bool = False
+    """Compute the loss chunk by chunk over tokens from hidden states, never holding [tokens, vocab] logits."""
+    chunk_size: int = Field(1024, ge=1)
+    """Tokens per chunk of the chunked loss."""
+
+    @field_validator("loss")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        get_kd_loss(v)  # raises with the registered names and the nearest one
+        return v
+
+
+class _LastHidden:
+    """Captures the decoder's final (normalised) hidden states during a forward."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.value = None
+        self.handle = model.get_decoder().register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        self.value = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+
+@register_trainer
+class DistillTrainer(RoleTrainer):
+    name = "distill"
+    roles = {
+        "student": Role(trainable=True, deepspeed="zero2"),
+        "teacher": Role(trainable=False, deepspeed="zero3"),
+    }
+    sections = {"kd": KDSpec}
+
+    def loss_step(self, batch, num_tokens):
+        kd = self.recipe.kd
+        if kd.chunked:
+            return self._chunked_loss_step(batch, num_tokens)
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        with torch.no_grad():
+            teacher_logits = self.teacher(**inputs).logits  # [B, T, V_t]
+        logits = self.student(**inputs).logits  # [B, T, V_s]
+        ce = cross_entropy(logits, batch["labels"], num_valid_tokens=num_tokens)
+        div = get_kd_loss(kd.loss)(logits, teacher_logits, batch["labels"], temperature=kd.temperature, top_k=kd.top_k,
+                                   num_valid_tokens=num_tokens, **kd.params)
+        return {"loss": kd.alpha * ce + (1 - kd.alpha) * div, "ce": ce, "kd": div}
+
+    def _chunked_loss_step(self, batch, num_tokens):
+        kd = self.recipe.kd
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "logits_to_keep": 1}
+        t_hidden, s_hidden = self._hidden(self.teacher), self._hidden(self.student)
+        with torch.no_grad():
+            self.teacher(**inputs)
+        self.student(**inputs)
+        t_head = self.teacher.module.get_output_embeddings().weight
+        s_head = self.student.module.get_output_embeddings().weight
+        # One gather of the teacher's head per micro-batch, on every rank, whatever its token count.
+        with self.teacher.gathered([t_head]):
+            total, parts = chunked_kd_loss(s_hidden.value, s_head, t_hidden.value, t_head.detach(), batch["labels"],
+                                           loss=kd.loss, alpha_ce=kd.alpha, chunk_size=kd.chunk_size,
+                                           num_valid_tokens=num_tokens, temperature=kd.temperature, top_k=kd.top_k,
+                                           loss_kwargs=kd.params)
+        t_hidden.handle.remove(), s_hidden.handle.remove()
+        return {"loss": total, **parts}
+
+    def _hidden(self, role) -> _LastHidden:
+        return _LastHidden(role.module)
+
+    @torch.no_grad()
+    def eval_step(self, batch):
+        """Sums over valid tokens: student CE, teacher CE, KL(teacher || student) and the training divergence."""
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        labels, one = batch["labels"], torch.ones((), device=batch["labels"].device)
+        teacher_logits = self.teacher(**inputs).logits
+        logits = self.student(**inputs).logits
+        kd = self.recipe.kd
+        return {
+            "ce": cross_entropy(logits, labels, num_valid_tokens=one),
+            "teacher_ce": cross_entropy(teacher_logits, labels, num_valid_tokens=one),
+            "kl_to_teacher": get_kd_loss("forward_kl")(logits, teacher_logits, labels, num_valid_tokens=one),
+            "kd": get_kd_loss(kd.loss)(logits, teacher_logits, labels, temperature=kd.temperature, top_k=kd.top_k,
+                                       num_valid_tokens=one, **kd.params),
+            "tokens": self.count_tokens(batch),
+        }
+
+    def train(self):
+        history = super().train()
+        if self.accelerator.is_main_process and "before" in history:
+            self.log(format_summary(history))
+        return history
+
+
+def format_summary(history: dict) -> str:
+    b, a = history["before"], history["after"]
+    rows = [("", "before", "after"),
+            ("student eval CE (nats/token)", f"{b['ce']:.4f}", f"{a['ce']:.4f}"),
+            ("student KL(teacher || student)", f"{b['kl_to_teacher']:.4f}", f"{a['kl_to_teacher']:.4f}"),
+            ("teacher eval CE (nats/token)", f"{b['teacher_ce']:.4f}", f"{a['teacher_ce']:.4f}")]
+    w = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join("  ".join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(r)) for r in rows)
