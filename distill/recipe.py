@@ -227,6 +227,7 @@ def validate_recipe(raw: dict, trainer_cls) -> RecipeBase:
         role = getattr(recipe, name)
         if role.from_pretrained is None and role.config is None:
             raise RecipeError(f"`{name}`: say where the model comes from: `{name}.from_pretrained: DIR` or `{name}.config: {{model_type: llama, ...}}`")
+    trainer_cls.check_recipe(recipe)
     return recipe
 
 

@@ -47,6 +47,10 @@ class RoleTrainer:
         """The normaliser of one micro-batch (predicted tokens; a preference trainer counts pairs)."""
         return (batch["labels"] != -100).sum()
 
+    @classmethod
+    def check_recipe(cls, recipe) -> None:
+        """Refuse role setups this algorithm cannot run, before anything is loaded (raise RecipeError)."""
+
     def build_data(self) -> DataBundle:
         return build_text_data(self.recipe, self.tokenizer, self.rank, self.world_size)
 

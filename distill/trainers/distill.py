@@ -8,7 +8,7 @@ from pydantic import Field, field_validator
 
 from distill.losses import cross_entropy, get_kd_loss
 from distill.losses.chunked import chunked_kd_loss
-from distill.recipe import Role, Section
+from distill.recipe import RecipeError, Role, Section
 from distill.trainer import RoleTrainer
 from distill.trainers import register_trainer
 
@@ -55,6 +55,13 @@ class DistillTrainer(RoleTrainer):
         "teacher": Role(trainable=False, deepspeed="zero3"),
     }
     sections = {"kd": KDSpec}
+
+    @classmethod
+    def check_recipe(cls, recipe) -> None:
+        if recipe.kd.chunked and recipe.student.zero_stage == 3:
+            # The chunked loss needs the student's whole lm_head weight with a gradient; a gathered
+            # ZeRO-3 parameter does not carry one back to its shards.
+            raise RecipeError("`kd.chunked: true` needs the student at ZeRO-0/1/2: set `student.deepspeed: zero2` or `kd.chunked: false`")
 
     def loss_step(self, batch, num_tokens):
         kd = self.recipe.kd
