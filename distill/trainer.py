@@ -144,6 +144,8 @@ class RoleTrainer:
                 elapsed = time.perf_counter() - t0
                 metrics.update(step=step, lr=self.trainable.lr(), grad_norm=self.trainable.grad_norm(),
                                tokens_per_s=tokens_seen / elapsed, elapsed_s=elapsed)
+                if torch.cuda.is_available():
+                    metrics["max_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
                 self._write_metrics(metrics)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
             bar.update(1)
