@@ -227,6 +227,11 @@ def validate_recipe(raw: dict, trainer_cls) -> RecipeBase:
         role = getattr(recipe, name)
         if role.from_pretrained is None and role.config is None:
             raise RecipeError(f"`{name}`: say where the model comes from: `{name}.from_pretrained: DIR` or `{name}.config: {{model_type: llama, ...}}`")
+        from distill.plan import role_ds_config  # a dry build of the DeepSpeed config catches impossible setups now
+
+        t = recipe.train
+        role_ds_config(name, role, micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum, world_size=1,
+                       grad_clip=t.grad_clip, hidden_size=1)
     trainer_cls.check_recipe(recipe)
     return recipe
 

@@ -6,6 +6,7 @@ import sys
 
 from distill.launch import launched, relaunch, world_info
 from distill.recipe import RecipeError, load_recipe
+from distill.trainer import preflight
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -21,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe, trainer_cls = load_recipe(args.recipe, args.overrides)
         if recipe.launch.num_processes > 1 and not launched():
+            preflight(recipe, trainer_cls, world_size=recipe.launch.num_processes)  # fail here, once, not per rank
             return relaunch(recipe.launch.num_processes, "distill.train", argv)
         trainer = trainer_cls(recipe)
         trainer.train()

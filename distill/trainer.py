@@ -61,9 +61,7 @@ class RoleTrainer:
         from distill.launch import world_info
 
         rank, world = world_info()
-        _check_output_dir(self.out, recipe.overwrite)
-        self.tokenizer = _load_tokenizer(recipe, self.roles)
-        self.plans = plan_roles(recipe, type(self), world_size=world, vocab_size=len(self.tokenizer))
+        self.tokenizer, self.plans = preflight(recipe, type(self), world_size=world)
         self.manager = RoleManager(self.plans, timeout_s=recipe.launch.timeout_s)
         self.accelerator = self.manager.accelerator
         self.rank, self.world_size = self.accelerator.process_index, self.accelerator.num_processes
@@ -209,6 +207,22 @@ class RoleTrainer:
         if self.accelerator.is_main_process:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
+
+
+def preflight(recipe, trainer_cls, *, world_size: int):
+    """Every check that needs no process and no weights: output dir, data paths, tokenizer, role plans."""
+    _check_output_dir(Path(recipe.output_dir), recipe.overwrite)
+    d = recipe.data
+    for key, path in (("data.train", d.train), ("data.eval", d.eval)):
+        if path and d.synthetic_seed is None and _looks_local(path) and not Path(path).exists():
+            raise RecipeError(f"`{key}`: `{path}` does not exist; write the synthetic language there with "
+                              f"`python -m distill.data.synthetic {Path(path).parent}` or set `data.synthetic_seed: 0`")
+    tokenizer = _load_tokenizer(recipe, trainer_cls.roles)
+    return tokenizer, plan_roles(recipe, trainer_cls, world_size=world_size, vocab_size=len(tokenizer))
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith((".", "/", "~")) or Path(path).suffix in (".json", ".jsonl", ".parquet", ".txt") or path.count("/") > 1
 
 
 def _check_output_dir(out: Path, overwrite: bool) -> None:

@@ -1,0 +1,101 @@
+"""The command line as users run it: plain (it launches 2 processes itself), torchrun, bad input."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from distill.launch import _free_port
+from distill.testing import check, tiny_recipe
+
+pytestmark = pytest.mark.multiprocess
+
+
+def _write(tmp_path, assets, name="recipe.yaml", **sections):
+    raw = tiny_recipe(assets, tmp_path / "run", **sections)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw))
+    return path, raw
+
+
+def _run(args, timeout=300, env=None):
+    return subprocess.run([sys.executable, "-m", "distill.train", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_plain_cli_launches_two_processes_and_saves_a_loadable_student(assets, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distill.data.text import CausalCollator, load_text_dataset, tokenize_dataset
+    from distill.losses import cross_entropy
+
+    path, raw = _write(tmp_path, assets)
+    proc = _run([str(path), "train.max_steps=4", "train.eval_every=2"])
+    check(proc)
+    run = tmp_path / "run"
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3, 4]
+    assert sum("eval/ce" in m for m in metrics) == 2  # step 2 and the end
+    # The run opens with the role table and closes with the before/after table.
+    assert re.search(r"student\s+yes\s+2\s+none\s+fp32", proc.stdout), proc.stdout
+    assert re.search(r"teacher\s+frozen\s+3\s+none\s+fp32", proc.stdout)
+    assert "student KL(teacher || student)" in proc.stdout
+    summary = json.loads((run / "summary.json").read_text())
+
+    # The saved student, loaded the ordinary way, gives the eval loss the run reported.
+    model = AutoModelForCausalLM.from_pretrained(run / "final" / "student").eval()
+    tok = AutoTokenizer.from_pretrained(run / "final" / "student")
+    ds, _ = tokenize_dataset(load_text_dataset(raw["data"]["eval"]), tok, max_length=64)
+    collate = CausalCollator(tok.pad_token_id)
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(ds), 8):
+            b = collate([ds[j] for j in range(i, min(i + 8, len(ds)))])
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            total += float(cross_entropy(logits, b["labels"], num_valid_tokens=1))
+            n += int((b["labels"] != -100).sum())
+    assert total / n == pytest.approx(summary["after"]["ce"], abs=1e-5)
+    assert not (run / "final" / "teacher").exists()  # frozen roles are not saved
+
+
+def test_torchrun_launch(assets, tmp_path):
+    path, _ = _write(tmp_path, assets)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+                           "-m", "distill.train", str(path), "train.max_steps=2", "data.eval=null"],
+                          capture_output=True, text=True, timeout=300)
+    check(proc)
+    assert (tmp_path / "run" / "final" / "student" / "model.safetensors").exists()
+
+
+def test_bad_recipe_exits_2_with_one_message_and_keeps_existing_run(assets, tmp_path):
+    path, _ = _write(tmp_path, assets)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.yaml").write_text("earlier: run\n")
+    proc = _run([str(path), "overwrite=false"])
+    assert proc.returncode == 2
+    assert "already holds a run" in proc.stderr and "overwrite=true" in proc.stderr
+    assert (run / "recipe.yaml").read_text() == "earlier: run\n"
+    proc = _run([str(path), "train.micro_batch_size=0"])
+    assert proc.returncode == 2 and "`train.micro_batch_size`" in proc.stderr
+    assert proc.stderr.count("invalid recipe") == 1  # said once, not once per rank
+
+
+def test_mismatched_tokenizers_are_refused(assets, tmp_path):
+    from transformers import AutoTokenizer
+
+    from distill.data.synthetic import SyntheticLanguage, build_tokenizer
+
+    tok = AutoTokenizer.from_pretrained(assets["tokenizer"])
+    other_dir = tmp_path / "other_tok"
+    other = build_tokenizer(SyntheticLanguage(0))
+    other.add_tokens(["zebra"])
+    other.save_pretrained(other_dir)
+    assert len(other) != len(tok)
+    path, _ = _write(tmp_path, assets, data={"tokenizer": str(other_dir)})
+    proc = _run([str(path)], env={"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"})
+    assert proc.returncode == 2 and "roles must share one tokenizer" in proc.stderr

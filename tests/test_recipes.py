@@ -1,0 +1,142 @@
+"""Recipes: every shipped one validates; every bad one fails before any model loads, naming key and fix."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distill.plan import plan_roles, resolve_deepspeed, role_ds_config
+from distill.recipe import RecipeError, Role, load_recipe, parse_overrides, validate_recipe
+from distill.testing import tiny_recipe
+from distill.trainers.distill import DistillTrainer
+
+RECIPES = sorted(Path(__file__).resolve().parents[1].joinpath("recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_shipped_recipe_validates_and_documents_its_launch(path):
+    recipe, trainer = load_recipe(path)
+    assert recipe.trainer == trainer.name
+    head = path.read_text().splitlines()[:8]
+    assert any("python -m distill.train" in line or "accelerate launch" in line for line in head if line.startswith("#"))
+
+
+def _error(raw, trainer=DistillTrainer) -> str:
+    with pytest.raises(RecipeError) as e:
+        validate_recipe(raw, trainer)
+    return str(e.value)
+
+
+@pytest.fixture
+def raw(assets, tmp_path):
+    return tiny_recipe(assets, tmp_path / "run")
+
+
+def test_unknown_top_level_key_names_nearest_role(raw):
+    raw["techer"] = raw.pop("teacher")
+    msg = _error(raw)
+    assert "unknown key `techer`" in msg and "did you mean `teacher`" in msg
+
+
+def test_unknown_nested_key_names_nearest(raw):
+    raw["train"]["max_step"] = 3
+    assert "did you mean `train.max_steps`" in _error(raw)
+    raw["train"].pop("max_step")
+    raw["student"]["optimizer"]["learning_rate"] = 1.0
+    assert "unknown key `student.optimizer.learning_rate`" in _error(raw)
+
+
+def test_wrong_type_names_key_and_value(raw):
+    raw["train"]["micro_batch_size"] = "eight"
+    msg = _error(raw)
+    assert "`train.micro_batch_size`" in msg and "'eight'" in msg
+
+
+def test_frozen_role_with_optimizer_is_refused(raw):
+    raw["teacher"]["optimizer"] = {"lr": 1e-3}
+    msg = _error(raw)
+    assert "`teacher`" in msg and "frozen role has no optimizer" in msg and "trainable: true" in msg
+
+
+@pytest.mark.parametrize("stage", [4, -1])
+def test_zero_stage_that_does_not_exist(raw, stage):
+    raw["teacher"]["deepspeed"] = stage
+    assert f"ZeRO stage {stage} does not exist" in _error(raw)
+
+
+def test_unknown_deepspeed_config_name(raw):
+    raw["teacher"]["deepspeed"] = "zero4"
+    msg = _error(raw)
+    assert "zero4" in msg and "zero3_offload" in msg
+
+
+def test_missing_model_source(raw):
+    raw["student"].pop("config")
+    assert "student.from_pretrained" in _error(raw)
+
+
+def test_missing_teacher_directory_is_caught_before_loading(raw, tmp_path):
+    raw["teacher"]["from_pretrained"] = str(tmp_path / "nope")
+    recipe = validate_recipe(raw, DistillTrainer)
+    with pytest.raises(RecipeError, match="not a model directory.*teacher_pretrain"):
+        plan_roles(recipe, DistillTrainer, world_size=1, vocab_size=53)
+
+
+def test_unknown_kd_loss_names_nearest(raw):
+    raw["kd"]["loss"] = "reverse_kll"
+    msg = _error(raw)
+    assert "`kd.loss`" in msg and "reverse_kl" in msg
+
+
+def test_chunked_loss_with_zero3_student_is_refused(raw):
+    raw["kd"]["chunked"] = True
+    raw["student"]["deepspeed"] = "zero3"
+    assert "student.deepspeed: zero2" in _error(raw)
+
+
+def test_unknown_trainer_and_missing_file(tmp_path):
+    bad = tmp_path / "r.yaml"
+    bad.write_text(yaml.safe_dump({"trainer": "distil", "output_dir": "x", "data": {"train": "x"}}))
+    with pytest.raises(RecipeError, match="did you mean `distill`"):
+        load_recipe(bad)
+    with pytest.raises(RecipeError, match="does not exist.*quickstart.yaml"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+def test_overrides_parse_and_apply(tmp_path):
+    assert parse_overrides(["a.b=1", "a.c=[1, 2]", "d=x"]) == {"a": {"b": 1, "c": [1, 2]}, "d": "x"}
+    with pytest.raises(RecipeError, match="key.sub=value"):
+        parse_overrides(["train.max_steps"])
+    recipe, _ = load_recipe(RECIPES[0].parent / "quickstart.yaml", ["train.max_steps=7", "kd.loss=tvd"])
+    assert recipe.train.max_steps == 7 and recipe.kd.loss == "tvd"
+
+
+def test_role_deepspeed_config_per_role():
+    kw = dict(micro_batch_size=4, grad_accum=2, world_size=2, grad_clip=1.0, hidden_size=64)
+    student = role_ds_config("student", Role(trainable=True, config={}, deepspeed="zero2", precision="bf16"), **kw)
+    teacher = role_ds_config("teacher", Role(config={}, deepspeed="zero3", precision="fp32"), **kw)
+    assert student["bf16"]["enabled"] and not teacher["bf16"]["enabled"]  # precision is per role
+    assert student["train_batch_size"] == 16 and student["gradient_accumulation_steps"] == 2
+    assert teacher["gradient_accumulation_steps"] == 1 and "gradient_clipping" not in teacher
+    assert teacher["zero_optimization"]["stage3_prefetch_bucket_size"] == int(0.9 * 64 * 64)
+    frozen2 = role_ds_config("ref", Role(config={}, deepspeed=2), **kw)
+    assert frozen2["zero_optimization"]["stage"] == 0  # nothing to partition below ZeRO-3 when frozen
+    off = role_ds_config("teacher", Role(config={}, deepspeed="zero3_offload"), **kw)
+    assert off["zero_optimization"]["offload_param"]["device"] == "cpu" and "offload_optimizer" not in off["zero_optimization"]
+
+
+@pytest.mark.parametrize("spec,match", [
+    (dict(deepspeed=2, offload="cpu"), "needs ZeRO-3"),
+    (dict(trainable=True, deepspeed=0, offload="cpu"), "needs ZeRO-1 or above"),
+    (dict(deepspeed={"zero_optimization": {"stage": 3}, "bf16": {"enabled": True}}, precision="fp32"), "precision: bf16"),
+    (dict(deepspeed={"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}, trainable=True), "needs ZeRO-3"),
+    (dict(deepspeed={"zero_optimization": {"stage": 2, "round_robin_gradients": "auto"}}, trainable=True), "auto"),
+])
+def test_impossible_deepspeed_setups(spec, match):
+    with pytest.raises(RecipeError, match=match):
+        role_ds_config("teacher", Role(config={}, **spec), micro_batch_size=1, grad_accum=1, world_size=1, grad_clip=None, hidden_size=8)
+
+
+def test_shipped_deepspeed_configs_resolve():
+    assert resolve_deepspeed("zero2")["zero_optimization"]["stage"] == 2
+    assert resolve_deepspeed("zero3")["zero_optimization"]["stage"] == 3
+    assert resolve_deepspeed("zero3_offload")["zero_optimization"]["offload_param"]["device"] == "cpu"
