@@ -17,7 +17,10 @@ def register_trainer(cls):
 
 
 def get_trainer(name: str):
+    """A registered name (`distill`), or `module:Class` for a trainer in your own importable module."""
     _load_builtin()
+    if isinstance(name, str) and ":" in name:
+        return _import_trainer(name)
     if name not in TRAINERS:
         near = difflib.get_close_matches(str(name), TRAINERS, n=1)
         hint = f"did you mean `{near[0]}`? " if near else ""
@@ -27,3 +30,19 @@ def get_trainer(name: str):
 
 def _load_builtin() -> None:
     from distill.trainers import distill, lm  # noqa: F401  (registration side effect)
+
+
+def _import_trainer(path: str):
+    import importlib
+
+    from distill.trainer import RoleTrainer
+
+    module, _, attr = path.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise RecipeError(f"`trainer: {path}`: cannot import it ({e}); the module must be importable from the "
+                          "working directory or PYTHONPATH") from None
+    if not (isinstance(cls, type) and issubclass(cls, RoleTrainer)):
+        raise RecipeError(f"`trainer: {path}` is not a RoleTrainer subclass")
+    return cls
