@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from distill.launch import launched, relaunch, world_info
 from distill.recipe import RecipeError, load_recipe
@@ -18,6 +19,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # DeepSpeed calls a torch.distributed function that torch marks deprecated, once per step.
+    warnings.filterwarnings("ignore", category=FutureWarning, message=".*all_gather_into_tensor.*")
     args = parse_args(argv)
     try:
         recipe, trainer_cls = load_recipe(args.recipe, args.overrides)

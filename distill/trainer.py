@@ -70,6 +70,10 @@ class RoleTrainer:
         self.device = self.accelerator.device
         if self.accelerator.is_main_process:
             self.log(format_plan(self.plans, self.world_size))
+        if not self.accelerator.is_main_process:
+            import datasets
+
+            datasets.disable_progress_bars()  # one set of bars per run, not one per rank
         self.data = self.build_data()
         torch.manual_seed(recipe.seed)
         self.models: dict[str, RoleModel] = {}
@@ -156,8 +160,12 @@ class RoleTrainer:
         self.save(self.out / "final")
         if self.accelerator.is_main_process:
             (self.out / "summary.json").write_text(json.dumps(history, indent=2))
+            self.report(history)
             self.log(f"run directory: {self.out} (metrics.jsonl, summary.json, final/<role>/ in HF format)")
         return history
+
+    def report(self, history: dict[str, Any]) -> None:
+        """Print what the run achieved (main process); `history` holds the eval before and after."""
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

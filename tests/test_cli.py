@@ -1,5 +1,6 @@
 """The command line as users run it: plain (it launches 2 processes itself), torchrun, bad input."""
 import json
+import math
 import os
 import re
 import subprocess
@@ -40,6 +41,10 @@ def test_plain_cli_launches_two_processes_and_saves_a_loadable_student(assets, t
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3, 4]
     assert sum("eval/ce" in m for m in metrics) == 2  # step 2 and the end
+    # Cosine schedule without warmup, stepped once per optimizer step: lr_k = lr * (1 + cos(pi k / 4)) / 2.
+    lrs = [m["lr"] for m in metrics if "loss" in m]
+    assert lrs == pytest.approx([3e-3 * (1 + math.cos(math.pi * k / 4)) / 2 for k in range(1, 5)], abs=1e-12)
+    assert all(m["grad_norm"] > 0 for m in metrics if "loss" in m)
     # The run opens with the role table and closes with the before/after table.
     assert re.search(r"student\s+yes\s+2\s+none\s+fp32", proc.stdout), proc.stdout
     assert re.search(r"teacher\s+frozen\s+3\s+none\s+fp32", proc.stdout)

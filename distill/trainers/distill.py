@@ -1,7 +1,8 @@
 """Offline logit distillation: a trainable student learns from a frozen teacher's distributions."""
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import torch
 from pydantic import Field, field_validator
@@ -36,15 +37,19 @@ class KDSpec(Section):
         return v
 
 
-class _LastHidden:
-    """Captures the decoder's final (normalised) hidden states during a forward."""
+@contextlib.contextmanager
+def last_hidden(model: torch.nn.Module) -> Iterator[dict]:
+    """Captures the decoder's final (normalised) hidden states [B, T, H] of forwards inside the block."""
+    box: dict = {}
 
-    def __init__(self, model: torch.nn.Module):
-        self.value = None
-        self.handle = model.get_decoder().register_forward_hook(self._hook)
+    def hook(module, args, output):
+        box["value"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
 
-    def _hook(self, module, args, output):
-        self.value = output[0] if isinstance(output, tuple) else output.last_hidden_state
+    handle = model.get_decoder().register_forward_hook(hook)
+    try:
+        yield box
+    finally:
+        handle.remove()
 
 
 @register_trainer
@@ -78,24 +83,22 @@ class DistillTrainer(RoleTrainer):
 
     def _chunked_loss_step(self, batch, num_tokens):
         kd = self.recipe.kd
+        # logits_to_keep=1: the models compute logits for one position only; the loss takes the rest
+        # from the hidden states, one chunk of tokens at a time.
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "logits_to_keep": 1}
-        t_hidden, s_hidden = self._hidden(self.teacher), self._hidden(self.student)
-        with torch.no_grad():
+        with last_hidden(self.teacher.module) as t_hidden, torch.no_grad():
             self.teacher(**inputs)
-        self.student(**inputs)
+        with last_hidden(self.student.module) as s_hidden:
+            self.student(**inputs)
         t_head = self.teacher.module.get_output_embeddings().weight
         s_head = self.student.module.get_output_embeddings().weight
         # One gather of the teacher's head per micro-batch, on every rank, whatever its token count.
         with self.teacher.gathered([t_head]):
-            total, parts = chunked_kd_loss(s_hidden.value, s_head, t_hidden.value, t_head.detach(), batch["labels"],
+            total, parts = chunked_kd_loss(s_hidden["value"], s_head, t_hidden["value"], t_head.detach(), batch["labels"],
                                            loss=kd.loss, alpha_ce=kd.alpha, chunk_size=kd.chunk_size,
                                            num_valid_tokens=num_tokens, temperature=kd.temperature, top_k=kd.top_k,
                                            loss_kwargs=kd.params)
-        t_hidden.handle.remove(), s_hidden.handle.remove()
         return {"loss": total, **parts}
-
-    def _hidden(self, role) -> _LastHidden:
-        return _LastHidden(role.module)
 
     @torch.no_grad()
     def eval_step(self, batch):
@@ -114,11 +117,9 @@ class DistillTrainer(RoleTrainer):
             "tokens": self.count_tokens(batch),
         }
 
-    def train(self):
-        history = super().train()
-        if self.accelerator.is_main_process and "before" in history:
+    def report(self, history):
+        if "before" in history:
             self.log(format_summary(history))
-        return history
 
 
 def format_summary(history: dict) -> str:
