@@ -72,6 +72,9 @@ class Role(Section):
     """Trainable roles only; defaults to cosine without warmup."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward (trainable roles)."""
+    weights_from: str | None = None
+    """Load the same weights as this other role when neither `from_pretrained` nor `config` is given
+    (a DPO reference starts as the policy)."""
     trust_remote_code: bool = False
     """Allow model code from the checkpoint directory to run. Off unless you trust the source."""
 
@@ -225,6 +228,13 @@ def validate_recipe(raw: dict, trainer_cls) -> RecipeBase:
         raise RecipeError("invalid recipe:\n  - " + "\n  - ".join(lines)) from None
     for name in trainer_cls.roles:
         role = getattr(recipe, name)
+        src = role.weights_from
+        if role.from_pretrained is None and role.config is None and src is not None:
+            if src not in trainer_cls.roles or src == name:
+                raise RecipeError(f"`{name}.weights_from: {src}` must name another role of this trainer: {list(trainer_cls.roles)}")
+            other = getattr(recipe, src)
+            role.from_pretrained, role.config = other.from_pretrained, other.config
+            role.trust_remote_code = other.trust_remote_code
         if role.from_pretrained is None and role.config is None:
             raise RecipeError(f"`{name}`: say where the model comes from: `{name}.from_pretrained: DIR` or `{name}.config: {{model_type: llama, ...}}`")
         from distill.plan import role_ds_config  # a dry build of the DeepSpeed config catches impossible setups now

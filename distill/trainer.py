@@ -75,9 +75,9 @@ class RoleTrainer:
 
             datasets.disable_progress_bars()  # one set of bars per run, not one per rank
         self.data = self.build_data()
-        torch.manual_seed(recipe.seed)
         self.models: dict[str, RoleModel] = {}
         for name in self.plans:
+            torch.manual_seed(recipe.seed)  # per role: two roles built from one config get one init
             self.models[name] = self.manager.build(name, self._load_model, self._make_optimizer)
             setattr(self, name, self.models[name])
         trainable = [m for m in self.models.values() if m.trainable]
@@ -215,6 +215,14 @@ class RoleTrainer:
         if self.accelerator.is_main_process:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
+
+
+def before_after_table(history: dict, rows: list[tuple[str, str]]) -> str:
+    """A small aligned table of eval metrics before and after training: rows are (label, metric key)."""
+    b, a = history["before"], history["after"]
+    cells = [("", "before", "after")] + [(label, f"{b[k]:.4f}", f"{a[k]:.4f}") for label, k in rows]
+    w = [max(len(r[i]) for r in cells) for i in range(3)]
+    return "\n".join("  ".join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(r)) for r in cells)
 
 
 def preflight(recipe, trainer_cls, *, world_size: int):

@@ -28,6 +28,8 @@ class DataBundle:
     seed: int
     pad_id: int
     grad_accum: int = 1
+    pad_example: dict | None = None
+    """An example that predicts nothing, to even out the ranks' eval batches; default: two pad tokens."""
 
     @property
     def steps_per_epoch(self) -> int:
@@ -50,13 +52,15 @@ class DataBundle:
                     yield group
             epoch, skip = epoch + 1, 0
 
-    def eval_batches(self, limit: int | None = None) -> Iterator[dict]:
-        n = len(self.eval)
+    def eval_batches(self, limit: int | None = None, split: str = "eval") -> Iterator[dict]:
+        """Batches of `split` in order, every rank the same number of them; `limit` caps batches per rank."""
+        data = getattr(self, split)
+        n = len(data)
         per_rank = -(-n // self.world_size)
         if limit is not None:
             per_rank = min(per_rank, limit * self.micro_batch_size)
-        mine = [self.eval[i] for i in range(self.rank, n, self.world_size)][:per_rank]
-        dummy = {"input_ids": [self.pad_id, self.pad_id], "prompt_length": 2}
+        mine = [data[i] for i in range(self.rank, n, self.world_size)][:per_rank]
+        dummy = self.pad_example or {"input_ids": [self.pad_id, self.pad_id], "prompt_length": 2}
         mine += [dummy] * (per_rank - len(mine))
         for i in range(0, per_rank, self.micro_batch_size):
             yield self.collator(mine[i:i + self.micro_batch_size])

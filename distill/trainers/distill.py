@@ -10,7 +10,7 @@ from pydantic import Field, field_validator
 from distill.losses import cross_entropy, get_kd_loss
 from distill.losses.chunked import chunked_kd_loss
 from distill.recipe import RecipeError, Role, Section
-from distill.trainer import RoleTrainer
+from distill.trainer import RoleTrainer, before_after_table
 from distill.trainers import register_trainer
 
 
@@ -119,14 +119,6 @@ class DistillTrainer(RoleTrainer):
 
     def report(self, history):
         if "before" in history:
-            self.log(format_summary(history))
-
-
-def format_summary(history: dict) -> str:
-    b, a = history["before"], history["after"]
-    rows = [("", "before", "after"),
-            ("student eval CE (nats/token)", f"{b['ce']:.4f}", f"{a['ce']:.4f}"),
-            ("student KL(teacher || student)", f"{b['kl_to_teacher']:.4f}", f"{a['kl_to_teacher']:.4f}"),
-            ("teacher eval CE (nats/token)", f"{b['teacher_ce']:.4f}", f"{a['teacher_ce']:.4f}")]
-    w = [max(len(r[i]) for r in rows) for i in range(3)]
-    return "\n".join("  ".join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(r)) for r in rows)
+            self.log(before_after_table(history, [("student eval CE (nats/token)", "ce"),
+                                                  ("student KL(teacher || student)", "kl_to_teacher"),
+                                                  ("teacher eval CE (nats/token)", "teacher_ce")]))

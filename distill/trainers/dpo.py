@@ -1,0 +1,184 @@
+"""Direct preference optimisation: a trainable policy against a frozen reference.
+
+The same loop as every trainer; what differs is the roles (policy ZeRO-2, reference ZeRO-3 loaded
+from the policy's weights unless the recipe says otherwise), the data (prompt, chosen, rejected;
+both responses in one concatenated forward) and the loss step. With `dpo.precompute_reference`
+the reference scores the whole dataset once before training and is then freed.
+"""
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import torch
+from pydantic import Field, field_validator
+
+from distill.data.loading import DataBundle
+from distill.losses.preference import get_preference_loss
+from distill.recipe import RecipeError, Role, Section
+from distill.trainer import RoleTrainer, before_after_table
+from distill.trainers import register_trainer
+
+
+class DPOSpec(Section):
+    loss: str = "sigmoid"
+    """The preference loss, by registered name: sigmoid (DPO), ipo, hinge, robust."""
+    beta: float = Field(0.1, gt=0)
+    """Strength of the implicit KL penalty towards the reference."""
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    """Assumed probability that a preference label is flipped (cDPO / robust)."""
+    precompute_reference: bool = False
+    """Score the data with the reference once before training, cache it in the run directory, free the reference."""
+    max_prompt_length: int | None = Field(None, ge=1)
+    """Prompt tokens kept (from the end) when a prompt is too long; default half of data.max_length."""
+
+    @field_validator("loss")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        get_preference_loss(v)
+        return v
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Sum of log p(label) over each row's predicted tokens: logits [N, T, V], labels [N, T] -> [N] (fp32)."""
+    mask = labels != ignore_index
+    logp = torch.log_softmax(logits.float(), dim=-1)  # [N, T, V]
+    picked = logp.gather(-1, labels.masked_fill(~mask, 0).unsqueeze(-1)).squeeze(-1)  # [N, T]
+    return (picked * mask).sum(-1)
+
+
+@register_trainer
+class DPOTrainer(RoleTrainer):
+    name = "dpo"
+    roles = {
+        "policy": Role(trainable=True, deepspeed="zero2"),
+        "reference": Role(deepspeed="zero3", weights_from="policy"),
+    }
+    sections = {"dpo": DPOSpec}
+
+    # -- data ----------------------------------------------------------------------------------
+    def build_data(self) -> DataBundle:
+        from distill.data.preference import PreferenceCollator, load_preference_dataset, tokenize_preferences, write_preference_dataset
+
+        d, spec = self.recipe.data, self.recipe.dpo
+        if d.synthetic_seed is not None and not Path(d.train).exists():
+            if self.rank == 0:
+                write_preference_dataset(Path(d.train).parent, seed=d.synthetic_seed)
+            self.accelerator.wait_for_everyone()
+        splits = {}
+        for key, source in (("train", d.train), ("eval", d.eval)):
+            if source is None:
+                splits[key] = None
+                continue
+            try:
+                ds, stats = tokenize_preferences(load_preference_dataset(source), self.tokenizer, max_length=d.max_length,
+                                                 max_prompt_length=spec.max_prompt_length)
+            except (FileNotFoundError, ValueError) as e:
+                raise RecipeError(f"`data.{key}`: {e}") from None
+            if self.rank == 0 and any(stats.get(k) for k in ("prompt_truncated", "response_truncated", "dropped")):
+                self.log(f"data.{key}: of {stats['n']} pairs, {stats.get('prompt_truncated', 0)} prompts left-truncated, "
+                         f"{stats.get('response_truncated', 0)} responses cut at data.max_length={d.max_length}, "
+                         f"{stats.get('dropped', 0)} dropped (no response left)")
+            # One index space over both splits, so one table of cached reference log-probs serves both.
+            offset = len(splits["train"]) if key == "eval" else 0
+            splits[key] = ds.add_column("index", list(range(offset, offset + len(ds))))
+        pad = self.tokenizer.pad_token_id
+        collator = _IndexedCollator(PreferenceCollator(pad, pad_to_multiple_of=8))
+        pad_example = {"prompt_ids": [pad], "chosen_ids": [], "rejected_ids": [], "index": -1}
+        return DataBundle(splits["train"], splits["eval"], collator, self.recipe.train.micro_batch_size, self.rank,
+                          self.world_size, self.recipe.seed, pad, grad_accum=self.recipe.train.grad_accum,
+                          pad_example=pad_example)
+
+    # -- the algorithm -------------------------------------------------------------------------
+    def count_tokens(self, batch):
+        """DPO normalises by pairs: a pair counts when it has response tokens (padding pairs do not)."""
+        return self._valid_pairs(batch).sum()
+
+    @staticmethod
+    def _valid_pairs(batch) -> torch.Tensor:
+        half = batch["labels"].shape[0] // 2
+        return (batch["labels"][:half] != -100).any(-1)  # [B]
+
+    def loss_step(self, batch, num_tokens):
+        spec = self.recipe.dpo
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        logps = sequence_logps(self.policy(**inputs).logits, batch["labels"])  # [2B]: chosen rows, then rejected
+        ref = self._reference_logps(batch, inputs)  # [2B]
+        half = logps.shape[0] // 2
+        valid = self._valid_pairs(batch).float()  # [B]
+        pc, pr, rc, rr = logps[:half], logps[half:], ref[:half], ref[half:]
+        losses = get_preference_loss(spec.loss)(pc, pr, rc, rr, beta=spec.beta, label_smoothing=spec.label_smoothing)
+        chosen_r, rejected_r = spec.beta * (pc - rc).detach(), spec.beta * (pr - rr).detach()
+
+        def mean(x):  # sum over this micro-batch's real pairs / pairs of the whole step on all ranks
+            return (x * valid).sum() / num_tokens
+
+        return {"loss": mean(losses), "rewards/chosen": mean(chosen_r), "rewards/rejected": mean(rejected_r),
+                "rewards/accuracy": mean((chosen_r > rejected_r).float()), "rewards/margin": mean(chosen_r - rejected_r),
+                "logps/chosen": mean(pc.detach()), "logps/rejected": mean(pr.detach())}
+
+    def eval_step(self, batch):
+        with torch.no_grad():
+            return {**self.loss_step(batch, torch.ones((), device=self.device)), "tokens": self.count_tokens(batch)}
+
+    def report(self, history):
+        if "before" in history:
+            self.log(before_after_table(history, [("eval reward accuracy", "rewards/accuracy"),
+                                                  ("eval reward margin", "rewards/margin"),
+                                                  ("eval DPO loss", "loss")]))
+
+    # -- the reference -------------------------------------------------------------------------
+    def _reference_logps(self, batch, inputs) -> torch.Tensor:
+        if getattr(self, "_ref_cache", None) is not None:
+            idx = batch["index"].clamp(min=0).cpu()
+            return torch.cat([self._ref_cache[idx, 0], self._ref_cache[idx, 1]]).to(self.device)  # [2B]
+        with torch.no_grad():
+            return sequence_logps(self.reference(**inputs).logits, batch["labels"])
+
+    def train(self):
+        if self.recipe.dpo.precompute_reference:
+            self._precompute_reference()
+        return super().train()
+
+    @torch.no_grad()
+    def _precompute_reference(self) -> None:
+        """Every rank scores its share of each split; the tables are gathered, saved, and the reference freed."""
+        from safetensors.torch import save_file
+
+        n = len(self.data.train) + (len(self.data.eval) if self.data.eval is not None else 0)
+        rows = []
+        for split in ("train", "eval"):
+            if getattr(self.data, split) is None:
+                continue
+            for batch in self.data.eval_batches(split=split):
+                batch = self._to_device(batch)
+                ref = sequence_logps(self.reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                                     batch["labels"])
+                half = ref.shape[0] // 2
+                rows.append(torch.stack([batch["index"].double(), ref[:half].double(), ref[half:].double()], -1))
+        everyone = self.accelerator.gather(torch.cat(rows))  # [rows of all ranks, 3]: index, chosen, rejected
+        keep = everyone[:, 0] >= 0  # padding pairs carry index -1
+        table = torch.zeros(n, 2, dtype=torch.float32)
+        table[everyone[keep, 0].long().cpu()] = everyone[keep, 1:].float().cpu()
+        if self.accelerator.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_file({"logps": table}, str(self.out / "reference_logps.safetensors"))
+        self._ref_cache = table
+        ref = self.models.pop("reference")
+        ref.engine.destroy()
+        del self.reference, ref
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if self.accelerator.is_main_process:
+            self.log("reference: log-probs precomputed for every pair; the reference role is freed")
+
+
+class _IndexedCollator:
+    """The preference collator, plus each pair's index (for cached reference log-probs)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, examples):
+        return {**self.inner(examples), "index": torch.tensor([ex["index"] for ex in examples])}
