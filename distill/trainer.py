@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 import yaml
 
-from distill.data.loading import DataBundle, build_text_data
+from distill.data.loading import DataBundle, build_text_data, ensure_synthetic
 from distill.plan import format_plan, plan_roles
 from distill.recipe import RecipeError, Role, Section
 from distill.roles import RoleManager, RoleModel
@@ -46,6 +46,13 @@ class RoleTrainer:
     def count_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The normaliser of one micro-batch (predicted tokens; a preference trainer counts pairs)."""
         return (batch["labels"] != -100).sum()
+
+    @classmethod
+    def write_synthetic(cls, out_dir, seed: int) -> None:
+        """Write the project's synthetic data for this algorithm (used when `data.synthetic_seed` is set)."""
+        from distill.data.synthetic import write_dataset
+
+        write_dataset(out_dir, seed=seed)
 
     @classmethod
     def check_recipe(cls, recipe) -> None:
@@ -228,6 +235,7 @@ def before_after_table(history: dict, rows: list[tuple[str, str]]) -> str:
 def preflight(recipe, trainer_cls, *, world_size: int):
     """Every check that needs no process and no weights: output dir, data paths, tokenizer, role plans."""
     _check_output_dir(Path(recipe.output_dir), recipe.overwrite)
+    ensure_synthetic(recipe, trainer_cls.write_synthetic)
     d = recipe.data
     for key, path in (("data.train", d.train), ("data.eval", d.eval)):
         if path and d.synthetic_seed is None and _looks_local(path) and not Path(path).exists():
@@ -254,10 +262,6 @@ def _load_tokenizer(recipe, roles: dict[str, Role]):
     path = recipe.data.tokenizer or (sources[0] if sources else None)
     if path is None:
         raise RecipeError("`data.tokenizer`: no role is loaded from_pretrained, so name a tokenizer directory")
-    if not Path(path).exists() and recipe.data.synthetic_seed is not None:
-        from distill.data.loading import ensure_synthetic
-
-        ensure_synthetic(recipe)
     if not Path(path).exists():
         raise RecipeError(f"`data.tokenizer`: `{path}` does not exist")
     tok = AutoTokenizer.from_pretrained(path)

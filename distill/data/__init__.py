@@ -19,6 +19,11 @@ _EXPORTS = {
     "load_text_dataset": "text",
     "make_dataloader": "text",
     "tokenize_dataset": "text",
+    "load_dataset_source": "text",
+    "PreferenceCollator": "preference",
+    "load_preference_dataset": "preference",
+    "tokenize_preferences": "preference",
+    "write_preference_dataset": "preference",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -66,23 +66,28 @@ class DataBundle:
             yield self.collator(mine[i:i + self.micro_batch_size])
 
 
-def ensure_synthetic(recipe) -> None:
-    """Write the synthetic language where the recipe expects its files (main process of the node)."""
-    from distill.data.synthetic import write_dataset
+def ensure_synthetic(recipe, writer) -> None:
+    """Write the recipe's synthetic data with `writer(dir, seed=...)` unless it is already there.
+
+    Every process of a run calls this; an exclusive file lock makes the first one write and the
+    others find the finished files, so no process waits on a barrier it might skip.
+    """
+    import fcntl
 
     d = recipe.data
+    if d.synthetic_seed is None:
+        return
     target = Path(d.train).parent
-    write_dataset(target, seed=d.synthetic_seed)
+    target.mkdir(parents=True, exist_ok=True)
+    with open(target / ".write.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        writer(target, seed=d.synthetic_seed)
 
 
 def build_text_data(recipe, tokenizer, rank: int, world_size: int) -> DataBundle:
     from distill.data.text import CausalCollator, load_text_dataset, tokenize_dataset
 
     d = recipe.data
-    if d.synthetic_seed is not None and not Path(d.train).exists():
-        if rank == 0:
-            ensure_synthetic(recipe)
-        torch.distributed.barrier() if world_size > 1 else None
     try:
         train, stats = tokenize_dataset(load_text_dataset(d.train, text_field=d.text_field), tokenizer,
                                         max_length=d.max_length, text_field=d.text_field)

@@ -258,11 +258,23 @@ def build_tokenizer(lang: SyntheticLanguage) -> Any:
     )
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
     # Another rank may read while we write; readers only ever see whole files.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def existing_meta(out: Path, config: dict[str, Any]) -> dict[str, Any] | None:
+    """The meta.json of a complete dataset directory written with `config`, else None (write it anew)."""
+    needed = [out / "train.jsonl", out / "eval.jsonl", out / "tokenizer" / "tokenizer.json", out / "meta.json"]
+    if not all(p.exists() for p in needed):
+        return None
+    try:
+        old = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return None
+    return old if all(old.get(k) == v for k, v in config.items()) else None
 
 
 def write_dataset(
@@ -284,14 +296,9 @@ def write_dataset(
     config = {"format_version": _FORMAT_VERSION, "seed": seed, "n_train": n_train,
               "n_eval": n_eval, "sentences_per_doc": [lo, hi]}
     meta_path = out / "meta.json"
-    needed = [out / "train.jsonl", out / "eval.jsonl", out / "tokenizer" / "tokenizer.json"]
-    if meta_path.exists() and all(p.exists() for p in needed):
-        try:
-            old = json.loads(meta_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            old = {}
-        if all(old.get(k) == v for k, v in config.items()):
-            return old
+    old = existing_meta(out, config)
+    if old is not None:
+        return old
 
     out.mkdir(parents=True, exist_ok=True)
     lang = SyntheticLanguage(seed)
@@ -300,7 +307,7 @@ def write_dataset(
         rng = random.Random(seed * 1_000_003 + stream)
         lines = [json.dumps({"text": lang.sample_document(rng, rng.randint(lo, hi))})
                  for _ in range(n)]
-        _write_atomic(out / f"{name}.jsonl", "".join(line + "\n" for line in lines))
+        write_atomic(out / f"{name}.jsonl", "".join(line + "\n" for line in lines))
     tokenizer = build_tokenizer(lang)
     tokenizer.save_pretrained(str(out / "tokenizer"))
     meta = {
@@ -311,7 +318,7 @@ def write_dataset(
         "entropy_per_word": lang.true_entropy_per_token(sentences_per_doc=(lo, hi),
                                                         include_eos=False),
     }
-    _write_atomic(meta_path, json.dumps(meta, indent=2) + "\n")
+    write_atomic(meta_path, json.dumps(meta, indent=2) + "\n")
     return meta
 
 

@@ -44,14 +44,14 @@ def _load_files(files: list[str]) -> Any:
     return datasets.load_dataset(builders.pop(), data_files={"train": files}, split="train")
 
 
-def load_text_dataset(
+def load_dataset_source(
     source: str,
     *,
     split: str = "train",
-    text_field: str = "text",
     data_files: str | Sequence[str] | dict[str, Any] | None = None,
+    hint: str = _HINT,
 ) -> Any:
-    """Load a text dataset as a ``datasets.Dataset``.
+    """Load a non-empty ``datasets.Dataset`` of any columns from a file, a directory or a hub id.
 
     ``source`` may be:
 
@@ -65,9 +65,8 @@ def load_text_dataset(
     dataset name: ``load_dataset(source, data_files=data_files, split=split)``.
 
     Raises:
-        FileNotFoundError: ``source`` looks like a path but does not exist.
-        ValueError: the dataset is empty, or has no ``text_field`` column, or
-            that column is not a string column.
+        FileNotFoundError: ``source`` looks like a path but does not exist (``hint`` says how to make one).
+        ValueError: the dataset is empty or resolves to several splits.
     """
     import datasets
 
@@ -84,7 +83,7 @@ def load_text_dataset(
         })
         ds = _load_files(files) if files else datasets.load_dataset(path, split=split)
     elif _looks_like_path(source):
-        raise FileNotFoundError(f"dataset path {source!r} does not exist. {_HINT}")
+        raise FileNotFoundError(f"dataset path {source!r} does not exist. {hint}")
     else:
         try:
             ds = datasets.load_dataset(source, split=split)
@@ -94,13 +93,31 @@ def load_text_dataset(
             # "data/train" may have been meant as a relative path: say both.
             raise FileNotFoundError(
                 f"{source!r} is not an existing local path, and loading it as a hub dataset "
-                f"failed ({type(err).__name__}: {err}). {_HINT}"
+                f"failed ({type(err).__name__}: {err}). {hint}"
             ) from err
 
     if isinstance(ds, datasets.DatasetDict):
         raise ValueError(f"{source!r} resolved to several splits {list(ds)}; pass split=")
     if len(ds) == 0:
         raise ValueError(f"dataset {source!r} (split {split!r}) is empty")
+    return ds
+
+
+def load_text_dataset(
+    source: str,
+    *,
+    split: str = "train",
+    text_field: str = "text",
+    data_files: str | Sequence[str] | dict[str, Any] | None = None,
+) -> Any:
+    """Load a text dataset (see :func:`load_dataset_source`) and check its ``text_field`` holds strings.
+
+    Raises:
+        FileNotFoundError: ``source`` looks like a path but does not exist.
+        ValueError: the dataset is empty, or has no ``text_field`` column, or
+            that column is not a string column.
+    """
+    ds = load_dataset_source(source, split=split, data_files=data_files)
     if text_field not in ds.column_names:
         raise ValueError(
             f"dataset {source!r} has no field {text_field!r}; available columns: {ds.column_names}"

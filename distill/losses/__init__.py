@@ -1,6 +1,13 @@
 """Distillation losses: a registry of token-level KD divergences and a chunked fused loss."""
 
 from .chunked import chunked_kd_loss
+from .preference import (
+    PREFERENCE_LOSSES,
+    get_preference_loss,
+    preference_loss,
+    register_preference_loss,
+    rewards,
+)
 from .kd import (
     IGNORE_INDEX,
     KD_LOSSES,
@@ -19,6 +26,11 @@ from .kd import (
 )
 
 __all__ = [
+    "PREFERENCE_LOSSES",
+    "get_preference_loss",
+    "preference_loss",
+    "register_preference_loss",
+    "rewards",
     "IGNORE_INDEX",
     "KD_LOSSES",
     "UnknownKDLossError",

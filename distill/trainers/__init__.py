@@ -29,7 +29,7 @@ def get_trainer(name: str):
 
 
 def _load_builtin() -> None:
-    from distill.trainers import distill, lm  # noqa: F401  (registration side effect)
+    from distill.trainers import distill, dpo, lm  # noqa: F401  (registration side effect)
 
 
 def _import_trainer(path: str):

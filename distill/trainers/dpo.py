@@ -57,14 +57,16 @@ class DPOTrainer(RoleTrainer):
     sections = {"dpo": DPOSpec}
 
     # -- data ----------------------------------------------------------------------------------
+    @classmethod
+    def write_synthetic(cls, out_dir, seed: int) -> None:
+        from distill.data.preference import write_preference_dataset
+
+        write_preference_dataset(out_dir, seed=seed)
+
     def build_data(self) -> DataBundle:
-        from distill.data.preference import PreferenceCollator, load_preference_dataset, tokenize_preferences, write_preference_dataset
+        from distill.data.preference import PreferenceCollator, load_preference_dataset, tokenize_preferences
 
         d, spec = self.recipe.data, self.recipe.dpo
-        if d.synthetic_seed is not None and not Path(d.train).exists():
-            if self.rank == 0:
-                write_preference_dataset(Path(d.train).parent, seed=d.synthetic_seed)
-            self.accelerator.wait_for_everyone()
         splits = {}
         for key, source in (("train", d.train), ("eval", d.eval)):
             if source is None:
