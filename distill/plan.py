@@ -119,16 +119,23 @@ def _walk(d: dict, prefix: str = ""):
             yield f"{prefix}{k}", v
 
 
+def check_model_source(name: str, spec: Role) -> None:
+    """A `from_pretrained` that names a local path must be a model directory."""
+    if spec.from_pretrained is None:
+        return
+    src = Path(spec.from_pretrained).expanduser()
+    looks_local = spec.from_pretrained.startswith((".", "/", "~")) or src.exists() or len(src.parts) > 2
+    if looks_local and not (src / "config.json").is_file():
+        raise RecipeError(f"`{name}.from_pretrained`: `{spec.from_pretrained}` is not a model directory (no config.json). "
+                          f"Train the shipped teacher with `python -m distill.train recipes/teacher_pretrain.yaml`, or fix the path")
+
+
 def load_model_config(name: str, spec: Role, vocab_size: int | None):
     """The transformers config of a role, read without loading weights."""
     from transformers import AutoConfig, CONFIG_MAPPING
 
     if spec.from_pretrained is not None:
-        src = Path(spec.from_pretrained)
-        looks_local = spec.from_pretrained.startswith((".", "/", "~")) or src.exists() or len(src.parts) > 2
-        if looks_local and not (src / "config.json").is_file():
-            raise RecipeError(f"`{name}.from_pretrained`: `{src}` is not a model directory (no config.json). "
-                              f"Train the shipped teacher with `python -m distill.train recipes/teacher_pretrain.yaml`, or fix the path")
+        check_model_source(name, spec)
         try:
             return AutoConfig.from_pretrained(spec.from_pretrained, trust_remote_code=spec.trust_remote_code)
         except OSError as e:
@@ -167,6 +174,9 @@ def plan_roles(recipe, trainer_cls, *, world_size: int, vocab_size: int | None) 
     trainable = [n for n, p in plans.items() if p.spec.trainable]
     if not trainable:
         raise RecipeError(f"no role is trainable: set `trainable: true` on one of {list(plans)}")
+    if len(trainable) > 1:
+        raise RecipeError(f"roles {trainable} are all trainable; the shared loop steps one role: set `trainable: false` "
+                          "on all but one, or override `train` in your trainer to step several")
     return plans
 
 

@@ -43,7 +43,7 @@ class SchedulerSpec(Section):
     name: Literal["constant", "linear", "cosine"] = "cosine"
     """Learning-rate shape after warmup."""
     warmup_steps: int = Field(0, ge=0)
-    """Optimizer steps of linear warmup from 0."""
+    """Optimizer steps of linear warmup: step k (from 0) uses lr * (k + 1) / (warmup_steps + 1)."""
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     """Final learning rate as a fraction of the peak (linear and cosine)."""
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -104,6 +105,12 @@ class RoleManager:
         from distill.launch import single_process_env
 
         single_process_env()
+        ignored = [f for f in os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", "").split(",") if f]
+        if ignored and int(os.environ.get("RANK", 0)) == 0:
+            # Each role's DeepSpeed config and precision come from the recipe; accelerate would refuse
+            # to build a plugin from a config while its own config file also sets these fields.
+            print(f"distill: ignoring DeepSpeed settings of the accelerate config ({', '.join(ignored)}); "
+                  "each role's `deepspeed` and `precision` in the recipe decide them")
         self.plans = plans
         self.slots = {
             name: _Slot(DeepSpeedPlugin(hf_ds_config=p.ds_config, zero3_init_flag=p.zero_stage == 3))

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from distill.data.loading import DataBundle, build_text_data, ensure_synthetic
-from distill.plan import format_plan, plan_roles
+from distill.plan import check_model_source, format_plan, plan_roles
 from distill.recipe import RecipeError, Role, Section
 from distill.roles import RoleManager, RoleModel
 
@@ -58,6 +58,10 @@ class RoleTrainer:
     def check_recipe(cls, recipe) -> None:
         """Refuse role setups this algorithm cannot run, before anything is loaded (raise RecipeError)."""
 
+    @classmethod
+    def check_plans(cls, recipe, plans) -> None:
+        """Like `check_recipe`, once the roles' model configs are known (still before any weight loads)."""
+
     def build_data(self) -> DataBundle:
         return build_text_data(self.recipe, self.tokenizer, self.rank, self.world_size)
 
@@ -87,11 +91,7 @@ class RoleTrainer:
             torch.manual_seed(recipe.seed)  # per role: two roles built from one config get one init
             self.models[name] = self.manager.build(name, self._load_model, self._make_optimizer)
             setattr(self, name, self.models[name])
-        trainable = [m for m in self.models.values() if m.trainable]
-        if len(trainable) != 1:
-            raise RecipeError(f"RoleTrainer trains exactly one role per step; {[m.name for m in trainable]} are trainable. "
-                              "Override `train_step` in the trainer to step several.")
-        self.trainable = trainable[0]
+        self.trainable = next(m for m in self.models.values() if m.trainable)  # plan_roles checked there is one
 
     def _load_model(self, plan):
         from transformers import AutoModelForCausalLM
@@ -139,6 +139,7 @@ class RoleTrainer:
         tokens_seen, t0 = 0, time.perf_counter()
         for step in range(1, self.total_steps + 1):
             micro = [self._to_device(b) for b in next(batches)]
+            lr = self.trainable.lr()  # the rate this step uses; the scheduler moves on at its end
             num_tokens = self._all_reduce(sum(self.count_tokens(b) for b in micro))
             totals: dict[str, torch.Tensor] = {}
             for i, batch in enumerate(micro):
@@ -151,7 +152,7 @@ class RoleTrainer:
             if step % t.log_every == 0 or step == self.total_steps:
                 metrics = {k: float(self._all_reduce(v)) for k, v in totals.items()}
                 elapsed = time.perf_counter() - t0
-                metrics.update(step=step, lr=self.trainable.lr(), grad_norm=self.trainable.grad_norm(),
+                metrics.update(step=step, lr=lr, grad_norm=self.trainable.grad_norm(),
                                tokens_per_s=tokens_seen / elapsed, elapsed_s=elapsed)
                 if torch.cuda.is_available():
                     metrics["max_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
@@ -241,8 +242,12 @@ def preflight(recipe, trainer_cls, *, world_size: int):
         if path and d.synthetic_seed is None and _looks_local(path) and not Path(path).exists():
             raise RecipeError(f"`{key}`: `{path}` does not exist; write the synthetic language there with "
                               f"`python -m distill.data.synthetic {Path(path).parent}` or set `data.synthetic_seed: 0`")
+    for name in trainer_cls.roles:  # before the tokenizer, which defaults to a role's directory
+        check_model_source(name, getattr(recipe, name))
     tokenizer = _load_tokenizer(recipe, trainer_cls.roles)
-    return tokenizer, plan_roles(recipe, trainer_cls, world_size=world_size, vocab_size=len(tokenizer))
+    plans = plan_roles(recipe, trainer_cls, world_size=world_size, vocab_size=len(tokenizer))
+    trainer_cls.check_plans(recipe, plans)
+    return tokenizer, plans
 
 
 def _looks_local(path: str) -> bool:

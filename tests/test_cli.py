@@ -41,9 +41,9 @@ def test_plain_cli_launches_two_processes_and_saves_a_loadable_student(assets, t
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3, 4]
     assert sum("eval/ce" in m for m in metrics) == 2  # step 2 and the end
-    # Cosine schedule without warmup, stepped once per optimizer step: lr_k = lr * (1 + cos(pi k / 4)) / 2.
+    # Cosine schedule without warmup over 4 steps: step k (from 0) uses lr * (1 + cos(pi k / 4)) / 2.
     lrs = [m["lr"] for m in metrics if "loss" in m]
-    assert lrs == pytest.approx([3e-3 * (1 + math.cos(math.pi * k / 4)) / 2 for k in range(1, 5)], abs=1e-12)
+    assert lrs == pytest.approx([3e-3 * (1 + math.cos(math.pi * k / 4)) / 2 for k in range(4)], abs=1e-12)
     assert all(m["grad_norm"] > 0 for m in metrics if "loss" in m)
     # The run opens with the role table and closes with the before/after table.
     assert re.search(r"student\s+yes\s+2\s+none\s+fp32", proc.stdout), proc.stdout
@@ -104,3 +104,24 @@ def test_mismatched_tokenizers_are_refused(assets, tmp_path):
     path, _ = _write(tmp_path, assets, data={"tokenizer": str(other_dir)})
     proc = _run([str(path)], env={"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"})
     assert proc.returncode == 2 and "roles must share one tokenizer" in proc.stderr
+
+
+def test_accelerate_config_with_deepspeed_fields_is_overridden_by_the_recipe(assets, tmp_path):
+    """An `accelerate config` file that sets zero_stage and mixed_precision must not stop the run."""
+    path, _ = _write(tmp_path, assets)
+    cfg = tmp_path / "accelerate.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "compute_environment": "LOCAL_MACHINE", "distributed_type": "DEEPSPEED", "num_processes": 2, "num_machines": 1,
+        "machine_rank": 0, "mixed_precision": "no", "main_process_port": _free_port(),
+        "deepspeed_config": {"zero_stage": 2, "gradient_accumulation_steps": 1}}))
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cfg), "-m", "distill.train",
+                           str(path), "train.max_steps=2", "data.eval=null"], capture_output=True, text=True, timeout=300)
+    check(proc)
+    assert "ignoring DeepSpeed settings of the accelerate config" in proc.stdout
+
+
+def test_deepspeed_launcher_local_rank_argument_is_accepted():
+    from distill.train import parse_args
+
+    args = parse_args(["--local_rank=1", "recipes/quickstart.yaml", "train.max_steps=3"])
+    assert args.recipe == "recipes/quickstart.yaml" and args.overrides == ["train.max_steps=3"]

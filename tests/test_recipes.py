@@ -140,3 +140,25 @@ def test_shipped_deepspeed_configs_resolve():
     assert resolve_deepspeed("zero2")["zero_optimization"]["stage"] == 2
     assert resolve_deepspeed("zero3")["zero_optimization"]["stage"] == 3
     assert resolve_deepspeed("zero3_offload")["zero_optimization"]["offload_param"]["device"] == "cpu"
+
+
+def test_kd_params_are_checked_at_load(raw):
+    raw["kd"].update(loss="generalized_jsd", params={"beta": 1.5})
+    assert "`kd.params`" in _error(raw) and "generalized_jsd" in _error(raw)
+    raw["kd"]["params"] = {"alpha": 0.1}
+    assert "do not fit" in _error(raw)
+
+
+def test_two_trainable_roles_are_refused_before_loading(raw):
+    raw["teacher"].update(trainable=True)
+    recipe = validate_recipe(raw, DistillTrainer)
+    with pytest.raises(RecipeError, match="all trainable"):
+        plan_roles(recipe, DistillTrainer, world_size=1, vocab_size=53)
+
+
+def test_missing_teacher_is_named_before_the_tokenizer(raw, tmp_path):
+    from distill.trainer import preflight
+
+    raw["teacher"]["from_pretrained"] = str(tmp_path / "nope")
+    with pytest.raises(RecipeError, match="`teacher.from_pretrained`"):
+        preflight(validate_recipe(raw, DistillTrainer), DistillTrainer, world_size=1)

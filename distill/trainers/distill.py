@@ -5,7 +5,7 @@ import contextlib
 from typing import Any, Iterator
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from distill.losses import cross_entropy, get_kd_loss
 from distill.losses.chunked import chunked_kd_loss
@@ -36,6 +36,17 @@ class KDSpec(Section):
         get_kd_loss(v)  # raises with the registered names and the nearest one
         return v
 
+    @model_validator(mode="after")
+    def _params_fit_the_loss(self) -> "KDSpec":
+        # One call on a 1-token, 2-word input: a misspelled or out-of-range parameter fails now,
+        # not on the first step after the models are loaded.
+        x = torch.zeros(1, 2)
+        try:
+            get_kd_loss(self.loss)(x, x, torch.zeros(1, dtype=torch.long), temperature=self.temperature, **self.params)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"`kd.params` {self.params} do not fit `kd.loss: {self.loss}`: {e}") from None
+        return self
+
 
 @contextlib.contextmanager
 def last_hidden(model: torch.nn.Module) -> Iterator[dict]:
@@ -60,6 +71,17 @@ class DistillTrainer(RoleTrainer):
         "teacher": Role(trainable=False, deepspeed="zero3"),
     }
     sections = {"kd": KDSpec}
+
+    @classmethod
+    def check_plans(cls, recipe, plans) -> None:
+        if not recipe.kd.chunked:
+            return
+        for name, plan in plans.items():
+            cfg = plan.model_config
+            # The chunked loss computes logits as hidden @ lm_head.T; transforms applied after that are not reproduced.
+            for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+                if getattr(cfg, attr, None) not in (None, 1, 1.0):
+                    raise RecipeError(f"`kd.chunked: true` cannot reproduce `{name}`'s {attr}={getattr(cfg, attr)}: set `kd.chunked: false`")
 
     @classmethod
     def check_recipe(cls, recipe) -> None:
