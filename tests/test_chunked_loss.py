@@ -187,3 +187,83 @@ def test_argument_errors():
         chunked_kd_loss(h_s, w_s, h_t, w_t, labels, chunk_size=0)
     with pytest.raises(ValueError, match="token count"):
         chunked_kd_loss(h_s, w_s, h_t[:-1], w_t, labels)
+
+
+# --- the hand-written forward_kl path, its row steps and the fp32 weight-gradient blocks ---
+
+
+@pytest.fixture
+def small_steps(monkeypatch):
+    """Several loss steps per chunk and several accumulator row blocks, even at test sizes."""
+    from distill.losses import chunked
+
+    monkeypatch.setattr(chunked, "_SUB_ELEMS", 3 * V)  # 3 rows per step
+    monkeypatch.setattr(chunked, "_ACC_BLOCK_ELEMS", 5 * H_S)  # 5 vocab rows per block
+    return chunked
+
+
+@pytest.mark.parametrize("alpha_ce", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize(("v_s", "v_t"), [(V, V), (V + 3, V), (V, V + 4)])
+@pytest.mark.parametrize(("temperature", "top_k"), [(1.0, None), (1.7, None), (1.0, 5), (0.6, 3)])
+def test_forward_kl_fast_path_matches_unchunked(small_steps, alpha_ce, v_s, v_t, temperature, top_k):
+    *args, extra = make(v_s=v_s, v_t=v_t, bias=True, seed=7)
+    assert_same(args, extra, loss="forward_kl", chunk_size=5, alpha_ce=alpha_ce,
+                temperature=temperature, top_k=top_k)
+
+
+@pytest.mark.parametrize("alpha_ce", [0.0, 0.5])
+def test_forward_kl_fast_path_equals_autograd_path(small_steps, alpha_ce):
+    """A wrapper of forward_kl is not recognised, so it takes the generic autograd path."""
+
+    @register_kd_loss("_test_wrapped_forward_kl")
+    def wrapped(student_logits, teacher_logits, labels, **kw):
+        return forward_kl(student_logits, teacher_logits, labels, **kw)
+
+    try:
+        h_s, w_s, h_t, w_t, labels, _ = make(n=20, seed=11)
+        outs = []
+        for name in ("forward_kl", "_test_wrapped_forward_kl"):
+            total, parts = chunked_kd_loss(h_s, w_s, h_t, w_t, labels, loss=name, alpha_ce=alpha_ce,
+                                           chunk_size=6, temperature=1.3, top_k=7)
+            outs.append((total.detach(), parts["ce"], parts["kd"], *grads(total, h_s, w_s)))
+        for a, b in zip(*outs):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    finally:
+        KD_LOSSES.pop("_test_wrapped_forward_kl")
+
+
+def test_forward_kl_fast_path_argument_errors():
+    h_s, w_s, h_t, w_t, labels, _ = make()
+    with pytest.raises(ValueError, match="temperature"):
+        chunked_kd_loss(h_s, w_s, h_t, w_t, labels, temperature=0.0)
+    with pytest.raises(ValueError, match="top_k"):
+        chunked_kd_loss(h_s, w_s, h_t, w_t, labels, top_k=0)
+
+
+@pytest.mark.parametrize("loss", ["forward_kl", "generalized_jsd"])
+def test_bf16_multi_chunk_weight_grad_accumulates_in_fp32(small_steps, loss):
+    """bf16 weights, many chunks: grads are as close to the fp32 computation as one bf16 rounding."""
+    h_s, w_s, h_t, w_t, labels, _ = make(n=64, dtype=torch.float32, seed=2)
+    bf = [t.detach().bfloat16().requires_grad_(t.requires_grad) for t in (h_s, w_s, h_t, w_t)]
+    total, _ = chunked_kd_loss(*bf, labels, loss=loss, alpha_ce=0.5, chunk_size=4)
+    g_h, g_w = grads(total, bf[0], bf[1])
+    assert g_h.dtype == g_w.dtype == torch.bfloat16
+    # Reference: the same bf16-rounded logits, everything after them in fp32.
+    ref = [t.detach().float().requires_grad_(t.requires_grad) for t in bf]
+    s_logits = (ref[0] @ ref[1].t()).bfloat16().float()
+    t_logits = (ref[2] @ ref[3].t()).bfloat16().float()
+    want = 0.5 * cross_entropy(s_logits, labels) + 0.5 * get_kd_loss(loss)(s_logits, t_logits, labels)
+    w_h, w_w = grads(want, ref[0], ref[1])
+    torch.testing.assert_close(total, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_w.float(), w_w, rtol=2e-2, atol=1e-4)
+    torch.testing.assert_close(g_h.float(), w_h, rtol=2e-2, atol=1e-4)
+
+
+def test_single_chunk_and_empty_input(small_steps):
+    *args, extra = make()
+    assert_same(args, extra, chunk_size=64, alpha_ce=0.5)
+    h_s, w_s, h_t, w_t, labels, _ = make()
+    total, parts = chunked_kd_loss(h_s[:0], w_s, h_t[:0], w_t, labels[:0], alpha_ce=0.5)
+    assert total.item() == 0.0
+    g_h, g_w = grads(total, h_s, w_s)
+    assert torch.count_nonzero(g_h) == 0 and torch.count_nonzero(g_w) == 0

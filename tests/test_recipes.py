@@ -96,7 +96,7 @@ def test_chunked_loss_with_zero3_student_is_refused(raw):
 def test_unknown_trainer_and_missing_file(tmp_path):
     bad = tmp_path / "r.yaml"
     bad.write_text(yaml.safe_dump({"trainer": "distil", "output_dir": "x", "data": {"train": "x"}}))
-    with pytest.raises(RecipeError, match="did you mean `distill`"):
+    with pytest.raises(RecipeError, match="Did you mean 'distill'"):
         load_recipe(bad)
     with pytest.raises(RecipeError, match="does not exist.*quickstart.yaml"):
         load_recipe(tmp_path / "missing.yaml")

@@ -18,7 +18,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from distill.data.synthetic import SyntheticLanguage, build_tokenizer, existing_meta, write_atomic
+from distill.data.synthetic import SyntheticLanguage, existing_meta, write_splits
 from distill.data.text import CausalCollator, load_dataset_source
 
 FIELDS = ("prompt", "chosen", "rejected")
@@ -222,18 +222,17 @@ def write_preference_dataset(
     config = {"format_version": _FORMAT_VERSION, "kind": "preference", "seed": seed, "n_train": n_train,
               "n_eval": n_eval, "prompt_words": [lo, hi], "max_response_words": max_response_words,
               "replace_prob": replace_prob}
-    meta_path = out / "meta.json"
     old = existing_meta(out, config)
     if old is not None:
         return old
 
     out.mkdir(parents=True, exist_ok=True)
     lang = SyntheticLanguage(seed)
-    grammatical = 0
+    grammatical, splits = 0, {}
     for name, n in (("train", n_train), ("eval", n_eval)):
         # String seeds hash deterministically; one stream per split so n_eval leaves train alone.
         rng = random.Random(f"preference-{seed}-{name}")
-        lines = []
+        lines = splits[name] = []
         for _ in range(n):
             for _ in range(10_000):
                 words = lang.sample_document(rng, rng.randint(1, 3)).split()
@@ -251,14 +250,8 @@ def write_preference_dataset(
                 grammatical += name == "train" and lang.state_after(words[:k] + rejected) is not None
             except ValueError:
                 pass
-            lines.append(json.dumps({"prompt": " ".join(words[:k]), "chosen": " ".join(chosen),
-                                     "rejected": " ".join(rejected)}))
-        write_atomic(out / f"{name}.jsonl", "".join(line + "\n" for line in lines))
-    tokenizer = build_tokenizer(lang)
-    tokenizer.save_pretrained(str(out / "tokenizer"))
-    meta = {**config, "vocab_size": len(tokenizer), "rejected_grammatical_fraction": grammatical / max(n_train, 1)}
-    write_atomic(meta_path, json.dumps(meta, indent=2) + "\n")
-    return meta
+            lines.append({"prompt": " ".join(words[:k]), "chosen": " ".join(chosen), "rejected": " ".join(rejected)})
+    return write_splits(out, splits, lang, {**config, "rejected_grammatical_fraction": grammatical / max(n_train, 1)})
 
 
 def main(argv: list[str] | None = None) -> None:

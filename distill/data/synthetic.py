@@ -295,30 +295,35 @@ def write_dataset(
     lo, hi = sentences_per_doc
     config = {"format_version": _FORMAT_VERSION, "seed": seed, "n_train": n_train,
               "n_eval": n_eval, "sentences_per_doc": [lo, hi]}
-    meta_path = out / "meta.json"
     old = existing_meta(out, config)
     if old is not None:
         return old
 
     out.mkdir(parents=True, exist_ok=True)
     lang = SyntheticLanguage(seed)
+    splits = {}
     # Separate streams so changing n_eval does not change the training docs.
     for name, n, stream in (("train", n_train, 1), ("eval", n_eval, 2)):
         rng = random.Random(seed * 1_000_003 + stream)
-        lines = [json.dumps({"text": lang.sample_document(rng, rng.randint(lo, hi))})
-                 for _ in range(n)]
-        write_atomic(out / f"{name}.jsonl", "".join(line + "\n" for line in lines))
-    tokenizer = build_tokenizer(lang)
-    tokenizer.save_pretrained(str(out / "tokenizer"))
-    meta = {
+        splits[name] = [{"text": lang.sample_document(rng, rng.randint(lo, hi))} for _ in range(n)]
+    return write_splits(out, splits, lang, {
         **config,
         "vocab": lang.vocab,
-        "vocab_size": len(tokenizer),
         "entropy_per_token": lang.true_entropy_per_token(sentences_per_doc=(lo, hi)),
         "entropy_per_word": lang.true_entropy_per_token(sentences_per_doc=(lo, hi),
                                                         include_eos=False),
-    }
-    write_atomic(meta_path, json.dumps(meta, indent=2) + "\n")
+    })
+
+
+def write_splits(out: Path, splits: dict[str, list[dict]], lang: SyntheticLanguage, meta: dict[str, Any]) -> dict[str, Any]:
+    """Write `<split>.jsonl` for each split, the tokenizer, and last `meta.json`, whose presence
+    marks the directory complete (see `existing_meta`). Returns the meta written."""
+    for name, records in splits.items():
+        write_atomic(out / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    tokenizer = build_tokenizer(lang)
+    tokenizer.save_pretrained(str(out / "tokenizer"))
+    meta = {**meta, "vocab_size": len(tokenizer)}
+    write_atomic(out / "meta.json", json.dumps(meta, indent=2) + "\n")
     return meta
 
 

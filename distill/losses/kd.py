@@ -28,7 +28,6 @@ Shared conventions:
 
 from __future__ import annotations
 
-import difflib
 import math
 from typing import Callable
 
@@ -36,44 +35,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from distill.registry import Registry, UnknownNameError
+
 IGNORE_INDEX = -100
 
 KDLossFn = Callable[..., Tensor]
-KD_LOSSES: dict[str, KDLossFn] = {}
 
 
-class UnknownKDLossError(ValueError, KeyError):
+class UnknownKDLossError(UnknownNameError):
     """Raised by :func:`get_kd_loss`; catchable as either ``ValueError`` or ``KeyError``."""
 
-    # KeyError.__str__ would repr() the message and show it quoted.
-    __str__ = Exception.__str__
 
-
-def register_kd_loss(name: str, *, override: bool = False) -> Callable[[KDLossFn], KDLossFn]:
-    """Decorator adding ``fn`` to :data:`KD_LOSSES` under ``name``.
-
-    Duplicate names are refused unless ``override=True``, so a typo in a plugin can't
-    silently replace a built-in loss.
-    """
-
-    def decorator(fn: KDLossFn) -> KDLossFn:
-        if name in KD_LOSSES and not override:
-            raise ValueError(f"KD loss {name!r} is already registered; pass override=True to replace it")
-        KD_LOSSES[name] = fn
-        return fn
-
-    return decorator
-
-
-def get_kd_loss(name: str) -> KDLossFn:
-    try:
-        return KD_LOSSES[name]
-    except KeyError:
-        nearest = difflib.get_close_matches(name, list(KD_LOSSES), n=1, cutoff=0.0)
-        hint = f" Did you mean {nearest[0]!r}?" if nearest else ""
-        raise UnknownKDLossError(
-            f"Unknown KD loss {name!r}.{hint} Registered: {', '.join(sorted(KD_LOSSES))}"
-        ) from None
+KD_LOSSES: Registry = Registry("KD loss", UnknownKDLossError)
+register_kd_loss = KD_LOSSES.register
+"""Decorator adding a loss under a name: ``@register_kd_loss("my_kl")``; ``override=True`` replaces one."""
+get_kd_loss = KD_LOSSES.lookup
 
 
 def kd_loss(name: str, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, **kwargs) -> Tensor:

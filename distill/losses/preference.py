@@ -34,55 +34,27 @@ Inputs are promoted to at least fp32 (float64 stays float64, so exact tests work
 
 from __future__ import annotations
 
-import difflib
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from distill.registry import Registry, UnknownNameError
+
 from .kd import _upcast
 
 PreferenceLossFn = Callable[..., Tensor]
-PREFERENCE_LOSSES: dict[str, PreferenceLossFn] = {}
 
 
-class UnknownPreferenceLossError(ValueError, KeyError):
+class UnknownPreferenceLossError(UnknownNameError):
     """Raised by :func:`get_preference_loss`; catchable as either ``ValueError`` or ``KeyError``."""
 
-    # KeyError.__str__ would repr() the message and show it quoted.
-    __str__ = Exception.__str__
 
-
-def register_preference_loss(
-    name: str, *, override: bool = False
-) -> Callable[[PreferenceLossFn], PreferenceLossFn]:
-    """Decorator adding ``fn`` to :data:`PREFERENCE_LOSSES` under ``name``.
-
-    Duplicate names are refused unless ``override=True``, so a typo in a plugin can't
-    silently replace a built-in loss.
-    """
-
-    def decorator(fn: PreferenceLossFn) -> PreferenceLossFn:
-        if name in PREFERENCE_LOSSES and not override:
-            raise ValueError(
-                f"preference loss {name!r} is already registered; pass override=True to replace it"
-            )
-        PREFERENCE_LOSSES[name] = fn
-        return fn
-
-    return decorator
-
-
-def get_preference_loss(name: str) -> PreferenceLossFn:
-    try:
-        return PREFERENCE_LOSSES[name]
-    except KeyError:
-        nearest = difflib.get_close_matches(name, list(PREFERENCE_LOSSES), n=1, cutoff=0.0)
-        hint = f" Did you mean {nearest[0]!r}?" if nearest else ""
-        raise UnknownPreferenceLossError(
-            f"Unknown preference loss {name!r}.{hint} Registered: {', '.join(sorted(PREFERENCE_LOSSES))}"
-        ) from None
+PREFERENCE_LOSSES: Registry = Registry("preference loss", UnknownPreferenceLossError)
+register_preference_loss = PREFERENCE_LOSSES.register
+"""Decorator adding a loss under a name; ``override=True`` replaces an existing one."""
+get_preference_loss = PREFERENCE_LOSSES.lookup
 
 
 def preference_loss(name: str, *logps: Tensor, **kwargs) -> Tensor:

@@ -1,19 +1,17 @@
 """Trainers by name, as recipes select them with `trainer: NAME`."""
 from __future__ import annotations
 
-import difflib
-
 from distill.recipe import RecipeError
+from distill.registry import Registry, UnknownNameError
 
-TRAINERS: dict[str, type] = {}
+TRAINERS: Registry = Registry("trainer")
 
 
 def register_trainer(cls):
     """Class decorator: make a RoleTrainer subclass selectable as `trainer: <cls.name>`."""
     if not cls.name:
         raise ValueError(f"{cls.__name__} needs a `name` to be registered")
-    TRAINERS[cls.name] = cls
-    return cls
+    return TRAINERS.register(cls.name, override=True)(cls)  # re-importing a trainer module re-registers it
 
 
 def get_trainer(name: str):
@@ -21,11 +19,10 @@ def get_trainer(name: str):
     _load_builtin()
     if isinstance(name, str) and ":" in name:
         return _import_trainer(name)
-    if name not in TRAINERS:
-        near = difflib.get_close_matches(str(name), TRAINERS, n=1)
-        hint = f"did you mean `{near[0]}`? " if near else ""
-        raise RecipeError(f"`trainer: {name}` is not a trainer; {hint}registered: {sorted(TRAINERS)}")
-    return TRAINERS[name]
+    try:
+        return TRAINERS.lookup(name)
+    except UnknownNameError as e:
+        raise RecipeError(f"`trainer: {name}`: {e}; or give `module:Class` of your own RoleTrainer") from None
 
 
 def _load_builtin() -> None:
