@@ -201,6 +201,12 @@ def generalized_jsd(student_logits, teacher_logits, labels, *, beta=0.5, tempera
     return _reduce(per_token, mask, num_valid_tokens, temperature)
 
 
+def _skew_kl(p_logits: Tensor, q_logits: Tensor, alpha: float) -> Tensor:
+    """KL(p || alpha p + (1 - alpha) q) per token [..]: the skew divergence of DistiLLM, both ways."""
+    logp = p_logits.log_softmax(-1)
+    return _kl(logp, _log_mix(logp, q_logits.log_softmax(-1), alpha))
+
+
 @register_kd_loss("skew_forward_kl")
 def skew_forward_kl(student_logits, teacher_logits, labels, *, alpha=0.1, temperature=1.0, top_k=None,
                     num_valid_tokens=None, ignore_index=IGNORE_INDEX) -> Tensor:
@@ -215,9 +221,7 @@ def skew_forward_kl(student_logits, teacher_logits, labels, *, alpha=0.1, temper
         return forward_kl(student_logits, teacher_logits, labels, temperature=temperature, top_k=top_k,
                           num_valid_tokens=num_valid_tokens, ignore_index=ignore_index)
     s, t, mask = _prepare(student_logits, teacher_logits, labels, temperature, top_k, ignore_index)
-    logp_t = t.log_softmax(-1)
-    per_token = _kl(logp_t, _log_mix(logp_t, s.log_softmax(-1), alpha))
-    return _reduce(per_token, mask, num_valid_tokens, temperature)
+    return _reduce(_skew_kl(t, s, alpha), mask, num_valid_tokens, temperature)
 
 
 @register_kd_loss("skew_reverse_kl")
@@ -233,9 +237,7 @@ def skew_reverse_kl(student_logits, teacher_logits, labels, *, alpha=0.1, temper
         return reverse_kl(student_logits, teacher_logits, labels, temperature=temperature, top_k=top_k,
                           num_valid_tokens=num_valid_tokens, ignore_index=ignore_index)
     s, t, mask = _prepare(student_logits, teacher_logits, labels, temperature, top_k, ignore_index)
-    logp_s = s.log_softmax(-1)
-    per_token = _kl(logp_s, _log_mix(logp_s, t.log_softmax(-1), alpha))
-    return _reduce(per_token, mask, num_valid_tokens, temperature)
+    return _reduce(_skew_kl(s, t, alpha), mask, num_valid_tokens, temperature)
 
 
 @register_kd_loss("tvd")
