@@ -27,7 +27,7 @@ class KDSpec(Section):
     """Parameters of the chosen divergence, e.g. {beta: 0.5} for generalized_jsd, {alpha: 0.1} for the skew KLs."""
     chunked: bool = False
     """Compute the loss chunk by chunk over tokens from hidden states, never holding [tokens, vocab] logits."""
-    chunk_size: int = Field(1024, ge=1)
+    chunk_size: int = Field(2048, ge=1)
     """Tokens per chunk of the chunked loss."""
 
     @field_validator("loss")
