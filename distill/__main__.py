@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-COMMANDS = {"train": "distill.train"}
+COMMANDS = {"train": "distill.train", "export": "distill.export"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -130,6 +130,10 @@ class TrainSpec(Section):
     """Cap on evaluation batches per rank (null: the whole eval set)."""
     progress: bool = True
     """A progress bar on rank 0."""
+    save_every: int | None = Field(None, ge=1)
+    """Steps between checkpoints (checkpoints/step_N/); one is also written at the end and on SIGTERM/SIGINT."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """Complete checkpoints kept; older ones are deleted once a newer one is complete."""
 
 
 class LaunchSpec(Section):
@@ -148,6 +152,8 @@ class RecipeBase(Section):
     """Allow writing into an output_dir that already holds a run."""
     seed: int = 0
     """Seed for model init, data order and sampling."""
+    resume: bool | Literal["auto"] = False
+    """Continue from the latest complete checkpoint in output_dir: true (one must exist), auto (if one exists)."""
     data: DataSpec
     train: TrainSpec = TrainSpec()
     launch: LaunchSpec = LaunchSpec()

@@ -23,6 +23,17 @@ import torch
 from distill.plan import RolePlan
 
 
+def _skip_cpu_shm_op() -> None:
+    """Let DeepSpeed all-reduce through gloo on CPU instead of its shared-memory op.
+
+    That op is compiled at the first start; a process killed while compiling leaves a lock file
+    that makes every later start wait forever, and the compile needs a C++ toolchain.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 class RoleModel:
     """A prepared model of one role; calling it runs the model with the role's plugin active."""
 
@@ -118,6 +129,8 @@ class RoleManager:
         }
         # On CPU, accelerate only starts a multi-process group under DeepSpeed when told the backend.
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "gloo":
+            _skip_cpu_shm_op()
         handler = InitProcessGroupKwargs(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
         names = list(plans)
         first = Accelerator(deepspeed_plugins={n: self.slots[n].plugin for n in names}, mixed_precision="no",

@@ -14,9 +14,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="distill train", description=__doc__)
     p.add_argument("recipe", help="a recipe YAML file, e.g. recipes/quickstart.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=10 student.optimizer.lr=3e-4")
+    p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in output_dir")
     # The `deepspeed` launcher passes --local_rank=N; the rank is read from the environment instead.
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # flags may stand between the recipe and its overrides
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning, message=".*all_gather_into_tensor.*")
     args = parse_args(argv)
     try:
-        recipe, trainer_cls = load_recipe(args.recipe, args.overrides)
+        recipe, trainer_cls = load_recipe(args.recipe, args.overrides + (["resume=true"] if args.resume else []))
         if recipe.launch.num_processes > 1 and not launched():
             preflight(recipe, trainer_cls, world_size=recipe.launch.num_processes)  # fail here, once, not per rank
             return relaunch(recipe.launch.num_processes, "distill.train", argv)

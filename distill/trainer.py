@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any, ClassVar
 import torch
 import yaml
 
+from distill.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from distill.data.loading import DataBundle, build_text_data, ensure_synthetic
 from distill.plan import check_model_source, format_plan, plan_roles
 from distill.recipe import RecipeError, Role, Section
@@ -132,35 +134,31 @@ class RoleTrainer:
     # -- the loop ----------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
         t = self.recipe.train
-        self._start_run_dir()
-        history = {"before": self.evaluate()} if self.data.eval is not None else {}
-        batches = self.data.train_batches(start_step=0)
-        bar = self._progress(self.total_steps)
-        tokens_seen, t0 = 0, time.perf_counter()
-        for step in range(1, self.total_steps + 1):
-            micro = [self._to_device(b) for b in next(batches)]
-            lr = self.trainable.lr()  # the rate this step uses; the scheduler moves on at its end
-            num_tokens = self._all_reduce(sum(self.count_tokens(b) for b in micro))
-            totals: dict[str, torch.Tensor] = {}
-            for i, batch in enumerate(micro):
-                losses = self.loss_step(batch, num_tokens)
-                # DeepSpeed averages gradients over ranks; the losses are already global means.
-                self.trainable.backward(losses["loss"] * self.world_size, boundary=i == len(micro) - 1)
-                for k, v in losses.items():
-                    totals[k] = totals.get(k, 0) + v.detach().float()
-            tokens_seen += int(self._all_reduce(sum(b["attention_mask"].sum() for b in micro)))
-            if step % t.log_every == 0 or step == self.total_steps:
-                metrics = {k: float(self._all_reduce(v)) for k, v in totals.items()}
-                elapsed = time.perf_counter() - t0
-                metrics.update(step=step, lr=lr, grad_norm=self.trainable.grad_norm(),
-                               tokens_per_s=tokens_seen / elapsed, elapsed_s=elapsed)
-                if torch.cuda.is_available():
-                    metrics["max_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-                self._write_metrics(metrics)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-            bar.update(1)
-            if t.eval_every and step % t.eval_every == 0 and step != self.total_steps and self.data.eval is not None:
-                self._write_metrics({"step": step, **{f"eval/{k}": v for k, v in self.evaluate().items()}})
+        start, seen, ckpt = 0, 0, latest_checkpoint(self.out) if self.recipe.resume else None
+        if ckpt is not None:
+            state = load_checkpoint(self, ckpt)
+            start, seen = state["step"], state["tokens_seen"]
+            if self.accelerator.is_main_process:
+                self.log(f"resumed from {ckpt} (step {start} of {self.total_steps})")
+        self._start_run_dir(fresh=ckpt is None)
+        history = self._eval_before()
+        batches = self.data.train_batches(start_step=start)
+        bar = self._progress(self.total_steps, start)
+        meter = Throughput(seen)
+        with StopOnSignal() as stop:
+            for step in range(start + 1, self.total_steps + 1):
+                self._train_step(step, next(batches), meter, bar)
+                stopping = stop.agreed(self._all_reduce)
+                if stopping or step == self.total_steps or (t.save_every and step % t.save_every == 0):
+                    save_checkpoint(self, step, meter.seen)
+                if stopping:
+                    bar.close()
+                    self._write_metrics({"step": step, "stopped_by": stop.signal_name})
+                    if self.accelerator.is_main_process:
+                        self.log(f"{stop.signal_name} received: checkpoint of step {step} saved; continue with --resume")
+                    return {**history, "stopped_at": step}
+                if t.eval_every and step % t.eval_every == 0 and step != self.total_steps and self.data.eval is not None:
+                    self._write_metrics({"step": step, **{f"eval/{k}": v for k, v in self.evaluate().items()}})
         bar.close()
         if self.data.eval is not None:
             history["after"] = self.evaluate()
@@ -171,6 +169,41 @@ class RoleTrainer:
             self.report(history)
             self.log(f"run directory: {self.out} (metrics.jsonl, summary.json, final/<role>/ in HF format)")
         return history
+
+    def _eval_before(self) -> dict[str, Any]:
+        """The eval before training, kept in the run directory so a resumed run can still compare."""
+        path = self.out / "eval_before.json"
+        if self.data.eval is None:
+            return {}
+        if path.exists():
+            return {"before": json.loads(path.read_text())}
+        before = self.evaluate()
+        if self.accelerator.is_main_process:
+            path.write_text(json.dumps(before))
+        return {"before": before}
+
+    def _train_step(self, step: int, micro_batches: list[dict], meter: "Throughput", bar) -> None:
+        """One optimizer step over `grad_accum` micro-batches, logged every `train.log_every` steps."""
+        micro = [self._to_device(b) for b in micro_batches]
+        lr = self.trainable.lr()  # the rate this step uses; the scheduler moves on at its end
+        num_tokens = self._all_reduce(sum(self.count_tokens(b) for b in micro))
+        totals: dict[str, torch.Tensor] = {}
+        for i, batch in enumerate(micro):
+            losses = self.loss_step(batch, num_tokens)
+            # DeepSpeed averages gradients over ranks; the losses are already global means.
+            self.trainable.backward(losses["loss"] * self.world_size, boundary=i == len(micro) - 1)
+            for k, v in losses.items():
+                totals[k] = totals.get(k, 0) + v.detach().float()
+        meter.seen += int(self._all_reduce(sum(b["attention_mask"].sum() for b in micro)))
+        if step % self.recipe.train.log_every == 0 or step == self.total_steps:
+            metrics = {k: float(self._all_reduce(v)) for k, v in totals.items()}
+            metrics.update(step=step, lr=lr, grad_norm=self.trainable.grad_norm(), tokens_per_s=meter.rate(),
+                           elapsed_s=meter.elapsed())
+            if torch.cuda.is_available():
+                metrics["max_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            self._write_metrics(metrics)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+        bar.update(1)
 
     def report(self, history: dict[str, Any]) -> None:
         """Print what the run achieved (main process); `history` holds the eval before and after."""
@@ -204,25 +237,67 @@ class RoleTrainer:
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
-    def _progress(self, total: int):
+    def _progress(self, total: int, initial: int = 0):
         from tqdm.auto import tqdm
 
         show = self.accelerator.is_main_process and self.recipe.train.progress
         # Redraw at most every 2 s when the output is a log file rather than a terminal.
         interval = 0.1 if sys.stderr.isatty() else 2.0
-        return tqdm(total=total, disable=not show, desc=self.name, dynamic_ncols=True, mininterval=interval)
+        return tqdm(total=total, initial=initial, disable=not show, desc=self.name, dynamic_ncols=True, mininterval=interval)
 
-    def _start_run_dir(self) -> None:
+    def _start_run_dir(self, fresh: bool = True) -> None:
         if self.accelerator.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "recipe.yaml").write_text(yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False))
-            (self.out / "metrics.jsonl").write_text("")
+            if fresh:  # a resumed run appends to the metrics it already has
+                (self.out / "metrics.jsonl").write_text("")
+                (self.out / "eval_before.json").unlink(missing_ok=True)
         self.accelerator.wait_for_everyone()
 
     def _write_metrics(self, metrics: dict) -> None:
         if self.accelerator.is_main_process:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
+
+
+class Throughput:
+    """Tokens seen by the run (all ranks), and the rate since this process started counting."""
+
+    def __init__(self, seen: int = 0):
+        self.seen, self._start_seen, self._t0 = seen, seen, time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self._t0
+
+    def rate(self) -> float:
+        return (self.seen - self._start_seen) / max(self.elapsed(), 1e-9)
+
+
+class StopOnSignal:
+    """Turns SIGTERM/SIGINT into a request to stop after the current step, agreed by every rank."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopOnSignal":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    def agreed(self, all_reduce) -> bool:
+        """Collective: true on every rank when a signal reached any rank (one tiny all-reduce a step)."""
+        if int(all_reduce(torch.tensor(int(self.signal_name is not None)))) == 0:
+            return False
+        self.signal_name = self.signal_name or "a signal to another rank"
+        return True
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def before_after_table(history: dict, rows: list[tuple[str, str]]) -> str:
@@ -235,7 +310,16 @@ def before_after_table(history: dict, rows: list[tuple[str, str]]) -> str:
 
 def preflight(recipe, trainer_cls, *, world_size: int):
     """Every check that needs no process and no weights: output dir, data paths, tokenizer, role plans."""
-    _check_output_dir(Path(recipe.output_dir), recipe.overwrite)
+    _check_output_dir(Path(recipe.output_dir), recipe.overwrite or bool(recipe.resume))
+    if recipe.resume is True:
+        ckpt = latest_checkpoint(Path(recipe.output_dir))
+        if ckpt is None:
+            raise RecipeError(f"`resume: true`: {recipe.output_dir} has no complete checkpoint; start without --resume "
+                              "(or set `resume: auto` to resume only when there is one)")
+        written = json.loads((ckpt / "trainer_state.json").read_text())["world_size"]
+        if written != world_size:
+            raise RecipeError(f"`resume`: {ckpt} was written by {written} processes, this run has {world_size}: "
+                              f"set launch.num_processes={written} (or export it and start a new run from the export)")
     ensure_synthetic(recipe, trainer_cls.write_synthetic)
     d = recipe.data
     for key, path in (("data.train", d.train), ("data.eval", d.eval)):
@@ -256,7 +340,8 @@ def _looks_local(path: str) -> bool:
 
 def _check_output_dir(out: Path, overwrite: bool) -> None:
     if (out / "recipe.yaml").exists() and not overwrite:
-        raise RecipeError(f"`output_dir`: {out} already holds a run; choose another output_dir or set overwrite=true")
+        raise RecipeError(f"`output_dir`: {out} already holds a run; continue it with --resume, choose another "
+                          "output_dir, or set overwrite=true")
 
 
 def _load_tokenizer(recipe, roles: dict[str, Role]):

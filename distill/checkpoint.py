@@ -1,0 +1,111 @@
+"""Checkpoints of a run: complete on every rank, or not there at all.
+
+Layout under `<output_dir>/checkpoints/`:
+
+    step_00000040/
+        <role>/state/...        DeepSpeed state of each trainable role (weights, optimizer), per rank
+        <role>/scheduler.json   our learning-rate scheduler
+        <role>/config.json, tokenizer files   so `distill.export` can rebuild the model
+        rng_rank<r>.pt          each rank's torch RNG states (tensors only)
+        trainer_state.json      step, world size, tokens seen; written last
+    latest                      name of the newest complete checkpoint
+
+A checkpoint is written into `.partial-step_N/` and renamed to `step_N/` by rank 0 only after every
+rank has finished writing, so a crash mid-write leaves the previous checkpoint as `latest`. Frozen
+roles are not saved: they are reloaded from their source, which `trainer_state.json` records.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+
+from distill.recipe import RecipeError
+
+STATE_FILE = "trainer_state.json"
+
+
+def checkpoint_dir(out: Path) -> Path:
+    return out / "checkpoints"
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint of a run directory, or None."""
+    root = checkpoint_dir(out)
+    try:
+        name = (root / "latest").read_text().strip()
+    except FileNotFoundError:
+        return None
+    path = root / name
+    return path if (path / STATE_FILE).is_file() else None
+
+
+def save_checkpoint(trainer, step: int, tokens_seen: int) -> Path:
+    """Collective: every rank must call it at the same step."""
+    acc, root = trainer.accelerator, checkpoint_dir(trainer.out)
+    final, partial = root / f"step_{step:08d}", root / f".partial-step_{step:08d}"
+    if acc.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    acc.wait_for_everyone()
+    for role in trainer.models.values():
+        if not role.trainable:
+            continue
+        with trainer.manager.use(role.name):
+            role.engine.save_checkpoint(str(partial / role.name), tag="state")
+        if acc.is_main_process:
+            (partial / role.name / "scheduler.json").write_text(json.dumps(role.scheduler.state_dict()))
+            role.module.config.save_pretrained(partial / role.name)
+            trainer.tokenizer.save_pretrained(partial / role.name)
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save(rng, partial / f"rng_rank{trainer.rank}.pt")
+    (partial / f"python_rng_rank{trainer.rank}.json").write_text(json.dumps(random.getstate()))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        frozen = {n: m.plan.spec.from_pretrained or "config" for n, m in trainer.models.items() if not m.trainable}
+        state = {"step": step, "world_size": trainer.world_size, "tokens_seen": tokens_seen, "frozen_roles": frozen}
+        (partial / STATE_FILE).write_text(json.dumps(state, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+        tmp = root / ".latest.tmp"
+        tmp.write_text(final.name)
+        os.replace(tmp, root / "latest")
+        _prune(root, keep=trainer.recipe.train.keep_checkpoints)
+    acc.wait_for_everyone()
+    return final
+
+
+def _prune(root: Path, keep: int) -> None:
+    done = sorted(p for p in root.glob("step_*") if (p / STATE_FILE).is_file())
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(trainer, path: Path) -> dict:
+    """Restore every trainable role, its scheduler and this rank's RNG; returns trainer_state.json."""
+    state = json.loads((path / STATE_FILE).read_text())
+    if state["world_size"] != trainer.world_size:
+        raise RecipeError(f"checkpoint {path} was written by {state['world_size']} processes and this run has "
+                          f"{trainer.world_size}: resume with launch.num_processes={state['world_size']} "
+                          f"(or export it with `python -m distill.export` and start a new run from the export)")
+    for role in trainer.models.values():
+        if not role.trainable:
+            continue
+        with trainer.manager.use(role.name):
+            loaded, _ = role.engine.load_checkpoint(str(path / role.name), tag="state")
+        if loaded is None:
+            raise RecipeError(f"checkpoint {path} has no state for role `{role.name}`")
+        role.scheduler.load_state_dict(json.loads((path / role.name / "scheduler.json").read_text()))
+    rng = torch.load(path / f"rng_rank{trainer.rank}.pt", weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    py = json.loads((path / f"python_rng_rank{trainer.rank}.json").read_text())
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    return state

@@ -1,0 +1,146 @@
+"""Checkpoints, resume, signals, killed ranks and export, on 2 CPU processes through the CLI."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from distill.testing import check, tiny_recipe
+
+pytestmark = pytest.mark.multiprocess
+
+
+def _recipe(tmp_path, assets, name, **sections):
+    raw = tiny_recipe(assets, tmp_path / name, **sections)
+    raw["student"]["scheduler"] = {"name": "constant"}  # the same schedule whether a run is 3 or 6 steps long
+    raw["data"]["eval"] = None
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _train(path, *args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "distill.train", str(path), *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _weights(run):
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "final" / "student" / "model.safetensors"))
+
+
+def _steps(run):
+    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if "loss" in line]
+
+
+def test_resumed_run_equals_uninterrupted_run_bitwise(assets, tmp_path):
+    whole = _recipe(tmp_path, assets, "whole")
+    check(_train(whole, "train.max_steps=6"))
+    parts = _recipe(tmp_path, assets, "parts")
+    check(_train(parts, "train.max_steps=3"))
+    proc = _train(parts, "--resume", "train.max_steps=6")
+    check(proc)
+    assert "resumed from" in proc.stdout and "step_00000003" in proc.stdout
+    a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "parts")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # CPU ops here are deterministic
+    assert _steps(tmp_path / "parts") == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_refusals(assets, tmp_path):
+    path = _recipe(tmp_path, assets, "run")
+    proc = _train(path, "--resume")
+    assert proc.returncode == 2 and "no complete checkpoint" in proc.stderr
+    check(_train(path, "train.max_steps=2"))
+    proc = _train(path, "launch.num_processes=1", "--resume")
+    assert proc.returncode == 2 and "written by 2 processes" in proc.stderr
+    proc = _train(path, "overwrite=false", "train.max_steps=3")
+    assert proc.returncode == 2 and "--resume" in proc.stderr
+
+
+def test_export_matches_the_runs_own_save(assets, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    path = _recipe(tmp_path, assets, "run")
+    check(_train(path, "train.max_steps=4", "train.save_every=2", "train.keep_checkpoints=1"))
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*"))
+    assert ckpts == ["step_00000004"]  # keep_checkpoints=1 pruned step 2
+    out = tmp_path / "export"
+    proc = subprocess.run([sys.executable, "-m", "distill.export", str(tmp_path / "run"), str(out)], capture_output=True,
+                          text=True, timeout=120)
+    check(proc)
+    exported = AutoModelForCausalLM.from_pretrained(out / "student").eval()
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final" / "student").eval()
+    ids = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(input_ids=ids).logits, saved(input_ids=ids).logits, rtol=0, atol=0)
+    proc = subprocess.run([sys.executable, "-m", "distill.export", str(tmp_path / "run"), str(out), "--step", "2"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "step_00000004" in proc.stderr
+
+
+def _start(path, *args):
+    # Output to a file: an unread pipe fills up and blocks the run.
+    log = open(path.with_suffix(".log"), "w")
+    return subprocess.Popen([sys.executable, "-m", "distill.train", str(path), *args], stdout=log, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def _wait_for_step(run, step, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (run / "metrics.jsonl").exists() and _steps(run) and _steps(run)[-1] >= step:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    raise AssertionError("run did not reach the step")
+
+
+def _workers(proc):
+    """The ranks: children of the launching process (the launcher starts each in its own session)."""
+    out = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
+    pids = [int(p) for p in out.stdout.split()]
+    assert len(pids) == 2, pids
+    return pids
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_then_resumes(assets, tmp_path):
+    path = _recipe(tmp_path, assets, "run")
+    run = tmp_path / "run"
+    proc = _start(path, "train.max_steps=400")
+    _wait_for_step(run, 2, proc)
+    for pid in _workers(proc):  # as a scheduler signals every task before preemption
+        os.kill(pid, signal.SIGTERM)
+    proc.wait(timeout=120)
+    err = path.with_suffix(".log").read_text()
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    stopped = [m for m in metrics if "stopped_by" in m]
+    assert stopped and stopped[0]["stopped_by"] == "SIGTERM", err[-3000:]
+    step = stopped[0]["step"]
+    assert (run / "checkpoints" / f"step_{step:08d}" / "trainer_state.json").exists()
+    proc = _train(path, "--resume", f"train.max_steps={step + 2}")
+    check(proc)
+    assert _steps(run)[-2:] == [step + 1, step + 2]
+
+
+def test_killed_rank_ends_the_job_and_the_run_resumes(assets, tmp_path):
+    path = _recipe(tmp_path, assets, "run", launch={"num_processes": 2, "timeout_s": 20})
+    run = tmp_path / "run"
+    proc = _start(path, "train.max_steps=400", "train.save_every=2")
+    _wait_for_step(run, 3, proc)
+    os.kill(max(_workers(proc)), signal.SIGKILL)
+    t0 = time.time()
+    proc.wait(timeout=120)  # the job ends instead of hanging
+    assert proc.returncode != 0 and time.time() - t0 < 90
+    # A checkpoint written half-way would not be `latest`; the last complete one resumes.
+    (run / "checkpoints" / ".partial-step_99999999").mkdir(exist_ok=True)
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    step = int(latest.split("_")[1])
+    proc = _train(path, "--resume", f"train.max_steps={step + 1}")
+    check(proc)
+    assert f"resumed from {run / 'checkpoints' / latest}" in proc.stdout
