@@ -7,7 +7,7 @@ import warnings
 
 from distill.launch import launched, relaunch, world_info
 from distill.recipe import RecipeError, load_recipe
-from distill.trainer import preflight
+from distill.preflight import preflight
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

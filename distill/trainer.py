@@ -18,9 +18,10 @@ import torch
 import yaml
 
 from distill.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from distill.data.loading import DataBundle, build_text_data, ensure_synthetic
-from distill.plan import check_model_source, format_plan, plan_roles
-from distill.recipe import RecipeError, Role, Section
+from distill.data.loading import DataBundle, build_text_data
+from distill.plan import format_plan
+from distill.preflight import preflight
+from distill.recipe import Role, Section
 from distill.roles import RoleManager, RoleModel
 
 
@@ -73,7 +74,7 @@ class RoleTrainer:
         self.out = Path(recipe.output_dir)
         from distill.launch import world_info
 
-        rank, world = world_info()
+        world = world_info()[1]
         self.tokenizer, self.plans = preflight(recipe, type(self), world_size=world)
         self.manager = RoleManager(self.plans, timeout_s=recipe.launch.timeout_s)
         self.accelerator = self.manager.accelerator
@@ -306,59 +307,3 @@ def before_after_table(history: dict, rows: list[tuple[str, str]]) -> str:
     cells = [("", "before", "after")] + [(label, f"{b[k]:.4f}", f"{a[k]:.4f}") for label, k in rows]
     w = [max(len(r[i]) for r in cells) for i in range(3)]
     return "\n".join("  ".join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(r)) for r in cells)
-
-
-def preflight(recipe, trainer_cls, *, world_size: int):
-    """Every check that needs no process and no weights: output dir, data paths, tokenizer, role plans."""
-    _check_output_dir(Path(recipe.output_dir), recipe.overwrite or bool(recipe.resume))
-    if recipe.resume is True:
-        ckpt = latest_checkpoint(Path(recipe.output_dir))
-        if ckpt is None:
-            raise RecipeError(f"`resume: true`: {recipe.output_dir} has no complete checkpoint; start without --resume "
-                              "(or set `resume: auto` to resume only when there is one)")
-        written = json.loads((ckpt / "trainer_state.json").read_text())["world_size"]
-        if written != world_size:
-            raise RecipeError(f"`resume`: {ckpt} was written by {written} processes, this run has {world_size}: "
-                              f"set launch.num_processes={written} (or export it and start a new run from the export)")
-    ensure_synthetic(recipe, trainer_cls.write_synthetic)
-    d = recipe.data
-    for key, path in (("data.train", d.train), ("data.eval", d.eval)):
-        if path and d.synthetic_seed is None and _looks_local(path) and not Path(path).exists():
-            raise RecipeError(f"`{key}`: `{path}` does not exist; write the synthetic language there with "
-                              f"`python -m distill.data.synthetic {Path(path).parent}` or set `data.synthetic_seed: 0`")
-    for name in trainer_cls.roles:  # before the tokenizer, which defaults to a role's directory
-        check_model_source(name, getattr(recipe, name))
-    tokenizer = _load_tokenizer(recipe, trainer_cls.roles)
-    plans = plan_roles(recipe, trainer_cls, world_size=world_size, vocab_size=len(tokenizer))
-    trainer_cls.check_plans(recipe, plans)
-    return tokenizer, plans
-
-
-def _looks_local(path: str) -> bool:
-    return path.startswith((".", "/", "~")) or Path(path).suffix in (".json", ".jsonl", ".parquet", ".txt") or path.count("/") > 1
-
-
-def _check_output_dir(out: Path, overwrite: bool) -> None:
-    if (out / "recipe.yaml").exists() and not overwrite:
-        raise RecipeError(f"`output_dir`: {out} already holds a run; continue it with --resume, choose another "
-                          "output_dir, or set overwrite=true")
-
-
-def _load_tokenizer(recipe, roles: dict[str, Role]):
-    """The data tokenizer; every pretrained role that ships a tokenizer must agree with it."""
-    from transformers import AutoTokenizer
-
-    sources = [getattr(recipe, n).from_pretrained for n in roles if getattr(recipe, n).from_pretrained]
-    path = recipe.data.tokenizer or (sources[0] if sources else None)
-    if path is None:
-        raise RecipeError("`data.tokenizer`: no role is loaded from_pretrained, so name a tokenizer directory")
-    if not Path(path).exists():
-        raise RecipeError(f"`data.tokenizer`: `{path}` does not exist")
-    tok = AutoTokenizer.from_pretrained(path)
-    for src in sources:
-        if src != path and any((Path(src) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
-            other = AutoTokenizer.from_pretrained(src)
-            if other.get_vocab() != tok.get_vocab():
-                raise RecipeError(f"tokenizer of `{src}` differs from `{path}`: roles must share one tokenizer "
-                                  "(token ids are compared position by position)")
-    return tok

@@ -157,7 +157,7 @@ def test_two_trainable_roles_are_refused_before_loading(raw):
 
 
 def test_missing_teacher_is_named_before_the_tokenizer(raw, tmp_path):
-    from distill.trainer import preflight
+    from distill.preflight import preflight
 
     raw["teacher"]["from_pretrained"] = str(tmp_path / "nope")
     with pytest.raises(RecipeError, match="`teacher.from_pretrained`"):

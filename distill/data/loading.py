@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from distill.recipe import RecipeError

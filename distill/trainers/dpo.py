@@ -8,7 +8,6 @@ the reference scores the whole dataset once before training and is then freed.
 from __future__ import annotations
 
 import gc
-from pathlib import Path
 
 import torch
 from pydantic import Field, field_validator

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
             return model
 
     t = Probe(recipe)
-    m, rank, world = t.manager, t.rank, t.world_size
+    m, world = t.manager, t.world_size
     assert world == 2, f"accelerate sees {world} processes"
     assert all(born_sharded["teacher"]), "the ZeRO-3 teacher was materialised before partitioning"
     assert not any(born_sharded["student"]), "the ZeRO-2 student was built under zero.Init"
