@@ -132,6 +132,8 @@ class TrainSpec(Section):
     """A progress bar on rank 0."""
     save_every: int | None = Field(None, ge=1)
     """Steps between checkpoints (checkpoints/step_N/); one is also written at the end and on SIGTERM/SIGINT."""
+    max_bad_steps: int = Field(5, ge=1)
+    """Stop the run after this many steps in a row with a NaN/Inf loss (each such step is skipped)."""
     keep_checkpoints: int = Field(2, ge=1)
     """Complete checkpoints kept; older ones are deleted once a newer one is complete."""
 

@@ -8,6 +8,7 @@ import warnings
 from distill.launch import launched, relaunch, world_info
 from distill.recipe import RecipeError, load_recipe
 from distill.preflight import preflight
+from distill.trainer import NonFiniteLoss
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         if world_info()[0] == 0:  # every rank validates the same recipe; say it once
             print(f"distill: {e}", file=sys.stderr)
         return 2
+    except NonFiniteLoss as e:  # raised on every rank at the same step
+        if world_info()[0] == 0:
+            print(f"distill: stopped: {e}", file=sys.stderr)
+        return 3
     finally:
         import torch.distributed as dist
 

@@ -146,9 +146,14 @@ class RoleTrainer:
         batches = self.data.train_batches(start_step=start)
         bar = self._progress(self.total_steps, start)
         meter = Throughput(seen)
+        bad_in_a_row = 0
         with StopOnSignal() as stop:
             for step in range(start + 1, self.total_steps + 1):
-                self._train_step(step, next(batches), meter, bar)
+                finite = self._train_step(step, next(batches), meter, bar)
+                bad_in_a_row = 0 if finite else bad_in_a_row + 1
+                if bad_in_a_row >= t.max_bad_steps:
+                    raise NonFiniteLoss(f"{bad_in_a_row} steps in a row ended with a NaN/Inf loss (up to step {step}); "
+                                        "lower the learning rate, check the data, or resume from an earlier checkpoint")
                 stopping = stop.agreed(self._all_reduce)
                 if stopping or step == self.total_steps or (t.save_every and step % t.save_every == 0):
                     save_checkpoint(self, step, meter.seen)
@@ -183,8 +188,11 @@ class RoleTrainer:
             path.write_text(json.dumps(before))
         return {"before": before}
 
-    def _train_step(self, step: int, micro_batches: list[dict], meter: "Throughput", bar) -> None:
-        """One optimizer step over `grad_accum` micro-batches, logged every `train.log_every` steps."""
+    def _train_step(self, step: int, micro_batches: list[dict], meter: "Throughput", bar) -> bool:
+        """One optimizer step over `grad_accum` micro-batches, logged every `train.log_every` steps.
+
+        Returns False when a loss was NaN/Inf on any rank: every rank learns it from one all-reduce,
+        and DeepSpeed skips the optimizer step because the gradient norm is not finite."""
         micro = [self._to_device(b) for b in micro_batches]
         lr = self.trainable.lr()  # the rate this step uses; the scheduler moves on at its end
         num_tokens = self._all_reduce(sum(self.count_tokens(b) for b in micro))
@@ -196,6 +204,13 @@ class RoleTrainer:
             for k, v in losses.items():
                 totals[k] = totals.get(k, 0) + v.detach().float()
         meter.seen += int(self._all_reduce(sum(b["attention_mask"].sum() for b in micro)))
+        finite = int(self._all_reduce(int(not torch.isfinite(totals["loss"])))) == 0
+        if not finite:
+            self._write_metrics({"step": step, "skipped": "non-finite loss"})
+            if self.accelerator.is_main_process:
+                self.log(f"warning: step {step} had a NaN/Inf loss; its update was skipped")
+            bar.update(1)
+            return False
         if step % self.recipe.train.log_every == 0 or step == self.total_steps:
             metrics = {k: float(self._all_reduce(v)) for k, v in totals.items()}
             metrics.update(step=step, lr=lr, grad_norm=self.trainable.grad_norm(), tokens_per_s=meter.rate(),
@@ -205,6 +220,7 @@ class RoleTrainer:
             self._write_metrics(metrics)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
         bar.update(1)
+        return True
 
     def report(self, history: dict[str, Any]) -> None:
         """Print what the run achieved (main process); `history` holds the eval before and after."""
@@ -259,6 +275,10 @@ class RoleTrainer:
         if self.accelerator.is_main_process:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
+
+
+class NonFiniteLoss(RuntimeError):
+    """Too many steps in a row with a NaN/Inf loss; raised on every rank at the same step."""
 
 
 class Throughput:

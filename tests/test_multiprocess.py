@@ -32,3 +32,22 @@ def test_distill_run_matches_whole_reference(assets, tmp_path, overrides):
     assert result["grad_norm"] == pytest.approx(result["reference"], rel=1e-4)
     assert result["last_loss"] < result["first_loss"]
     assert result["batches_per_rank"][0] == result["batches_per_rank"][1]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_nan_loss_on_one_rank_skips_the_step_everywhere(assets, tmp_path, precision):
+    out = tmp_path / "nan.json"
+    check(launch("distill.testing.scripts.nan_check", str(assets["root"]), str(out), "2", "train.max_steps=4",
+                 f"student.precision={precision}"))
+    result = json.loads(out.read_text())
+    assert result["unchanged_at_step"] == [False, True, False, False]  # step 2 skipped, training goes on
+    assert result["finite"] and result["stopped"] is None
+
+
+def test_nan_losses_in_a_row_stop_every_rank_together(assets, tmp_path):
+    out = tmp_path / "nan.json"
+    check(launch("distill.testing.scripts.nan_check", str(assets["root"]), str(out), "2,3,4,5",
+                 "train.max_steps=6", "train.max_bad_steps=3"))
+    result = json.loads(out.read_text())
+    assert result["steps_run"] == 4 and "3 steps in a row" in result["stopped"]
+    assert result["unchanged_at_step"][1:] == [True, True, True]
