@@ -7,6 +7,7 @@ Layout under `<output_dir>/checkpoints/`:
         <role>/scheduler.json   our learning-rate scheduler
         <role>/config.json, tokenizer files   so `distill.export` can rebuild the model
         rng_rank<r>.pt          each rank's torch RNG states (tensors only)
+        recipe.yaml             the recipe the run was started with
         trainer_state.json      step, world size, tokens seen; written last
     latest                      name of the newest complete checkpoint
 
@@ -23,6 +24,7 @@ import shutil
 from pathlib import Path
 
 import torch
+import yaml
 
 from distill.recipe import RecipeError
 
@@ -70,6 +72,7 @@ def save_checkpoint(trainer, step: int, tokens_seen: int) -> Path:
     if acc.is_main_process:
         frozen = {n: m.plan.spec.from_pretrained or "config" for n, m in trainer.models.items() if not m.trainable}
         state = {"step": step, "world_size": trainer.world_size, "tokens_seen": tokens_seen, "frozen_roles": frozen}
+        (partial / "recipe.yaml").write_text(yaml.safe_dump(trainer.recipe.model_dump(mode="json"), sort_keys=False))
         (partial / STATE_FILE).write_text(json.dumps(state, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)

@@ -63,13 +63,15 @@ def test_resume_refusals(assets, tmp_path):
     assert proc.returncode == 2 and "--resume" in proc.stderr
 
 
-def test_export_matches_the_runs_own_save(assets, tmp_path):
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_export_matches_the_runs_own_save(assets, tmp_path, zero):
     from transformers import AutoModelForCausalLM
 
     path = _recipe(tmp_path, assets, "run")
-    check(_train(path, "train.max_steps=4", "train.save_every=2", "train.keep_checkpoints=1"))
+    check(_train(path, "train.max_steps=4", "train.save_every=2", "train.keep_checkpoints=1", f"student.deepspeed={zero}"))
     ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*"))
     assert ckpts == ["step_00000004"]  # keep_checkpoints=1 pruned step 2
+    assert (tmp_path / "run" / "checkpoints" / ckpts[0] / "recipe.yaml").exists()
     out = tmp_path / "export"
     proc = subprocess.run([sys.executable, "-m", "distill.export", str(tmp_path / "run"), str(out)], capture_output=True,
                           text=True, timeout=120)

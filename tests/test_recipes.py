@@ -162,3 +162,11 @@ def test_missing_teacher_is_named_before_the_tokenizer(raw, tmp_path):
     raw["teacher"]["from_pretrained"] = str(tmp_path / "nope")
     with pytest.raises(RecipeError, match="`teacher.from_pretrained`"):
         preflight(validate_recipe(raw, DistillTrainer), DistillTrainer, world_size=1)
+
+
+def test_missing_data_file_is_named_before_loading(raw, tmp_path):
+    from distill.preflight import preflight
+
+    raw["data"]["train"] = str(tmp_path / "nope" / "train.jsonl")
+    with pytest.raises(RecipeError, match="`data.train`.*does not exist.*distill.data.synthetic"):
+        preflight(validate_recipe(raw, DistillTrainer), DistillTrainer, world_size=1)
