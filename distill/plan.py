@@ -187,3 +187,54 @@ def format_plan(plans: dict[str, RolePlan], world_size: int) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     return f"roles ({world_size} process{'es' if world_size > 1 else ''}):\n  " + "\n  ".join(lines)
+
+
+def estimate_memory(plan: RolePlan, *, world_size: int, micro_batch_size: int, seq_len: int) -> dict[str, float]:
+    """Rough bytes per GPU of one role, by kind; a planning aid, not a measurement.
+
+    weights: P x dtype bytes, divided by the world under ZeRO-3 (0 with parameter offload);
+    gradients (trainable): P x dtype bytes, divided by the world from ZeRO-2;
+    optimizer (trainable): AdamW's two fp32 moments, plus fp32 master weights for 16-bit roles,
+    divided by the world from ZeRO-1 (0 with optimizer offload);
+    activations (trainable): 34 x hidden bytes per token per layer in 16-bit, doubled in fp32
+    (Korthikanti et al. 2022, no recomputation), 2 x hidden with gradient checkpointing;
+    logits: one fp32 [tokens, vocab] tensor and its log-softmax.
+    """
+    p, spec, cfg = plan.num_params, plan.spec, plan.model_config
+    b = 4 if spec.precision == "fp32" else 2
+    stage, zero = plan.zero_stage, plan.ds_config["zero_optimization"]
+    shard = lambda n, from_stage: n / world_size if stage >= from_stage else n  # noqa: E731
+    out = {"weights": 0.0 if zero.get("offload_param", {}).get("device") == "cpu" else shard(p * b, 3)}
+    tokens = micro_batch_size * seq_len
+    hidden, layers = getattr(cfg, "hidden_size", 0), getattr(cfg, "num_hidden_layers", 0)
+    if spec.trainable:
+        out["gradients"] = shard(p * b, 2)
+        opt = p * (8 + (4 if b == 2 else 0))
+        out["optimizer"] = 0.0 if zero.get("offload_optimizer", {}).get("device") == "cpu" else shard(opt, 1)
+        per_token_layer = 2 * hidden * b if spec.gradient_checkpointing else 34 * hidden * (2 if b == 4 else 1)
+        out["activations"] = float(tokens * layers * per_token_layer)
+    else:
+        out["gradients"] = out["optimizer"] = 0.0
+        out["activations"] = float(tokens * hidden * b * 4)  # no_grad: a few live [tokens, hidden] buffers
+    out["logits"] = float(tokens * getattr(cfg, "vocab_size", 0) * 4 * 2)
+    return out
+
+
+def format_memory(plans: dict[str, RolePlan], *, world_size: int, micro_batch_size: int, seq_len: int) -> str:
+    kinds = ("weights", "gradients", "optimizer", "activations", "logits")
+    rows = [("role", *kinds, "total")]
+    grand = 0.0
+    for p in plans.values():
+        est = estimate_memory(p, world_size=world_size, micro_batch_size=micro_batch_size, seq_len=seq_len)
+        total = sum(est.values())
+        grand += total
+        rows.append((p.name, *(_gib(est[k]) for k in kinds), _gib(total)))
+    rows.append(("all roles", *("" for _ in kinds), _gib(grand)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    return (f"estimated memory per GPU (GiB; {world_size} process{'es' if world_size > 1 else ''}, micro-batch "
+            f"{micro_batch_size} x {seq_len} tokens):\n  " + "\n  ".join(lines))
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f}"

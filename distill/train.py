@@ -16,9 +16,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("recipe", help="a recipe YAML file, e.g. recipes/quickstart.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=10 student.optimizer.lr=3e-4")
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in output_dir")
+    p.add_argument("--dry-run", action="store_true", help="validate the recipe, print the role plan and memory estimate, load nothing")
     # The `deepspeed` launcher passes --local_rank=N; the rank is read from the environment instead.
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     return p.parse_intermixed_args(argv)  # flags may stand between the recipe and its overrides
+
+
+def dry_run(recipe, trainer_cls, recipe_path: str) -> str:
+    """The plan a run would follow, from configs only: roles, ZeRO stages, sizes, memory, launch line."""
+    from distill.plan import format_memory, format_plan
+
+    world = world_info()[1] if launched() else recipe.launch.num_processes
+    _, plans = preflight(recipe, trainer_cls, world_size=world)
+    t = recipe.train
+    launch = (f"under the current launcher ({world} processes)" if launched() else
+              f"accelerate launch --num_processes {world} --use_deepspeed -m distill.train {recipe_path}" if world > 1 else
+              f"one process: python -m distill.train {recipe_path}")
+    return "\n".join([format_plan(plans, world),
+                      format_memory(plans, world_size=world, micro_batch_size=t.micro_batch_size, seq_len=recipe.data.max_length),
+                      f"launch: {launch}", "dry run: no weights loaded, no run directory written (missing synthetic data is written, as a run would)"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         recipe, trainer_cls = load_recipe(args.recipe, args.overrides + (["resume=true"] if args.resume else []))
+        if args.dry_run:
+            print(dry_run(recipe, trainer_cls, args.recipe))
+            return 0
         if recipe.launch.num_processes > 1 and not launched():
             preflight(recipe, trainer_cls, world_size=recipe.launch.num_processes)  # fail here, once, not per rank
             return relaunch(recipe.launch.num_processes, "distill.train", argv)

@@ -170,3 +170,37 @@ def test_missing_data_file_is_named_before_loading(raw, tmp_path):
     raw["data"]["train"] = str(tmp_path / "nope" / "train.jsonl")
     with pytest.raises(RecipeError, match="`data.train`.*does not exist.*distill.data.synthetic"):
         preflight(validate_recipe(raw, DistillTrainer), DistillTrainer, world_size=1)
+
+
+def test_memory_estimate_follows_zero_stages():
+    from transformers import LlamaConfig
+
+    from distill.plan import RolePlan, estimate_memory
+
+    cfg = LlamaConfig(hidden_size=64, num_hidden_layers=2, vocab_size=100)
+    kw = dict(micro_batch_size=1, grad_accum=1, world_size=2, grad_clip=None, hidden_size=64)
+
+    def plan(**spec):
+        role = Role(config={}, **spec)
+        return RolePlan("r", role, role_ds_config("r", role, **kw), cfg, 1000)
+
+    z2 = estimate_memory(plan(trainable=True, deepspeed=2, precision="bf16"), world_size=2, micro_batch_size=1, seq_len=10)
+    assert z2["weights"] == 2000 and z2["gradients"] == 1000 and z2["optimizer"] == 12000 / 2
+    z3 = estimate_memory(plan(deepspeed=3), world_size=2, micro_batch_size=1, seq_len=10)
+    assert z3["weights"] == 2000 and z3["gradients"] == z3["optimizer"] == 0  # fp32, halved by ZeRO-3, frozen
+    off = estimate_memory(plan(deepspeed=3, offload="cpu"), world_size=2, micro_batch_size=1, seq_len=10)
+    assert off["weights"] == 0
+    assert z2["logits"] == 10 * 100 * 4 * 2
+
+
+def test_dry_run_prints_the_plan_and_loads_nothing(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "never"
+    proc = subprocess.run([sys.executable, "-m", "distill.train", str(RECIPES[0].parent / "quickstart.yaml"), "--dry-run",
+                           f"output_dir={out}"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "student  yes" in proc.stdout and "estimated memory per GPU" in proc.stdout
+    assert "accelerate launch --num_processes 2" in proc.stdout
+    assert not out.exists()
