@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from distill.recipe import RecipeError
 
@@ -42,13 +42,13 @@ class DataBundle:
             sampler = DistributedSampler(self.train, num_replicas=self.world_size, rank=self.rank, shuffle=True,
                                          seed=self.seed, drop_last=True)
             sampler.set_epoch(epoch)
-            loader = DataLoader(self.train, batch_size=self.micro_batch_size, sampler=sampler, collate_fn=self.collator,
+            # A resumed run starts mid-epoch: drop the sequences of the steps already taken, unread.
+            order = list(sampler)[skip * grad_accum * self.micro_batch_size:]
+            loader = DataLoader(Subset(self.train, order), batch_size=self.micro_batch_size, collate_fn=self.collator,
                                 drop_last=True)
             it = iter(loader)
-            for step in range(per_epoch):
-                group = [next(it) for _ in range(grad_accum)]
-                if step >= skip:
-                    yield group
+            for _ in range(per_epoch - skip):
+                yield [next(it) for _ in range(grad_accum)]
             epoch, skip = epoch + 1, 0
 
     def eval_batches(self, limit: int | None = None, split: str = "eval") -> Iterator[dict]:
