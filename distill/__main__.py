@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-COMMANDS = {"train": "distill.train", "export": "distill.export"}
+COMMANDS = {"train": "distill.train", "export": "distill.export", "report": "distill.report"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -173,7 +173,8 @@ class RoleTrainer:
         if self.accelerator.is_main_process:
             (self.out / "summary.json").write_text(json.dumps(history, indent=2))
             self.report(history)
-            self.log(f"run directory: {self.out} (metrics.jsonl, summary.json, final/<role>/ in HF format)")
+            self.log(f"run directory: {self.out} (metrics.jsonl, summary.json, final/<role>/ in HF format); "
+                     f"plots: python -m distill.report {self.out}")
         return history
 
     def _eval_before(self) -> dict[str, Any]:

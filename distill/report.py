@@ -1,0 +1,101 @@
+"""`python -m distill.report RUN_DIR`: plots of a run's metrics and a short markdown summary.
+
+Writes RUN_DIR/report/: one PNG per group of metrics found in metrics.jsonl (losses, eval
+metrics, DPO rewards, throughput, learning rate) and summary.md with the last values and the
+before/after evaluation. Works for any trainer: it plots whatever keys the run logged.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+GROUPS = {
+    "loss": lambda k: not k.startswith(("eval/", "rewards/", "logps/")) and k not in ("lr", "grad_norm", "tokens_per_s", "elapsed_s", "max_memory_gb"),
+    "eval": lambda k: k.startswith("eval/"),
+    "rewards": lambda k: k.startswith(("rewards/", "logps/")),
+    "throughput": lambda k: k in ("tokens_per_s", "max_memory_gb"),
+    "lr": lambda k: k in ("lr", "grad_norm"),
+}
+
+
+def read_metrics(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run} has no metrics.jsonl: is it a distill run directory?")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def series(rows: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
+    """metric -> (steps, values), numbers only."""
+    out: dict[str, tuple[list[int], list[float]]] = {}
+    for row in rows:
+        for k, v in row.items():
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                out.setdefault(k, ([], []))
+                out[k][0].append(row["step"])
+                out[k][1].append(float(v))
+    return out
+
+
+def write_report(run: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data, out = series(read_metrics(run)), run / "report"
+    out.mkdir(exist_ok=True)
+    written = []
+    for group, member in GROUPS.items():
+        keys = sorted(k for k in data if member(k))
+        if not keys:
+            continue
+        fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.2 * len(keys)), sharex=True, squeeze=False)
+        for ax, key in zip(axes[:, 0], keys):
+            steps, values = data[key]
+            ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3)
+            ax.set_ylabel(key, fontsize=8)
+            ax.grid(alpha=0.3)
+        axes[-1, 0].set_xlabel("step")
+        fig.suptitle(f"{run.name}: {group}")
+        fig.tight_layout()
+        path = out / f"{group}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    (out / "summary.md").write_text(_summary(run, data))
+    return written + [out / "summary.md"]
+
+
+def _summary(run: Path, data: dict) -> str:
+    lines = [f"# {run.name}", ""]
+    summary = run / "summary.json"
+    if summary.is_file():
+        h = json.loads(summary.read_text())
+        if "before" in h and "after" in h:
+            lines += ["| eval metric | before | after |", "|---|---:|---:|"]
+            lines += [f"| {k} | {h['before'][k]:.4f} | {h['after'][k]:.4f} |" for k in h["after"] if k in h["before"]]
+            lines.append("")
+    lines += ["| metric | last step | last value |", "|---|---:|---:|"]
+    lines += [f"| {k} | {steps[-1]} | {values[-1]:.6g} |" for k, (steps, values) in sorted(data.items())]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="distill report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", type=Path)
+    args = p.parse_args(argv)
+    try:
+        written = write_report(args.run_dir)
+    except FileNotFoundError as e:
+        print(f"distill report: {e}", file=sys.stderr)
+        return 2
+    print("wrote " + ", ".join(str(w) for w in written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

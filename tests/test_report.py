@@ -1,0 +1,38 @@
+"""`distill.report`: plots and a summary from a run directory's metrics."""
+import json
+import subprocess
+import sys
+
+from distill.report import main, series
+
+
+def _run_dir(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": s, "loss": 3.0 / s, "kd": 1.0 / s, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 100.0 * s,
+             "rewards/accuracy": 0.5 + 0.1 * s} for s in range(1, 5)]
+    rows.append({"step": 4, "eval/ce": 2.5, "eval/kd": 0.1})
+    rows.append({"step": 5, "skipped": "non-finite loss"})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "summary.json").write_text(json.dumps({"before": {"ce": 3.9, "kd": 1.9}, "after": {"ce": 2.5, "kd": 0.1}}))
+    return run
+
+
+def test_report_writes_one_png_per_group_and_a_summary(tmp_path):
+    run = _run_dir(tmp_path)
+    assert main([str(run)]) == 0
+    pngs = sorted(p.name for p in (run / "report").glob("*.png"))
+    assert pngs == ["eval.png", "loss.png", "lr.png", "rewards.png", "throughput.png"]
+    assert all((run / "report" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    summary = (run / "report" / "summary.md").read_text()
+    assert "| ce | 3.9000 | 2.5000 |" in summary and "| loss | 4 | 0.75 |" in summary
+
+
+def test_series_keeps_numbers_only():
+    data = series([{"step": 1, "loss": 1.0, "skipped": "x", "nan": float("nan")}, {"step": 2, "loss": 0.5}])
+    assert data == {"loss": ([1, 2], [1.0, 0.5])}
+
+
+def test_report_on_a_directory_without_metrics(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "distill.report", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "no metrics.jsonl" in proc.stderr
