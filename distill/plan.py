@@ -66,6 +66,10 @@ def role_ds_config(name: str, spec: Role, *, micro_batch_size: int, grad_accum: 
     cfg = resolve_deepspeed(spec.deepspeed)
     zero = cfg["zero_optimization"]
     stage = zero["stage"]
+    if spec.trainable and stage == 0:
+        # Only DeepSpeed's ZeRO optimizers refuse a step whose gradient norm is NaN/Inf.
+        raise RecipeError(f"`{name}` is trainable at ZeRO-0; use `{name}.deepspeed: zero2` (or 1): on one process it "
+                          "costs the same memory, and it lets a NaN/Inf step be skipped instead of applied")
     if not spec.trainable and stage in (1, 2):
         # ZeRO-1/2 partition optimizer state and gradients; a frozen role has neither, so it is replicated.
         zero["stage"] = stage = 0
@@ -81,9 +85,7 @@ def role_ds_config(name: str, spec: Role, *, micro_batch_size: int, grad_accum: 
             zero["offload_param"] = {"device": "cpu", "pin_memory": True}
         elif not spec.trainable:
             raise RecipeError(f"`{name}.offload: cpu` offloads a frozen role's parameters, which needs ZeRO-3: set `{name}.deepspeed: zero3`")
-        if spec.trainable:
-            if stage == 0:
-                raise RecipeError(f"`{name}.offload: cpu` offloads optimizer state, which needs ZeRO-1 or above: set `{name}.deepspeed: zero2`")
+        if spec.trainable:  # ZeRO-1 or above, checked above
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if zero.get("offload_param", {}).get("device", "none") not in ("none", None) and stage != 3:
         raise RecipeError(f"`{name}.deepspeed` offloads parameters at ZeRO-{stage}; parameter offload needs ZeRO-3")

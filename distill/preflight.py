@@ -14,9 +14,10 @@ from distill.plan import check_model_source, plan_roles
 from distill.recipe import RecipeError, Role
 
 
-def preflight(recipe, trainer_cls, *, world_size: int):
+def preflight(recipe, trainer_cls, *, world_size: int, dry_run: bool = False):
     """Every check that needs no process and no weights: output dir, data paths, tokenizer, role plans."""
-    _check_output_dir(Path(recipe.output_dir), recipe.overwrite or bool(recipe.resume))
+    if not dry_run:  # a dry run writes nothing, so an existing run is no obstacle to it
+        _check_output_dir(Path(recipe.output_dir), recipe.overwrite or bool(recipe.resume))
     if recipe.resume is True:
         ckpt = latest_checkpoint(Path(recipe.output_dir))
         if ckpt is None:
@@ -58,9 +59,15 @@ def _load_tokenizer(recipe, roles: dict[str, Role]):
     path = recipe.data.tokenizer or (sources[0] if sources else None)
     if path is None:
         raise RecipeError("`data.tokenizer`: no role is loaded from_pretrained, so name a tokenizer directory")
-    if not Path(path).exists():
-        raise RecipeError(f"`data.tokenizer`: `{path}` does not exist")
-    tok = AutoTokenizer.from_pretrained(path)
+    key = "data.tokenizer" if recipe.data.tokenizer else next(f"{n}.from_pretrained" for n in roles
+                                                            if getattr(recipe, n).from_pretrained == path)
+    if _looks_local(path) and not Path(path).exists():
+        raise RecipeError(f"`{key}`: `{path}` does not exist")
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise RecipeError(f"`{key}`: no tokenizer could be loaded from `{path}` ({e.__class__.__name__}); "
+                          "set `data.tokenizer` to a tokenizer directory") from None
     for src in sources:
         if src != path and any((Path(src) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
             other = AutoTokenizer.from_pretrained(src)

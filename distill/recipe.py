@@ -192,6 +192,11 @@ def deep_merge(base: dict, top: dict) -> dict:
 
 def recipe_model(trainer_cls) -> type[RecipeBase]:
     """The recipe class of one trainer: the base sections + its role blocks + its own sections."""
+    taken = set(RecipeBase.model_fields) | set(dir(trainer_cls))
+    clash = sorted((set(trainer_cls.roles) | set(trainer_cls.sections)) & taken)
+    if clash or set(trainer_cls.roles) & set(trainer_cls.sections):
+        raise TypeError(f"{trainer_cls.__name__}: role/section names {clash or sorted(set(trainer_cls.roles) & set(trainer_cls.sections))} "
+                        "clash with recipe keys or trainer attributes; rename them")
     fields: dict[str, Any] = {name: (Role, ...) for name in trainer_cls.roles}
     for name, section in trainer_cls.sections.items():
         fields[name] = (section, section())

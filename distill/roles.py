@@ -66,7 +66,7 @@ class RoleModel:
             self.engine.backward(loss, scale_wrt_gas=False)
             if boundary:
                 self.engine.step()
-                if self.scheduler is not None:
+                if self.scheduler is not None and self.engine.was_step_applied():  # not on a skipped step
                     self.scheduler.step()
 
     def grad_norm(self) -> float | None:

@@ -27,7 +27,7 @@ def dry_run(recipe, trainer_cls, recipe_path: str) -> str:
     from distill.plan import format_memory, format_plan
 
     world = world_info()[1] if launched() else recipe.launch.num_processes
-    _, plans = preflight(recipe, trainer_cls, world_size=world)
+    _, plans = preflight(recipe, trainer_cls, world_size=world, dry_run=True)
     t = recipe.train
     launch = (f"under the current launcher ({world} processes)" if launched() else
               f"accelerate launch --num_processes {world} --use_deepspeed -m distill.train {recipe_path}" if world > 1 else

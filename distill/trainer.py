@@ -89,6 +89,7 @@ class RoleTrainer:
 
             datasets.disable_progress_bars()  # one set of bars per run, not one per rank
         self.data = self.build_data()
+        self.data.check()
         self.models: dict[str, RoleModel] = {}
         for name in self.plans:
             torch.manual_seed(recipe.seed)  # per role: two roles built from one config get one init

@@ -126,7 +126,7 @@ def test_role_deepspeed_config_per_role():
 
 @pytest.mark.parametrize("spec,match", [
     (dict(deepspeed=2, offload="cpu"), "needs ZeRO-3"),
-    (dict(trainable=True, deepspeed=0, offload="cpu"), "needs ZeRO-1 or above"),
+    (dict(trainable=True, deepspeed=0), "trainable at ZeRO-0"),
     (dict(deepspeed={"zero_optimization": {"stage": 3}, "bf16": {"enabled": True}}, precision="fp32"), "precision: bf16"),
     (dict(deepspeed={"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}, trainable=True), "needs ZeRO-3"),
     (dict(deepspeed={"zero_optimization": {"stage": 2, "round_robin_gradients": "auto"}}, trainable=True), "auto"),
@@ -204,3 +204,22 @@ def test_dry_run_prints_the_plan_and_loads_nothing(tmp_path):
     assert "student  yes" in proc.stdout and "estimated memory per GPU" in proc.stdout
     assert "accelerate launch --num_processes 2" in proc.stdout
     assert not out.exists()
+
+
+def test_role_names_that_clash_with_recipe_keys_or_trainer_attributes():
+    from distill.trainer import RoleTrainer
+
+    for bad in ("data", "evaluate"):
+        cls = type("Bad", (RoleTrainer,), {"name": "bad", "roles": {"student": Role(trainable=True), bad: Role()}})
+        with pytest.raises(TypeError, match=bad):
+            validate_recipe({"trainer": "bad", "output_dir": "x", "data": {"train": "x"}}, cls)
+
+
+def test_too_few_pairs_for_one_step_is_refused(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "distill.train", str(RECIPES[0].parent / "dpo_quickstart.yaml"),
+                           f"output_dir={tmp_path}/run", "train.micro_batch_size=1500"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0 and "fewer than one optimizer step needs" in proc.stderr

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from distill.recipe import RecipeError
@@ -30,6 +31,15 @@ class DataBundle:
     pad_example: dict | None = None
     """An example that predicts nothing, to even out the ranks' eval batches; default: two pad tokens."""
 
+    def check(self) -> None:
+        """Refuse data that cannot make one optimizer step, or an empty eval set (every trainer's data)."""
+        if self.steps_per_epoch == 0:
+            raise RecipeError(f"`data.train` has {len(self.train)} examples, fewer than one optimizer step needs "
+                              f"({self.micro_batch_size} x {self.grad_accum} x {self.world_size} processes): "
+                              "lower train.micro_batch_size or train.grad_accum, or add data")
+        if self.eval is not None and len(self.eval) == 0:
+            raise RecipeError("`data.eval` has no examples left after tokenisation: fix the file or set `data.eval: null`")
+
     @property
     def steps_per_epoch(self) -> int:
         return len(self.train) // (self.micro_batch_size * self.world_size * self.grad_accum)
@@ -44,8 +54,10 @@ class DataBundle:
             sampler.set_epoch(epoch)
             # A resumed run starts mid-epoch: drop the sequences of the steps already taken, unread.
             order = list(sampler)[skip * grad_accum * self.micro_batch_size:]
+            # Its own generator: creating an iterator must not draw from the global RNG, or a resumed
+            # run's dropout masks would differ from an uninterrupted one's.
             loader = DataLoader(Subset(self.train, order), batch_size=self.micro_batch_size, collate_fn=self.collator,
-                                drop_last=True)
+                                drop_last=True, generator=torch.Generator().manual_seed(self.seed + epoch))
             it = iter(loader)
             for _ in range(per_epoch - skip):
                 yield [next(it) for _ in range(grad_accum)]
@@ -100,10 +112,5 @@ def build_text_data(recipe, tokenizer, rank: int, world_size: int) -> DataBundle
         print(f"data: {stats['truncated']} of {stats['n']} training texts truncated to data.max_length={d.max_length} tokens")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     collator = CausalCollator(pad, pad_to_multiple_of=8)
-    bundle = DataBundle(train, evl, collator, recipe.train.micro_batch_size, rank, world_size, recipe.seed, pad,
-                        grad_accum=recipe.train.grad_accum)
-    if bundle.steps_per_epoch == 0:
-        raise RecipeError(f"`data.train` has {len(train)} sequences, fewer than one optimizer step needs "
-                          f"({recipe.train.micro_batch_size} x {recipe.train.grad_accum} x {world_size} processes): "
-                          "lower train.micro_batch_size or train.grad_accum, or add data")
-    return bundle
+    return DataBundle(train, evl, collator, recipe.train.micro_batch_size, rank, world_size, recipe.seed, pad,
+                      grad_accum=recipe.train.grad_accum)

@@ -83,7 +83,7 @@ class DPOTrainer(RoleTrainer):
             # One index space over both splits, so one table of cached reference log-probs serves both.
             offset = len(splits["train"]) if key == "eval" else 0
             splits[key] = ds.add_column("index", list(range(offset, offset + len(ds))))
-        pad = self.tokenizer.pad_token_id
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         collator = _IndexedCollator(PreferenceCollator(pad, pad_to_multiple_of=8))
         pad_example = {"prompt_ids": [pad], "chosen_ids": [], "rejected_ids": [], "index": -1}
         return DataBundle(splits["train"], splits["eval"], collator, self.recipe.train.micro_batch_size, self.rank,
