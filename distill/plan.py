@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from distill.data.text import looks_like_path
 from distill.recipe import DEEPSPEED_CONFIG_DIR, RecipeError, Role
 
 _DTYPE_KEYS = {"bf16": "bf16", "fp16": "fp16"}
@@ -126,8 +127,7 @@ def check_model_source(name: str, spec: Role) -> None:
     if spec.from_pretrained is None:
         return
     src = Path(spec.from_pretrained).expanduser()
-    looks_local = spec.from_pretrained.startswith((".", "/", "~")) or src.exists() or len(src.parts) > 2
-    if looks_local and not (src / "config.json").is_file():
+    if (looks_like_path(spec.from_pretrained) or src.exists()) and not (src / "config.json").is_file():
         raise RecipeError(f"`{name}.from_pretrained`: `{spec.from_pretrained}` is not a model directory (no config.json). "
                           f"Train the shipped teacher with `python -m distill.train recipes/teacher_pretrain.yaml`, or fix the path")
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from distill.checkpoint import latest_checkpoint
 from distill.data.loading import ensure_synthetic
+from distill.data.text import looks_like_path
 from distill.plan import check_model_source, plan_roles
 from distill.recipe import RecipeError, Role
 
@@ -30,7 +31,7 @@ def preflight(recipe, trainer_cls, *, world_size: int, dry_run: bool = False):
     ensure_synthetic(recipe, trainer_cls.write_synthetic)
     d = recipe.data
     for key, path in (("data.train", d.train), ("data.eval", d.eval)):
-        if path and d.synthetic_seed is None and _looks_local(path) and not Path(path).exists():
+        if path and d.synthetic_seed is None and looks_like_path(path) and not Path(path).exists():
             raise RecipeError(f"`{key}`: `{path}` does not exist; write the synthetic language there with "
                               f"`python -m distill.data.synthetic {Path(path).parent}` or set `data.synthetic_seed: 0`")
     for name in trainer_cls.roles:  # before the tokenizer, which defaults to a role's directory
@@ -39,10 +40,6 @@ def preflight(recipe, trainer_cls, *, world_size: int, dry_run: bool = False):
     plans = plan_roles(recipe, trainer_cls, world_size=world_size, vocab_size=len(tokenizer))
     trainer_cls.check_plans(recipe, plans)
     return tokenizer, plans
-
-
-def _looks_local(path: str) -> bool:
-    return path.startswith((".", "/", "~")) or Path(path).suffix in (".json", ".jsonl", ".parquet", ".txt") or path.count("/") > 1
 
 
 def _check_output_dir(out: Path, overwrite: bool) -> None:
@@ -61,7 +58,7 @@ def _load_tokenizer(recipe, roles: dict[str, Role]):
         raise RecipeError("`data.tokenizer`: no role is loaded from_pretrained, so name a tokenizer directory")
     key = "data.tokenizer" if recipe.data.tokenizer else next(f"{n}.from_pretrained" for n in roles
                                                             if getattr(recipe, n).from_pretrained == path)
-    if _looks_local(path) and not Path(path).exists():
+    if looks_like_path(path) and not Path(path).exists():
         raise RecipeError(f"`{key}`: `{path}` does not exist")
     try:
         tok = AutoTokenizer.from_pretrained(path)

@@ -124,7 +124,7 @@ class RoleTrainer:
                 return (step + 1) / (warm + 1)
             progress = min(1.0, (step - warm) / max(1, total - warm))
             shape = {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress))}[sched.name]
-            return floor + (1 - floor) * shape if sched.name != "constant" else 1.0
+            return floor + (1 - floor) * shape  # constant: shape 1, so the floor does not matter
 
         return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 

@@ -21,7 +21,7 @@ def _builder_for(path: str) -> str | None:
     return _BUILDERS.get(os.path.splitext(path)[1].lower())
 
 
-def _looks_like_path(source: str) -> bool:
+def looks_like_path(source: str) -> bool:
     # Hub ids are "name" or "owner/name"; anything else with a separator, a
     # relative/absolute/home prefix or a data-file extension is meant locally.
     return (
@@ -82,7 +82,7 @@ def load_dataset_source(
             f for ext in _BUILDERS for f in glob.glob(os.path.join(glob.escape(path), f"{split}*{ext}"))
         })
         ds = _load_files(files) if files else datasets.load_dataset(path, split=split)
-    elif _looks_like_path(source):
+    elif looks_like_path(source):
         raise FileNotFoundError(f"dataset path {source!r} does not exist. {hint}")
     else:
         try:

@@ -13,7 +13,7 @@ import torch
 from pydantic import Field, field_validator
 
 from distill.data.loading import DataBundle
-from distill.losses.preference import get_preference_loss
+from distill.losses.preference import get_preference_loss, rewards
 from distill.recipe import RecipeError, Role, Section
 from distill.trainer import RoleTrainer, before_after_table
 from distill.trainers import register_trainer
@@ -109,7 +109,7 @@ class DPOTrainer(RoleTrainer):
         valid = self._valid_pairs(batch).float()  # [B]
         pc, pr, rc, rr = logps[:half], logps[half:], ref[:half], ref[half:]
         losses = get_preference_loss(spec.loss)(pc, pr, rc, rr, beta=spec.beta, label_smoothing=spec.label_smoothing)
-        chosen_r, rejected_r = spec.beta * (pc - rc).detach(), spec.beta * (pr - rr).detach()
+        chosen_r, rejected_r = rewards(pc, rc, spec.beta), rewards(pr, rr, spec.beta)
 
         def mean(x):  # sum over this micro-batch's real pairs / pairs of the whole step on all ranks
             return (x * valid).sum() / num_tokens
@@ -117,10 +117,6 @@ class DPOTrainer(RoleTrainer):
         return {"loss": mean(losses), "rewards/chosen": mean(chosen_r), "rewards/rejected": mean(rejected_r),
                 "rewards/accuracy": mean((chosen_r > rejected_r).float()), "rewards/margin": mean(chosen_r - rejected_r),
                 "logps/chosen": mean(pc.detach()), "logps/rejected": mean(pr.detach())}
-
-    def eval_step(self, batch):
-        with torch.no_grad():
-            return {**self.loss_step(batch, torch.ones((), device=self.device)), "tokens": self.count_tokens(batch)}
 
     def report(self, history):
         if "before" in history:
