@@ -76,6 +76,40 @@ class RoleModel:
     def lr(self) -> float:
         return self.engine.get_lr()[0]
 
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, gather: bool, **settings) -> torch.Tensor:
+        """Sampled continuations [B, N] of left-padded prompts [B, P], in eval mode; collective under ZeRO-3.
+
+        A ZeRO-3 role either gathers its whole weights once and generates with DeepSpeed's hooks
+        lifted (`gather`: fast, needs the memory), or keeps them sharded and generates with
+        `synced_gpus`, where every rank runs forwards until the last one is done, so ranks whose
+        completions end early still join the gathers of the others.
+        """
+        from transformers import GenerationConfig
+
+        model, sharded = self.module, self.plan.zero_stage == 3
+        if sharded and gather and self.trainable:
+            raise ValueError(f"`{self.name}` is trainable under ZeRO-3: it generates sharded (gather=False)")
+        synced = sharded and not gather and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+        config = GenerationConfig(**settings)
+        was_training, checkpointing = model.training, self.trainable and self.plan.spec.gradient_checkpointing
+        if checkpointing:
+            model.gradient_checkpointing_disable()  # it turns the KV cache off
+        model.eval()
+        try:
+            with self.manager.use(self.name), _whole_weights(self.engine) if sharded and gather else contextlib.nullcontext():
+                out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                                     synced_gpus=synced)
+        finally:
+            model.train(was_training)
+            if checkpointing:
+                model.gradient_checkpointing_enable()
+        return out[:, input_ids.shape[1]:]
+
+    def weight_bytes(self) -> int:
+        """Bytes of the role's whole weights (what gathering them for generation holds)."""
+        return sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in self.module.parameters())
+
     def gathered(self, params: list[torch.nn.Parameter]):
         """Full copies of `params` for the duration of the block (ZeRO-3), else a no-op."""
         if self.plan.zero_stage != 3:
@@ -97,6 +131,35 @@ class RoleModel:
             if tokenizer is not None:
                 tokenizer.save_pretrained(out_dir)
         self.accelerator.wait_for_everyone()
+
+
+@contextlib.contextmanager
+def _whole_weights(engine) -> Iterator[None]:
+    """Every parameter of a ZeRO-3 engine gathered, and its per-module hooks lifted, for the block.
+
+    With the hooks in place, each module's forward would release its parameters and the next
+    forward gather them again: a collective per module per generated token, which hangs as soon
+    as one rank stops generating before the others.
+    """
+    import deepspeed
+
+    offload = getattr(engine.optimizer, "parameter_offload", engine.optimizer)  # trainable vs frozen engines
+    root_id = offload.module.ds_id
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+        for p in engine.module.parameters():
+            p.ds_active_sub_modules.clear()
+        for hook in offload.forward_hooks + offload.backward_hooks:
+            hook.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            yield
+        finally:
+            coordinator = offload.param_coordinator
+            if not coordinator.is_invalid_trace():
+                coordinator._invalidate_trace()  # the recorded module order no longer holds
+            # The same module ids as before: numbering on from DeepSpeed's global counter would give
+            # this model ids that another ZeRO-3 role's modules already carry.
+            offload._register_deepspeed_module(offload.module, count=[root_id])
 
 
 @dataclass

@@ -78,7 +78,7 @@ class DataBundle:
 
 
 def ensure_synthetic(recipe, writer) -> None:
-    """Write the recipe's synthetic data with `writer(dir, seed=...)` unless it is already there.
+    """Write the recipe's synthetic data with `writer(dir, seed=..., recipe=...)` unless it is already there.
 
     Every process of a run calls this; an exclusive file lock makes the first one write and the
     others find the finished files, so no process waits on a barrier it might skip.
@@ -92,7 +92,7 @@ def ensure_synthetic(recipe, writer) -> None:
     target.mkdir(parents=True, exist_ok=True)
     with open(target / ".write.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        writer(target, seed=d.synthetic_seed)
+        writer(target, seed=d.synthetic_seed, recipe=recipe)
 
 
 def build_text_data(recipe, tokenizer, rank: int, world_size: int) -> DataBundle:

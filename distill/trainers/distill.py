@@ -9,9 +9,11 @@ from pydantic import Field, field_validator, model_validator
 
 from distill.losses import cross_entropy, get_kd_loss
 from distill.losses.chunked import chunked_kd_loss
+from distill.data.loading import DataBundle, build_text_data
 from distill.recipe import RecipeError, Role, Section
 from distill.trainer import RoleTrainer, before_after_table
 from distill.trainers import register_trainer
+from distill.trainers.on_policy import CompletionSampler, OnPolicySpec, completion_source
 
 
 class KDSpec(Section):
@@ -29,6 +31,8 @@ class KDSpec(Section):
     """Compute the loss chunk by chunk over tokens from hidden states, never holding [tokens, vocab] logits."""
     chunk_size: int = Field(2048, ge=1)
     """Tokens per chunk of the chunked loss."""
+    on_policy: OnPolicySpec | None = None
+    """Train on completions generated during training (needs prompt data); null: offline on the data's text."""
 
     @field_validator("loss")
     @classmethod
@@ -84,16 +88,90 @@ class DistillTrainer(RoleTrainer):
                     raise RecipeError(f"`kd.chunked: true` cannot reproduce `{name}`'s {attr}={getattr(cfg, attr)}: set `kd.chunked: false`")
 
     @classmethod
+    def write_synthetic(cls, out_dir, seed: int, recipe=None) -> None:
+        if recipe is not None and recipe.kd.on_policy is not None:
+            from distill.data.prompts import write_prompt_dataset
+
+            write_prompt_dataset(out_dir, seed=seed)
+        else:
+            super().write_synthetic(out_dir, seed)
+
+    @classmethod
     def check_recipe(cls, recipe) -> None:
+        op = recipe.kd.on_policy
+        if op is not None and op.max_new_tokens >= recipe.data.max_length:
+            raise RecipeError(f"`kd.on_policy.max_new_tokens: {op.max_new_tokens}` leaves no room for the prompt in "
+                              f"`data.max_length: {recipe.data.max_length}`: raise data.max_length or lower max_new_tokens")
         if recipe.kd.chunked and recipe.student.zero_stage == 3:
             # The chunked loss needs the student's whole lm_head weight with a gradient; a gathered
             # ZeRO-3 parameter does not carry one back to its shards.
             raise RecipeError("`kd.chunked: true` needs the student at ZeRO-0/1/2: set `student.deepspeed: zero2` or `kd.chunked: false`")
 
+    # -- data: text, or prompts whose completions may be generated ---------------------------------
+    def build_data(self) -> DataBundle:
+        from distill.data.prompts import PromptCollator, is_prompt_dataset, load_prompt_dataset, tokenize_prompts
+
+        d, op = self.recipe.data, self.recipe.kd.on_policy
+        train_columns = _columns(d.train)
+        if not is_prompt_dataset(train_columns):
+            if op is not None:
+                raise RecipeError(f"`kd.on_policy` needs prompt records ('prompt' [+ 'completion'] or 'messages'); "
+                                  f"`data.train` has the columns {train_columns}")
+            return build_text_data(self.recipe, self.tokenizer, self.rank, self.world_size)
+        max_prompt = d.max_length - (op.max_new_tokens if op else 1)
+        splits = {}
+        for key, source in (("train", d.train), ("eval", d.eval)):
+            if source is None:
+                splits[key] = None
+                continue
+            try:
+                splits[key], stats = tokenize_prompts(load_prompt_dataset(source), self.tokenizer,
+                                                      max_length=d.max_length, max_prompt_length=max_prompt)
+            except (FileNotFoundError, ValueError) as e:
+                raise RecipeError(f"`data.{key}`: {e}") from None
+            if self.rank == 0 and (stats["prompt_truncated"] or stats["completion_truncated"]):
+                self.log(f"data.{key}: of {stats['n']} prompts, {stats['prompt_truncated']} left-truncated to "
+                         f"{max_prompt} tokens, {stats['completion_truncated']} completions cut at data.max_length")
+            if key == "train" and stats["with_completion"] < stats["n"] and not (op and (op.lmbda == 1 or op.seq_kd)):
+                raise RecipeError(f"`data.train`: {stats['n'] - stats['with_completion']} of {stats['n']} records have no "
+                                  "completion to learn from: add completions, or set kd.on_policy.lmbda: 1 or "
+                                  "kd.on_policy.seq_kd: true so that one is generated for every batch")
+        self._eval_has_completions = splits["eval"] is not None and any(c for c in splits["eval"]["completion_ids"])
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        return DataBundle(splits["train"], splits["eval"], PromptCollator(pad), self.recipe.train.micro_batch_size,
+                          self.rank, self.world_size, self.recipe.seed, pad, grad_accum=self.recipe.train.grad_accum,
+                          pad_example={"prompt_ids": [pad], "completion_ids": [], "real": False})
+
+    def prepare_step(self, step, micro_batches):
+        op = self.recipe.kd.on_policy
+        if op is None:
+            return micro_batches
+        out = []
+        for i, batch in enumerate(micro_batches):
+            source = completion_source(self.recipe.seed, step, i, op)
+            if source != "data":
+                # One seed per (step, micro-batch, rank): ranks sample differently, a resumed run the same.
+                seed = hash((self.recipe.seed, step, i, self.rank)) % 2**63
+                batch = self.sampler.sample(self.models[source], batch, seed=seed)
+            out.append(batch)
+        return out
+
+    def step_metrics(self):
+        return self.sampler.metrics() if self.recipe.kd.on_policy else {}
+
+    @property
+    def sampler(self) -> CompletionSampler:
+        if "_sampler" not in self.__dict__:
+            self._sampler = CompletionSampler(self.recipe.kd.on_policy, self.tokenizer, rank=self.rank, log=self.log)
+        return self._sampler
+
+    # -- the algorithm -----------------------------------------------------------------------------
     def loss_step(self, batch, num_tokens):
         kd = self.recipe.kd
+        # The student's own samples are no target to imitate: only the divergence learns from them.
+        alpha = 0.0 if batch.get("source") == "student" else kd.alpha
         if kd.chunked:
-            return self._chunked_loss_step(batch, num_tokens)
+            return self._chunked_loss_step(batch, num_tokens, alpha)
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         with torch.no_grad():
             teacher_logits = self.teacher(**inputs).logits  # [B, T, V_t]
@@ -101,9 +179,9 @@ class DistillTrainer(RoleTrainer):
         ce = cross_entropy(logits, batch["labels"], num_valid_tokens=num_tokens)
         div = get_kd_loss(kd.loss)(logits, teacher_logits, batch["labels"], temperature=kd.temperature, top_k=kd.top_k,
                                    num_valid_tokens=num_tokens, **kd.params)
-        return {"loss": kd.alpha * ce + (1 - kd.alpha) * div, "ce": ce, "kd": div}
+        return {"loss": alpha * ce + (1 - alpha) * div, "ce": ce, "kd": div}
 
-    def _chunked_loss_step(self, batch, num_tokens):
+    def _chunked_loss_step(self, batch, num_tokens, alpha):
         kd = self.recipe.kd
         # logits_to_keep=1: the models compute logits for one position only; the loss takes the rest
         # from the hidden states, one chunk of tokens at a time.
@@ -117,14 +195,30 @@ class DistillTrainer(RoleTrainer):
         # One gather of the teacher's head per micro-batch, on every rank, whatever its token count.
         with self.teacher.gathered([t_head]):
             total, parts = chunked_kd_loss(s_hidden["value"], s_head, t_hidden["value"], t_head.detach(), batch["labels"],
-                                           loss=kd.loss, alpha_ce=kd.alpha, chunk_size=kd.chunk_size,
+                                           loss=kd.loss, alpha_ce=alpha, chunk_size=kd.chunk_size,
                                            num_valid_tokens=num_tokens, temperature=kd.temperature, top_k=kd.top_k,
                                            loss_kwargs=kd.params)
         return {"loss": total, **parts}
 
     @torch.no_grad()
     def eval_step(self, batch):
-        """Sums over valid tokens: student CE, teacher CE, KL(teacher || student) and the training divergence."""
+        """Sums over valid tokens: student CE, teacher CE, KL(teacher || student) and the training divergence
+        on the data's completions; on-policy runs add, over the student's own samples, the reverse KL
+        KL(student || teacher) and the teacher's NLL of them (`sampled/...`)."""
+        out = self._offline_eval(batch) if getattr(self, "_eval_has_completions", True) else {}
+        if self.recipe.kd.on_policy is not None:
+            # Seeded by the prompts: the same samples-to-be before and after training, whatever ran between.
+            seed = hash(tuple(batch["prompt_ids"].flatten().tolist())) % 2**63
+            sampled = self.sampler.sample(self.student, batch, seed=seed)
+            inputs = {"input_ids": sampled["input_ids"], "attention_mask": sampled["attention_mask"]}
+            labels, one = sampled["labels"], torch.ones((), device=sampled["labels"].device)
+            teacher_logits, logits = self.teacher(**inputs).logits, self.student(**inputs).logits
+            out.update({"sampled/reverse_kl": get_kd_loss("reverse_kl")(logits, teacher_logits, labels, num_valid_tokens=one),
+                        "sampled/teacher_nll": cross_entropy(teacher_logits, labels, num_valid_tokens=one),
+                        "sampled/tokens": (labels != -100).sum()})
+        return out
+
+    def _offline_eval(self, batch):
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         labels, one = batch["labels"], torch.ones((), device=batch["labels"].device)
         teacher_logits = self.teacher(**inputs).logits
@@ -140,7 +234,19 @@ class DistillTrainer(RoleTrainer):
         }
 
     def report(self, history):
-        if "before" in history:
-            self.log(before_after_table(history, [("student eval CE (nats/token)", "ce"),
-                                                  ("student KL(teacher || student)", "kl_to_teacher"),
-                                                  ("teacher eval CE (nats/token)", "teacher_ce")]))
+        if "before" not in history:
+            return
+        rows = [("student eval CE (nats/token)", "ce"), ("student KL(teacher || student)", "kl_to_teacher"),
+                ("teacher eval CE (nats/token)", "teacher_ce"),
+                ("on own samples: KL(student || teacher)", "sampled/reverse_kl"),
+                ("on own samples: teacher NLL (nats/token)", "sampled/teacher_nll")]
+        self.log(before_after_table(history, [r for r in rows if r[1] in history["before"]]))
+
+
+def _columns(source: str) -> list[str]:
+    from distill.data.text import load_dataset_source
+
+    try:
+        return load_dataset_source(source).column_names
+    except (FileNotFoundError, ValueError) as e:
+        raise RecipeError(f"`data.train`: {e}") from None

@@ -57,7 +57,7 @@ class DPOTrainer(RoleTrainer):
 
     # -- data ----------------------------------------------------------------------------------
     @classmethod
-    def write_synthetic(cls, out_dir, seed: int) -> None:
+    def write_synthetic(cls, out_dir, seed: int, recipe=None) -> None:
         from distill.data.preference import write_preference_dataset
 
         write_preference_dataset(out_dir, seed=seed)
