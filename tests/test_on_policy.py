@@ -200,3 +200,22 @@ def test_onpolicy_quickstart_lowers_reverse_kl_on_the_students_own_samples(tmp_p
     assert after["sampled/reverse_kl"] < 0.5 * before["sampled/reverse_kl"]
     assert after["sampled/teacher_nll"] < 0.7 * before["sampled/teacher_nll"]  # its samples read like the teacher's language
     assert "on own samples: KL(student || teacher)" in proc.stdout
+
+
+@pytest.mark.multiprocess
+def test_resumed_on_policy_run_samples_and_trains_like_an_uninterrupted_one(prompts, tmp_path):
+    from safetensors.torch import load_file
+
+    def recipe(name):
+        raw = _raw(prompts, tmp_path / name, on_policy={"lmbda": 0.5, "seq_kd": True})
+        raw["student"]["scheduler"] = {"name": "constant"}  # the same schedule for a 2- or 4-step run
+        raw["data"]["eval"] = None
+        return raw
+
+    check(_train(recipe("whole"), tmp_path / "whole.yaml"))
+    check(_train({**recipe("parts"), "train": {**recipe("parts")["train"], "max_steps": 2}}, tmp_path / "parts.yaml"))
+    resumed = _train({**recipe("parts"), "resume": True}, tmp_path / "parts.yaml")
+    check(resumed)
+    assert "resumed from" in resumed.stdout
+    a, b = (load_file(str(tmp_path / n / "final/student/model.safetensors")) for n in ("whole", "parts"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
