@@ -168,8 +168,11 @@ class RecipeBase(Section):
     resume: bool | Literal["auto"] = False
     """Continue from the latest complete checkpoint in output_dir: true (one must exist), auto (if one exists)."""
     data: DataSpec
+    """Where the training and evaluation text comes from and how it is tokenised."""
     train: TrainSpec = TrainSpec()
+    """Batch sizes, length of the run, logging, evaluation, checkpoints and trackers."""
     launch: LaunchSpec = LaunchSpec()
+    """How many processes plain `python -m distill.train` starts, and the collective timeout."""
 
     @field_validator("output_dir")
     @classmethod
