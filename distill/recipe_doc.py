@@ -102,11 +102,10 @@ def _cell(text: str | None) -> str:
     return "`".join(p if i % 2 else p.replace("<", "&lt;") for i, p in enumerate(parts))
 
 
-def section_table(model: type[BaseModel], *, skip: set[str] = frozenset()) -> list[str]:
+def section_table(model: type[BaseModel]) -> list[str]:
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for name, field in model.model_fields.items():
-        if name not in skip:
-            rows.append(f"| `{name}` | {_cell(field_type(field))} | {_cell(default_text(field))} | {_cell(field.description)} |")
+        rows.append(f"| `{name}` | {_cell(field_type(field))} | {_cell(default_text(field))} | {_cell(field.description)} |")
     return rows
 
 
@@ -118,12 +117,13 @@ def _doc(obj) -> str:
     return _cell(inspect.cleandoc(doc or "").split("\n\n")[0])
 
 
-def _sections_block(model: type[BaseModel], path: str, level: str, skip: set[str] = frozenset()) -> list[str]:
+def _sections_block(model: type[BaseModel], path: str, level: str) -> list[str]:
+    """A heading, the section's own docstring and its table, for `model` and each section nested in it."""
     out: list[str] = []
     for sub_path, sub in sections_of(model, path):
         doc = _doc(sub) if sub.__dict__.get("__doc__") else ""
         out += [f"{level} `{sub_path}`" if sub_path else f"{level} Top level", ""] + ([doc, ""] if doc else [])
-        out += section_table(sub, skip=skip if sub is model else frozenset()) + [""]
+        out += section_table(sub) + [""]
     return out
 
 

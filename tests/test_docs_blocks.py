@@ -132,3 +132,7 @@ def test_unmarked_and_unknown_blocks_are_refused(tmp_path):
     c = classify(found[1], ["OMP_NUM_THREADS=1", "deepspeed", "--num_gpus", "2", "--module", "distill.train", "RECIPE.yaml",
                             "train.max_steps=3"])
     assert (c.kind, c.argv, c.env) == ("train", ["recipes/quickstart.yaml", "train.max_steps=3"], {"OMP_NUM_THREADS": "1"})
+    c = classify(found[1], ["distill", "train", "r.yaml", "--resume"])  # the console script
+    assert (c.kind, c.argv) == ("train", ["r.yaml", "--resume"])
+    c = classify(found[1], ["python", "-m", "distill.export", "runs/x", "out"])
+    assert (c.kind, c.argv) == ("export", ["runs/x", "out"])
