@@ -150,8 +150,7 @@ def _module_of(tokens: list[str], b: Block, text: str) -> tuple[str | None, list
 
         return COMMANDS.get(tokens[1]), tokens[2:]
     if head in ("accelerate", "torchrun", "deepspeed"):
-        args = _parse_launcher(tokens, b, text)
-        return args
+        return _parse_launcher(tokens, b, text)
     return None, []
 
 
