@@ -13,10 +13,11 @@ from distill.data.loading import ensure_synthetic
 from distill.data.text import looks_like_path
 from distill.plan import check_model_source, plan_roles
 from distill.recipe import RecipeError, Role
+from distill.tracking import check_installed
 
 
 def preflight(recipe, trainer_cls, *, world_size: int, dry_run: bool = False):
-    """Every check that needs no process and no weights: output dir, data paths, tokenizer, role plans."""
+    """Every check that needs no process and no weights: output dir, trackers, data paths, tokenizer, role plans."""
     if not dry_run:  # a dry run writes nothing, so an existing run is no obstacle to it
         _check_output_dir(Path(recipe.output_dir), recipe.overwrite or bool(recipe.resume))
     if recipe.resume is True:
@@ -28,6 +29,7 @@ def preflight(recipe, trainer_cls, *, world_size: int, dry_run: bool = False):
         if written != world_size:
             raise RecipeError(f"`resume`: {ckpt} was written by {written} processes, this run has {world_size}: "
                               f"set launch.num_processes={written} (or export it and start a new run from the export)")
+    check_installed(recipe.train.report_to)
     ensure_synthetic(recipe, trainer_cls.write_synthetic)
     d = recipe.data
     for key, path in (("data.train", d.train), ("data.eval", d.eval)):

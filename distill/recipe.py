@@ -136,6 +136,17 @@ class TrainSpec(Section):
     """Stop the run after this many steps in a row with a NaN/Inf loss (each such step is skipped)."""
     keep_checkpoints: int = Field(2, ge=1)
     """Complete checkpoints kept; older ones are deleted once a newer one is complete."""
+    report_to: Literal["auto", "none", "tensorboard", "wandb"] | list[Literal["tensorboard", "wandb"]] = "auto"
+    """Experiment trackers (through accelerate) that get every metric line of metrics.jsonl: `tensorboard`
+    (events in <output_dir>/tensorboard/distill/), `wandb` (run files in <output_dir>/wandb/), a list of
+    both, `none`, or `auto`: TensorBoard when the `tensorboard` package is installed, else none."""
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _tracker_names(cls, v: Any) -> Any:
+        from distill.tracking import check_report_to  # it imports this module
+
+        return check_report_to(v)
 
 
 class LaunchSpec(Section):
@@ -157,8 +168,11 @@ class RecipeBase(Section):
     resume: bool | Literal["auto"] = False
     """Continue from the latest complete checkpoint in output_dir: true (one must exist), auto (if one exists)."""
     data: DataSpec
+    """Where the training and evaluation text comes from and how it is tokenised."""
     train: TrainSpec = TrainSpec()
+    """Batch sizes, length of the run, logging, evaluation, checkpoints and trackers."""
     launch: LaunchSpec = LaunchSpec()
+    """How many processes plain `python -m distill.train` starts, and the collective timeout."""
 
     @field_validator("output_dir")
     @classmethod

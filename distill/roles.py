@@ -172,9 +172,11 @@ class _Slot:
 class RoleManager:
     """Maps each role to its DeepSpeed plugin and Accelerator, and switches between them."""
 
-    def __init__(self, plans: dict[str, RolePlan], *, timeout_s: int = 1800):
+    def __init__(self, plans: dict[str, RolePlan], *, timeout_s: int = 1800, log_with: list[str] | None = None,
+                 logging_dir: str | os.PathLike | None = None):
+        """`log_with`: accelerate trackers of the primary Accelerator, writing under `logging_dir`."""
         from accelerate import Accelerator
-        from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+        from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, ProjectConfiguration
 
         from distill.launch import single_process_env
 
@@ -196,8 +198,9 @@ class RoleManager:
             _skip_cpu_shm_op()
         handler = InitProcessGroupKwargs(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
         names = list(plans)
+        project = ProjectConfiguration(logging_dir=str(logging_dir)) if logging_dir else None
         first = Accelerator(deepspeed_plugins={n: self.slots[n].plugin for n in names}, mixed_precision="no",
-                            kwargs_handlers=[handler])
+                            kwargs_handlers=[handler], log_with=log_with or None, project_config=project)
         self.state = first.state
         for i, name in enumerate(names):
             # Later Accelerators share the state (and the plugins) of the first.

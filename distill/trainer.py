@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import sys
 import time
@@ -17,6 +18,7 @@ from typing import Any, ClassVar
 import torch
 import yaml
 
+from distill import tracking
 from distill.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from distill.data.loading import DataBundle, build_text_data
 from distill.plan import format_plan
@@ -85,7 +87,8 @@ class RoleTrainer:
 
         world = world_info()[1]
         self.tokenizer, self.plans = preflight(recipe, type(self), world_size=world)
-        self.manager = RoleManager(self.plans, timeout_s=recipe.launch.timeout_s)
+        self.manager = RoleManager(self.plans, timeout_s=recipe.launch.timeout_s, log_with=tracking.resolve(recipe.train.report_to),
+                                   logging_dir=tracking.logging_dir(self.out))
         self.accelerator = self.manager.accelerator
         self.rank, self.world_size = self.accelerator.process_index, self.accelerator.num_processes
         if self.world_size != world:
@@ -144,7 +147,6 @@ class RoleTrainer:
 
     # -- the loop ----------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
-        t = self.recipe.train
         start, seen, ckpt = 0, 0, latest_checkpoint(self.out) if self.recipe.resume else None
         if ckpt is not None:
             state = load_checkpoint(self, ckpt)
@@ -152,6 +154,14 @@ class RoleTrainer:
             if self.accelerator.is_main_process:
                 self.log(f"resumed from {ckpt} (step {start} of {self.total_steps})")
         self._start_run_dir(fresh=ckpt is None)
+        tracking.start(self.accelerator, self.recipe)
+        try:  # trackers are closed on every way out: the end, a stop signal, an error
+            return self._run(start, seen)
+        finally:
+            tracking.finish(self.accelerator)
+
+    def _run(self, start: int, seen: int) -> dict[str, Any]:
+        t = self.recipe.train
         history = self._eval_before()
         batches = self.data.train_batches(start_step=start)
         bar = self._progress(self.total_steps, start)
@@ -183,8 +193,10 @@ class RoleTrainer:
         if self.accelerator.is_main_process:
             (self.out / "summary.json").write_text(json.dumps(history, indent=2))
             self.report(history)
+            board = "tensorboard" in tracking.resolve(self.recipe.train.report_to)
             self.log(f"run directory: {self.out} (metrics.jsonl, summary.json, final/<role>/ in HF format); "
-                     f"plots: python -m distill.report {self.out}")
+                     f"plots: python -m distill.report {self.out}"
+                     + (f"; tensorboard --logdir {tracking.logging_dir(self.out)}" if board else ""))
         return history
 
     def _eval_before(self) -> dict[str, Any]:
@@ -288,12 +300,17 @@ class RoleTrainer:
             if fresh:  # a resumed run appends to the metrics it already has
                 (self.out / "metrics.jsonl").write_text("")
                 (self.out / "eval_before.json").unlink(missing_ok=True)
+                shutil.rmtree(tracking.logging_dir(self.out), ignore_errors=True)  # like metrics.jsonl
         self.accelerator.wait_for_everyone()
 
     def _write_metrics(self, metrics: dict) -> None:
+        """One line of metrics.jsonl; its numbers also go to the trackers of `train.report_to`, same step."""
         if self.accelerator.is_main_process:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
+            values = tracking.numeric(metrics)
+            if values and self.accelerator.trackers:
+                self.accelerator.log(values, step=metrics["step"])
 
 
 class NonFiniteLoss(RuntimeError):
