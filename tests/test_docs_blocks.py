@@ -38,7 +38,9 @@ def test_every_block_is_marked_or_runnable():
                 shell_commands(b)
             if b.mark is None and b.lang == "yaml":
                 yaml.safe_load(b.text)
-        except (Unrunnable, yaml.YAMLError) as e:
+            if b.mark is None and b.lang == "jsonl":
+                [json.loads(line) for line in b.text.splitlines() if line.strip()]
+        except (Unrunnable, yaml.YAMLError, json.JSONDecodeError) as e:
             problems.append(str(e))
     assert not problems, "\n".join(problems)
 

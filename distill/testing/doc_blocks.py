@@ -9,7 +9,7 @@ Rules (a block that fits none of them fails the test, so new docs cannot add unt
 - `text` blocks are output samples and file listings; they are not run.
 - `python` blocks of one page run in order as one script (a later block may use what an earlier one
   defined), in a subprocess, in the page's working directory.
-- `yaml` blocks must parse.
+- `yaml` blocks must parse, and so must every line of a `jsonl` block.
 - `bash` blocks are split into commands (`\\` continuations joined, `&&` split, comments dropped,
   leading `VAR=value` kept as environment). `python -m distill.train` / `distill train` run with
   `--dry-run` (recipe, overrides and role plan checked; nothing trained). `accelerate launch`,
@@ -106,7 +106,7 @@ def check_block(b: Block) -> None:
         raise Unrunnable(f"{b.where}: `docs-test: skip` needs a reason in parentheses")
     if b.mark == "save" and not re.fullmatch(r"[\w.-]+", b.arg):
         raise Unrunnable(f"{b.where}: `docs-test: save` needs a plain file name")
-    if b.mark is None and b.lang not in ("text", "python", "yaml") + SHELL:
+    if b.mark is None and b.lang not in ("text", "python", "yaml", "jsonl") + SHELL:
         what = "an untagged block" if not b.lang else f"a ```{b.lang} block"
         raise Unrunnable(f"{b.where}: {what} the docs test cannot run: tag output samples ```text, or mark the block "
                          "`<!-- docs-test: skip (reason) -->`")
