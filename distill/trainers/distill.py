@@ -118,7 +118,8 @@ class DistillTrainer(RoleTrainer):
                 raise RecipeError(f"`kd.on_policy` needs prompt records ('prompt' [+ 'completion'] or 'messages'); "
                                   f"`data.train` has the columns {train_columns}")
             return build_text_data(self.recipe, self.tokenizer, self.rank, self.world_size)
-        max_prompt = d.max_length - (op.max_new_tokens if op else 1)
+        # On-policy, prompts leave room for what is generated; offline, for half of the dataset's completion.
+        max_prompt = d.max_length - op.max_new_tokens if op else d.max_length // 2
         splits = {}
         for key, source in (("train", d.train), ("eval", d.eval)):
             if source is None:
