@@ -39,12 +39,15 @@ def lora_config(spec: LoRASpec):
 def apply_lora(model: torch.nn.Module, spec: LoRASpec, name: str) -> torch.nn.Module:
     """The model wrapped with a fresh adapter: only the adapter's parameters require grad."""
     peft = _peft()
-    try:
-        return peft.get_peft_model(model, lora_config(spec))
-    except ValueError as e:  # peft names the targets that matched nothing
-        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-        raise RecipeError(f"`{name}.lora.target_modules`: {str(e).splitlines()[0]} Linear layers of this model: "
-                          f"{', '.join(names)} (or use `all-linear`)") from None
+    if isinstance(spec.target_modules, list):
+        # peft refuses only a list that matches nothing at all; a misspelled name next to a right one would be ignored.
+        modules = [n for n, _ in model.named_modules()]
+        missing = [t for t in spec.target_modules if not any(n == t or n.endswith("." + t) for n in modules)]
+        if missing:
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+            raise RecipeError(f"`{name}.lora.target_modules`: {missing} match no module of this model; its Linear "
+                              f"layers are {', '.join(linear)} (or use `all-linear`)")
+    return peft.get_peft_model(model, lora_config(spec))
 
 
 def lora_param_counts(model_config, spec: LoRASpec, name: str) -> tuple[int, int]:
