@@ -12,6 +12,7 @@ Checkpoints hold the whole wrapped model (base + adapter) and `lora.json`, so re
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -47,7 +48,9 @@ def apply_lora(model: torch.nn.Module, spec: LoRASpec, name: str) -> torch.nn.Mo
             linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
             raise RecipeError(f"`{name}.lora.target_modules`: {missing} match no module of this model; its Linear "
                               f"layers are {', '.join(linear)} (or use `all-linear`)")
-    return peft.get_peft_model(model, lora_config(spec))
+    with warnings.catch_warnings():  # peft asks transformers 5 a deprecated question; not the user's business
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return peft.get_peft_model(model, lora_config(spec))
 
 
 def lora_param_counts(model_config, spec: LoRASpec, name: str) -> tuple[int, int]:

@@ -201,10 +201,10 @@ def format_plan(plans: dict[str, RolePlan], world_size: int) -> str:
     rows = [("role", "trainable", "ZeRO", "offload", "precision", "params", "trained params")]
     for p in plans.values():
         how = "frozen" if not p.spec.trainable else f"LoRA r={p.spec.lora.r}" if p.spec.lora else "yes"
-        trained = f"{p.num_trainable / 1e6:.2f}M ({100 * p.num_trainable / max(p.num_params, 1):.2f}%)"
+        trained = f"{p.num_trainable / 1e6:.2f}M ({100 * p.num_trainable / max(p.num_params, 1):.2f}%)" if p.spec.trainable else "-"
         rows.append((p.name, how, str(p.zero_stage), p.offload, p.spec.precision, f"{p.num_params / 1e6:.2f}M", trained))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     return f"roles ({world_size} process{'es' if world_size > 1 else ''}):\n  " + "\n  ".join(lines)
 
 
