@@ -6,6 +6,7 @@ Layout under `<output_dir>/checkpoints/`:
         <role>/state/...        DeepSpeed state of each trainable role (weights, optimizer), per rank
         <role>/scheduler.json   our learning-rate scheduler
         <role>/config.json, tokenizer files   so `distill.export` can rebuild the model
+        <role>/lora.json        a LoRA role's adapter settings (the state holds base + adapter)
         rng_rank<r>.pt          each rank's torch RNG states (tensors only)
         recipe.yaml             the recipe the run was started with
         trainer_state.json      step, world size, tokens seen; written last
@@ -62,6 +63,10 @@ def save_checkpoint(trainer, step: int, tokens_seen: int) -> Path:
         if acc.is_main_process:
             (partial / role.name / "scheduler.json").write_text(json.dumps(role.scheduler.state_dict()))
             role.module.config.save_pretrained(partial / role.name)
+            if role.plan.spec.lora is not None:
+                from distill.lora import write_spec
+
+                write_spec(partial / role.name, role.plan.spec.lora)
             trainer.tokenizer.save_pretrained(partial / role.name)
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():

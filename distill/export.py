@@ -2,7 +2,8 @@
 
 Runs in one process without GPUs: DeepSpeed's ZeRO shards of each role are merged into fp32 weights
 (`zero_to_fp32`), loaded into the role's model class and written with `save_pretrained`
-(safetensors + config + tokenizer) under OUT_DIR/<role>/.
+(safetensors + config + tokenizer) under OUT_DIR/<role>/. A LoRA role is written merged, with its
+adapter under OUT_DIR/<role>/adapter/, as a run's own final/<role>/.
 """
 from __future__ import annotations
 
@@ -18,11 +19,18 @@ def export_checkpoint(ckpt: Path, out: Path) -> list[str]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from distill.lora import read_spec, save_lora
+
     roles = sorted(p.name for p in ckpt.iterdir() if (p / "state").is_dir())
     for role in roles:
         src = ckpt / role
         state = get_fp32_state_dict_from_zero_checkpoint(str(src), tag="state")
         config = AutoConfig.from_pretrained(src)
+        lora = read_spec(src)
+        if lora is not None:
+            save_lora(out / role, lora, config, state, None)
+            AutoTokenizer.from_pretrained(src).save_pretrained(out / role)
+            continue
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)

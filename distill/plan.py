@@ -50,6 +50,15 @@ class RolePlan:
     ds_config: dict[str, Any]
     model_config: Any  # transformers.PretrainedConfig
     num_params: int
+    """All parameters the role holds (with LoRA: base + adapter)."""
+    trainable_params: int | None = None
+    """Parameters that train: None means all of a trainable role (none of a frozen one); with LoRA, the adapter's."""
+
+    @property
+    def num_trainable(self) -> int:
+        if self.trainable_params is not None:
+            return self.trainable_params
+        return self.num_params if self.spec.trainable else 0
 
     @property
     def zero_stage(self) -> int:
@@ -165,14 +174,20 @@ def count_params(model_config) -> int:
 
 
 def plan_roles(recipe, trainer_cls, *, world_size: int, vocab_size: int | None) -> dict[str, RolePlan]:
-    """Every role's plan, trainable roles first (the first one owns the primary Accelerator)."""
+    """Every role the run builds (`trainer_cls.built_roles`), trainable roles first (the first one owns the
+    primary Accelerator)."""
     plans = {}
-    for name in sorted(trainer_cls.roles, key=lambda n: not getattr(recipe, n).trainable):
+    for name in sorted(trainer_cls.built_roles(recipe), key=lambda n: not getattr(recipe, n).trainable):
         spec: Role = getattr(recipe, name)
         mcfg = load_model_config(name, spec, vocab_size)
         ds = role_ds_config(name, spec, micro_batch_size=recipe.train.micro_batch_size, grad_accum=recipe.train.grad_accum,
                             world_size=world_size, grad_clip=recipe.train.grad_clip, hidden_size=getattr(mcfg, "hidden_size", None))
-        plans[name] = RolePlan(name, spec, ds, mcfg, count_params(mcfg))
+        if spec.lora is not None:
+            from distill.lora import lora_param_counts  # peft only where a recipe asks for LoRA
+
+            plans[name] = RolePlan(name, spec, ds, mcfg, *lora_param_counts(mcfg, spec.lora, name))
+        else:
+            plans[name] = RolePlan(name, spec, ds, mcfg, count_params(mcfg))
     trainable = [n for n, p in plans.items() if p.spec.trainable]
     if not trainable:
         raise RecipeError(f"no role is trainable: set `trainable: true` on one of {list(plans)}")
@@ -183,11 +198,13 @@ def plan_roles(recipe, trainer_cls, *, world_size: int, vocab_size: int | None) 
 
 
 def format_plan(plans: dict[str, RolePlan], world_size: int) -> str:
-    rows = [("role", "trainable", "ZeRO", "offload", "precision", "params")]
+    rows = [("role", "trainable", "ZeRO", "offload", "precision", "params", "trained params")]
     for p in plans.values():
-        rows.append((p.name, "yes" if p.spec.trainable else "frozen", str(p.zero_stage), p.offload, p.spec.precision, f"{p.num_params / 1e6:.2f}M"))
+        how = "frozen" if not p.spec.trainable else f"LoRA r={p.spec.lora.r}" if p.spec.lora else "yes"
+        trained = f"{p.num_trainable / 1e6:.2f}M ({100 * p.num_trainable / max(p.num_params, 1):.2f}%)" if p.spec.trainable else "-"
+        rows.append((p.name, how, str(p.zero_stage), p.offload, p.spec.precision, f"{p.num_params / 1e6:.2f}M", trained))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     return f"roles ({world_size} process{'es' if world_size > 1 else ''}):\n  " + "\n  ".join(lines)
 
 
@@ -195,9 +212,10 @@ def estimate_memory(plan: RolePlan, *, world_size: int, micro_batch_size: int, s
     """Rough bytes per GPU of one role, by kind; a planning aid, not a measurement.
 
     weights: P x dtype bytes, divided by the world under ZeRO-3 (0 with parameter offload);
-    gradients (trainable): P x dtype bytes, divided by the world from ZeRO-2;
-    optimizer (trainable): AdamW's two fp32 moments, plus fp32 master weights for 16-bit roles,
-    divided by the world from ZeRO-1 (0 with optimizer offload);
+    gradients (trainable): T x dtype bytes, divided by the world from ZeRO-2;
+    optimizer (trainable): AdamW's two fp32 moments, plus fp32 master weights for 16-bit roles, of
+    T parameters, divided by the world from ZeRO-1 (0 with optimizer offload);
+    (T: the trained parameters, P for a full role, the adapter's with LoRA;)
     activations (trainable): 34 x hidden bytes per token per layer in 16-bit, doubled in fp32
     (Korthikanti et al. 2022, no recomputation), 2 x hidden with gradient checkpointing;
     logits: one fp32 [tokens, vocab] tensor and its log-softmax.
@@ -210,8 +228,9 @@ def estimate_memory(plan: RolePlan, *, world_size: int, micro_batch_size: int, s
     tokens = micro_batch_size * seq_len
     hidden, layers = getattr(cfg, "hidden_size", 0), getattr(cfg, "num_hidden_layers", 0)
     if spec.trainable:
-        out["gradients"] = shard(p * b, 2)
-        opt = p * (8 + (4 if b == 2 else 0))
+        t = plan.num_trainable
+        out["gradients"] = shard(t * b, 2)
+        opt = t * (8 + (4 if b == 2 else 0))
         out["optimizer"] = 0.0 if zero.get("offload_optimizer", {}).get("device") == "cpu" else shard(opt, 1)
         per_token_layer = 2 * hidden * b if spec.gradient_checkpointing else 34 * hidden * (2 if b == 4 else 1)
         out["activations"] = float(tokens * layers * per_token_layer)

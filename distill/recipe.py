@@ -48,6 +48,26 @@ class SchedulerSpec(Section):
     """Final learning rate as a fraction of the peak (linear and cosine)."""
 
 
+class LoRASpec(Section):
+    """A LoRA adapter on a trainable role (needs `peft`): the base weights stay frozen, only the adapter trains."""
+
+    r: int = Field(16, ge=1)
+    """Rank of the update B @ A of each adapted layer."""
+    alpha: float = Field(32.0, gt=0)
+    """Scale: the update is multiplied by alpha / r."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the adapter's input during training."""
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Layers to adapt, by name suffix (e.g. [q_proj, v_proj]), or `all-linear`: every Linear but the output head."""
+
+    @field_validator("target_modules")
+    @classmethod
+    def _some(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("name at least one module, e.g. [q_proj, v_proj], or use `all-linear`")
+        return v
+
+
 class Role(Section):
     """One model of the run and how DeepSpeed holds it. Trainer classes declare defaults with it."""
 
@@ -77,6 +97,8 @@ class Role(Section):
     (a DPO reference starts as the policy)."""
     trust_remote_code: bool = False
     """Allow model code from the checkpoint directory to run. Off unless you trust the source."""
+    lora: LoRASpec | None = None
+    """Train a LoRA adapter instead of the whole model (trainable roles); see docs/lora.md."""
 
     @model_validator(mode="after")
     def _check(self) -> "Role":
@@ -87,6 +109,8 @@ class Role(Section):
             self.scheduler = self.scheduler or SchedulerSpec()
         elif self.optimizer is not None or self.scheduler is not None:
             raise ValueError("a frozen role has no optimizer or scheduler: remove them, or set `trainable: true`")
+        if self.lora is not None and not self.trainable:
+            raise ValueError("`lora` adapts a role that trains; this role is frozen: remove `lora`, or set `trainable: true`")
         return self
 
     @property

@@ -123,11 +123,30 @@ class RoleModel:
         with self.manager.use(self.name):
             return self.accelerator.get_state_dict(self.engine)
 
+    @contextlib.contextmanager
+    def without_adapter(self) -> Iterator[None]:
+        """Calls inside the block run the base model: the LoRA adapter off, in eval mode (no dropout)."""
+        module, training = self.module, self.module.training
+        module.eval()
+        try:
+            with module.disable_adapter():
+                yield
+        finally:
+            module.train(training)
+
     def save_pretrained(self, out_dir, tokenizer=None) -> None:
-        """HF format (safetensors + config [+ tokenizer]) on the main process; every rank must call it."""
+        """HF format (safetensors + config [+ tokenizer]) on the main process; every rank must call it.
+        A LoRA role is written merged, with its adapter in out_dir/adapter/ (see distill/lora.py)."""
         state = self.state_dict()
         if self.accelerator.is_main_process:
-            self.accelerator.unwrap_model(self.engine).save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+            lora = self.plan.spec.lora
+            if lora is not None:
+                from distill.lora import save_lora
+
+                with self.manager.no_plugin():  # the CPU copy that merges must not be built under zero.Init
+                    save_lora(out_dir, lora, self.plan.model_config, state, self.plan.spec.from_pretrained)
+            else:
+                self.accelerator.unwrap_model(self.engine).save_pretrained(out_dir, state_dict=state, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(out_dir)
         self.accelerator.wait_for_everyone()
@@ -234,6 +253,18 @@ class RoleManager:
             yield
             return
         self._activate(name)
+        try:
+            yield
+        finally:
+            self._activate(previous)
+
+    @contextlib.contextmanager
+    def no_plugin(self) -> Iterator[None]:
+        """Run the block with no DeepSpeed config visible to transformers (plain, local model builds)."""
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        previous = self._active
+        unset_hf_deepspeed_config()
         try:
             yield
         finally:

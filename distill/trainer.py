@@ -73,6 +73,11 @@ class RoleTrainer:
         """Refuse role setups this algorithm cannot run, before anything is loaded (raise RecipeError)."""
 
     @classmethod
+    def built_roles(cls, recipe) -> list[str]:
+        """The roles this run loads; all declared ones unless the recipe makes one unnecessary."""
+        return list(cls.roles)
+
+    @classmethod
     def check_plans(cls, recipe, plans) -> None:
         """Like `check_recipe`, once the roles' model configs are known (still before any weight loads)."""
 
@@ -120,6 +125,12 @@ class RoleTrainer:
             model = AutoModelForCausalLM.from_config(plan.model_config, dtype=dtype)
         if plan.spec.gradient_checkpointing and plan.spec.trainable:
             model.gradient_checkpointing_enable()
+            if plan.spec.lora is not None:
+                model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need a grad path
+        if plan.spec.lora is not None:
+            from distill.lora import apply_lora
+
+            model = apply_lora(model, plan.spec.lora, plan.name)  # before the optimizer: it sees only the adapter
         return model
 
     def _make_optimizer(self, plan, model):

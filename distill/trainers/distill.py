@@ -106,6 +106,11 @@ class DistillTrainer(RoleTrainer):
             # The chunked loss needs the student's whole lm_head weight with a gradient; a gathered
             # ZeRO-3 parameter does not carry one back to its shards.
             raise RecipeError("`kd.chunked: true` needs the student at ZeRO-0/1/2: set `student.deepspeed: zero2` or `kd.chunked: false`")
+        lora = recipe.student.lora
+        if recipe.kd.chunked and lora is not None and isinstance(lora.target_modules, list) and "lm_head" in lora.target_modules:
+            # The chunked loss multiplies by the lm_head weight itself; an adapter on it would be skipped.
+            raise RecipeError("`kd.chunked: true` reads the student's lm_head weight directly, so it cannot train a LoRA "
+                              "adapter on it: drop lm_head from `student.lora.target_modules` or set `kd.chunked: false`")
 
     # -- data: text, or prompts whose completions may be generated ---------------------------------
     def build_data(self) -> DataBundle:

@@ -3,13 +3,17 @@
 The same loop as every trainer; what differs is the roles (policy ZeRO-2, reference ZeRO-3 loaded
 from the policy's weights unless the recipe says otherwise), the data (prompt, chosen, rejected;
 both responses in one concatenated forward) and the loss step. With `dpo.precompute_reference`
-the reference scores the whole dataset once before training and is then freed.
+the reference scores the whole dataset once before training and is then freed. With a LoRA policy
+and `dpo.reference: policy_without_adapter` there is no reference model at all: the policy with its
+adapter disabled is the reference (it is exactly the starting policy, since LoRA's B starts at 0).
 """
 from __future__ import annotations
 
 import gc
 
 import torch
+from typing import Literal
+
 from pydantic import Field, field_validator
 
 from distill.data.loading import DataBundle
@@ -26,6 +30,9 @@ class DPOSpec(Section):
     """Strength of the implicit KL penalty towards the reference."""
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     """Assumed probability that a preference label is flipped (cDPO / robust)."""
+    reference: Literal["model", "policy_without_adapter"] = "model"
+    """Where reference log-probs come from: `model`, the `reference` role (a second model); or
+    `policy_without_adapter`, the LoRA policy with its adapter disabled (no second copy; needs `policy.lora`)."""
     precompute_reference: bool = False
     """Score the data with the reference once before training, cache it in the run directory, free the reference."""
     max_prompt_length: int | None = Field(None, ge=1)
@@ -54,6 +61,22 @@ class DPOTrainer(RoleTrainer):
         "reference": Role(deepspeed="zero3", weights_from="policy"),
     }
     sections = {"dpo": DPOSpec}
+
+    @classmethod
+    def built_roles(cls, recipe) -> list[str]:
+        return ["policy"] if recipe.dpo.reference == "policy_without_adapter" else ["policy", "reference"]
+
+    @classmethod
+    def check_recipe(cls, recipe) -> None:
+        if recipe.dpo.reference != "policy_without_adapter":
+            return
+        if recipe.policy.lora is None:
+            raise RecipeError("`dpo.reference: policy_without_adapter` needs a LoRA policy: add `policy.lora: {r: 16}` "
+                              "(or set `dpo.reference: model` for a separate reference model)")
+        ref, pol = recipe.reference, recipe.policy
+        if (ref.from_pretrained, ref.config) != (pol.from_pretrained, pol.config):
+            raise RecipeError("`dpo.reference: policy_without_adapter` uses the policy's own base weights as the reference, "
+                              "but `reference` names other weights: remove the `reference` block (or set `dpo.reference: model`)")
 
     # -- data ----------------------------------------------------------------------------------
     @classmethod
@@ -130,7 +153,14 @@ class DPOTrainer(RoleTrainer):
             idx = batch["index"].clamp(min=0).cpu()
             return torch.cat([self._ref_cache[idx, 0], self._ref_cache[idx, 1]]).to(self.device)  # [2B]
         with torch.no_grad():
-            return sequence_logps(self.reference(**inputs).logits, batch["labels"])
+            return sequence_logps(self._reference_logits(inputs), batch["labels"])
+
+    def _reference_logits(self, inputs) -> torch.Tensor:
+        """[N, T, V] logits of the reference: its own model, or the policy with the adapter off."""
+        if self.recipe.dpo.reference == "policy_without_adapter":
+            with self.policy.without_adapter():
+                return self.policy(**inputs).logits
+        return self.reference(**inputs).logits
 
     def train(self):
         if self.recipe.dpo.precompute_reference:
@@ -149,8 +179,8 @@ class DPOTrainer(RoleTrainer):
                 continue
             for batch in self.data.eval_batches(split=split):
                 batch = self._to_device(batch)
-                ref = sequence_logps(self.reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-                                     batch["labels"])
+                ref = sequence_logps(self._reference_logits({"input_ids": batch["input_ids"],
+                                                             "attention_mask": batch["attention_mask"]}), batch["labels"])
                 half = ref.shape[0] // 2
                 rows.append(torch.stack([batch["index"].double(), ref[:half].double(), ref[half:].double()], -1))
         everyone = self.accelerator.gather(torch.cat(rows))  # [rows of all ranks, 3]: index, chosen, rejected
@@ -161,6 +191,8 @@ class DPOTrainer(RoleTrainer):
             self.out.mkdir(parents=True, exist_ok=True)
             save_file({"logps": table}, str(self.out / "reference_logps.safetensors"))
         self._ref_cache = table
+        if "reference" not in self.models:  # the policy without its adapter scored the pairs; nothing to free
+            return
         ref = self.models.pop("reference")
         ref.engine.destroy()
         del self.reference, ref
