@@ -77,6 +77,8 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default bf16 on cuda, fp32 on cpu")
     p.add_argument("--peak-tflops", type=float, default=None, help="per device; default from the device name")
+    p.add_argument("--student-zero", type=json.loads, default={}, help="JSON merged into the student's zero_optimization (our modes)")
+    p.add_argument("--teacher-zero", type=json.loads, default={}, help="JSON merged into the teacher's zero_optimization (our modes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="distill_throughput.json")
     a = p.parse_args(argv)
@@ -164,18 +166,24 @@ def recipe_for(a, mode: str, mb: int):
     from distill.trainers.distill import DistillTrainer
 
     s, t = model_configs(a)
+    root = Path(__file__).resolve().parents[1] / "configs/deepspeed"
+    s_ds = json.loads((root / "zero2.json").read_text())
+    s_ds["zero_optimization"].update(a.student_zero)
+    if mode == "naive":  # what accelerate derives for `auto` from the hidden size
+        s_ds["zero_optimization"]["reduce_bucket_size"] = s["hidden_size"] ** 2
     if mode in ("naive", "sharded_untuned"):
         # What accelerate/HF derive from the hidden size, and DeepSpeed's default live-parameter limits.
         h = t["hidden_size"]
-        zero = json.loads((Path(__file__).resolve().parents[1] / "configs/deepspeed/zero3.json").read_text())
+        zero = json.loads((root / "zero3.json").read_text())
         zero["zero_optimization"].update(reduce_bucket_size=h * h, stage3_prefetch_bucket_size=int(0.9 * h * h),
                                          stage3_param_persistence_threshold=10 * h, stage3_max_live_parameters=10**9,
                                          stage3_max_reuse_distance=10**9)
         t_ds, placement = zero, "sharded"
     else:
-        t_ds, placement = "zero3", mode.split("_")[0]
+        t_ds, placement = json.loads((root / "zero3.json").read_text()), mode.split("_")[0]
+        t_ds["zero_optimization"].update(a.teacher_zero)
     raw = {"trainer": "distill", "output_dir": "/tmp/distill_throughput", "seed": a.seed,
-           "student": {"config": s, "deepspeed": "zero2", "precision": a.dtype, "optimizer": {"lr": 1e-4}},
+           "student": {"config": s, "deepspeed": s_ds, "precision": a.dtype, "optimizer": {"lr": 1e-4}},
            "teacher": {"config": t, "deepspeed": t_ds, "precision": a.dtype, "placement": placement},
            "kd": {"loss": "forward_kl", "alpha": 0.5},
            "data": {"train": "unused.jsonl", "max_length": a.seq_len},
@@ -391,7 +399,8 @@ def main(argv=None) -> dict:
             peak_mem = torch.cuda.max_memory_allocated(device) - base if device.type == "cuda" else 0
             r.update(mode=mode, teacher_placement=tp.placement, teacher_zero_stage=tp.zero_stage,
                      placement_reason=tp.placement_reason, peak_mem_gib_per_rank=[m / 2**30 for m in all_gather_float(peak_mem, device)],
-                     models_mem_gib_per_rank=[m / 2**30 for m in all_gather_float(weights, device)])
+                     models_mem_gib_per_rank=[m / 2**30 for m in all_gather_float(weights, device)],
+                     student_zero=plans["student"].ds_config["zero_optimization"], teacher_zero=tp.ds_config["zero_optimization"])
             rows.append(r)
             if rank == 0:
                 print(json.dumps(r), flush=True)

@@ -16,6 +16,8 @@ from distill.placement import choose_placement, device_memory, frozen_zero3_sett
 from distill.recipe import DEEPSPEED_CONFIG_DIR, RecipeError, Role
 
 _DTYPE_KEYS = {"bf16": "bf16", "fp16": "fp16"}
+ZERO2_REDUCE_BUCKET = 500_000_000
+"""Elements per gradient-reduction bucket at ZeRO-1/2 when the config says `auto`."""
 
 
 def resolve_deepspeed(value: int | str | dict) -> dict[str, Any]:
@@ -135,6 +137,10 @@ def role_ds_config(name: str, spec: Role, *, micro_batch_size: int, grad_accum: 
     for key, value in tuned.items():
         if zero.get(key, "auto") == "auto":
             zero[key] = value
+    if stage in (1, 2) and zero.get("reduce_bucket_size") == "auto":
+        # DeepSpeed's own default. HF's hidden x hidden is sized for ZeRO-3; at ZeRO-2 it split a 0.3B
+        # student's gradient reduction into ~300 collectives (docs/performance.md).
+        zero["reduce_bucket_size"] = ZERO2_REDUCE_BUCKET
     if hidden_size:
         # The sizes HF Trainer derives from the hidden size, for configs that leave them `auto`.
         derived = {"reduce_bucket_size": hidden_size * hidden_size,
