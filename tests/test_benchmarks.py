@@ -20,7 +20,6 @@ def test_distill_throughput_tiny_on_one_cpu_process(tmp_path):
     res = json.loads(out.read_text())
 
     # FLOPs per token, from the tiny configs by hand (see the benchmark's docstring).
-
     sys.path.insert(0, str(REPO / "benchmarks"))
     import distill_throughput as bench
 
