@@ -71,6 +71,7 @@ def parse_args(argv=None):
     p.add_argument("--peak-tflops", type=float, default=None, help="per device; default from the device name")
     p.add_argument("--student-zero", type=json.loads, default={}, help="JSON merged into the student's zero_optimization (our modes)")
     p.add_argument("--teacher-zero", type=json.loads, default={}, help="JSON merged into the teacher's zero_optimization (our modes)")
+    p.add_argument("--profile", default=None, help="write torch.profiler's top kernels/ops of 2 steps (rank 0) to PROFILE.<mode>.<mb>.txt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="distill_throughput.json")
     a = p.parse_args(argv)
@@ -142,10 +143,27 @@ def measure(a, setup, mb: int, device) -> dict:
     for i in range(a.timing_steps):
         setup.phases(batches[i % len(batches)], tick)
     split = {k: v / max(1, a.timing_steps) for k, v in split.items()}
+    if a.profile:
+        profile(a, setup, batches[:2], f"{a.profile}.{a.current_mode}.{mb}.txt")
     step_s = elapsed / a.steps
     return {"micro_batch": mb, "step_s": step_s, "tokens_per_s_per_gpu": mb * a.seq_len / step_s,
             "split_s": split, "split_frac": {k: v / max(sum(split.values()), 1e-12) for k, v in split.items()},
             "role_switch_frac_of_step": split["role_switch"] / step_s}
+
+
+def profile(a, setup, batches, path) -> None:
+    """Every rank runs the steps (they hold collectives); rank 0 writes the table."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with torch_profile(activities=acts) as prof:
+        for b in batches:
+            setup.step(b)
+        sync(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    if int(os.environ.get("RANK", 0)) == 0:
+        key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        Path(path).write_text(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70))
 
 
 def main(argv=None) -> dict:
@@ -162,6 +180,7 @@ def main(argv=None) -> dict:
     s_cfg, t_cfg = model_configs(a)
     rows, info = [], {}
     for mode in a.modes:
+        a.current_mode = mode
         recipe = recipe_for(a, mode, a.micro_batch[0])
         plans = plan_roles(recipe, DistillTrainer, world_size=world, vocab_size=None)
         if mode == "naive":
