@@ -5,11 +5,15 @@
     torchrun --nproc_per_node 2 benchmarks/distill_throughput.py ...        # the same
     python benchmarks/distill_throughput.py --pair tiny --device cpu --out t.json  # CPU smoke run, 1 process
 
+Options worth knowing: --student-zero/--teacher-zero JSON merged into our modes' zero_optimization
+(to try a knob), --profile PREFIX (a torch.profiler table of two steps per mode and micro-batch).
+
 Every mode runs in the same processes, one after the other, on the same random batches (token ids
 drawn once from --seed, no padding) and models of the same configs, random init:
 
 * `naive`: what accelerate documents for several models: ONE Accelerator holding two
-  DeepSpeedPlugins, student ZeRO-2 (configs/deepspeed/zero2.json) and teacher ZeRO-3
+  DeepSpeedPlugins, student ZeRO-2 (configs/deepspeed/zero2.json, reduce bucket H x H as
+  accelerate fills `auto`) and teacher ZeRO-3
   (configs/deepspeed/zero3.json with the bucket sizes accelerate/HF derive from the hidden size,
   DeepSpeed's default live-parameter limits), `state.select_deepspeed_plugin` by hand around the
   teacher forward, `accelerator.backward` + `optimizer.step` in a plain loop.
