@@ -149,7 +149,8 @@ def run_distill(a, d: Path, world: int) -> tuple[list[float], list[float]]:
         "policy": {"from_pretrained": str(d / "model"), "deepspeed": f"zero{a.policy_zero}", "precision": a.dtype,
                    "optimizer": optimizer, "scheduler": {"name": "constant"},
                    "gradient_checkpointing": a.gradient_checkpointing},
-        "reference": {"from_pretrained": str(d / "model"), "deepspeed": a.ref_zero, "precision": a.dtype},
+        "reference": {"from_pretrained": str(d / "model"), "deepspeed": a.ref_zero, "precision": a.dtype,
+                      "placement": "sharded" if a.ref_zero == 3 else "replicated"},  # not the planner's choice
         "dpo": {"loss": "sigmoid", "beta": a.beta},
         "data": {"train": str(d / "pairs.jsonl"), "tokenizer": str(d / "tokenizer"), "max_length": a.seq_len},
         "train": {"micro_batch_size": a.micro_batch, "grad_accum": a.grad_accum, "max_steps": total, "log_every": 1,

@@ -12,9 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from distill.data.text import looks_like_path
+from distill.placement import choose_placement, device_memory, frozen_zero3_settings
 from distill.recipe import DEEPSPEED_CONFIG_DIR, RecipeError, Role
 
 _DTYPE_KEYS = {"bf16": "bf16", "fp16": "fp16"}
+ZERO2_REDUCE_BUCKET = 500_000_000
+"""Elements per gradient-reduction bucket at ZeRO-1/2 when the config says `auto`."""
 
 
 def resolve_deepspeed(value: int | str | dict) -> dict[str, Any]:
@@ -53,6 +56,9 @@ class RolePlan:
     """All parameters the role holds (with LoRA: base + adapter)."""
     trainable_params: int | None = None
     """Parameters that train: None means all of a trainable role (none of a frozen one); with LoRA, the adapter's."""
+    placement: str | None = None
+    """Frozen roles: replicated, sharded or offload (see distill/placement.py)."""
+    placement_reason: str = ""
 
     @property
     def num_trainable(self) -> int:
@@ -70,11 +76,34 @@ class RolePlan:
         return z.get("offload_param", {}).get("device", "none") if self.zero_stage == 3 else z.get("offload_optimizer", {}).get("device", "none")
 
 
+def requested_placement(spec: Role) -> str | None:
+    """A frozen role's placement as the recipe fixes it, or None when the planner chooses (`auto` at ZeRO-3)."""
+    if spec.trainable:
+        return None
+    if spec.placement != "auto":
+        return spec.placement
+    zero = resolve_deepspeed(spec.deepspeed)["zero_optimization"]
+    if spec.offload == "cpu" or zero.get("offload_param", {}).get("device", "none") not in ("none", None):
+        return "offload"
+    return None if zero["stage"] == 3 else "replicated"
+
+
 def role_ds_config(name: str, spec: Role, *, micro_batch_size: int, grad_accum: int, world_size: int,
-                   grad_clip: float | None, hidden_size: int | None) -> dict[str, Any]:
-    """The DeepSpeed config one role runs with: every `auto` replaced by a concrete value."""
+                   grad_clip: float | None, hidden_size: int | None, placement: str | None = None,
+                   frozen_zero3: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The DeepSpeed config one role runs with: every `auto` replaced by a concrete value.
+
+    placement (frozen roles): replicated -> ZeRO-0, sharded -> ZeRO-3, offload -> ZeRO-3 with
+    parameters on CPU; None keeps the stage of `deepspeed`. frozen_zero3: the ZeRO-3 settings a
+    frozen role gets where its config leaves them unset or `auto` (`frozen_zero3_settings`)."""
     cfg = resolve_deepspeed(spec.deepspeed)
     zero = cfg["zero_optimization"]
+    if not spec.trainable and placement is not None:
+        zero["stage"] = 0 if placement == "replicated" else 3
+        if placement == "offload":
+            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+        else:
+            zero.pop("offload_param", None)
     stage = zero["stage"]
     if spec.trainable and stage == 0:
         # Only DeepSpeed's ZeRO optimizers refuse a step whose gradient norm is NaN/Inf.
@@ -90,7 +119,7 @@ def role_ds_config(name: str, spec: Role, *, micro_batch_size: int, grad_accum: 
         if enabled and spec.precision != key:
             raise RecipeError(f"`{name}.deepspeed` enables {key} but `{name}.precision` is {spec.precision}: set `{name}.precision: {key}` or remove {key} from the DeepSpeed config")
         cfg[key] = {**cfg.get(key, {}), "enabled": spec.precision == key}
-    if spec.offload == "cpu":
+    if spec.offload == "cpu" and placement != "replicated":
         if stage == 3:
             zero["offload_param"] = {"device": "cpu", "pin_memory": True}
         elif not spec.trainable:
@@ -109,6 +138,18 @@ def role_ds_config(name: str, spec: Role, *, micro_batch_size: int, grad_accum: 
         cfg.pop("gradient_clipping", None)
     cfg["steps_per_print"] = 10**12
     cfg.setdefault("wall_clock_breakdown", False)
+    # A sharded frozen role gets settings scaled to its layers; other roles keep DeepSpeed's defaults
+    # for what the shipped configs leave `auto`.
+    tuned = {"stage3_max_live_parameters": 10**9, "stage3_max_reuse_distance": 10**9}
+    if stage == 3 and not spec.trainable and frozen_zero3:
+        tuned = {**tuned, **frozen_zero3}
+    for key, value in tuned.items():
+        if zero.get(key, "auto") == "auto":
+            zero[key] = value
+    if stage in (1, 2) and zero.get("reduce_bucket_size") == "auto":
+        # DeepSpeed's own default. HF's hidden x hidden is sized for ZeRO-3; at ZeRO-2 it split a 0.3B
+        # student's gradient reduction into ~300 collectives (docs/performance.md).
+        zero["reduce_bucket_size"] = ZERO2_REDUCE_BUCKET
     if hidden_size:
         # The sizes HF Trainer derives from the hidden size, for configs that leave them `auto`.
         derived = {"reduce_bucket_size": hidden_size * hidden_size,
@@ -176,18 +217,30 @@ def count_params(model_config) -> int:
 def plan_roles(recipe, trainer_cls, *, world_size: int, vocab_size: int | None) -> dict[str, RolePlan]:
     """Every role the run builds (`trainer_cls.built_roles`), trainable roles first (the first one owns the
     primary Accelerator)."""
-    plans = {}
+    plans: dict[str, RolePlan] = {}
+    t = recipe.train
+    mem = dict(world_size=world_size, micro_batch_size=t.micro_batch_size, seq_len=recipe.data.max_length)
     for name in sorted(trainer_cls.built_roles(recipe), key=lambda n: not getattr(recipe, n).trainable):
         spec: Role = getattr(recipe, name)
         mcfg = load_model_config(name, spec, vocab_size)
-        ds = role_ds_config(name, spec, micro_batch_size=recipe.train.micro_batch_size, grad_accum=recipe.train.grad_accum,
-                            world_size=world_size, grad_clip=recipe.train.grad_clip, hidden_size=getattr(mcfg, "hidden_size", None))
         if spec.lora is not None:
             from distill.lora import lora_param_counts  # peft only where a recipe asks for LoRA
 
-            plans[name] = RolePlan(name, spec, ds, mcfg, *lora_param_counts(mcfg, spec.lora, name))
+            n, trained = lora_param_counts(mcfg, spec.lora, name)
         else:
-            plans[name] = RolePlan(name, spec, ds, mcfg, count_params(mcfg))
+            n, trained = count_params(mcfg), None
+        kw = dict(micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum, world_size=world_size,
+                  grad_clip=t.grad_clip, hidden_size=getattr(mcfg, "hidden_size", None),
+                  frozen_zero3=None if spec.trainable else frozen_zero3_settings(mcfg, n))
+        placement, why = requested_placement(spec), "set by the recipe"
+        if not spec.trainable and placement is None:
+            whole = estimate_memory(RolePlan(name, spec, role_ds_config(name, spec, placement="replicated", **kw), mcfg, n), **mem)
+            others = sum(sum(estimate_memory(p, **mem).values()) for p in plans.values())
+            placement, why = choose_placement(weights_bytes=whole["weights"], other_bytes=others + whole["activations"] + whole["logits"],
+                                              device_bytes=device_memory(), world_size=world_size)
+            why = f"auto: {why}"
+        ds = role_ds_config(name, spec, placement=placement, **kw)
+        plans[name] = RolePlan(name, spec, ds, mcfg, n, trained, placement, "" if spec.trainable else why)
     trainable = [n for n, p in plans.items() if p.spec.trainable]
     if not trainable:
         raise RecipeError(f"no role is trainable: set `trainable: true` on one of {list(plans)}")
@@ -198,13 +251,15 @@ def plan_roles(recipe, trainer_cls, *, world_size: int, vocab_size: int | None) 
 
 
 def format_plan(plans: dict[str, RolePlan], world_size: int) -> str:
-    rows = [("role", "trainable", "ZeRO", "offload", "precision", "params", "trained params")]
+    rows = [("role", "trainable", "ZeRO", "offload", "placement", "precision", "params", "trained params")]
     for p in plans.values():
         how = "frozen" if not p.spec.trainable else f"LoRA r={p.spec.lora.r}" if p.spec.lora else "yes"
         trained = f"{p.num_trainable / 1e6:.2f}M ({100 * p.num_trainable / max(p.num_params, 1):.2f}%)" if p.spec.trainable else "-"
-        rows.append((p.name, how, str(p.zero_stage), p.offload, p.spec.precision, f"{p.num_params / 1e6:.2f}M", trained))
+        rows.append((p.name, how, str(p.zero_stage), p.offload, p.placement or "-", p.spec.precision,
+                     f"{p.num_params / 1e6:.2f}M", trained))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines += [f"{p.name} placement {p.placement}: {p.placement_reason}" for p in plans.values() if p.placement_reason]
     return f"roles ({world_size} process{'es' if world_size > 1 else ''}):\n  " + "\n  ".join(lines)
 
 

@@ -83,6 +83,12 @@ class Role(Section):
     `zero3_offload`), a path to a DeepSpeed JSON file, or an inline DeepSpeed config."""
     offload: Literal["none", "cpu"] = "none"
     """Offload to CPU: parameters (ZeRO-3 only) and, for trainable roles, optimizer state."""
+    placement: Literal["auto", "sharded", "replicated", "offload"] = "auto"
+    """Frozen roles only: where the weights live. `replicated`: a whole copy on every GPU (ZeRO-0,
+    the fastest forward); `sharded`: ZeRO-3 with whole decoder layers gathered at once; `offload`:
+    ZeRO-3 with parameters in CPU memory. `auto` picks replicated when the weights fit in half the GPU
+    memory left after the other roles, else sharded, else offload; it applies when the role's
+    `deepspeed` stage is 3 (the default of frozen roles). Explicit values win over `deepspeed`'s stage."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """This role's weights and compute dtype. A trainable bf16 role keeps fp32 master weights in its
     optimizer; a frozen bf16 role is bf16 only."""
@@ -111,6 +117,12 @@ class Role(Section):
             raise ValueError("a frozen role has no optimizer or scheduler: remove them, or set `trainable: true`")
         if self.lora is not None and not self.trainable:
             raise ValueError("`lora` adapts a role that trains; this role is frozen: remove `lora`, or set `trainable: true`")
+        if self.trainable and self.placement != "auto":
+            raise ValueError("`placement` chooses where a frozen role's weights live; a trainable role's follow from "
+                             "`deepspeed` and `offload`: remove `placement`")
+        if self.placement in ("replicated", "sharded") and self.offload == "cpu":
+            raise ValueError(f"`placement: {self.placement}` keeps the weights on the GPUs, `offload: cpu` moves them to CPU: "
+                             "use `placement: offload` (and remove `offload`), or remove `offload`")
         return self
 
     @property

@@ -46,8 +46,9 @@ def test_plain_cli_launches_two_processes_and_saves_a_loadable_student(assets, t
     assert lrs == pytest.approx([3e-3 * (1 + math.cos(math.pi * k / 4)) / 2 for k in range(4)], abs=1e-12)
     assert all(m["grad_norm"] > 0 for m in metrics if "loss" in m)
     # The run opens with the role table and closes with the before/after table.
-    assert re.search(r"student\s+yes\s+2\s+none\s+fp32", proc.stdout), proc.stdout
-    assert re.search(r"teacher\s+frozen\s+3\s+none\s+fp32", proc.stdout)
+    assert re.search(r"student\s+yes\s+2\s+none\s+-\s+fp32", proc.stdout), proc.stdout
+    assert re.search(r"teacher\s+frozen\s+3\s+none\s+sharded\s+fp32", proc.stdout)
+    assert "teacher placement sharded: auto: no GPU to size it against" in proc.stdout
     assert "student KL(teacher || student)" in proc.stdout
     summary = json.loads((run / "summary.json").read_text())
 

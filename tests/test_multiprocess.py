@@ -51,3 +51,21 @@ def test_nan_losses_in_a_row_stop_every_rank_together(assets, tmp_path):
     result = json.loads(out.read_text())
     assert result["steps_run"] == 4 and "3 steps in a row" in result["stopped"]
     assert result["unchanged_at_step"][1:] == [True, True, True]
+
+
+def test_replicated_teacher_matches_sharded_and_sharded_gathers_whole_layers(assets, tmp_path):
+    import torch
+
+    res = {}
+    for placement in ("sharded", "replicated"):
+        out = tmp_path / f"{placement}.pt"
+        check(launch("distill.testing.scripts.placement_check", str(assets["root"]), str(out), placement))
+        res[placement] = torch.load(out)
+    s, r = res["sharded"], res["replicated"]
+    assert (s["stage"], r["stage"]) == (3, 0)
+    assert s["leaves"] == s["layers"] > 0 and r["leaves"] == 0  # each decoder layer is one ZeRO-3 unit
+    torch.testing.assert_close(s["logits"], r["logits"], atol=1e-5, rtol=1e-5)
+    for when in ("before", "after"):
+        assert s[when].keys() == r[when].keys()
+        for k in s[when]:
+            assert s[when][k] == pytest.approx(r[when][k], rel=1e-5, abs=1e-6), (when, k)

@@ -1,4 +1,5 @@
 """Recipes: every shipped one validates; every bad one fails before any model loads, naming key and fix."""
+import re
 from pathlib import Path
 
 import pytest
@@ -202,6 +203,7 @@ def test_dry_run_prints_the_plan_and_loads_nothing(tmp_path):
                            f"output_dir={out}"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "student  yes" in proc.stdout and "estimated memory per GPU" in proc.stdout
+    assert re.search(r"teacher placement (sharded|replicated|offload): auto: \S", proc.stdout), proc.stdout
     assert "accelerate launch --num_processes 2" in proc.stdout
     assert not out.exists()
 

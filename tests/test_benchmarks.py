@@ -1,0 +1,56 @@
+"""The distillation throughput benchmark runs end to end on CPU and reports every field it promises."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_distill_throughput_tiny_on_one_cpu_process(tmp_path):
+    out, log = tmp_path / "bench.json", tmp_path / "bench.log"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "distill_throughput.py"), "--pair", "tiny", "--device", "cpu",
+           "--modes", "naive", "sharded", "replicated", "--micro-batch", "2", "3", "--warmup", "1", "--steps", "2",
+           "--timing-steps", "1", "--peak-tflops", "0.5", "--out", str(out)]
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, log.read_text()[-6000:]
+    res = json.loads(out.read_text())
+
+    # FLOPs per token, from the tiny configs by hand (see the benchmark's docstring).
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import distill_throughput as bench
+
+    s_cfg, t_cfg = bench.model_configs(bench.parse_args(["--pair", "tiny", "--device", "cpu"]))
+    S, V = 32, 256
+
+    def matmul_params(c, total):
+        return total - V * c["hidden_size"]  # untied: all but the input embedding
+
+    def attn(c):
+        return 4 * c["num_hidden_layers"] * S * c["hidden_size"]
+
+    fpt = (6 * matmul_params(s_cfg, res["student_params"]) + 3 * attn(s_cfg)
+           + 2 * matmul_params(t_cfg, res["teacher_params"]) + attn(t_cfg))
+    assert res["flops_per_token"] == fpt
+    assert res["world_size"] == 1 and res["seq_len"] == S and res["peak_flops_per_gpu"] == 0.5e12
+
+    rows = res["results"]
+    assert [(r["mode"], r["micro_batch"]) for r in rows] == [(m, b) for m in ("naive", "sharded", "replicated") for b in (2, 3)]
+    stage = {r["mode"]: r["teacher_zero_stage"] for r in rows}
+    assert stage == {"naive": 3, "sharded": 3, "replicated": 0}
+    for r in rows:
+        assert r["step_s"] > 0 and r["tokens_per_s_per_gpu"] == pytest.approx(r["micro_batch"] * S / r["step_s"])
+        assert r["mfu"] == pytest.approx(r["tokens_per_s_per_gpu"] * fpt / 0.5e12)
+        assert set(r["split_s"]) == set(bench.PHASES) and all(v >= 0 for v in r["split_s"].values())
+        assert r["split_s"]["teacher_forward"] > 0 and r["split_s"]["backward"] > 0
+        assert sum(r["split_frac"].values()) == pytest.approx(1.0)
+        assert len(r["peak_mem_gib_per_rank"]) == 1
+    naive_z = next(r for r in rows if r["mode"] == "naive")["student_zero"]
+    assert naive_z["reduce_bucket_size"] == s_cfg["hidden_size"] ** 2  # accelerate's derivation, not ours
+    for mb in ("2", "3"):
+        assert set(res["summary"][mb]) == {"sharded_over_naive_tokens", "replicated_over_naive_tokens",
+                                           "naive_teacher_forward_over_replicated", "sharded_teacher_forward_over_replicated"}
+    assert "tok/s/GPU" in log.read_text()
