@@ -16,10 +16,13 @@ with a constant lr, gradient clipping 1.0, no gradient checkpointing (unless --g
 bf16 weights with fp32 master weights under DeepSpeed ZeRO-2 for the policy, sdpa attention.
 What differs is each framework's own design, and is what this measures:
 
-* the reference: distill holds it in ZeRO-3 (--ref-zero, default 3); TRL holds it replicated
-  (DeepSpeed stage 0) unless its policy is ZeRO-3 (--policy-zero 3), then both are ZeRO-3;
-* log-probs: distill materialises the logits and takes a float32 log-softmax; TRL 1.x computes
-  them with its chunked fused LM head;
+* the reference: distill places it by its planner (--ref-zero auto: replicated when it fits beside
+  the policy, else ZeRO-3), or as forced by --ref-zero 0|3; TRL holds it replicated (DeepSpeed
+  stage 0) unless its policy is ZeRO-3 (--policy-zero 3), then both are ZeRO-3;
+* log-probs: distill takes them from the logits with fp32 math chunk by chunk
+  (distill/losses/logps.py); TRL 1.x computes them with its chunked fused LM head;
+* ZeRO-2 buckets: distill's defaults (5e8-element reduce bucket); TRL's "auto", which the HF
+  Trainer fills with hidden_size**2;
 * the data pipeline, the loop and the per-step metrics of each.
 
 Timing: the wall clock between the end of step --warmup and the end of the last step (each side
@@ -65,7 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--policy-zero", type=int, choices=[2, 3], default=2)
-    p.add_argument("--ref-zero", type=int, choices=[0, 3], default=3, help="distill's reference only (see above)")
+    p.add_argument("--ref-zero", choices=["0", "3", "auto"], default="auto",
+                   help="distill's reference: 0 replicated, 3 sharded, auto the planner's choice (see above)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--lr", type=float, default=1e-5)
@@ -149,8 +153,9 @@ def run_distill(a, d: Path, world: int) -> tuple[list[float], list[float]]:
         "policy": {"from_pretrained": str(d / "model"), "deepspeed": f"zero{a.policy_zero}", "precision": a.dtype,
                    "optimizer": optimizer, "scheduler": {"name": "constant"},
                    "gradient_checkpointing": a.gradient_checkpointing},
-        "reference": {"from_pretrained": str(d / "model"), "deepspeed": a.ref_zero, "precision": a.dtype,
-                      "placement": "sharded" if a.ref_zero == 3 else "replicated"},  # not the planner's choice
+        "reference": {"from_pretrained": str(d / "model"), "precision": a.dtype, **(
+            {} if a.ref_zero == "auto" else  # the planner places it
+            {"deepspeed": int(a.ref_zero), "placement": "sharded" if a.ref_zero == "3" else "replicated"})},
         "dpo": {"loss": "sigmoid", "beta": a.beta},
         "data": {"train": str(d / "pairs.jsonl"), "tokenizer": str(d / "tokenizer"), "max_length": a.seq_len},
         "train": {"micro_batch_size": a.micro_batch, "grad_accum": a.grad_accum, "max_steps": total, "log_every": 1,
@@ -238,7 +243,7 @@ def worker(a) -> None:
             "step_s": seconds / a.steps if seconds else None, "peak_mem_gib": peak,
             "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
             "policy_zero": a.policy_zero,
-            "reference": f"ZeRO-{a.ref_zero}" if a.impl == "distill" else ("ZeRO-3" if a.policy_zero == 3 else "replicated (stage 0)"),
+            "reference": (f"ZeRO-{a.ref_zero}" if a.ref_zero != "auto" else "planner (auto)") if a.impl == "distill" else ("ZeRO-3" if a.policy_zero == 3 else "replicated (stage 0)"),
             "versions": _versions(),
         }
         Path(a.result or d / f"result_{a.impl}.json").write_text(json.dumps(result, indent=2))

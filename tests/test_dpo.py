@@ -66,6 +66,32 @@ def test_sequence_logps_against_a_loop():
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_sequence_logps_match_log_softmax_in_value_and_gradient(dtype):
+    from distill.losses.logps import sequence_logps
+
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(4, 9, 50)).to(dtype).requires_grad_()
+    labels = torch.randint(0, 50, (4, 9))
+    labels[0, :3] = -100
+    labels[3] = -100
+    weights = torch.randn(4)
+    got = sequence_logps(logits, labels, chunk=5)  # chunks that cut across rows
+    (got * weights).sum().backward()
+    grad, logits.grad = logits.grad.clone(), None
+    mask = labels != -100
+    logp = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    want = (logp * mask).sum(-1)
+    (want * weights).sum().backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.float(), logits.grad.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
+                               atol=1e-2 if dtype == torch.bfloat16 else 1e-6)
+    assert grad.dtype == dtype and got.dtype == torch.float32
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([[1, -100, 5], [0, 2, 3]])
+    assert torch.autograd.gradcheck(lambda t: sequence_logps(t, y, chunk=2), (x,))
+
+
 def test_dpo_recipe_errors(assets, tmp_path):
     from distill.recipe import RecipeError, validate_recipe
     from distill.trainers.dpo import DPOTrainer

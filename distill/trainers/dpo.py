@@ -10,13 +10,14 @@ adapter disabled is the reference (it is exactly the starting policy, since LoRA
 from __future__ import annotations
 
 import gc
+from typing import Literal
 
 import torch
-from typing import Literal
 
 from pydantic import Field, field_validator
 
 from distill.data.loading import DataBundle
+from distill.losses.logps import sequence_logps
 from distill.losses.preference import get_preference_loss, rewards
 from distill.recipe import RecipeError, Role, Section
 from distill.trainer import RoleTrainer, before_after_table
@@ -43,14 +44,6 @@ class DPOSpec(Section):
     def _known(cls, v: str) -> str:
         get_preference_loss(v)
         return v
-
-
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Sum of log p(label) over each row's predicted tokens: logits [N, T, V], labels [N, T] -> [N] (fp32)."""
-    mask = labels != ignore_index
-    logp = torch.log_softmax(logits.float(), dim=-1)  # [N, T, V]
-    picked = logp.gather(-1, labels.masked_fill(~mask, 0).unsqueeze(-1)).squeeze(-1)  # [N, T]
-    return (picked * mask).sum(-1)
 
 
 @register_trainer
