@@ -75,6 +75,21 @@ class RoleModel:
         with self.manager.use(self.name):
             return self.engine(*args, **kwargs)
 
+    def last_hidden(self, **inputs) -> torch.Tensor:
+        """The decoder's final (normalised) hidden states [B, T, H], the model asked for logits of one
+        position only: for losses that apply the lm_head themselves, chunk by chunk."""
+        box: dict = {}
+
+        def hook(module, args, output):
+            box["value"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+        handle = self.module.get_decoder().register_forward_hook(hook)
+        try:
+            self(**inputs, logits_to_keep=1)
+        finally:
+            handle.remove()
+        return box["value"]
+
     def backward(self, loss: torch.Tensor, *, boundary: bool) -> None:
         """Backward of one micro-batch; steps the optimizer at the accumulation boundary.
 

@@ -32,8 +32,8 @@ def test_ensemble_trainer_example_runs_on_two_processes(assets, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "distill.train", "ensemble.yaml"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(tmp_path)})
     check(proc)
-    assert re.search(r"teacher_a\s+frozen\s+3\s+none\s+fp32", proc.stdout)
-    assert re.search(r"teacher_b\s+frozen\s+3\s+none\s+bf16", proc.stdout)
+    assert re.search(r"teacher_a\s+frozen\s+3\s+none\s+sharded\s+fp32", proc.stdout)
+    assert re.search(r"teacher_b\s+frozen\s+3\s+none\s+sharded\s+bf16", proc.stdout)
     run = tmp_path / "runs" / "ensemble"
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train = [m for m in metrics if "kd" in m and "step" in m and "loss" in m]

@@ -92,6 +92,34 @@ def test_chunked_sequence_logps_match_log_softmax_in_value_and_gradient(dtype):
     assert torch.autograd.gradcheck(lambda t: sequence_logps(t, y, chunk=2), (x,))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_sequence_logps_equal_logits_path_in_value_and_gradients(dtype):
+    from distill.losses.logps import head_sequence_logps, sequence_logps
+
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 7, 16, dtype=dtype, requires_grad=True)
+    weight = (0.5 * torch.randn(40, 16)).to(dtype).requires_grad_()
+    labels = torch.randint(0, 40, (3, 7))
+    labels[0, :2] = -100
+    labels[2] = -100  # a padding pair's row: 0, and no gradient
+    w = torch.randn(3)
+    got = head_sequence_logps(hidden, weight, labels, chunk=4)
+    (got * w).sum().backward()
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    want = sequence_logps(hidden @ weight.T, labels)
+    (want * w).sum().backward()
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[0].float(), hidden.grad.float(), **tol)
+    torch.testing.assert_close(grads[1].float(), weight.grad.float(), **tol)
+    assert got[2] == 0 and grads[0][2].abs().sum() == 0
+    h = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    wt = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([[1, -100, 5], [0, 2, 3]])
+    assert torch.autograd.gradcheck(lambda a, b: head_sequence_logps(a, b, y, chunk=2), (h, wt))
+
+
 def test_dpo_recipe_errors(assets, tmp_path):
     from distill.recipe import RecipeError, validate_recipe
     from distill.trainers.dpo import DPOTrainer

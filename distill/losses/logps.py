@@ -49,3 +49,54 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     mask = labels != ignore_index  # [N, T]
     flat = _LabelLogps.apply(logits.reshape(-1, logits.shape[-1]), labels.masked_fill(~mask, 0).reshape(-1), chunk)
     return (flat.view(labels.shape) * mask).sum(-1)
+
+
+class _HeadLogps(torch.autograd.Function):
+    """log p(label) of hidden states [M, H] through an lm_head weight [V, H] -> [M], `chunk` rows at a time.
+
+    The logits of a chunk are one matmul in the weight's dtype (as the model's lm_head computes
+    them), then fp32; backward recomputes them. Saves the hidden rows, the fp32 logsumexp and a
+    reference to the weight: never a [M, V] tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+        acc = torch.promote_types(weight.dtype, torch.float32)
+        lse = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)  # [M]
+        out = torch.empty_like(lse)  # [M]
+        for s in range(0, hidden.shape[0], chunk):
+            x = (hidden[s:s + chunk] @ weight.T).to(acc)  # [c, V]
+            lse[s:s + chunk] = torch.logsumexp(x, dim=-1)
+            out[s:s + chunk] = x.gather(-1, labels[s:s + chunk, None]).squeeze(-1) - lse[s:s + chunk]
+        ctx.save_for_backward(hidden, weight, labels, lse)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        hidden, weight, labels, lse = ctx.saved_tensors
+        c, g = ctx.chunk, grad_out.to(lse.dtype)
+        grad_h = torch.empty_like(hidden)  # [M, H]
+        grad_w = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if ctx.needs_input_grad[1] else None
+        for s in range(0, hidden.shape[0], c):
+            x = (hidden[s:s + c] @ weight.T).to(lse.dtype)  # [c, V]
+            gl = torch.exp(x - lse[s:s + c, None]) * -g[s:s + c, None]  # onehot(label) - softmax, times g
+            gl.scatter_add_(-1, labels[s:s + c, None], g[s:s + c, None])
+            gl = gl.to(weight.dtype)
+            grad_h[s:s + c] = gl @ weight
+            if grad_w is not None:
+                grad_w += (gl.T @ hidden[s:s + c]).to(grad_w.dtype)  # [V, H], accumulated in fp32
+        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None
+
+
+def head_sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                        ignore_index: int = IGNORE_INDEX, chunk: int = 2048) -> torch.Tensor:
+    """`sequence_logps` from final hidden states [N, T, H] and the lm_head weight [V, H] -> [N].
+
+    Only the predicted tokens go through the head, `chunk` at a time, so neither the [N, T, V]
+    logits nor their gradient ever exist. The head must be a plain linear map without bias,
+    softcapping or scaling (checked by the trainer from the model config)."""
+    mask = labels != ignore_index  # [N, T]
+    rows = mask.nonzero()[:, 0]  # [M]: the row of each predicted token
+    tokens = _HeadLogps.apply(hidden[mask], weight, labels[mask], chunk)  # [M]
+    return torch.zeros(labels.shape[0], dtype=tokens.dtype, device=tokens.device).index_add(0, rows, tokens)

@@ -1,8 +1,7 @@
 """Offline logit distillation: a trainable student learns from a frozen teacher's distributions."""
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -50,21 +49,6 @@ class KDSpec(Section):
         except (TypeError, ValueError) as e:
             raise ValueError(f"`kd.params` {self.params} do not fit `kd.loss: {self.loss}`: {e}") from None
         return self
-
-
-@contextlib.contextmanager
-def last_hidden(model: torch.nn.Module) -> Iterator[dict]:
-    """Captures the decoder's final (normalised) hidden states [B, T, H] of forwards inside the block."""
-    box: dict = {}
-
-    def hook(module, args, output):
-        box["value"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
-
-    handle = model.get_decoder().register_forward_hook(hook)
-    try:
-        yield box
-    finally:
-        handle.remove()
 
 
 @register_trainer
@@ -189,18 +173,17 @@ class DistillTrainer(RoleTrainer):
 
     def _chunked_loss_step(self, batch, num_tokens, alpha):
         kd = self.recipe.kd
-        # logits_to_keep=1: the models compute logits for one position only; the loss takes the rest
-        # from the hidden states, one chunk of tokens at a time.
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "logits_to_keep": 1}
-        with last_hidden(self.teacher.module) as t_hidden, torch.no_grad():
-            self.teacher(**inputs)
-        with last_hidden(self.student.module) as s_hidden:
-            self.student(**inputs)
+        # The models compute logits for one position only; the loss takes the rest from the hidden
+        # states, one chunk of tokens at a time.
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        with torch.no_grad():
+            t_hidden = self.teacher.last_hidden(**inputs)  # [B, T, H_t]
+        s_hidden = self.student.last_hidden(**inputs)  # [B, T, H_s]
         t_head = self.teacher.module.get_output_embeddings().weight
         s_head = self.student.module.get_output_embeddings().weight
         # One gather of the teacher's head per micro-batch, on every rank, whatever its token count.
         with self.teacher.gathered([t_head]):
-            total, parts = chunked_kd_loss(s_hidden["value"], s_head, t_hidden["value"], t_head.detach(), batch["labels"],
+            total, parts = chunked_kd_loss(s_hidden, s_head, t_hidden, t_head.detach(), batch["labels"],
                                            loss=kd.loss, alpha_ce=alpha, chunk_size=kd.chunk_size,
                                            num_valid_tokens=num_tokens, temperature=kd.temperature, top_k=kd.top_k,
                                            loss_kwargs=kd.params)

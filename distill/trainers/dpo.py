@@ -17,7 +17,7 @@ import torch
 from pydantic import Field, field_validator
 
 from distill.data.loading import DataBundle
-from distill.losses.logps import sequence_logps
+from distill.losses.logps import head_sequence_logps, sequence_logps
 from distill.losses.preference import get_preference_loss, rewards
 from distill.recipe import RecipeError, Role, Section
 from distill.trainer import RoleTrainer, before_after_table
@@ -38,6 +38,10 @@ class DPOSpec(Section):
     """Score the data with the reference once before training, cache it in the run directory, free the reference."""
     max_prompt_length: int | None = Field(None, ge=1)
     """Prompt tokens kept (from the end) when a prompt is too long; default half of data.max_length."""
+    logps: Literal["auto", "chunked", "logits"] = "auto"
+    """How sequence log-probs are taken: `chunked` applies the lm_head to the response tokens' hidden states
+    chunk by chunk, never holding [tokens, vocab] logits; `logits` from the model's full logits; `auto`
+    chunked unless the policy is ZeRO-3, has an adapter on lm_head, or a model transforms its logits."""
 
     @field_validator("loss")
     @classmethod
@@ -58,6 +62,12 @@ class DPOTrainer(RoleTrainer):
     @classmethod
     def built_roles(cls, recipe) -> list[str]:
         return ["policy"] if recipe.dpo.reference == "policy_without_adapter" else ["policy", "reference"]
+
+    @classmethod
+    def check_plans(cls, recipe, plans) -> None:
+        blocker = _head_logps_blocker(recipe, plans)
+        if recipe.dpo.logps == "chunked" and blocker:
+            raise RecipeError(f"`dpo.logps: chunked` is not possible here: {blocker}; set `dpo.logps: auto` or `logits`")
 
     @classmethod
     def check_recipe(cls, recipe) -> None:
@@ -119,7 +129,7 @@ class DPOTrainer(RoleTrainer):
     def loss_step(self, batch, num_tokens):
         spec = self.recipe.dpo
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        logps = sequence_logps(self.policy(**inputs).logits, batch["labels"])  # [2B]: chosen rows, then rejected
+        logps = self._logps(self.policy, inputs, batch["labels"])  # [2B]: chosen rows, then rejected
         ref = self._reference_logps(batch, inputs)  # [2B]
         half = logps.shape[0] // 2
         valid = self._valid_pairs(batch).float()  # [B]
@@ -145,15 +155,30 @@ class DPOTrainer(RoleTrainer):
         if getattr(self, "_ref_cache", None) is not None:
             idx = batch["index"].clamp(min=0).cpu()
             return torch.cat([self._ref_cache[idx, 0], self._ref_cache[idx, 1]]).to(self.device)  # [2B]
-        with torch.no_grad():
-            return sequence_logps(self._reference_logits(inputs), batch["labels"])
+        return self._reference_sequence_logps(inputs, batch["labels"])
 
-    def _reference_logits(self, inputs) -> torch.Tensor:
-        """[N, T, V] logits of the reference: its own model, or the policy with the adapter off."""
+    @torch.no_grad()
+    def _reference_sequence_logps(self, inputs, labels) -> torch.Tensor:
+        """[N] log-probs of the reference: its own model, or the policy with the adapter off."""
         if self.recipe.dpo.reference == "policy_without_adapter":
             with self.policy.without_adapter():
-                return self.policy(**inputs).logits
-        return self.reference(**inputs).logits
+                return self._logps(self.policy, inputs, labels)
+        return self._logps(self.reference, inputs, labels)
+
+    def _logps(self, role, inputs, labels) -> torch.Tensor:
+        """[N] summed log-probs of the labels under `role`, from hidden states chunk by chunk or from logits."""
+        if "_chunked" not in self.__dict__:
+            self._chunked = self.recipe.dpo.logps == "chunked" or (
+                self.recipe.dpo.logps == "auto" and not _head_logps_blocker(self.recipe, self.plans))
+            if self.rank == 0:
+                self.log(f"dpo: log-probs {'from hidden states, chunk by chunk' if self._chunked else 'from full logits'} "
+                         f"(dpo.logps: {self.recipe.dpo.logps})")
+        if not self._chunked:
+            return sequence_logps(role(**inputs).logits, labels)
+        hidden = role.last_hidden(**inputs)  # [N, T, H]
+        head = role.module.get_output_embeddings().weight
+        with role.gathered([head]):  # a sharded reference: its head once per micro-batch, on every rank
+            return head_sequence_logps(hidden, head if role.trainable else head.detach(), labels)
 
     def train(self):
         if self.recipe.dpo.precompute_reference:
@@ -172,8 +197,8 @@ class DPOTrainer(RoleTrainer):
                 continue
             for batch in self.data.eval_batches(split=split):
                 batch = self._to_device(batch)
-                ref = sequence_logps(self._reference_logits({"input_ids": batch["input_ids"],
-                                                             "attention_mask": batch["attention_mask"]}), batch["labels"])
+                ref = self._reference_sequence_logps({"input_ids": batch["input_ids"],
+                                                      "attention_mask": batch["attention_mask"]}, batch["labels"])
                 half = ref.shape[0] // 2
                 rows.append(torch.stack([batch["index"].double(), ref[:half].double(), ref[half:].double()], -1))
         everyone = self.accelerator.gather(torch.cat(rows))  # [rows of all ranks, 3]: index, chosen, rejected
@@ -204,3 +229,18 @@ class _IndexedCollator:
 
     def __call__(self, examples):
         return {**self.inner(examples), "index": torch.tensor([ex["index"] for ex in examples])}
+
+
+def _head_logps_blocker(recipe, plans) -> str | None:
+    """Why log-probs cannot be taken from hidden states through the lm_head weight here, if they cannot."""
+    policy = recipe.policy
+    if policy.zero_stage == 3:
+        return "the policy is ZeRO-3, and its gathered lm_head weight would not carry a gradient back to its shards"
+    lora = policy.lora
+    if lora is not None and isinstance(lora.target_modules, list) and "lm_head" in lora.target_modules:
+        return "`policy.lora` adapts lm_head, whose weight alone would skip the adapter"
+    for name, plan in plans.items():
+        for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+            if getattr(plan.model_config, attr, None) not in (None, 1, 1.0):
+                return f"`{name}` transforms its logits ({attr}={getattr(plan.model_config, attr)})"
+    return None
