@@ -54,3 +54,16 @@ def test_distill_throughput_tiny_on_one_cpu_process(tmp_path):
         assert set(res["summary"][mb]) == {"sharded_over_naive_tokens", "replicated_over_naive_tokens",
                                            "naive_teacher_forward_over_replicated", "sharded_teacher_forward_over_replicated"}
     assert "tok/s/GPU" in log.read_text()
+
+
+def test_throughput_plot_draws_every_results_file(tmp_path):
+    from PIL import Image
+
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    out = tmp_path / "plot.png"
+    proc = subprocess.run([sys.executable, "benchmarks/plot_throughput.py", str(results / "call2_0.3b_1.4b.json"),
+                           str(results / "call2_1b_7b.json"), "--out", str(out)], capture_output=True, text=True,
+                          cwd=results.parents[1], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    width, height = Image.open(out).size
+    assert width > 2 * height * 0.7  # two pairs side by side, two panels each

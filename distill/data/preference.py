@@ -11,14 +11,12 @@ Two record formats, detected per dataset from the type of the ``chosen`` column:
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import random
 from pathlib import Path
 from typing import Any
 
-from distill.data.synthetic import SyntheticLanguage, existing_meta, write_splits
+from distill.data.synthetic import SyntheticLanguage, existing_meta, write_splits, writer_cli
 from distill.data.text import CausalCollator, load_dataset_source
 
 FIELDS = ("prompt", "chosen", "rejected")
@@ -256,14 +254,7 @@ def write_preference_dataset(
 
 def main(argv: list[str] | None = None) -> None:
     """CLI: ``python -m distill.data.preference OUT_DIR [--seed S] [--n-train N] [--n-eval N]``."""
-    parser = argparse.ArgumentParser(description="Write synthetic preference pairs.")
-    parser.add_argument("out_dir")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--n-train", type=int, default=2000)
-    parser.add_argument("--n-eval", type=int, default=200)
-    a = parser.parse_args(argv)
-    print(json.dumps({"out_dir": str(a.out_dir), **write_preference_dataset(
-        a.out_dir, seed=a.seed, n_train=a.n_train, n_eval=a.n_eval)}, indent=2))
+    writer_cli("Write synthetic preference pairs.", lambda a: write_preference_dataset(a.out_dir, seed=a.seed, n_train=a.n_train, n_eval=a.n_eval), argv)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,6 @@ completion tokens are predicted.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import random
 from pathlib import Path
@@ -23,7 +21,7 @@ from typing import Any
 
 import torch
 
-from distill.data.synthetic import SyntheticLanguage, existing_meta, write_splits
+from distill.data.synthetic import SyntheticLanguage, existing_meta, write_splits, writer_cli
 from distill.data.text import CausalCollator, load_dataset_source
 
 _FORMAT_VERSION = 1
@@ -203,14 +201,7 @@ def write_prompt_dataset(out_dir: str | os.PathLike[str], *, seed: int = 0, n_tr
 
 def main(argv: list[str] | None = None) -> None:
     """CLI: ``python -m distill.data.prompts OUT_DIR [--seed S] [--n-train N] [--n-eval N]``."""
-    parser = argparse.ArgumentParser(description="Write synthetic prompts with reference completions.")
-    parser.add_argument("out_dir")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--n-train", type=int, default=2000)
-    parser.add_argument("--n-eval", type=int, default=200)
-    a = parser.parse_args(argv)
-    print(json.dumps({"out_dir": str(a.out_dir), **write_prompt_dataset(
-        a.out_dir, seed=a.seed, n_train=a.n_train, n_eval=a.n_eval)}, indent=2))
+    writer_cli("Write synthetic prompts with reference completions.", lambda a: write_prompt_dataset(a.out_dir, seed=a.seed, n_train=a.n_train, n_eval=a.n_eval), argv)
 
 
 if __name__ == "__main__":

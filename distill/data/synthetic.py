@@ -327,20 +327,24 @@ def write_splits(out: Path, splits: dict[str, list[dict]], lang: SyntheticLangua
     return meta
 
 
-def main(argv: list[str] | None = None) -> None:
-    """CLI: ``python -m distill.data.synthetic OUT_DIR [--seed S] ...``."""
-    parser = argparse.ArgumentParser(description="Write the synthetic distillation dataset.")
+def writer_cli(description: str, write, argv: list[str] | None = None, *, extra: dict[str, int] | None = None) -> None:
+    """The CLI of a synthetic-data writer: ``OUT_DIR [--seed S] [--n-train N] [--n-eval N] [--<extra> V]``.
+
+    ``write(args)`` writes the data and returns its meta, printed as JSON (without the vocabulary)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("out_dir")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--n-train", type=int, default=2000)
-    parser.add_argument("--n-eval", type=int, default=200)
-    parser.add_argument("--min-sentences", type=int, default=1)
-    parser.add_argument("--max-sentences", type=int, default=4)
+    for flag, default in {"seed": 0, "n-train": 2000, "n-eval": 200, **(extra or {})}.items():
+        parser.add_argument(f"--{flag}", type=int, default=default)
     args = parser.parse_args(argv)
-    meta = write_dataset(args.out_dir, seed=args.seed, n_train=args.n_train, n_eval=args.n_eval,
-                         sentences_per_doc=(args.min_sentences, args.max_sentences))
-    summary = {k: v for k, v in meta.items() if k != "vocab"}
-    print(json.dumps({"out_dir": str(args.out_dir), **summary}, indent=2))
+    meta = {k: v for k, v in write(args).items() if k != "vocab"}
+    print(json.dumps({"out_dir": str(args.out_dir), **meta}, indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI: ``python -m distill.data.synthetic OUT_DIR [--seed S] [--min-sentences K] ...``."""
+    writer_cli("Write the synthetic distillation dataset.", lambda a: write_dataset(
+        a.out_dir, seed=a.seed, n_train=a.n_train, n_eval=a.n_eval, sentences_per_doc=(a.min_sentences, a.max_sentences)),
+        argv, extra={"min-sentences": 1, "max-sentences": 4})
 
 
 if __name__ == "__main__":
