@@ -175,7 +175,7 @@ class Ours:
 
     def __init__(self, a, plans, recipe, device, mode):
         from distill.roles import RoleManager
-        from distill.trainer import Throughput
+        from distill.monitor import Throughput
         from distill.trainers.distill import DistillTrainer
 
         import distill.roles

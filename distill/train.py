@@ -8,7 +8,7 @@ import warnings
 from distill.launch import launched, relaunch, world_info
 from distill.recipe import RecipeError, load_recipe
 from distill.preflight import preflight
-from distill.trainer import NonFiniteLoss
+from distill.monitor import NonFiniteLoss
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

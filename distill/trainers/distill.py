@@ -6,11 +6,12 @@ from typing import Any
 import torch
 from pydantic import Field, field_validator, model_validator
 
+from distill.data.loading import DataBundle, build_text_data
 from distill.losses import cross_entropy, get_kd_loss
 from distill.losses.chunked import chunked_kd_loss
-from distill.data.loading import DataBundle, build_text_data
+from distill.monitor import before_after_table
 from distill.recipe import RecipeError, Role, Section
-from distill.trainer import RoleTrainer, before_after_table
+from distill.trainer import RoleTrainer
 from distill.trainers import register_trainer
 from distill.trainers.on_policy import CompletionSampler, OnPolicySpec, completion_source
 

@@ -19,8 +19,9 @@ from pydantic import Field, field_validator
 from distill.data.loading import DataBundle
 from distill.losses.logps import head_sequence_logps, sequence_logps
 from distill.losses.preference import get_preference_loss, rewards
+from distill.monitor import before_after_table
 from distill.recipe import RecipeError, Role, Section
-from distill.trainer import RoleTrainer, before_after_table
+from distill.trainer import RoleTrainer
 from distill.trainers import register_trainer
 
 

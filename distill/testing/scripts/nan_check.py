@@ -16,7 +16,7 @@ import torch
 def main(argv: list[str] | None = None) -> None:
     from distill.recipe import deep_merge, parse_overrides, validate_recipe
     from distill.testing import tiny_assets, tiny_recipe
-    from distill.trainer import NonFiniteLoss
+    from distill.monitor import NonFiniteLoss
     from distill.trainers.distill import DistillTrainer
 
     args = argv or sys.argv[1:]
