@@ -4,13 +4,19 @@ from __future__ import annotations
 import sys
 
 COMMANDS = {"train": "distill.train", "export": "distill.export", "report": "distill.report"}
+USAGE = """usage: distill {train,export,report} ...
+
+  distill train RECIPE.yaml [key.sub=value ...] [--resume] [--dry-run]   train (lists the shipped recipes: distill train --help)
+  distill export RUN_DIR OUT_DIR [--step N]                              a checkpoint's roles as plain HF models
+  distill report RUN_DIR                                                 plots and a summary of a run's metrics"""
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
-        print(f"usage: distill {{{','.join(COMMANDS)}}} ...   (e.g. distill train recipes/quickstart.yaml)", file=sys.stderr)
-        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+        asked = argv[:1] in (["-h"], ["--help"])
+        print(USAGE, file=sys.stdout if asked else sys.stderr)
+        return 0 if asked else 2
     import importlib
 
     return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])

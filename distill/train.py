@@ -11,8 +11,26 @@ from distill.preflight import preflight
 from distill.monitor import NonFiniteLoss
 
 
+def _recipes_help() -> str:
+    """The shipped recipes, one line each (the first phrase of its header comment), and where the keys are."""
+    import yaml
+
+    from distill.recipe import REPO_ROOT
+
+    lines = ["shipped recipes:"]
+    for path in sorted((REPO_ROOT / "recipes").glob("*.yaml")):
+        text = path.read_text()
+        header = " ".join(line[1:].strip() for line in text.splitlines() if line.startswith("#"))
+        summary = min((header.split(sep)[0] for sep in (": ", ". ")), key=len)
+        trainer = (yaml.safe_load(text) or {}).get("trainer", "?")
+        lines.append(f"  recipes/{path.name:30} [{trainer}] {summary}")
+    lines.append("every recipe key, with its type, default and meaning: docs/recipe-reference.md")
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="distill train", description=__doc__)
+    p = argparse.ArgumentParser(prog="distill train", description=__doc__, epilog=_recipes_help(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", help="a recipe YAML file, e.g. recipes/quickstart.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=10 student.optimizer.lr=3e-4")
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in output_dir")

@@ -126,3 +126,15 @@ def test_deepspeed_launcher_local_rank_argument_is_accepted():
 
     args = parse_args(["--local_rank=1", "recipes/quickstart.yaml", "train.max_steps=3"])
     assert args.recipe == "recipes/quickstart.yaml" and args.overrides == ["train.max_steps=3"]
+
+
+def test_help_lists_every_shipped_recipe_and_the_commands():
+    from distill.recipe import REPO_ROOT
+
+    proc = subprocess.run([sys.executable, "-m", "distill", "train", "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    for path in (REPO_ROOT / "recipes").glob("*.yaml"):
+        assert f"recipes/{path.name}" in proc.stdout
+    assert "[dpo] DPO on synthetic preferences" in proc.stdout and "docs/recipe-reference.md" in proc.stdout
+    top = subprocess.run([sys.executable, "-m", "distill", "--help"], capture_output=True, text=True, timeout=60)
+    assert top.returncode == 0 and all(f"distill {c} " in top.stdout for c in ("train", "export", "report"))
