@@ -34,11 +34,11 @@ def test_distill_run_matches_whole_reference(assets, tmp_path, overrides):
     assert result["batches_per_rank"][0] == result["batches_per_rank"][1]
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_nan_loss_on_one_rank_skips_the_step_everywhere(assets, tmp_path, precision):
+@pytest.mark.parametrize("overrides", [["student.precision=fp32"], ["student.precision=bf16"], ["student.deepspeed=zero3"]],
+                         ids=["zero2_fp32", "zero2_bf16", "zero3_fp32"])
+def test_nan_loss_on_one_rank_skips_the_step_everywhere(assets, tmp_path, overrides):
     out = tmp_path / "nan.json"
-    check(launch("distill.testing.scripts.nan_check", str(assets["root"]), str(out), "2", "train.max_steps=4",
-                 f"student.precision={precision}"))
+    check(launch("distill.testing.scripts.nan_check", str(assets["root"]), str(out), "2", "train.max_steps=4", *overrides))
     result = json.loads(out.read_text())
     assert result["unchanged_at_step"] == [False, True, False, False]  # step 2 skipped, training goes on
     assert result["finite"] and result["stopped"] is None

@@ -13,6 +13,15 @@ from pathlib import Path
 import torch
 
 
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Whole copies of the parameters, gathered from their ZeRO-3 shards where they are sharded (collective)."""
+    import deepspeed
+
+    params = list(module.named_parameters())
+    with deepspeed.zero.GatheredParameters([p for _, p in params]):
+        return {n: p.detach().clone() for n, p in params}
+
+
 def main(argv: list[str] | None = None) -> None:
     from distill.recipe import deep_merge, parse_overrides, validate_recipe
     from distill.testing import tiny_assets, tiny_recipe
@@ -33,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
         def _train_step(self, step, micro_batches, meter, bar):
             self.step = step
             finite = super()._train_step(step, micro_batches, meter, bar)
-            weights.append({k: v.detach().clone() for k, v in self.student.module.state_dict().items()})
+            weights.append(snapshot(self.student.module))
             return finite
 
         def loss_step(self, batch, num_tokens):
@@ -43,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
             return losses
 
     t = Probe(recipe)
-    before = {k: v.detach().clone() for k, v in t.student.module.state_dict().items()}
+    before = snapshot(t.student.module)
     stopped = None
     try:
         t.train()
