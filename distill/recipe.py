@@ -28,7 +28,7 @@ class Section(BaseModel):
 
 class OptimizerSpec(Section):
     name: Literal["adamw", "sgd"] = "adamw"
-    """Optimizer; AdamW uses torch's fused/foreach implementation where the device supports it."""
+    """Optimizer: torch's AdamW (its default multi-tensor implementation) or SGD, run by DeepSpeed on each rank's partition."""
     lr: float = Field(1e-4, gt=0)
     """Peak learning rate."""
     weight_decay: float = Field(0.0, ge=0)
