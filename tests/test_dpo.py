@@ -132,3 +132,26 @@ def test_dpo_recipe_errors(assets, tmp_path):
         validate_recipe({**raw, "dpo": {"loss": "sigmoidd"}}, DPOTrainer)
     with pytest.raises(RecipeError, match="weights_from"):
         validate_recipe({**raw, "reference": {"weights_from": "critic"}}, DPOTrainer)
+
+
+def test_head_logps_refused_where_the_head_is_not_a_plain_matmul():
+    from types import SimpleNamespace
+
+    from distill.losses.logps import logit_transform
+    from distill.recipe import RecipeError
+    from distill.trainers.dpo import DPOTrainer
+
+    assert logit_transform(SimpleNamespace(final_logit_softcapping=30.0)) == "final_logit_softcapping=30.0"
+    assert logit_transform(SimpleNamespace(final_logit_softcapping=None, logit_scale=1.0)) is None
+
+    def recipe(zero=2, logps="chunked"):
+        return SimpleNamespace(policy=SimpleNamespace(zero_stage=zero, lora=None), dpo=SimpleNamespace(logps=logps))
+
+    plain = {"policy": SimpleNamespace(model_config=SimpleNamespace())}
+    capped = {"policy": SimpleNamespace(model_config=SimpleNamespace(final_logit_softcapping=30.0))}
+    DPOTrainer.check_plans(recipe(), plain)  # accepted
+    DPOTrainer.check_plans(recipe(logps="auto"), capped)  # auto falls back to full logits
+    with pytest.raises(RecipeError, match="softcapping"):
+        DPOTrainer.check_plans(recipe(), capped)
+    with pytest.raises(RecipeError, match="ZeRO-3"):
+        DPOTrainer.check_plans(recipe(zero=3), plain)

@@ -6,6 +6,15 @@ import torch
 IGNORE_INDEX = -100
 
 
+def logit_transform(model_config) -> str | None:
+    """`attr=value` when a model changes its logits after the lm_head matmul (softcapping, scaling), which
+    a loss computing `hidden @ lm_head.T` itself would not reproduce; None when it does not."""
+    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+        if getattr(model_config, attr, None) not in (None, 1, 1.0):
+            return f"{attr}={getattr(model_config, attr)}"
+    return None
+
+
 class _LabelLogps(torch.autograd.Function):
     """log p(label) per row of logits [M, V] -> [M] fp32, computed `chunk` rows at a time.
 

@@ -9,6 +9,7 @@ from pydantic import Field, field_validator, model_validator
 from distill.data.loading import DataBundle, build_text_data
 from distill.losses import cross_entropy, get_kd_loss
 from distill.losses.chunked import chunked_kd_loss
+from distill.losses.logps import logit_transform
 from distill.monitor import before_after_table
 from distill.recipe import RecipeError, Role, Section
 from distill.trainer import RoleTrainer
@@ -66,11 +67,9 @@ class DistillTrainer(RoleTrainer):
         if not recipe.kd.chunked:
             return
         for name, plan in plans.items():
-            cfg = plan.model_config
-            # The chunked loss computes logits as hidden @ lm_head.T; transforms applied after that are not reproduced.
-            for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
-                if getattr(cfg, attr, None) not in (None, 1, 1.0):
-                    raise RecipeError(f"`kd.chunked: true` cannot reproduce `{name}`'s {attr}={getattr(cfg, attr)}: set `kd.chunked: false`")
+            transform = logit_transform(plan.model_config)
+            if transform:
+                raise RecipeError(f"`kd.chunked: true` cannot reproduce `{name}`'s {transform}: set `kd.chunked: false`")
 
     @classmethod
     def write_synthetic(cls, out_dir, seed: int, recipe=None) -> None:

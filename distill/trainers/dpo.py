@@ -17,7 +17,7 @@ import torch
 from pydantic import Field, field_validator
 
 from distill.data.loading import DataBundle
-from distill.losses.logps import head_sequence_logps, sequence_logps
+from distill.losses.logps import head_sequence_logps, logit_transform, sequence_logps
 from distill.losses.preference import get_preference_loss, rewards
 from distill.monitor import before_after_table
 from distill.recipe import RecipeError, Role, Section
@@ -241,7 +241,7 @@ def _head_logps_blocker(recipe, plans) -> str | None:
     if lora is not None and isinstance(lora.target_modules, list) and "lm_head" in lora.target_modules:
         return "`policy.lora` adapts lm_head, whose weight alone would skip the adapter"
     for name, plan in plans.items():
-        for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
-            if getattr(plan.model_config, attr, None) not in (None, 1, 1.0):
-                return f"`{name}` transforms its logits ({attr}={getattr(plan.model_config, attr)})"
+        transform = logit_transform(plan.model_config)
+        if transform:
+            return f"`{name}` transforms its logits ({transform})"
     return None
