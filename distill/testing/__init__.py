@@ -70,3 +70,13 @@ def check(proc: subprocess.CompletedProcess) -> None:
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def end_of_script() -> None:
+    """The end of a multi-process test script: every rank waits, then the process group is torn down
+    (as `distill.train` does), so no rank exits while the others' collectives still need it."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -45,6 +45,7 @@ def reference_grad_norm(policy_state, ref_dir, config, micro_batches, spec) -> t
 
 
 def main(argv: list[str] | None = None) -> None:
+    from distill.testing import end_of_script
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     from distill.data.preference import write_preference_dataset
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
         assert abs(train[0]["loss"] - ref_loss) <= 1e-5, (train[0]["loss"], ref_loss)
         out_json.write_text(json.dumps({"first": train[0], "last": train[-1], "history": history,
                                         "reference_grad_norm": ref_norm}))
-    t.accelerator.wait_for_everyone()
+    end_of_script()
 
 
 if __name__ == "__main__":

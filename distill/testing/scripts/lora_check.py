@@ -42,6 +42,7 @@ def base_key(k: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from distill.testing import end_of_script
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     from distill.data.preference import write_preference_dataset
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         record["live_logit_scale"] = float(live.abs().max())
         record["metrics"] = [json.loads(line) for line in (Path(recipe.output_dir) / "metrics.jsonl").read_text().splitlines()]
         out_json.write_text(json.dumps(record))
-    t.accelerator.wait_for_everyone()
+    end_of_script()
 
 
 if __name__ == "__main__":

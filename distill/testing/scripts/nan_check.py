@@ -23,6 +23,7 @@ def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from distill.testing import end_of_script
     from distill.recipe import deep_merge, parse_overrides, validate_recipe
     from distill.testing import tiny_assets, tiny_recipe
     from distill.monitor import NonFiniteLoss
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     if t.accelerator.is_main_process:
         out_json.write_text(json.dumps({"unchanged_at_step": same, "finite": bool(finite), "stopped": stopped,
                                         "steps_run": len(weights)}))
-    t.accelerator.wait_for_everyone()
+    end_of_script()
 
 
 if __name__ == "__main__":

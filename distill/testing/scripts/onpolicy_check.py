@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 
 def main(argv: list[str] | None = None) -> None:
+    from distill.testing import end_of_script
     from transformers import AutoModelForCausalLM
 
     from distill.data.prompts import write_prompt_dataset
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     dist.all_gather_object(gathered, result)
     if rank == 0:
         out_json.write_text(json.dumps(gathered))
-    dist.barrier()
+    end_of_script()
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import torch
 
 
 def main(argv: list[str] | None = None) -> None:
+    from distill.testing import end_of_script
     from deepspeed.utils import get_z3_leaf_modules
 
     from distill.recipe import validate_recipe
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.save({"stage": t.teacher.plan.zero_stage, "placement": t.teacher.plan.placement,
                     "leaves": len(get_z3_leaf_modules(teacher)), "layers": len(layers), "logits": logits,
                     "before": history["before"], "after": history["after"]}, out)
-    t.accelerator.wait_for_everyone()
+    end_of_script()
 
 
 if __name__ == "__main__":

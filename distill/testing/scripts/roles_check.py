@@ -13,6 +13,7 @@ import torch
 
 
 def main(argv: list[str] | None = None) -> None:
+    from distill.testing import end_of_script
     from accelerate.state import AcceleratorState
     from transformers import AutoModelForCausalLM
     from transformers.integrations import is_deepspeed_zero3_enabled
@@ -114,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
         out_json.write_text(json.dumps({"switch_us": ours, "eval": ev, "local_fraction": local / total}))
     t.accelerator.wait_for_everyone()
     m.use("student").__enter__()  # leave the state as the trainer expects
+    end_of_script()
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ def reference_grad_norm(student_state, teacher_dir, config, micro_batches, kd) -
 
 
 def main(argv: list[str] | None = None) -> None:
+    from distill.testing import end_of_script
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     from distill.recipe import parse_overrides, validate_recipe, deep_merge
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         out_json.write_text(json.dumps({"grad_norm": got, "reference": ref, "history": history,
                                         "first_loss": train[0]["loss"], "last_loss": train[-1]["loss"],
                                         "batches_per_rank": [len(s) for s in gathered_seen]}))
-    t.accelerator.wait_for_everyone()
+    end_of_script()
 
 
 if __name__ == "__main__":
