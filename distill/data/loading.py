@@ -95,22 +95,34 @@ def ensure_synthetic(recipe, writer) -> None:
         writer(target, seed=d.synthetic_seed, recipe=recipe)
 
 
+def pad_id(tokenizer) -> int:
+    """The padding token, or eos for tokenizers without one (padding is masked out either way)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def tokenized_splits(data, tokenize) -> Iterator[tuple[str, object, dict]]:
+    """`(key, dataset, stats)` of `data.train` and, when set, `data.eval`, each through `tokenize(source)`;
+    a missing or malformed source becomes a RecipeError naming its key."""
+    for key, source in (("train", data.train), ("eval", data.eval)):
+        if source is None:
+            continue
+        try:
+            ds, stats = tokenize(source)
+        except (FileNotFoundError, ValueError) as e:
+            raise RecipeError(f"`data.{key}`: {e}") from None
+        yield key, ds, stats
+
+
 def build_text_data(recipe, tokenizer, rank: int, world_size: int) -> DataBundle:
     from distill.data.text import CausalCollator, load_text_dataset, tokenize_dataset
 
     d = recipe.data
-    try:
-        train, stats = tokenize_dataset(load_text_dataset(d.train, text_field=d.text_field), tokenizer,
-                                        max_length=d.max_length, text_field=d.text_field)
-        evl = None
-        if d.eval:
-            evl, _ = tokenize_dataset(load_text_dataset(d.eval, text_field=d.text_field), tokenizer,
-                                      max_length=d.max_length, text_field=d.text_field)
-    except (FileNotFoundError, ValueError) as e:
-        raise RecipeError(f"`data`: {e}") from None
-    if rank == 0 and stats.get("truncated"):
-        print(f"data: {stats['truncated']} of {stats['n']} training texts truncated to data.max_length={d.max_length} tokens")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    collator = CausalCollator(pad, pad_to_multiple_of=8)
-    return DataBundle(train, evl, collator, recipe.train.micro_batch_size, rank, world_size, recipe.seed, pad,
-                      grad_accum=recipe.train.grad_accum)
+    splits = {"eval": None}
+    for key, ds, stats in tokenized_splits(d, lambda src: tokenize_dataset(
+            load_text_dataset(src, text_field=d.text_field), tokenizer, max_length=d.max_length, text_field=d.text_field)):
+        splits[key] = ds
+        if key == "train" and rank == 0 and stats.get("truncated"):
+            print(f"data: {stats['truncated']} of {stats['n']} training texts truncated to data.max_length={d.max_length} tokens")
+    pad = pad_id(tokenizer)
+    return DataBundle(splits["train"], splits["eval"], CausalCollator(pad, pad_to_multiple_of=8), recipe.train.micro_batch_size,
+                      rank, world_size, recipe.seed, pad, grad_accum=recipe.train.grad_accum)

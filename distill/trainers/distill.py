@@ -6,7 +6,7 @@ from typing import Any
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from distill.data.loading import DataBundle, build_text_data
+from distill.data.loading import DataBundle, build_text_data, pad_id, tokenized_splits
 from distill.losses import cross_entropy, get_kd_loss
 from distill.losses.chunked import chunked_kd_loss
 from distill.losses.logps import logit_transform
@@ -109,16 +109,10 @@ class DistillTrainer(RoleTrainer):
             return build_text_data(self.recipe, self.tokenizer, self.rank, self.world_size)
         # On-policy, prompts leave room for what is generated; offline, for half of the dataset's completion.
         max_prompt = d.max_length - op.max_new_tokens if op else d.max_length // 2
-        splits = {}
-        for key, source in (("train", d.train), ("eval", d.eval)):
-            if source is None:
-                splits[key] = None
-                continue
-            try:
-                splits[key], stats = tokenize_prompts(load_prompt_dataset(source), self.tokenizer,
-                                                      max_length=d.max_length, max_prompt_length=max_prompt)
-            except (FileNotFoundError, ValueError) as e:
-                raise RecipeError(f"`data.{key}`: {e}") from None
+        splits = {"eval": None}
+        for key, ds, stats in tokenized_splits(d, lambda src: tokenize_prompts(
+                load_prompt_dataset(src), self.tokenizer, max_length=d.max_length, max_prompt_length=max_prompt)):
+            splits[key] = ds
             if self.rank == 0 and (stats["prompt_truncated"] or stats["completion_truncated"]):
                 self.log(f"data.{key}: of {stats['n']} prompts, {stats['prompt_truncated']} left-truncated to "
                          f"{max_prompt} tokens, {stats['completion_truncated']} completions cut at data.max_length")
@@ -127,7 +121,7 @@ class DistillTrainer(RoleTrainer):
                                   "completion to learn from: add completions, or set kd.on_policy.lmbda: 1 or "
                                   "kd.on_policy.seq_kd: true so that one is generated for every batch")
         self._eval_has_completions = splits["eval"] is not None and any(c for c in splits["eval"]["completion_ids"])
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        pad = pad_id(self.tokenizer)
         return DataBundle(splits["train"], splits["eval"], PromptCollator(pad), self.recipe.train.micro_batch_size,
                           self.rank, self.world_size, self.recipe.seed, pad, grad_accum=self.recipe.train.grad_accum,
                           pad_example={"prompt_ids": [pad], "completion_ids": [], "real": False})

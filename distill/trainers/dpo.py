@@ -16,7 +16,7 @@ import torch
 
 from pydantic import Field, field_validator
 
-from distill.data.loading import DataBundle
+from distill.data.loading import DataBundle, pad_id, tokenized_splits
 from distill.losses.logps import head_sequence_logps, logit_transform, sequence_logps
 from distill.losses.preference import get_preference_loss, rewards
 from distill.monitor import before_after_table
@@ -93,16 +93,9 @@ class DPOTrainer(RoleTrainer):
         from distill.data.preference import PreferenceCollator, load_preference_dataset, tokenize_preferences
 
         d, spec = self.recipe.data, self.recipe.dpo
-        splits = {}
-        for key, source in (("train", d.train), ("eval", d.eval)):
-            if source is None:
-                splits[key] = None
-                continue
-            try:
-                ds, stats = tokenize_preferences(load_preference_dataset(source), self.tokenizer, max_length=d.max_length,
-                                                 max_prompt_length=spec.max_prompt_length)
-            except (FileNotFoundError, ValueError) as e:
-                raise RecipeError(f"`data.{key}`: {e}") from None
+        splits = {"eval": None}
+        for key, ds, stats in tokenized_splits(d, lambda src: tokenize_preferences(
+                load_preference_dataset(src), self.tokenizer, max_length=d.max_length, max_prompt_length=spec.max_prompt_length)):
             if self.rank == 0 and any(stats.get(k) for k in ("prompt_truncated", "response_truncated", "dropped")):
                 self.log(f"data.{key}: of {stats['n']} pairs, {stats.get('prompt_truncated', 0)} prompts left-truncated, "
                          f"{stats.get('response_truncated', 0)} responses cut at data.max_length={d.max_length}, "
@@ -110,7 +103,7 @@ class DPOTrainer(RoleTrainer):
             # One index space over both splits, so one table of cached reference log-probs serves both.
             offset = len(splits["train"]) if key == "eval" else 0
             splits[key] = ds.add_column("index", list(range(offset, offset + len(ds))))
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        pad = pad_id(self.tokenizer)
         collator = _IndexedCollator(PreferenceCollator(pad, pad_to_multiple_of=8))
         pad_example = {"prompt_ids": [pad], "chosen_ids": [], "rejected_ids": [], "index": -1}
         return DataBundle(splits["train"], splits["eval"], collator, self.recipe.train.micro_batch_size, self.rank,

@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from distill.data.loading import pad_id
 from distill.data.prompts import with_completions
 from distill.recipe import Section
 from distill.roles import RoleModel
@@ -53,7 +54,7 @@ class CompletionSampler:
     def __init__(self, spec: OnPolicySpec, tokenizer, *, rank: int, log=print):
         self.spec, self.rank, self.log = spec, rank, log
         self.eos = tokenizer.eos_token_id
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
+        self.pad = pad_id(tokenizer)
         sampled = spec.temperature > 0
         self.settings = dict(max_new_tokens=spec.max_new_tokens, do_sample=sampled, pad_token_id=self.pad,
                              eos_token_id=self.eos, bos_token_id=tokenizer.bos_token_id, use_cache=True,
