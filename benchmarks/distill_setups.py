@@ -60,7 +60,7 @@ def make_batches(a, mb: int, n: int, device) -> list[dict]:
 
 
 def recipe_for(a, mode: str, mb: int):
-    from distill.recipe import validate_recipe
+    from distill.recipe import deep_merge, parse_overrides, validate_recipe
     from distill.trainers.distill import DistillTrainer
 
     s, t = model_configs(a)
@@ -86,6 +86,8 @@ def recipe_for(a, mode: str, mb: int):
            "kd": {"loss": "forward_kl", "alpha": 0.5},
            "data": {"train": "unused.jsonl", "max_length": a.seq_len},
            "train": {"micro_batch_size": mb, "max_steps": 10**6, "log_every": 10**6, "progress": False}}
+    if mode != "naive":
+        raw = deep_merge(raw, parse_overrides(a.set))
     return validate_recipe(raw, DistillTrainer)
 
 
@@ -226,6 +228,8 @@ class Ours:
         tick("optimizer")
 
     def close(self):
+        if "_overlap" in self.t.__dict__:
+            self.t._overlap.close()
         for m in self.t.models.values():
             m.engine.destroy()
         del self.t, self.manager

@@ -75,6 +75,9 @@ def parse_args(argv=None):
     p.add_argument("--peak-tflops", type=float, default=None, help="per device; default from the device name")
     p.add_argument("--student-zero", type=json.loads, default={}, help="JSON merged into the student's zero_optimization (our modes)")
     p.add_argument("--teacher-zero", type=json.loads, default={}, help="JSON merged into the teacher's zero_optimization (our modes)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="recipe overrides for our modes, as on the distill.train command line (e.g. train.overlap_frozen=false)")
+    p.add_argument("--label", default=None, help="a name for this launch's variant, kept in the JSON")
     p.add_argument("--profile", default=None, help="write torch.profiler's top kernels/ops of 2 steps (rank 0) to PROFILE.<mode>.<mb>.txt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="distill_throughput.json")
@@ -167,7 +170,27 @@ def profile(a, setup, batches, path) -> None:
         sync(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     if int(os.environ.get("RANK", 0)) == 0:
         key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-        Path(path).write_text(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70))
+        table = prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70)
+        Path(path).write_text(gpu_busy(prof, len(batches)) + "\n\n" + table)
+
+
+def gpu_busy(prof, steps: int) -> str:
+    """Per step: the wall span of the GPU's work and the time some kernel or copy was running in it
+    (the union over streams); the gap between the two is the GPU waiting on the host."""
+    spans = sorted((e.start_ns(), e.start_ns() + e.duration_ns()) for e in prof.profiler.kineto_results.events()
+                   if e.device_type() == torch.autograd.DeviceType.CUDA and e.duration_ns() > 0)
+    if not spans:
+        return "no GPU events"
+    busy, (cur_s, cur_e) = 0, spans[0]
+    for s, e in spans[1:]:
+        if s > cur_e:
+            busy, cur_s, cur_e = busy + cur_e - cur_s, s, e
+        else:
+            cur_e = max(cur_e, e)
+    busy += cur_e - cur_s
+    wall = spans[-1][1] - spans[0][0]
+    return (f"GPU busy {busy / steps / 1e6:.1f} ms of a {wall / steps / 1e6:.1f} ms span per step "
+            f"({100 * busy / wall:.0f}%), {len(spans) / steps:.0f} kernels and copies per step")
 
 
 def main(argv=None) -> dict:
@@ -222,7 +245,7 @@ def report(a, rows, info, s_cfg, t_cfg, peak, device_name, world) -> dict:
     fpt = flops_per_token(s_cfg, n_s, a.seq_len, True) + flops_per_token(t_cfg, n_t, a.seq_len, False)
     for r in rows:
         r["mfu"] = r["tokens_per_s_per_gpu"] * fpt / peak if peak else None
-    return {"device": device_name, "world_size": world, "pair": a.pair, "student_params": n_s, "teacher_params": n_t,
+    return {"device": device_name, "world_size": world, "pair": a.pair, "label": a.label, "overrides": a.set, "student_params": n_s, "teacher_params": n_t,
               "seq_len": a.seq_len, "vocab": a.vocab, "dtype": a.dtype, "steps": a.steps, "warmup": a.warmup,
               "timing_steps": a.timing_steps, "flops_per_token": fpt, "peak_flops_per_gpu": peak,
             "versions": _versions(), "results": rows, "summary": summarize(rows)}

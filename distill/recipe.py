@@ -28,7 +28,7 @@ class Section(BaseModel):
 
 class OptimizerSpec(Section):
     name: Literal["adamw", "sgd"] = "adamw"
-    """Optimizer: torch's AdamW (its default multi-tensor implementation) or SGD, run by DeepSpeed on each rank's partition."""
+    """Optimizer: torch's AdamW or SGD, run by DeepSpeed on each rank's partition (see `fused`)."""
     lr: float = Field(1e-4, gt=0)
     """Peak learning rate."""
     weight_decay: float = Field(0.0, ge=0)
@@ -37,6 +37,9 @@ class OptimizerSpec(Section):
     """AdamW betas."""
     eps: float = Field(1e-8, gt=0)
     """AdamW epsilon."""
+    fused: bool | None = None
+    """torch's fused implementation: one kernel per step over the role's parameters instead of several
+    multi-tensor passes. null: fused on GPU, the multi-tensor one on CPU."""
 
 
 class SchedulerSpec(Section):
@@ -170,6 +173,10 @@ class TrainSpec(Section):
     """Steps between checkpoints (checkpoints/step_N/); one is also written at the end and on SIGTERM/SIGINT."""
     max_bad_steps: int = Field(5, ge=1)
     """Stop the run after this many steps in a row with a NaN/Inf loss (each such step is skipped)."""
+    overlap_frozen: bool | None = None
+    """Run a frozen role's forward (teacher, reference) in a second thread on its own CUDA stream while
+    the trainable role's forward runs, so each fills the other's idle GPU time. Only frozen roles that
+    are replicated (no collectives in their forward) overlap; others run in turn. null: on with GPUs."""
     keep_checkpoints: int = Field(2, ge=1)
     """Complete checkpoints kept; older ones are deleted once a newer one is complete."""
     report_to: Literal["auto", "none", "tensorboard", "wandb"] | list[Literal["tensorboard", "wandb"]] = "auto"

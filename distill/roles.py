@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -263,6 +264,7 @@ class RoleManager:
             self.state.select_deepspeed_plugin(name)
             self.slots[name].hf_config = self.slots[name].plugin.dschf
         self._active: str | None = None
+        self._owner = threading.get_ident()  # the active plugin is process state; one thread switches it
         self._activate(names[0])
 
     # -- switching -------------------------------------------------------------------------
@@ -284,6 +286,12 @@ class RoleManager:
         """Run the block with `name`'s plugin active; the previous role comes back, even on errors."""
         if name not in self.slots:
             raise KeyError(f"unknown role `{name}`; roles of this run: {list(self.slots)}")
+        if threading.get_ident() != self._owner:
+            # distill.overlap's worker: it runs replicated frozen roles only, whose forward reads no plugin.
+            if self.plans[name].zero_stage == 3:
+                raise RuntimeError(f"`{name}` is ZeRO-3: it must run in the training thread, not alongside another role")
+            yield
+            return
         previous = self._active
         if previous == name:
             yield

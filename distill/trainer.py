@@ -11,7 +11,7 @@ import math
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 import yaml
@@ -20,6 +20,7 @@ from distill import tracking
 from distill.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from distill.data.loading import DataBundle, build_text_data
 from distill.monitor import NonFiniteLoss, StopOnSignal, Throughput
+from distill.overlap import Overlap
 from distill.plan import format_plan
 from distill.preflight import preflight
 from distill.recipe import Role, Section
@@ -55,6 +56,16 @@ class RoleTrainer:
     def step_metrics(self) -> dict[str, float]:
         """Extra metrics for the next metrics line (e.g. generation timings), from this rank."""
         return {}
+
+    def alongside(self, frozen_role: RoleModel, frozen: Callable[[], Any], trainable: Callable[[], Any]) -> tuple[Any, Any]:
+        """(frozen(), trainable()): a call into `frozen_role` (under no_grad) and the trainable role's
+        forward, concurrently when `train.overlap_frozen` allows it and the frozen role is replicated
+        (distill/overlap.py), else one after the other."""
+        if "_overlap" not in self.__dict__:
+            on = self.recipe.train.overlap_frozen
+            self._overlap = Overlap(self.device, self.device.type == "cuda" if on is None else on)
+        concurrent = not frozen_role.trainable and frozen_role.plan.zero_stage != 3
+        return self._overlap.run(frozen, trainable, concurrent=concurrent)
 
     def count_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The normaliser of one micro-batch (predicted tokens; a preference trainer counts pairs)."""
@@ -135,10 +146,11 @@ class RoleTrainer:
     def _make_optimizer(self, plan, model):
         spec, sched = plan.spec.optimizer, plan.spec.scheduler
         params = [p for p in model.parameters() if p.requires_grad]
+        fused = spec.fused if spec.fused is not None else self.device.type == "cuda"
         if spec.name == "adamw":
-            opt = torch.optim.AdamW(params, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay)
+            opt = torch.optim.AdamW(params, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay, fused=fused)
         else:
-            opt = torch.optim.SGD(params, lr=spec.lr, weight_decay=spec.weight_decay)
+            opt = torch.optim.SGD(params, lr=spec.lr, weight_decay=spec.weight_decay, fused=fused)
         total, warm, floor = self.total_steps, sched.warmup_steps, sched.min_lr_ratio
 
         def factor(step: int) -> float:
@@ -169,6 +181,8 @@ class RoleTrainer:
             return self._run(start, seen)
         finally:
             tracking.finish(self.accelerator)
+            if "_overlap" in self.__dict__:
+                self._overlap.close()
 
     def _run(self, start: int, seen: int) -> dict[str, Any]:
         t = self.recipe.train

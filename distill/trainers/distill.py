@@ -157,9 +157,8 @@ class DistillTrainer(RoleTrainer):
         if kd.chunked:
             return self._chunked_loss_step(batch, num_tokens, alpha)
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        with torch.no_grad():
-            teacher_logits = self.teacher(**inputs).logits  # [B, T, V_t]
-        logits = self.student(**inputs).logits  # [B, T, V_s]
+        teacher_logits, logits = self.alongside(self.teacher, lambda: self.teacher(**inputs).logits,  # [B, T, V_t]
+                                                lambda: self.student(**inputs).logits)  # [B, T, V_s]
         ce = cross_entropy(logits, batch["labels"], num_valid_tokens=num_tokens)
         div = get_kd_loss(kd.loss)(logits, teacher_logits, batch["labels"], temperature=kd.temperature, top_k=kd.top_k,
                                    num_valid_tokens=num_tokens, **kd.params)
@@ -170,9 +169,8 @@ class DistillTrainer(RoleTrainer):
         # The models compute logits for one position only; the loss takes the rest from the hidden
         # states, one chunk of tokens at a time.
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        with torch.no_grad():
-            t_hidden = self.teacher.last_hidden(**inputs)  # [B, T, H_t]
-        s_hidden = self.student.last_hidden(**inputs)  # [B, T, H_s]
+        t_hidden, s_hidden = self.alongside(self.teacher, lambda: self.teacher.last_hidden(**inputs),  # [B, T, H_t]
+                                            lambda: self.student.last_hidden(**inputs))  # [B, T, H_s]
         t_head = self.teacher.module.get_output_embeddings().weight
         s_head = self.student.module.get_output_embeddings().weight
         # One gather of the teacher's head per micro-batch, on every rank, whatever its token count.

@@ -123,8 +123,16 @@ class DPOTrainer(RoleTrainer):
     def loss_step(self, batch, num_tokens):
         spec = self.recipe.dpo
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        logps = self._logps(self.policy, inputs, batch["labels"])  # [2B]: chosen rows, then rejected
-        ref = self._reference_logps(batch, inputs)  # [2B]
+        labels = batch["labels"]
+        if getattr(self, "_ref_cache", None) is not None:
+            idx = batch["index"].clamp(min=0).cpu()
+            ref = torch.cat([self._ref_cache[idx, 0], self._ref_cache[idx, 1]]).to(self.device)  # [2B]
+            logps = self._logps(self.policy, inputs, labels)  # [2B]: chosen rows, then rejected
+        else:
+            self._chunked_logps()  # decided (and logged) here, not in the worker thread
+            ref_role = self.policy if spec.reference == "policy_without_adapter" else self.reference
+            ref, logps = self.alongside(ref_role, lambda: self._reference_sequence_logps(inputs, labels),
+                                        lambda: self._logps(self.policy, inputs, labels))
         half = logps.shape[0] // 2
         valid = self._valid_pairs(batch).float()  # [B]
         pc, pr, rc, rr = logps[:half], logps[half:], ref[:half], ref[half:]
@@ -145,12 +153,6 @@ class DPOTrainer(RoleTrainer):
                                                   ("eval DPO loss", "loss")]))
 
     # -- the reference -------------------------------------------------------------------------
-    def _reference_logps(self, batch, inputs) -> torch.Tensor:
-        if getattr(self, "_ref_cache", None) is not None:
-            idx = batch["index"].clamp(min=0).cpu()
-            return torch.cat([self._ref_cache[idx, 0], self._ref_cache[idx, 1]]).to(self.device)  # [2B]
-        return self._reference_sequence_logps(inputs, batch["labels"])
-
     @torch.no_grad()
     def _reference_sequence_logps(self, inputs, labels) -> torch.Tensor:
         """[N] log-probs of the reference: its own model, or the policy with the adapter off."""
@@ -161,18 +163,21 @@ class DPOTrainer(RoleTrainer):
 
     def _logps(self, role, inputs, labels) -> torch.Tensor:
         """[N] summed log-probs of the labels under `role`, from hidden states chunk by chunk or from logits."""
+        if not self._chunked_logps():
+            return sequence_logps(role(**inputs).logits, labels)
+        hidden = role.last_hidden(**inputs)  # [N, T, H]
+        head = role.module.get_output_embeddings().weight
+        with role.gathered([head]):  # a sharded reference: its head once per micro-batch, on every rank
+            return head_sequence_logps(hidden, head if role.trainable else head.detach(), labels)
+
+    def _chunked_logps(self) -> bool:
         if "_chunked" not in self.__dict__:
             self._chunked = self.recipe.dpo.logps == "chunked" or (
                 self.recipe.dpo.logps == "auto" and not _head_logps_blocker(self.recipe, self.plans))
             if self.rank == 0:
                 self.log(f"dpo: log-probs {'from hidden states, chunk by chunk' if self._chunked else 'from full logits'} "
                          f"(dpo.logps: {self.recipe.dpo.logps})")
-        if not self._chunked:
-            return sequence_logps(role(**inputs).logits, labels)
-        hidden = role.last_hidden(**inputs)  # [N, T, H]
-        head = role.module.get_output_embeddings().weight
-        with role.gathered([head]):  # a sharded reference: its head once per micro-batch, on every rank
-            return head_sequence_logps(hidden, head if role.trainable else head.detach(), labels)
+        return self._chunked
 
     def train(self):
         if self.recipe.dpo.precompute_reference:
