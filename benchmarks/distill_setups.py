@@ -97,9 +97,17 @@ def load_fn(device):
 
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[plan.spec.precision]
         if plan.zero_stage == 3:  # built under zero.Init (the role's plugin is active): born sharded
-            return AutoModelForCausalLM.from_config(plan.model_config, dtype=dtype)
-        with torch.device(device):
-            return AutoModelForCausalLM.from_config(plan.model_config, dtype=dtype)
+            model = AutoModelForCausalLM.from_config(plan.model_config, dtype=dtype)
+        else:
+            with torch.device(device):
+                model = AutoModelForCausalLM.from_config(plan.model_config, dtype=dtype)
+        if plan.spec.trainable and plan.spec.gradient_checkpointing:  # as the trainer's loader does
+            model.gradient_checkpointing_enable()
+        if plan.spec.compile:
+            from distill.compile import compile_layers
+
+            compile_layers(model)
+        return model
     return load
 
 

@@ -71,6 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ref-zero", choices=["0", "3", "auto"], default="auto",
                    help="distill's reference: 0 replicated, 3 sharded, auto the planner's choice (see above)")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="recipe overrides for distill's side, as on the distill.train command line (e.g. train.overlap_frozen=false)")
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--seed", type=int, default=0)
@@ -143,12 +145,12 @@ def _write_inputs(a, world: int, d: Path) -> None:
 # -- one side --------------------------------------------------------------------------------
 def run_distill(a, d: Path, world: int) -> tuple[list[float], list[float]]:
     """(per-step wall clock at step end, per-step loss) of distill's DPOTrainer."""
-    from distill.recipe import validate_recipe
+    from distill.recipe import deep_merge, parse_overrides, validate_recipe
     from distill.trainers.dpo import DPOTrainer
 
     total = a.warmup + a.steps
     optimizer = {"lr": a.lr, "weight_decay": 0.0}
-    recipe = validate_recipe({
+    recipe = validate_recipe(deep_merge({
         "trainer": "dpo", "output_dir": str(d / "run_distill"), "overwrite": True, "seed": a.seed,
         "policy": {"from_pretrained": str(d / "model"), "deepspeed": f"zero{a.policy_zero}", "precision": a.dtype,
                    "optimizer": optimizer, "scheduler": {"name": "constant"},
@@ -161,7 +163,7 @@ def run_distill(a, d: Path, world: int) -> tuple[list[float], list[float]]:
         "train": {"micro_batch_size": a.micro_batch, "grad_accum": a.grad_accum, "max_steps": total, "log_every": 1,
                   "grad_clip": 1.0, "progress": False},
         "launch": {"num_processes": world},
-    }, DPOTrainer)
+    }, parse_overrides(a.set)), DPOTrainer)
     trainer = DPOTrainer(recipe)
     trainer.train()
     if trainer.rank != 0:

@@ -110,6 +110,10 @@ def role_ds_config(name: str, spec: Role, *, micro_batch_size: int, grad_accum: 
         # Only DeepSpeed's ZeRO optimizers refuse a step whose gradient norm is NaN/Inf.
         raise RecipeError(f"`{name}` is trainable at ZeRO-0; use `{name}.deepspeed: zero2` (or 1): on one process it "
                           "costs the same memory, and it lets a NaN/Inf step be skipped instead of applied")
+    if spec.compile and stage == 3 and (spec.trainable or placement is not None):  # a frozen role's is known at plan time
+        how = f"`{name}.placement: replicated`" if not spec.trainable else f"`{name}.deepspeed: zero2`"
+        raise RecipeError(f"`{name}.compile` cannot run under ZeRO-3 (its hooks gather weights inside each layer): "
+                          f"use {how}, or remove `{name}.compile`")
     if not spec.trainable and stage in (1, 2):
         # ZeRO-1/2 partition optimizer state and gradients; a frozen role has neither, so it is replicated.
         zero["stage"] = stage = 0

@@ -101,6 +101,10 @@ class Role(Section):
     """Trainable roles only; defaults to cosine without warmup."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward (trainable roles)."""
+    compile: bool = False
+    """torch.compile each decoder layer: fewer, fused kernels, for a model whose step waits on kernel
+    launches (small models). The first step, and each new batch shape, pays the compile time. Not with
+    ZeRO-3 (its per-module hooks gather weights inside the layers)."""
     weights_from: str | None = None
     """Load the same weights as this other role when neither `from_pretrained` nor `config` is given
     (a DPO reference starts as the policy)."""
@@ -123,6 +127,9 @@ class Role(Section):
         if self.trainable and self.placement != "auto":
             raise ValueError("`placement` chooses where a frozen role's weights live; a trainable role's follow from "
                              "`deepspeed` and `offload`: remove `placement`")
+        if self.compile and self.placement in ("sharded", "offload"):
+            raise ValueError(f"`compile` needs the weights whole on the GPU; `placement: {self.placement}` shards them: "
+                             "use `placement: replicated`, or remove `compile`")
         if self.placement in ("replicated", "sharded") and self.offload == "cpu":
             raise ValueError(f"`placement: {self.placement}` keeps the weights on the GPUs, `offload: cpu` moves them to CPU: "
                              "use `placement: offload` (and remove `offload`), or remove `offload`")
@@ -176,7 +183,8 @@ class TrainSpec(Section):
     overlap_frozen: bool | None = None
     """Run a frozen role's forward (teacher, reference) in a second thread on its own CUDA stream while
     the trainable role's forward runs, so each fills the other's idle GPU time. Only frozen roles that
-    are replicated (no collectives in their forward) overlap; others run in turn. null: on with GPUs."""
+    are replicated (no collectives in their forward) overlap; others run in turn. null: on with GPUs,
+    unless a trainable role uses gradient checkpointing (the two do not combine)."""
     keep_checkpoints: int = Field(2, ge=1)
     """Complete checkpoints kept; older ones are deleted once a newer one is complete."""
     report_to: Literal["auto", "none", "tensorboard", "wandb"] | list[Literal["tensorboard", "wandb"]] = "auto"
@@ -312,6 +320,12 @@ def validate_recipe(raw: dict, trainer_cls) -> RecipeBase:
         t = recipe.train
         role_ds_config(name, role, micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum, world_size=1,
                        grad_clip=t.grad_clip, hidden_size=1)
+    checkpointed = [n for n in trainer_cls.roles if getattr(recipe, n).trainable and getattr(recipe, n).gradient_checkpointing]
+    if recipe.train.overlap_frozen and checkpointed:
+        # On H100s the recomputed attention of a checkpointed layer differed from its forward when a frozen
+        # role's forward had run beside it (torch's CheckpointError); docs/performance.md.
+        raise RecipeError(f"`train.overlap_frozen: true` cannot be combined with `{checkpointed[0]}.gradient_checkpointing: true`: "
+                          "set one of them to false (null, the default, turns the overlap off for checkpointed runs)")
     trainer_cls.check_recipe(recipe)
     return recipe
 

@@ -63,7 +63,10 @@ class RoleTrainer:
         (distill/overlap.py), else one after the other."""
         if "_overlap" not in self.__dict__:
             on = self.recipe.train.overlap_frozen
-            self._overlap = Overlap(self.device, self.device.type == "cuda" if on is None else on)
+            if on is None:  # the recipe check refuses an explicit true with checkpointing
+                on = self.device.type == "cuda" and not any(m.trainable and m.plan.spec.gradient_checkpointing
+                                                            for m in self.models.values())
+            self._overlap = Overlap(self.device, on)
         concurrent = not frozen_role.trainable and frozen_role.plan.zero_stage != 3
         return self._overlap.run(frozen, trainable, concurrent=concurrent)
 
@@ -137,6 +140,10 @@ class RoleTrainer:
             model.gradient_checkpointing_enable()
             if plan.spec.lora is not None:
                 model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need a grad path
+        if plan.spec.compile:
+            from distill.compile import compile_layers
+
+            compile_layers(model)
         if plan.spec.lora is not None:
             from distill.lora import apply_lora
 
