@@ -151,6 +151,7 @@ def raw(assets, tmp_path):
 
 def test_packing_is_refused_where_it_cannot_hold(raw, assets, tmp_path):
     from distill.trainers.dpo import DPOTrainer
+    from distill.trainers.lm import LMTrainer
 
     dpo = {"trainer": "dpo", "output_dir": str(tmp_path / "dpo"), "data": {"train": "x.jsonl", "packing": True},
            "policy": {"from_pretrained": assets["teacher"]}}
@@ -171,6 +172,8 @@ def test_packing_is_refused_where_it_cannot_hold(raw, assets, tmp_path):
     flash = {**raw, "student": {**raw["student"], "config": {**TINY_LLAMA, "attn_implementation": "flash_attention_2"}}}
     with pytest.raises(RecipeError, match=r"`student` uses flash_attention_2: set `student.config.attn_implementation: sdpa`"):
         preflight(validate_recipe(flash, DistillTrainer), DistillTrainer, world_size=1, dry_run=True)
+    lm = {"trainer": "lm", "output_dir": str(tmp_path / "lm"), "data": raw["data"], "model": {"config": TINY_LLAMA}}
+    assert validate_recipe(lm, LMTrainer).data.packing  # the other trainer that packs
     eager = {**raw, "student": {**raw["student"], "config": {**TINY_LLAMA, "attn_implementation": "eager"}}}
     preflight(validate_recipe(eager, DistillTrainer), DistillTrainer, world_size=1, dry_run=True)  # accepted
 
@@ -193,8 +196,12 @@ def test_packed_run_trains_and_evaluates_like_the_unpacked_one(assets, tmp_path)
     unpacked["train"]["max_steps"] = 1
     packed = tiny_recipe(assets, tmp_path / "packed", **base, data={"packing": True})
     packed["train"]["max_steps"] = 4
+    # The chunked loss reads the models' hidden states (RoleModel.last_hidden): same isolation, same first step.
+    chunked = tiny_recipe(assets, tmp_path / "chunked", **base, data={"packing": True}, kd={"chunked": True, "chunk_size": 48})
+    chunked["train"]["max_steps"] = 1
     _train(unpacked, tmp_path / "unpacked.yaml")
     out = _train(packed, tmp_path / "packed.yaml")
+    _train(chunked, tmp_path / "chunked.yaml")
     assert "data.train: packed 192 documents into" in out and "data.eval: packed 37 documents into" in out
 
     before_u = json.loads((tmp_path / "unpacked" / "summary.json").read_text())["before"]
@@ -206,3 +213,7 @@ def test_packed_run_trains_and_evaluates_like_the_unpacked_one(assets, tmp_path)
     assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3, 4]
     assert all(m["grad_norm"] > 0 for m in metrics if "loss" in m)
     assert summary["after"]["ce"] < summary["before"]["ce"]
+    chunked_lines = [json.loads(line) for line in (tmp_path / "chunked" / "metrics.jsonl").read_text().splitlines()]
+    first, step1 = (next(m for m in lines if m.get("step") == 1 and "loss" in m) for lines in (chunked_lines, metrics))
+    for k in ("loss", "ce", "kd"):
+        assert first[k] == pytest.approx(step1[k], abs=1e-5), k

@@ -135,7 +135,7 @@ def build_text_data(recipe, tokenizer, rank: int, world_size: int) -> DataBundle
         if rank == 0:
             print(f"data.{key}: packed {stats['documents']} documents into {stats['rows']} rows of {d.max_length} tokens: "
                   f"{padding_fraction([stats['tokens']], stats['rows'] * d.max_length):.1%} padding "
-                  f"(one per row: {padding_fraction(lengths, d.max_length):.1%})")
+                  f"(one document per row: {padding_fraction(lengths, d.max_length):.1%})")
     # A one-token row predicts nothing: it evens out the ranks' eval batches.
     return DataBundle(splits["train"], splits["eval"], PackedCollator(pad, d.max_length), recipe.train.micro_batch_size,
                       rank, world_size, recipe.seed, pad, grad_accum=recipe.train.grad_accum,
