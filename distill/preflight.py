@@ -39,6 +39,10 @@ def preflight(recipe, trainer_cls, *, world_size: int, dry_run: bool = False):
     for name in trainer_cls.roles:  # before the tokenizer, which defaults to a role's directory
         check_model_source(name, getattr(recipe, name))
     tokenizer = _load_tokenizer(recipe, trainer_cls.roles)
+    if recipe.data.packing:
+        from distill.data.packing import check_packing_attention
+
+        check_packing_attention({n: getattr(recipe, n) for n in trainer_cls.built_roles(recipe)}, len(tokenizer))
     plans = plan_roles(recipe, trainer_cls, world_size=world_size, vocab_size=len(tokenizer))
     trainer_cls.check_plans(recipe, plans)
     return tokenizer, plans

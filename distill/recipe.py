@@ -155,6 +155,12 @@ class DataSpec(Section):
     """Tokenizer directory; defaults to the first role loaded `from_pretrained`."""
     synthetic_seed: int | None = None
     """If set and `train`/`eval` are missing, write the project's synthetic language there first."""
+    packing: bool = False
+    """Concatenate whole tokenized documents into rows of exactly `max_length` tokens (greedy, in dataset order;
+    a document that does not fit starts the next row, none is split), with position_ids restarting at every
+    document and attention kept within it, so the losses equal unpacked ones. Helps when most documents are much
+    shorter than `max_length`: unpacked, their padding is computed and thrown away. Text data of the `distill`
+    (offline) and `lm` trainers only; needs sdpa, eager or flex_attention."""
 
 
 class TrainSpec(Section):
@@ -326,6 +332,9 @@ def validate_recipe(raw: dict, trainer_cls) -> RecipeBase:
         # role's forward had run beside it (torch's CheckpointError); docs/performance.md.
         raise RecipeError(f"`train.overlap_frozen: true` cannot be combined with `{checkpointed[0]}.gradient_checkpointing: true`: "
                           "set one of them to false (null, the default, turns the overlap off for checkpointed runs)")
+    if recipe.data.packing and not getattr(trainer_cls, "supports_packing", False):
+        raise RecipeError(f"`data.packing: true`: the `{recipe.trainer}` trainer does not train on packed text rows "
+                          "(it needs its own batches, e.g. prompts or preference pairs): set `data.packing: false`")
     trainer_cls.check_recipe(recipe)
     return recipe
 

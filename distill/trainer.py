@@ -35,6 +35,9 @@ class RoleTrainer:
     """Role name -> defaults; the recipe's block of the same name overrides them."""
     sections: ClassVar[dict[str, type[Section]]] = {}
     """Extra recipe sections this algorithm reads (e.g. `kd`), name -> typed model."""
+    supports_packing: ClassVar[bool] = False
+    """Whether `data.packing` is allowed: the trainer trains on `build_text_data` batches and calls its models
+    with `distill.data.packing.model_inputs(batch)`, so packed documents stay apart."""
 
     # -- the algorithm -----------------------------------------------------------------------
     def loss_step(self, batch: dict[str, torch.Tensor], num_tokens: torch.Tensor) -> dict[str, torch.Tensor]:

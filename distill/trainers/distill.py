@@ -7,6 +7,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from distill.data.loading import DataBundle, build_text_data, pad_id, tokenized_splits
+from distill.data.packing import model_inputs
 from distill.losses import cross_entropy, get_kd_loss
 from distill.losses.chunked import chunked_kd_loss
 from distill.losses.logps import logit_transform
@@ -61,6 +62,7 @@ class DistillTrainer(RoleTrainer):
         "teacher": Role(trainable=False, deepspeed="zero3"),
     }
     sections = {"kd": KDSpec}
+    supports_packing = True  # offline text only: check_recipe and build_data refuse prompts
 
     @classmethod
     def check_plans(cls, recipe, plans) -> None:
@@ -83,6 +85,9 @@ class DistillTrainer(RoleTrainer):
     @classmethod
     def check_recipe(cls, recipe) -> None:
         op = recipe.kd.on_policy
+        if op is not None and recipe.data.packing:
+            raise RecipeError("`data.packing: true` packs text documents; `kd.on_policy` trains on prompts and "
+                              "generated completions: set `data.packing: false` or `kd.on_policy: null`")
         if op is not None and op.max_new_tokens >= recipe.data.max_length:
             raise RecipeError(f"`kd.on_policy.max_new_tokens: {op.max_new_tokens}` leaves no room for the prompt in "
                               f"`data.max_length: {recipe.data.max_length}`: raise data.max_length or lower max_new_tokens")
@@ -107,6 +112,9 @@ class DistillTrainer(RoleTrainer):
                 raise RecipeError(f"`kd.on_policy` needs prompt records ('prompt' [+ 'completion'] or 'messages'); "
                                   f"`data.train` has the columns {train_columns}")
             return build_text_data(self.recipe, self.tokenizer, self.rank, self.world_size)
+        if d.packing:
+            raise RecipeError(f"`data.packing: true` packs text documents; `data.train` holds prompt records "
+                              f"(columns {train_columns}): set `data.packing: false`, or give text records")
         # On-policy, prompts leave room for what is generated; offline, for half of the dataset's completion.
         max_prompt = d.max_length - op.max_new_tokens if op else d.max_length // 2
         splits = {"eval": None}
@@ -156,7 +164,7 @@ class DistillTrainer(RoleTrainer):
         alpha = 0.0 if batch.get("source") == "student" else kd.alpha
         if kd.chunked:
             return self._chunked_loss_step(batch, num_tokens, alpha)
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        inputs = model_inputs(batch)
         teacher_logits, logits = self.alongside(self.teacher, lambda: self.teacher(**inputs).logits,  # [B, T, V_t]
                                                 lambda: self.student(**inputs).logits)  # [B, T, V_s]
         ce = cross_entropy(logits, batch["labels"], num_valid_tokens=num_tokens)
@@ -168,7 +176,7 @@ class DistillTrainer(RoleTrainer):
         kd = self.recipe.kd
         # The models compute logits for one position only; the loss takes the rest from the hidden
         # states, one chunk of tokens at a time.
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        inputs = model_inputs(batch)
         t_hidden, s_hidden = self.alongside(self.teacher, lambda: self.teacher.last_hidden(**inputs),  # [B, T, H_t]
                                             lambda: self.student.last_hidden(**inputs))  # [B, T, H_s]
         t_head = self.teacher.module.get_output_embeddings().weight
@@ -200,7 +208,7 @@ class DistillTrainer(RoleTrainer):
         return out
 
     def _offline_eval(self, batch):
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        inputs = model_inputs(batch)
         labels, one = batch["labels"], torch.ones((), device=batch["labels"].device)
         teacher_logits = self.teacher(**inputs).logits
         logits = self.student(**inputs).logits
