@@ -12,7 +12,8 @@ ROOT_ARGS = ["dpo.loss=sigmoid"]
 @pytest.fixture(scope="module")
 def live_and_cached(assets, tmp_path_factory):
     out = {}
-    for name, extra in (("live", []), ("cached", ["dpo.precompute_reference=true"])):
+    for name, extra in (("live", []), ("cached", ["dpo.precompute_reference=true"]),
+                        ("overlapped", ["reference.placement=replicated", "train.overlap_frozen=true"])):
         path = tmp_path_factory.mktemp(name) / "dpo.json"
         check(launch("distill.testing.scripts.dpo_check", str(assets["root"]), str(path), *ROOT_ARGS, *extra))
         out[name] = json.loads(path.read_text())
@@ -25,6 +26,16 @@ def test_dpo_step_matches_whole_reference(live_and_cached):
     first = live_and_cached["live"]["first"]
     assert first["grad_norm"] == pytest.approx(live_and_cached["live"]["reference_grad_norm"], rel=1e-4)
     assert first["rewards/chosen"] != 0.0  # policy != reference: the check is not trivial
+
+
+@pytest.mark.multiprocess
+def test_reference_beside_the_policy_gives_the_same_step(live_and_cached):
+    # dpo_check also asserts this run's grad norm and loss against plain torch.
+    live, over = live_and_cached["live"], live_and_cached["overlapped"]
+    assert live["reference_threads"] == ["MainThread"]  # ZeRO-3 on CPU: in turn
+    assert over["reference_threads"] == ["distill-frozen_0"]
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "grad_norm"):
+        assert over["first"][key] == pytest.approx(live["first"][key], rel=1e-5, abs=5e-6), key
 
 
 @pytest.mark.multiprocess

@@ -24,7 +24,9 @@ def test_roles_switch_shard_logits_save_and_uneven_eval(assets, tmp_path):
     [],
     ["kd.chunked=true", "kd.chunk_size=16", "kd.loss=generalized_jsd", "kd.params={beta: 0.3}"],
     ["kd.loss=reverse_kl", "kd.temperature=2.0", "train.grad_accum=1", "train.micro_batch_size=3"],
-], ids=["forward_kl", "chunked_jsd", "reverse_kl_T2"])
+    # Compiled decoder layers (inductor) in both roles, fused AdamW: the same gradient, and it trains.
+    ["student.compile=true", "teacher.compile=true", "teacher.placement=replicated", "student.optimizer.fused=true"],
+], ids=["forward_kl", "chunked_jsd", "reverse_kl_T2", "compiled_fused"])
 def test_distill_run_matches_whole_reference(assets, tmp_path, overrides):
     out = tmp_path / "train.json"
     check(launch("distill.testing.scripts.train_check", str(assets["root"]), str(out), *overrides))
@@ -54,18 +56,25 @@ def test_nan_losses_in_a_row_stop_every_rank_together(assets, tmp_path):
 
 
 def test_replicated_teacher_matches_sharded_and_sharded_gathers_whole_layers(assets, tmp_path):
+    """Three runs: sharded (asked to overlap, it must run in turn), replicated in turn, replicated
+    overlapped (its forwards in the worker thread); all must train and evaluate alike."""
     import torch
 
     res = {}
-    for placement in ("sharded", "replicated"):
-        out = tmp_path / f"{placement}.pt"
-        check(launch("distill.testing.scripts.placement_check", str(assets["root"]), str(out), placement))
-        res[placement] = torch.load(out)
-    s, r = res["sharded"], res["replicated"]
-    assert (s["stage"], r["stage"]) == (3, 0)
+    for name, placement, overlap in (("sharded", "sharded", "true"), ("replicated", "replicated", "false"),
+                                     ("overlapped", "replicated", "true")):
+        out = tmp_path / f"{name}.pt"
+        check(launch("distill.testing.scripts.placement_check", str(assets["root"]), str(out), placement,
+                     f"train.overlap_frozen={overlap}"))
+        res[name] = torch.load(out)
+    s, r, o = res["sharded"], res["replicated"], res["overlapped"]
+    assert (s["stage"], r["stage"], o["stage"]) == (3, 0, 0)
     assert s["leaves"] == s["layers"] > 0 and r["leaves"] == 0  # each decoder layer is one ZeRO-3 unit
-    torch.testing.assert_close(s["logits"], r["logits"], atol=1e-5, rtol=1e-5)
-    for when in ("before", "after"):
-        assert s[when].keys() == r[when].keys()
-        for k in s[when]:
-            assert s[when][k] == pytest.approx(r[when][k], rel=1e-5, abs=1e-6), (when, k)
+    assert s["threads"] == r["threads"] == ["MainThread"]
+    assert o["threads"] == ["distill-frozen_0"]  # every teacher forward of training and eval beside the student's
+    for other in (r, o):
+        torch.testing.assert_close(s["logits"], other["logits"], atol=1e-5, rtol=1e-5)
+        for when in ("before", "after"):
+            assert s[when].keys() == other[when].keys()
+            for k in s[when]:
+                assert other[when][k] == pytest.approx(s[when][k], rel=1e-5, abs=1e-6), (when, k)

@@ -210,8 +210,8 @@ class DistillTrainer(RoleTrainer):
     def _offline_eval(self, batch):
         inputs = model_inputs(batch)
         labels, one = batch["labels"], torch.ones((), device=batch["labels"].device)
-        teacher_logits = self.teacher(**inputs).logits
-        logits = self.student(**inputs).logits
+        teacher_logits, logits = self.alongside(self.teacher, lambda: self.teacher(**inputs).logits,
+                                                lambda: self.student(**inputs).logits)
         kd = self.recipe.kd
         return {
             "ce": cross_entropy(logits, labels, num_valid_tokens=one),

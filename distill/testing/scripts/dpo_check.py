@@ -10,6 +10,7 @@ does not change; ranks see disjoint pairs.
 from __future__ import annotations
 
 import json
+import threading
 import sys
 from pathlib import Path
 
@@ -80,6 +81,9 @@ def main(argv: list[str] | None = None) -> None:
             return super().loss_step(batch, num_tokens)
 
     t = Probe(recipe)
+    ref_threads: set[str] = set()  # where the reference's forwards ran (train.overlap_frozen)
+    if "reference" in t.models:
+        t.reference.module.register_forward_pre_hook(lambda *_: ref_threads.add(threading.current_thread().name))
     policy0 = {k: v.detach().clone() for k, v in t.policy.state_dict().items()}
     history = t.train()
     all_seen, all_first = [None] * t.world_size, [None] * t.world_size
@@ -95,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         assert abs(train[0]["grad_norm"] - ref_norm) <= 1e-4 * ref_norm, (train[0]["grad_norm"], ref_norm)
         assert abs(train[0]["loss"] - ref_loss) <= 1e-5, (train[0]["loss"], ref_loss)
         out_json.write_text(json.dumps({"first": train[0], "last": train[-1], "history": history,
-                                        "reference_grad_norm": ref_norm}))
+                                        "reference_grad_norm": ref_norm, "reference_threads": sorted(ref_threads)}))
     end_of_script()
 
 

@@ -1,0 +1,146 @@
+"""The performance options on CPU: the frozen-role overlap, fused optimizers, compiled layers; and
+the recipe errors that guard them. Their multi-process runs are in test_multiprocess.py and test_dpo.py."""
+import threading
+import time
+
+import pytest
+import torch
+
+from distill.overlap import Overlap
+from distill.recipe import RecipeError, validate_recipe
+from distill.testing import TINY_LLAMA
+from distill.trainers.distill import DistillTrainer
+
+
+def _raw(**sections):
+    from distill.recipe import deep_merge
+
+    base = {"trainer": "distill", "output_dir": "/tmp/unused", "data": {"train": "unused.jsonl"},
+            "student": {"config": TINY_LLAMA}, "teacher": {"config": TINY_LLAMA}}
+    return deep_merge(base, sections)
+
+
+def test_overlap_runs_the_frozen_call_in_a_worker_under_no_grad_while_the_other_runs():
+    ov = Overlap(torch.device("cpu"), enabled=True)
+    started, seen = threading.Event(), {}
+
+    def frozen():
+        started.set()
+        seen["frozen"] = (threading.current_thread().name, torch.is_grad_enabled())
+        return {"t": torch.ones(2)}
+
+    def trainable():
+        assert started.wait(5), "the frozen call did not start while the trainable one ran"
+        seen["trainable"] = (threading.current_thread().name, torch.is_grad_enabled())
+        return 7
+
+    first, second = ov.run(frozen, trainable)
+    assert torch.equal(first["t"], torch.ones(2)) and second == 7
+    assert seen["frozen"] == ("distill-frozen_0", False)
+    assert seen["trainable"] == (threading.current_thread().name, True)
+    ov.close()
+
+
+def test_overlap_in_turn_when_disabled_or_not_concurrent():
+    order = []
+    for ov, kw in ((Overlap(torch.device("cpu"), enabled=False), {}), (Overlap(torch.device("cpu"), enabled=True), {"concurrent": False})):
+        order.clear()
+        first, _ = ov.run(lambda: order.append(("frozen", threading.current_thread().name, torch.is_grad_enabled())),
+                          lambda: order.append(("trainable", threading.current_thread().name, torch.is_grad_enabled())), **kw)
+        me = threading.current_thread().name
+        assert order == [("frozen", me, False), ("trainable", me, True)]
+
+
+def test_overlap_errors_reach_the_caller_and_never_leave_the_worker_running():
+    ov = Overlap(torch.device("cpu"), enabled=True)
+    done = threading.Event()
+
+    def slow_frozen():
+        time.sleep(0.2)
+        done.set()
+
+    def failing():
+        raise ValueError("trainable failed")
+
+    with pytest.raises(ValueError, match="trainable failed"):
+        ov.run(slow_frozen, failing)
+    assert done.is_set()  # the caller waited for the worker before the error went up
+
+    def failing_frozen():
+        raise KeyError("frozen failed")
+
+    with pytest.raises(KeyError, match="frozen failed"):
+        ov.run(failing_frozen, lambda: None)
+    ov.close()
+
+
+def test_overlap_with_gradient_checkpointing_is_refused_and_off_by_default():
+    with pytest.raises(RecipeError, match="overlap_frozen.*student.gradient_checkpointing"):
+        validate_recipe(_raw(train={"overlap_frozen": True}, student={"gradient_checkpointing": True}), DistillTrainer)
+    validate_recipe(_raw(student={"gradient_checkpointing": True}), DistillTrainer)  # null: allowed, decided at run time
+
+
+def test_trainer_passes_the_fused_choice_to_the_optimizer():
+    from types import SimpleNamespace
+
+    from distill.trainer import RoleTrainer
+
+    model = torch.nn.Linear(3, 2)
+    for fused, device, expect in ((None, "cpu", False), (True, "cpu", True), (False, "cpu", False), (None, "cuda", True)):
+        for name in ("adamw", "sgd"):
+            recipe = validate_recipe(_raw(student={"optimizer": {"name": name, "fused": fused}}), DistillTrainer)
+            t = RoleTrainer.__new__(RoleTrainer)
+            t.device, t.recipe = torch.device(device), recipe
+            t.data = SimpleNamespace(steps_per_epoch=10)
+            plan = SimpleNamespace(spec=recipe.student)
+            if device == "cuda":  # building a CUDA fused optimizer needs the device; the choice is what is checked
+                from unittest import mock
+
+                real = torch.optim.SGD(model.parameters(), lr=1.0)
+                with mock.patch("torch.optim.AdamW") as adamw, mock.patch("torch.optim.SGD") as sgd:
+                    adamw.return_value = sgd.return_value = real
+                    t._make_optimizer(plan, model)
+                    called = adamw if name == "adamw" else sgd
+                    assert called.call_args.kwargs["fused"] is expect
+                continue
+            opt, _ = t._make_optimizer(plan, model)
+            assert type(opt).__name__ == {"adamw": "AdamW", "sgd": "SGD"}[name]
+            assert bool(opt.defaults["fused"]) is expect, (fused, name)
+
+
+def test_compiled_layers_compute_what_the_plain_model_computes():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from distill.compile import compile_layers
+
+    torch.manual_seed(0)
+    plain = AutoModelForCausalLM.from_config(LlamaConfig(**{k: v for k, v in TINY_LLAMA.items() if k != "model_type"}))
+    compiled = AutoModelForCausalLM.from_config(plain.config)
+    compiled.load_state_dict(plain.state_dict())
+    assert compile_layers(compiled, backend="aot_eager") == plain.config.num_hidden_layers
+    ids = torch.randint(0, plain.config.vocab_size, (2, 11))
+    outs = []
+    for m in (plain, compiled):
+        loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        outs.append((loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
+    torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-6, rtol=1e-6)
+    for n, g in outs[0][1].items():
+        torch.testing.assert_close(g, outs[1][1][n], atol=1e-6, rtol=1e-5, msg=n)
+    with pytest.raises(ValueError, match="names no decoder-layer class"):
+        compile_layers(torch.nn.Linear(2, 2))
+
+
+def test_compile_is_refused_where_zero3_hooks_live():
+    with pytest.raises(RecipeError, match="`compile` needs the weights whole"):
+        validate_recipe(_raw(teacher={"compile": True, "placement": "sharded"}), DistillTrainer)
+    with pytest.raises(RecipeError, match="`student.compile` cannot run under ZeRO-3.*student.deepspeed: zero2"):
+        validate_recipe(_raw(student={"compile": True, "deepspeed": "zero3"}), DistillTrainer)
+    # A frozen role left to the planner: refused once the plan shards it (on CPU the plan is `sharded`).
+    from distill.plan import plan_roles
+
+    recipe = validate_recipe(_raw(teacher={"compile": True}), DistillTrainer)
+    with pytest.raises(RecipeError, match="`teacher.compile` cannot run under ZeRO-3.*teacher.placement: replicated"):
+        plan_roles(recipe, DistillTrainer, world_size=2, vocab_size=64)
+    replicated = validate_recipe(_raw(teacher={"compile": True, "placement": "replicated"}), DistillTrainer)
+    assert plan_roles(replicated, DistillTrainer, world_size=2, vocab_size=64)["teacher"].zero_stage == 0
