@@ -6,7 +6,9 @@
     python benchmarks/distill_throughput.py --pair tiny --device cpu --out t.json  # CPU smoke run, 1 process
 
 Options worth knowing: --student-zero/--teacher-zero JSON merged into our modes' zero_optimization
-(to try a knob), --profile PREFIX (a torch.profiler table of two steps per mode and micro-batch).
+(to try a knob), --set KEY=VALUE recipe overrides for our modes (e.g. train.overlap_frozen=false,
+student.compile=true), --profile PREFIX (per mode and micro-batch, two steps under torch.profiler: how
+much of the step the GPU was busy, then the top kernels and ops).
 
 Every mode runs in the same processes, one after the other, on the same random batches (token ids
 drawn once from --seed, no padding) and models of the same configs, random init:
