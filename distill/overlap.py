@@ -5,7 +5,8 @@ trainable model's forward leaves the GPU partly idle: kernel launches, not arith
 Launched from a second thread (torch releases the GIL inside each op) onto a second stream, the frozen
 role's kernels fill those gaps. Only replicated frozen roles run there: their forward holds no
 collective, so no two threads ever issue collectives at once, and it reads no DeepSpeed plugin, so
-the worker never switches the active one (`RoleManager.use` refuses to from another thread).
+the worker never switches the active one (from another thread, `RoleManager.use` switches nothing
+and refuses ZeRO-3 roles).
 """
 from __future__ import annotations
 
