@@ -14,7 +14,9 @@ import torch
 def compile_layers(model: torch.nn.Module, *, backend: str = "inductor") -> int:
     """Compile, in place, every module whose class is one of the model's `_no_split_modules` (its
     decoder layers); returns how many. Raises when the model names no such class."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
+    from distill.roles import leaf_module_classes  # the same layer classes ZeRO-3 gathers as one unit
+
+    names = set(leaf_module_classes(model))
     layers = [m for m in model.modules() if type(m).__name__ in names]
     if not layers:
         raise ValueError(f"{type(model).__name__} names no decoder-layer class (`_no_split_modules`) to compile")
