@@ -18,6 +18,10 @@ PAIRS = {  # name: (student, teacher) configs
                   dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16)),
     "1b-7b": (dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=18, num_attention_heads=16, num_key_value_heads=16),
               dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32)),
+    # 0.3b-1.4b's layers at width 64: the same modules, parameters and kernel launches, almost no
+    # arithmetic. On CPU its step time is the host-side cost (Python, dispatch, DeepSpeed's hooks).
+    "0.3b-1.4b-skeleton": (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=20, num_attention_heads=4, num_key_value_heads=4),
+                           dict(hidden_size=64, intermediate_size=128, num_hidden_layers=24, num_attention_heads=4, num_key_value_heads=4)),
     "tiny": (dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
              dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)),
 }

@@ -8,7 +8,10 @@
 Options worth knowing: --student-zero/--teacher-zero JSON merged into our modes' zero_optimization
 (to try a knob), --set KEY=VALUE recipe overrides for our modes (e.g. train.overlap_frozen=false,
 student.compile=true), --profile PREFIX (per mode and micro-batch, two steps under torch.profiler: how
-much of the step the GPU was busy, then the top kernels and ops).
+much of the step the GPU was busy, then the top kernels and ops), --cprofile PREFIX (the Python
+functions the host spends the step in). `--pair 0.3b-1.4b-skeleton --device cpu` runs the 0.3B/1.4B
+pair's layers at width 64: almost no arithmetic, so on CPU its step time is the host-side cost that
+bounds the small pair on GPUs (docs/performance.md).
 
 Every mode runs in the same processes, one after the other, on the same random batches (token ids
 drawn once from --seed, no padding) and models of the same configs, random init:
@@ -81,10 +84,11 @@ def parse_args(argv=None):
                    help="recipe overrides for our modes, as on the distill.train command line (e.g. train.overlap_frozen=false)")
     p.add_argument("--label", default=None, help="a name for this launch's variant, kept in the JSON")
     p.add_argument("--profile", default=None, help="write torch.profiler's top kernels/ops of 2 steps (rank 0) to PROFILE.<mode>.<mb>.txt")
+    p.add_argument("--cprofile", default=None, help="write cProfile's top Python functions of --steps steps (rank 0) to CPROFILE.<mode>.<mb>.txt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="distill_throughput.json")
     a = p.parse_args(argv)
-    tiny = a.pair == "tiny"
+    tiny = a.pair in ("tiny", "0.3b-1.4b-skeleton")
     a.seq_len = a.seq_len or (32 if tiny else 1024)
     a.vocab = a.vocab or (256 if tiny else 32000)
     a.dtype = a.dtype or ("bf16" if a.device == "cuda" else "fp32")
@@ -154,6 +158,8 @@ def measure(a, setup, mb: int, device) -> dict:
     split = {k: v / max(1, a.timing_steps) for k, v in split.items()}
     if a.profile:
         profile(a, setup, batches[:2], f"{a.profile}.{a.current_mode}.{mb}.txt")
+    if a.cprofile:
+        python_profile(a, setup, batches, device, f"{a.cprofile}.{a.current_mode}.{mb}.txt")
     step_s = elapsed / a.steps
     return {"micro_batch": mb, "step_s": step_s, "tokens_per_s_per_gpu": mb * a.seq_len / step_s,
             "split_s": split, "split_frac": {k: v / max(sum(split.values()), 1e-12) for k, v in split.items()},
@@ -174,6 +180,28 @@ def profile(a, setup, batches, path) -> None:
         key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
         table = prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70)
         Path(path).write_text(gpu_busy(prof, len(batches)) + "\n\n" + table)
+
+
+def python_profile(a, setup, batches, device, path) -> None:
+    """Where the host's time goes: cProfile over --steps steps on rank 0 (every rank runs them)."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    rank0 = int(os.environ.get("RANK", 0)) == 0
+    if rank0:
+        prof.enable()
+    for i in range(a.steps):
+        setup.step(batches[i % len(batches)])
+    sync(device)
+    if rank0:
+        prof.disable()
+        out = io.StringIO()
+        for key in ("tottime", "cumulative"):
+            out.write(f"== {a.steps} steps, by {key} ==\n")
+            pstats.Stats(prof, stream=out).sort_stats(key).print_stats(45)
+        Path(path).write_text(out.getvalue())
 
 
 def gpu_busy(prof, steps: int) -> str:

@@ -41,6 +41,24 @@ def leaf_module_classes(model: torch.nn.Module) -> list[str]:
     return sorted({type(m).__name__ for m in model.modules() if type(m).__name__ in names})
 
 
+def restore_torch_linear() -> bool:
+    """Undo DeepSpeed's process-wide swap of `torch.nn.functional.linear`; True if it was swapped.
+
+    `deepspeed.zero.Init`, which runs when a ZeRO-3 role loads or is prepared, replaces
+    `torch.nn.functional.linear` for the whole process with an autograd Function that can re-gather
+    a ZeRO-3 weight in backward, and leaves it so. Every linear of every role then goes through
+    Python (`Function.apply` binds its arguments with `inspect` on each call). On the CPU skeleton
+    of the 0.3B/1.4B pair that was 9-21% of the step (docs/performance.md). Only a trainable ZeRO-3
+    role can need it, so RoleManager restores torch's own unless one is present."""
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as init_cls
+
+    original = getattr(init_cls, "linear_bk", None)
+    if original is None or torch.nn.functional.linear is original:
+        return False
+    torch.nn.functional.linear = original
+    return True
+
+
 def set_leaf_modules(model: torch.nn.Module) -> list[str]:
     """Make ZeRO-3 gather each decoder layer as one unit, for a frozen role.
 
@@ -338,4 +356,6 @@ class RoleManager:
                     set_leaf_modules(model)
                 engine = slot.accelerator.prepare(model)
                 engine.eval()
+        if not any(p.spec.trainable and p.zero_stage == 3 for p in self.plans.values()):
+            restore_torch_linear()
         return RoleModel(name, plan, self, engine, slot.accelerator, optimizer, scheduler)

@@ -260,8 +260,11 @@ class RoleTrainer:
             self.trainable.backward(losses["loss"] * self.world_size, boundary=i == len(micro) - 1)
             for k, v in losses.items():
                 totals[k] = totals.get(k, 0) + v.detach().float()
-        meter.seen += int(self._all_reduce(sum(b["attention_mask"].sum() for b in micro)))
-        finite = int(self._all_reduce(int(not torch.isfinite(totals["loss"])))) == 0
+        # One all-reduce, one wait on the GPU: [tokens in this step's batches, ranks with a NaN/Inf loss].
+        seen, bad = self._all_reduce(torch.stack([sum(b["attention_mask"].sum() for b in micro).to(self.device),
+                                                  (~torch.isfinite(totals["loss"])).long()])).tolist()
+        meter.seen += seen
+        finite = bad == 0
         if not finite:
             self._write_metrics({"step": step, "skipped": "non-finite loss"})
             if self.accelerator.is_main_process:
@@ -269,7 +272,7 @@ class RoleTrainer:
             bar.update(1)
             return False
         if step % self.recipe.train.log_every == 0 or step == self.total_steps:
-            metrics = {k: float(self._all_reduce(v)) for k, v in totals.items()}
+            metrics = dict(zip(totals, self._all_reduce(torch.stack(list(totals.values()))).tolist()))
             metrics.update(step=step, lr=lr, grad_norm=self.trainable.grad_norm(), tokens_per_s=meter.rate(),
                            elapsed_s=meter.elapsed(), **self.step_metrics())
             if torch.cuda.is_available():

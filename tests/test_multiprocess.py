@@ -72,6 +72,7 @@ def test_replicated_teacher_matches_sharded_and_sharded_gathers_whole_layers(ass
     assert s["leaves"] == s["layers"] > 0 and r["leaves"] == 0  # each decoder layer is one ZeRO-3 unit
     assert s["threads"] == r["threads"] == ["MainThread"]
     assert o["threads"] == ["distill-frozen_0"]  # every teacher forward of training and eval beside the student's
+    assert s["linear_swapped"] and s["torch_linear"]  # the ZeRO-3 teacher's load swapped it; the student trains on torch's
     for other in (r, o):
         torch.testing.assert_close(s["logits"], other["logits"], atol=1e-5, rtol=1e-5)
         for when in ("before", "after"):

@@ -159,6 +159,8 @@ def test_generation_under_zero3_and_the_sampled_loss(tmp_path, overrides):
         assert r["teacher_logits_after_generation_diff"] < 1e-5
         assert r["sampled_loss"] == pytest.approx(r["sampled_loss_reference"], rel=1e-5)
         assert r["sampled_reverse_kl"][1] < r["sampled_reverse_kl"][0]
+        # DeepSpeed's linear (it re-gathers a ZeRO-3 weight in backward) stays only for a ZeRO-3 student.
+        assert r["deepspeed_linear"] == ("student.deepspeed=zero3" in overrides)
     # Rank 0 stopped after 2 tokens while rank 1 generated on: no hang, same results.
     assert ranks[0]["teacher_synced_length"] == 2 and ranks[1]["teacher_synced_length"] > 6
     assert ranks[0]["sources"] == ranks[1]["sources"] and {"student", "teacher"} <= set(ranks[0]["sources"])

@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     trainer.prepare_step = recording
     history = trainer.train()
     result["sources"] = sources
+    from deepspeed.runtime.zero.linear import zero3_linear_wrap  # kept only for a trainable ZeRO-3 role
+    result["deepspeed_linear"] = torch.nn.functional.linear is zero3_linear_wrap
     result["sampled_reverse_kl"] = [history["before"]["sampled/reverse_kl"], history["after"]["sampled/reverse_kl"]]
     if rank == 0:
         metrics = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -15,6 +15,7 @@ import torch
 
 def main(argv: list[str] | None = None) -> None:
     from distill.testing import end_of_script
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as init_cls
     from deepspeed.utils import get_z3_leaf_modules
 
     from distill.recipe import deep_merge, parse_overrides, validate_recipe
@@ -40,7 +41,10 @@ def main(argv: list[str] | None = None) -> None:
     if t.accelerator.is_main_process:
         torch.save({"stage": t.teacher.plan.zero_stage, "placement": t.teacher.plan.placement,
                     "leaves": len(get_z3_leaf_modules(teacher)), "layers": len(layers), "logits": logits,
-                    "before": history["before"], "after": history["after"], "threads": sorted(threads)}, out)
+                    "before": history["before"], "after": history["after"], "threads": sorted(threads),
+                    # zero.Init swaps torch.nn.functional.linear process-wide; RoleManager puts torch's back
+                    "linear_swapped": hasattr(init_cls, "linear_bk"),
+                    "torch_linear": torch.nn.functional.linear is getattr(init_cls, "linear_bk", torch.nn.functional.linear)}, out)
     end_of_script()
 
 
