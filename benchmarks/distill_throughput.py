@@ -4,6 +4,8 @@
         --micro-batch 4 8 --modes naive sharded replicated --out distill_throughput.json
     torchrun --nproc_per_node 2 benchmarks/distill_throughput.py ...        # the same
     python benchmarks/distill_throughput.py --pair tiny --device cpu --out t.json  # CPU smoke run, 1 process
+    torchrun --standalone --nproc_per_node 2 benchmarks/distill_throughput.py --pair tiny --device cpu  # 2 on CPU
+    (on CPU, `accelerate launch --num_processes 2` without --use_deepspeed starts one process)
 
 Options worth knowing: --student-zero/--teacher-zero JSON merged into our modes' zero_optimization
 (to try a knob), --set KEY=VALUE recipe overrides for our modes (e.g. train.overlap_frozen=false,

@@ -47,9 +47,9 @@ def restore_torch_linear() -> bool:
     `deepspeed.zero.Init`, which runs when a ZeRO-3 role loads or is prepared, replaces
     `torch.nn.functional.linear` for the whole process with an autograd Function that can re-gather
     a ZeRO-3 weight in backward, and leaves it so. Every linear of every role then goes through
-    Python (`Function.apply` binds its arguments with `inspect` on each call). On the CPU skeleton
-    of the 0.3B/1.4B pair that was 9-21% of the step (docs/performance.md). Only a trainable ZeRO-3
-    role can need it, so RoleManager restores torch's own unless one is present."""
+    Python (`Function.apply` binds its arguments with `inspect` on each forward call). On the CPU
+    skeleton of the 0.3B/1.4B pair, one process, that was 9-21% of the step (docs/performance.md).
+    Only a trainable ZeRO-3 role can need it, so RoleManager restores torch's own unless one is present."""
     from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as init_cls
 
     original = getattr(init_cls, "linear_bk", None)

@@ -1,5 +1,6 @@
 """The distillation throughput benchmark runs end to end on CPU and reports every field it promises."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ def test_distill_throughput_tiny_on_one_cpu_process(tmp_path):
     out, log = tmp_path / "bench.json", tmp_path / "bench.log"
     cmd = [sys.executable, str(REPO / "benchmarks" / "distill_throughput.py"), "--pair", "tiny", "--device", "cpu",
            "--modes", "naive", "sharded", "replicated", "--micro-batch", "2", "3", "--warmup", "1", "--steps", "2",
-           "--timing-steps", "1", "--peak-tflops", "0.5", "--out", str(out)]
+           "--timing-steps", "1", "--peak-tflops", "0.5", "--cprofile", str(tmp_path / "cp"), "--out", str(out)]
     with open(log, "w") as f:
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, log.read_text()[-6000:]
@@ -54,6 +55,26 @@ def test_distill_throughput_tiny_on_one_cpu_process(tmp_path):
         assert set(res["summary"][mb]) == {"sharded_over_naive_tokens", "replicated_over_naive_tokens",
                                            "naive_teacher_forward_over_replicated", "sharded_teacher_forward_over_replicated"}
     assert "tok/s/GPU" in log.read_text()
+    # --cprofile: where the host spent our steps, per mode and micro-batch
+    assert "distill/trainer.py" in (tmp_path / "cp.replicated.2.txt").read_text()
+    assert "by cumulative" in (tmp_path / "cp.naive.3.txt").read_text()
+
+
+@pytest.mark.multiprocess
+def test_targets_script_runs_every_step(tmp_path):
+    """benchmarks/targets.sh in its CPU smoke mode: each launch runs and writes what the docs read."""
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "targets.sh"), str(tmp_path)], capture_output=True, text=True,
+                          timeout=900, env={**os.environ, "SMOKE": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + (tmp_path / "log.txt").read_text()[-6000:]
+    modes = {"small": ["naive", "replicated"] * 2, "small_compile": ["naive", "replicated"],
+             "large": ["replicated", "sharded", "naive"], "large_compile": ["replicated"], "large_2gpu": ["replicated"]}
+    for name, want in modes.items():
+        res = json.loads((tmp_path / f"{name}.json").read_text())
+        assert res["world_size"] == 2 and [r["mode"] for r in res["results"]] == want, name
+        assert all(r["tokens_per_s_per_gpu"] > 0 for r in res["results"])
+    assert json.loads((tmp_path / "small_compile.json").read_text())["overrides"] == ["student.compile=true", "teacher.compile=true"]
+    dpo = json.loads((tmp_path / "dpo.json").read_text())
+    assert sorted(r["impl"] for r in dpo["results"]) == ["distill", "trl"]
 
 
 def test_throughput_plot_draws_every_results_file(tmp_path):

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The measurements behind the GPU performance targets (docs/performance.md), in one go on one host
+# with 4 GPUs: every comparison runs its baseline in the same launch, on the same cards.
+#
+#   bash benchmarks/targets.sh OUT_DIR                 # 4 GPUs, about 15 minutes on H100s
+#   SMOKE=1 bash benchmarks/targets.sh OUT_DIR         # CPU, tiny models, 2 processes: checks the script
+#
+# OUT_DIR gets one JSON per launch and a log. Steps that need 4 GPUs run after the 2-GPU ones.
+set -uo pipefail
+out=${1:?usage: targets.sh OUT_DIR}
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+B=benchmarks/distill_throughput.py
+launch() {  # N processes: accelerate on GPUs; on CPU accelerate would start one process, so torchrun
+  local n=$1; shift
+  if [ "${SMOKE:-0}" = 1 ]; then torchrun --standalone --nproc_per_node "$n" "$@"
+  else accelerate launch --num_machines 1 --mixed_precision no --dynamo_backend no --num_processes "$n" "$@"; fi
+}
+if [ "${SMOKE:-0}" = 1 ]; then
+  small=(--pair tiny --device cpu --micro-batch 2 --warmup 1 --steps 2 --timing-steps 1)
+  large=("${small[@]}") gpus2="" gpus4="" n4=2 dpo=(--tiny --device cpu)
+else
+  small=(--pair 0.3b-1.4b --micro-batch 4 8 --steps 20)
+  large=(--pair 1b-7b --micro-batch 8 --warmup 2 --steps 6 --timing-steps 2)
+  gpus2=0,1 gpus4=0,1,2,3 n4=4 dpo=()
+fi
+status=0
+step() {  # name, visible devices, then the command
+  local name=$1 devices=$2; shift 2
+  echo "=== $name $(date +%T)" | tee -a "$out/log.txt"
+  if ! CUDA_VISIBLE_DEVICES=$devices "$@" >> "$out/log.txt" 2>&1; then
+    echo "=== $name FAILED (see log.txt)" | tee -a "$out/log.txt"; status=1
+  fi
+}
+# >= 3x the naive loop at the small pair, modes interleaved against drift
+step small "$gpus2" launch 2 $B "${small[@]}" --modes naive replicated naive replicated --out "$out/small.json"
+# compiled decoder layers, against the same launch's naive loop
+step small_compile "$gpus2" launch 2 $B "${small[@]}" --modes naive replicated \
+  --set student.compile=true teacher.compile=true --out "$out/small_compile.json"
+# DPO against TRL, same models and data, each side in its own launch
+step dpo "$gpus2" python benchmarks/dpo.py --num-processes 2 "${dpo[@]}" --out "$out/dpo.json"
+# >= 40% MFU at the large pair; the sharded teacher against the replicated one; the naive loop
+step large "$gpus4" launch $n4 $B "${large[@]}" --modes replicated sharded naive --out "$out/large.json"
+step large_compile "$gpus4" launch $n4 $B "${large[@]}" --modes replicated \
+  --set student.compile=true teacher.compile=true --out "$out/large_compile.json"
+# weak scaling: the large pair on 2 GPUs, against `large` on 4
+step large_2gpu "$gpus2" launch 2 $B "${large[@]}" --modes replicated --out "$out/large_2gpu.json"
+grep -h '"summary"' -A12 "$out"/*.json 2>/dev/null | head -80
+exit $status
