@@ -88,3 +88,14 @@ def test_throughput_plot_draws_every_results_file(tmp_path):
     assert proc.returncode == 0, proc.stderr
     width, height = Image.open(out).size
     assert width > 2 * height * 0.7  # two pairs side by side, two panels each
+
+
+def test_logps_memory_benchmark_counts_the_chunks():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import logps_memory
+
+    mib = logps_memory.main(["--tokens", "512", "--hidden", "32", "--vocab", "3000"])
+    block = 512 * 3000 * 4 / 2**20  # the whole fp32 [tokens, V]: one chunk here
+    assert mib["logits_grad"] == pytest.approx(512 * 3000 * 2 / 2**20)
+    assert block <= mib["logits"] - mib["logits_grad"] <= 1.25 * block
+    assert 0.5 * block < mib["chunked"] <= 1.75 * block

@@ -15,6 +15,22 @@ def logit_transform(model_config) -> str | None:
     return None
 
 
+def _logsumexp_and_label_(x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logsumexp [c], x[label] [c]) of fp32 logits x [c, V], which it overwrites: torch.logsumexp
+    would allocate a second [c, V] block for exp(x - max)."""
+    picked = x.gather(-1, labels[:, None]).squeeze(-1)
+    top = x.amax(-1)  # [c]
+    lse = x.sub_(top[:, None]).exp_().sum(-1).log_().add_(top)
+    return lse, picked
+
+
+def _label_grad_(x: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """g * (onehot(label) - softmax(x)), the gradient of g * log p(label), written over the fp32
+    logits x [c, V] (one block instead of three temporaries)."""
+    x.sub_(lse[:, None]).exp_().mul_(-g[:, None])
+    return x.scatter_add_(-1, labels[:, None], g[:, None])
+
+
 class _LabelLogps(torch.autograd.Function):
     """log p(label) per row of logits [M, V] -> [M] fp32, computed `chunk` rows at a time.
 
@@ -29,9 +45,9 @@ class _LabelLogps(torch.autograd.Function):
         lse = torch.empty(logits.shape[0], dtype=acc, device=logits.device)  # [M]
         picked = torch.empty_like(lse)  # [M]
         for s in range(0, logits.shape[0], chunk):
-            x = logits[s:s + chunk].to(acc)  # [c, V]
-            lse[s:s + chunk] = torch.logsumexp(x, dim=-1)
-            picked[s:s + chunk] = x.gather(-1, labels[s:s + chunk, None]).squeeze(-1)
+            # A copy, since it is overwritten; unnamed, so it is freed before the next chunk's.
+            lse[s:s + chunk], picked[s:s + chunk] = _logsumexp_and_label_(logits[s:s + chunk].to(acc, copy=True),
+                                                                          labels[s:s + chunk])
         ctx.save_for_backward(logits, labels, lse)
         ctx.chunk = chunk
         return picked - lse
@@ -40,12 +56,9 @@ class _LabelLogps(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         logits, labels, lse = ctx.saved_tensors
         grad = torch.empty_like(logits)  # [M, V]
-        g = grad_out.to(lse.dtype)
-        for s in range(0, logits.shape[0], ctx.chunk):
-            # d/dx (x[label] - logsumexp x) = onehot(label) - softmax(x)
-            gs = torch.exp(logits[s:s + ctx.chunk].to(lse.dtype) - lse[s:s + ctx.chunk, None]) * -g[s:s + ctx.chunk, None]
-            gs.scatter_add_(-1, labels[s:s + ctx.chunk, None], g[s:s + ctx.chunk, None])
-            grad[s:s + ctx.chunk] = gs.to(grad.dtype)
+        g, c = grad_out.to(lse.dtype), ctx.chunk
+        for s in range(0, logits.shape[0], c):
+            grad[s:s + c] = _label_grad_(logits[s:s + c].to(lse.dtype, copy=True), lse[s:s + c], labels[s:s + c], g[s:s + c])
         return grad, None, None
 
 
@@ -74,9 +87,10 @@ class _HeadLogps(torch.autograd.Function):
         lse = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)  # [M]
         out = torch.empty_like(lse)  # [M]
         for s in range(0, hidden.shape[0], chunk):
-            x = (hidden[s:s + chunk] @ weight.T).to(acc)  # [c, V]
-            lse[s:s + chunk] = torch.logsumexp(x, dim=-1)
-            out[s:s + chunk] = x.gather(-1, labels[s:s + chunk, None]).squeeze(-1) - lse[s:s + chunk]
+            # [c, V] logits, a new tensor either way; unnamed, so freed before the next chunk's
+            lse[s:s + chunk], out[s:s + chunk] = _logsumexp_and_label_((hidden[s:s + chunk] @ weight.T).to(acc),
+                                                                       labels[s:s + chunk])
+        out -= lse
         ctx.save_for_backward(hidden, weight, labels, lse)
         ctx.chunk = chunk
         return out
@@ -89,12 +103,12 @@ class _HeadLogps(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if ctx.needs_input_grad[1] else None
         for s in range(0, hidden.shape[0], c):
             x = (hidden[s:s + c] @ weight.T).to(lse.dtype)  # [c, V]
-            gl = torch.exp(x - lse[s:s + c, None]) * -g[s:s + c, None]  # onehot(label) - softmax, times g
-            gl.scatter_add_(-1, labels[s:s + c, None], g[s:s + c, None])
-            gl = gl.to(weight.dtype)
+            gl = _label_grad_(x, lse[s:s + c], labels[s:s + c], g[s:s + c]).to(weight.dtype)
+            del x  # before the matmuls below allocate
             grad_h[s:s + c] = gl @ weight
             if grad_w is not None:
-                grad_w += (gl.T @ hidden[s:s + c]).to(grad_w.dtype)  # [V, H], accumulated in fp32
+                grad_w += gl.T @ hidden[s:s + c]  # [V, H] in the weight's dtype, accumulated in fp32
+            del gl  # before the next chunk's logits
         return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None
 
 

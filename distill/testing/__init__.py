@@ -88,3 +88,18 @@ def end_of_script() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def peak_cpu_bytes(fn) -> int:
+    """The most bytes of CPU tensors `fn()` held at once beyond what existed before it: torch.profiler's
+    allocation events, replayed in order. What `torch.cuda.max_memory_allocated` measures, on CPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    now = peak = 0
+    for e in events:
+        now += e.nbytes()
+        peak = max(peak, now)
+    return peak
