@@ -99,19 +99,15 @@ def load_fn(device):
     def load(plan):
         from transformers import AutoModelForCausalLM
 
+        from distill.trainer import apply_role_options
+
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[plan.spec.precision]
         if plan.zero_stage == 3:  # built under zero.Init (the role's plugin is active): born sharded
             model = AutoModelForCausalLM.from_config(plan.model_config, dtype=dtype)
         else:
             with torch.device(device):
                 model = AutoModelForCausalLM.from_config(plan.model_config, dtype=dtype)
-        if plan.spec.trainable and plan.spec.gradient_checkpointing:  # as the trainer's loader does
-            model.gradient_checkpointing_enable()
-        if plan.spec.compile:
-            from distill.compile import compile_layers
-
-            compile_layers(model)
-        return model
+        return apply_role_options(plan, model)  # checkpointing and compiled layers, as the trainer's loader
     return load
 
 

@@ -27,6 +27,25 @@ from distill.recipe import Role, Section
 from distill.roles import RoleManager, RoleModel
 
 
+def apply_role_options(plan, model: torch.nn.Module) -> torch.nn.Module:
+    """A freshly built model with its role's gradient checkpointing, compiled layers and LoRA adapter, as
+    the recipe block asks; before `RoleManager.build` prepares it (and before the optimizer: LoRA leaves
+    only the adapter trainable)."""
+    if plan.spec.gradient_checkpointing and plan.spec.trainable:
+        model.gradient_checkpointing_enable()
+        if plan.spec.lora is not None:
+            model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need a grad path
+    if plan.spec.compile:
+        from distill.compile import compile_layers
+
+        compile_layers(model)
+    if plan.spec.lora is not None:
+        from distill.lora import apply_lora
+
+        model = apply_lora(model, plan.spec.lora, plan.name)
+    return model
+
+
 class RoleTrainer:
     """Subclass, declare `roles`, write `loss_step`; see docs/writing-a-trainer.md."""
 
@@ -139,19 +158,7 @@ class RoleTrainer:
                                                          trust_remote_code=plan.spec.trust_remote_code)
         else:
             model = AutoModelForCausalLM.from_config(plan.model_config, dtype=dtype)
-        if plan.spec.gradient_checkpointing and plan.spec.trainable:
-            model.gradient_checkpointing_enable()
-            if plan.spec.lora is not None:
-                model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need a grad path
-        if plan.spec.compile:
-            from distill.compile import compile_layers
-
-            compile_layers(model)
-        if plan.spec.lora is not None:
-            from distill.lora import apply_lora
-
-            model = apply_lora(model, plan.spec.lora, plan.name)  # before the optimizer: it sees only the adapter
-        return model
+        return apply_role_options(plan, model)
 
     def _make_optimizer(self, plan, model):
         spec, sched = plan.spec.optimizer, plan.spec.scheduler

@@ -10,8 +10,8 @@ does not change; ranks see disjoint pairs.
 from __future__ import annotations
 
 import json
-import threading
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -46,12 +46,11 @@ def reference_grad_norm(policy_state, ref_dir, config, micro_batches, spec) -> t
 
 
 def main(argv: list[str] | None = None) -> None:
-    from distill.testing import end_of_script
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     from distill.data.preference import write_preference_dataset
     from distill.recipe import deep_merge, parse_overrides, validate_recipe
-    from distill.testing import TINY_LLAMA, tiny_assets
+    from distill.testing import TINY_LLAMA, end_of_script, tiny_assets
     from distill.trainers.dpo import DPOTrainer
 
     args = argv or sys.argv[1:]

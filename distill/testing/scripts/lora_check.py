@@ -42,12 +42,11 @@ def base_key(k: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from distill.testing import end_of_script
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     from distill.data.preference import write_preference_dataset
     from distill.recipe import deep_merge, parse_overrides, validate_recipe
-    from distill.testing import tiny_assets, tiny_recipe
+    from distill.testing import end_of_script, tiny_assets, tiny_recipe
     from distill.trainers.distill import DistillTrainer
     from distill.trainers.dpo import DPOTrainer
 

@@ -23,9 +23,8 @@ def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from distill.testing import end_of_script
     from distill.recipe import deep_merge, parse_overrides, validate_recipe
-    from distill.testing import tiny_assets, tiny_recipe
+    from distill.testing import end_of_script, tiny_assets, tiny_recipe
     from distill.monitor import NonFiniteLoss
     from distill.trainers.distill import DistillTrainer
 

@@ -22,13 +22,12 @@ import torch.distributed as dist
 
 
 def main(argv: list[str] | None = None) -> None:
-    from distill.testing import end_of_script
     from transformers import AutoModelForCausalLM
 
     from distill.data.prompts import write_prompt_dataset
     from distill.losses import get_kd_loss
     from distill.recipe import REPO_ROOT, deep_merge, parse_overrides, validate_recipe
-    from distill.testing import TINY_LLAMA
+    from distill.testing import TINY_LLAMA, end_of_script
     from distill.trainers.distill import DistillTrainer
 
     args = argv or sys.argv[1:]

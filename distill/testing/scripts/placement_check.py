@@ -14,12 +14,11 @@ import torch
 
 
 def main(argv: list[str] | None = None) -> None:
-    from distill.testing import end_of_script
     from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as init_cls
     from deepspeed.utils import get_z3_leaf_modules
 
     from distill.recipe import deep_merge, parse_overrides, validate_recipe
-    from distill.testing import tiny_assets, tiny_recipe
+    from distill.testing import end_of_script, tiny_assets, tiny_recipe
     from distill.trainers.distill import DistillTrainer
 
     args = argv or sys.argv[1:]

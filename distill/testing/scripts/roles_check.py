@@ -13,13 +13,12 @@ import torch
 
 
 def main(argv: list[str] | None = None) -> None:
-    from distill.testing import end_of_script
     from accelerate.state import AcceleratorState
     from transformers import AutoModelForCausalLM
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     from distill.recipe import validate_recipe
-    from distill.testing import tiny_assets, tiny_recipe
+    from distill.testing import end_of_script, tiny_assets, tiny_recipe
     from distill.trainers.distill import DistillTrainer
 
     root, out_json = map(Path, (argv or sys.argv[1:])[:2])

@@ -40,11 +40,10 @@ def reference_grad_norm(student_state, teacher_dir, config, micro_batches, kd) -
 
 
 def main(argv: list[str] | None = None) -> None:
-    from distill.testing import end_of_script
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     from distill.recipe import parse_overrides, validate_recipe, deep_merge
-    from distill.testing import tiny_assets, tiny_recipe
+    from distill.testing import end_of_script, tiny_assets, tiny_recipe
     from distill.trainers.distill import DistillTrainer
 
     args = argv or sys.argv[1:]
