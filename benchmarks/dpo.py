@@ -19,10 +19,11 @@ What differs is each framework's own design, and is what this measures:
 * the reference: distill places it by its planner (--ref-zero auto: replicated when it fits beside
   the policy, else ZeRO-3), or as forced by --ref-zero 0|3; TRL holds it replicated (DeepSpeed
   stage 0) unless its policy is ZeRO-3 (--policy-zero 3), then both are ZeRO-3;
-* log-probs: distill takes them from the logits with fp32 math chunk by chunk
-  (distill/losses/logps.py); TRL 1.x computes them with its chunked fused LM head;
-* ZeRO-2 buckets: distill's defaults (5e8-element reduce bucket); TRL's "auto", which the HF
-  Trainer fills with hidden_size**2;
+* log-probs: distill takes them from the hidden states through the LM head, with fp32 math chunk
+  by chunk (distill/losses/logps.py); TRL 1.x computes them with its chunked fused LM head;
+* ZeRO-2 buckets: distill's defaults (5e7-element reduce bucket); TRL's "auto", which the HF
+  Trainer fills with hidden_size**2. `--sides distill --set 'policy.deepspeed={...}'` measures
+  distill alone with other buckets;
 * the data pipeline, the loop and the per-step metrics of each.
 
 Timing: the wall clock between the end of step --warmup and the end of the last step (each side
@@ -53,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--impl", choices=["both", "distill", "trl"], default="both",
                    help="both: launch each side in turn and compare; distill|trl: run one side (inside accelerate launch)")
     p.add_argument("--num-processes", type=int, default=1, help="processes per side (driver only)")
+    p.add_argument("--sides", nargs="+", choices=["distill", "trl"], default=["distill", "trl"],
+                   help="which sides the driver launches, in this order")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--tiny", action="store_true", help="a tiny model and short sequences (smoke test)")
     p.add_argument("--hidden", type=int, default=1024)
@@ -284,9 +287,9 @@ def driver(a, argv: list[str]) -> None:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     if a.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
-    passthrough = _drop_values(argv, {"--impl", "--num-processes", "--out"})
+    passthrough = _drop_values(argv, {"--impl", "--num-processes", "--out", "--sides"})
     results = []
-    for impl in ("distill", "trl"):
+    for impl in a.sides:
         result = Path(a.workdir) / f"result_{impl}.json"
         result.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(a.num_processes),
@@ -306,14 +309,14 @@ def driver(a, argv: list[str]) -> None:
 
 
 def _drop_values(argv: list[str], flags: set[str]) -> list[str]:
-    """argv without the driver-only flags (both `--flag value` and `--flag=value` forms)."""
-    out, skip = [], False
+    """argv without the driver-only flags and their values (`--flag v [v ...]` and `--flag=v`)."""
+    out, dropping = [], False
     for x in argv:
-        if skip:
-            skip = False
-        elif x in flags:
-            skip = True
-        elif x.split("=", 1)[0] not in flags:
+        if x.startswith("--"):
+            dropping = x in flags
+            if not dropping and x.split("=", 1)[0] not in flags:
+                out.append(x)
+        elif not dropping:
             out.append(x)
     return out
 

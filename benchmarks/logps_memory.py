@@ -31,10 +31,14 @@ def main(argv=None) -> dict:
     weight = (0.02 * torch.randn(a.vocab, a.hidden)).to(torch.bfloat16).requires_grad_()
     labels = torch.randint(0, a.vocab, (1, a.tokens))
     logits = torch.randn(1, a.tokens, a.vocab, dtype=torch.bfloat16, requires_grad=True)
+    with torch.no_grad():  # a frozen role's forward: smaller chunks (head_chunk_rows)
+        frozen = peak_cpu_bytes(lambda: head_sequence_logps(hidden, weight, labels)) / 2**20
     mib = {"chunked": peak_cpu_bytes(lambda: head_sequence_logps(hidden, weight, labels).sum().backward()) / 2**20,
+           "chunked_frozen": frozen,
            "logits": peak_cpu_bytes(lambda: sequence_logps(logits, labels).sum().backward()) / 2**20,
            "logits_grad": logits.numel() * logits.element_size() / 2**20}
     print(f"dpo.logps chunked (hidden states through the head): peak {mib['chunked']:.0f} MiB")
+    print(f"dpo.logps chunked, frozen role's forward (no grad): peak {mib['chunked_frozen']:.0f} MiB")
     print(f"dpo.logps logits: peak {mib['logits']:.0f} MiB, of which the logits' bf16 gradient {mib['logits_grad']:.0f} MiB")
     return mib
 

@@ -4,6 +4,7 @@
 #
 #   bash benchmarks/targets.sh OUT_DIR                 # 4 GPUs, about 15 minutes on H100s
 #   SMOKE=1 bash benchmarks/targets.sh OUT_DIR         # CPU, tiny models, 2 processes: checks the script
+#   ONLY="large large_compile" bash benchmarks/targets.sh OUT_DIR   # some steps only (names below)
 #
 # OUT_DIR gets one JSON per launch and a log. Steps that need 4 GPUs run after the 2-GPU ones.
 set -uo pipefail
@@ -18,15 +19,18 @@ launch() {  # N processes: accelerate on GPUs; on CPU accelerate would start one
 }
 if [ "${SMOKE:-0}" = 1 ]; then
   small=(--pair tiny --device cpu --micro-batch 2 --warmup 1 --steps 2 --timing-steps 1)
-  large=("${small[@]}") gpus2="" gpus4="" n4=2 dpo=(--tiny --device cpu)
+  large=("${small[@]}") large4=("${small[@]}") prof=("${small[@]}") gpus2="" gpus4="" n4=2 dpo=(--tiny --device cpu --workdir "$out/dpo_work")
 else
   small=(--pair 0.3b-1.4b --micro-batch 4 8 --steps 20)
+  prof=(--pair 0.3b-1.4b --micro-batch 4 --steps 6)
   large=(--pair 1b-7b --micro-batch 8 --warmup 2 --steps 6 --timing-steps 2)
+  large4=(--pair 1b-7b --micro-batch 4 --warmup 2 --steps 6 --timing-steps 2)
   gpus2=0,1 gpus4=0,1,2,3 n4=4 dpo=()
 fi
 status=0
 step() {  # name, visible devices, then the command
   local name=$1 devices=$2; shift 2
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
   echo "=== $name $(date +%T)" | tee -a "$out/log.txt"
   if ! CUDA_VISIBLE_DEVICES=$devices "$@" >> "$out/log.txt" 2>&1; then
     echo "=== $name FAILED (see log.txt)" | tee -a "$out/log.txt"; status=1
@@ -34,15 +38,27 @@ step() {  # name, visible devices, then the command
 }
 # >= 3x the naive loop at the small pair, modes interleaved against drift
 step small "$gpus2" launch 2 $B "${small[@]}" --modes naive replicated naive replicated --out "$out/small.json"
+# DPO against TRL, same models and data, each side in its own launch
+step dpo "$gpus2" python benchmarks/dpo.py --num-processes 2 "${dpo[@]}" --out "$out/dpo.json"
 # compiled decoder layers, against the same launch's naive loop
 step small_compile "$gpus2" launch 2 $B "${small[@]}" --modes naive replicated \
   --set student.compile=true teacher.compile=true --out "$out/small_compile.json"
-# DPO against TRL, same models and data, each side in its own launch
-step dpo "$gpus2" python benchmarks/dpo.py --num-processes 2 "${dpo[@]}" --out "$out/dpo.json"
+# where ours spends the step on the GPU: torch.profiler's busy share and top kernels, mb 4
+step small_profile "$gpus2" launch 2 $B "${prof[@]}" --modes replicated --profile "$out/profile" --out "$out/small_profile.json"
+# DPO's memory levers, distill alone (TRL's peak is in dpo.json): a 1e7-element reduce bucket
+# (TRL's is hidden^2), then also without the reference's forward beside the policy's
+bucket='policy.deepspeed={zero_optimization: {stage: 2, overlap_comm: true, contiguous_gradients: true, reduce_scatter: true, allgather_bucket_size: 200000000, reduce_bucket_size: 10000000}}'
+step dpo_bucket "$gpus2" python benchmarks/dpo.py --num-processes 2 --sides distill "${dpo[@]}" --set "$bucket" \
+  --out "$out/dpo_bucket.json"
+step dpo_lean "$gpus2" python benchmarks/dpo.py --num-processes 2 --sides distill "${dpo[@]}" --set "$bucket" \
+  train.overlap_frozen=false --out "$out/dpo_lean.json"
 # >= 40% MFU at the large pair; the sharded teacher against the replicated one; the naive loop
 step large "$gpus4" launch $n4 $B "${large[@]}" --modes replicated sharded naive --out "$out/large.json"
 step large_compile "$gpus4" launch $n4 $B "${large[@]}" --modes replicated \
   --set student.compile=true teacher.compile=true --out "$out/large_compile.json"
+# the sharded teacher's forward against the replicated one at micro-batch 4 as well, both pairs
+step large_mb4 "$gpus4" launch $n4 $B "${large4[@]}" --modes replicated sharded --out "$out/large_mb4.json"
+step small_sharded "$gpus2" launch 2 $B "${small[@]}" --modes replicated sharded --out "$out/small_sharded.json"
 # weak scaling: the large pair on 2 GPUs, against `large` on 4
 step large_2gpu "$gpus2" launch 2 $B "${large[@]}" --modes replicated --out "$out/large_2gpu.json"
 grep -h '"summary"' -A12 "$out"/*.json 2>/dev/null | head -80

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,15 +67,25 @@ def test_targets_script_runs_every_step(tmp_path):
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "targets.sh"), str(tmp_path)], capture_output=True, text=True,
                           timeout=900, env={**os.environ, "SMOKE": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + (tmp_path / "log.txt").read_text()[-6000:]
-    modes = {"small": ["naive", "replicated"] * 2, "small_compile": ["naive", "replicated"],
-             "large": ["replicated", "sharded", "naive"], "large_compile": ["replicated"], "large_2gpu": ["replicated"]}
+    modes = {"small": ["naive", "replicated"] * 2, "small_compile": ["naive", "replicated"], "small_profile": ["replicated"],
+             "large": ["replicated", "sharded", "naive"], "large_compile": ["replicated"], "large_2gpu": ["replicated"],
+             "large_mb4": ["replicated", "sharded"], "small_sharded": ["replicated", "sharded"]}
     for name, want in modes.items():
         res = json.loads((tmp_path / f"{name}.json").read_text())
         assert res["world_size"] == 2 and [r["mode"] for r in res["results"]] == want, name
         assert all(r["tokens_per_s_per_gpu"] > 0 for r in res["results"])
     assert json.loads((tmp_path / "small_compile.json").read_text())["overrides"] == ["student.compile=true", "teacher.compile=true"]
+    assert (tmp_path / "profile.replicated.2.txt").read_text().count("aten::mm") == 1
     dpo = json.loads((tmp_path / "dpo.json").read_text())
     assert sorted(r["impl"] for r in dpo["results"]) == ["distill", "trl"]
+    for name in ("dpo_bucket", "dpo_lean"):  # distill alone
+        res = json.loads((tmp_path / f"{name}.json").read_text())
+        assert [(r["impl"], r["world_size"]) for r in res["results"]] == [("distill", 2)]
+    # dpo_lean ran last: its overrides reached the run's recipe
+    [recipe] = (tmp_path / "dpo_work").glob("inputs_*/run_distill/recipe.yaml")
+    recipe = yaml.safe_load(recipe.read_text())
+    assert recipe["policy"]["deepspeed"]["zero_optimization"]["reduce_bucket_size"] == 10_000_000
+    assert recipe["train"]["overlap_frozen"] is False
 
 
 def test_throughput_plot_draws_every_results_file(tmp_path):

@@ -157,6 +157,28 @@ def test_chunked_logps_hold_one_fp32_block_at_a_time():
     assert torch.equal(x.detach(), kept)
 
 
+def test_head_logps_chunks_fit_their_block_budget():
+    """Default chunks: a frozen role's forward (no grad; it may run beside the trainable role's)
+    holds a quarter of the trainable block, and both give the same numbers."""
+    from distill.losses.logps import FROZEN_BLOCK_BYTES, head_chunk_rows, head_sequence_logps
+    from distill.testing import peak_cpu_bytes
+
+    torch.manual_seed(0)
+    M, H, V = 4096, 32, 16000
+    hidden = torch.randn(1, M, H, dtype=torch.bfloat16, requires_grad=True)
+    weight = (0.1 * torch.randn(V, H)).to(torch.bfloat16).requires_grad_()
+    labels = torch.randint(0, V, (1, M))
+    assert (head_chunk_rows(V, grad=True), head_chunk_rows(V, grad=False)) == (2097, 524)  # 128 and 32 MiB of fp32
+    with torch.no_grad():
+        frozen = head_sequence_logps(hidden, weight, labels)
+        peak = peak_cpu_bytes(lambda: head_sequence_logps(hidden, weight, labels))
+    bf16_block = FROZEN_BLOCK_BYTES // 2  # the chunk's matmul output, before its fp32 copy
+    assert FROZEN_BLOCK_BYTES <= peak <= FROZEN_BLOCK_BYTES + bf16_block + 4 * hidden.numel() * 2, peak / FROZEN_BLOCK_BYTES
+    trained = head_sequence_logps(hidden, weight, labels)
+    torch.testing.assert_close(trained.detach(), frozen)
+    torch.testing.assert_close(frozen, head_sequence_logps(hidden.detach(), weight.detach(), labels, chunk=M))
+
+
 def test_dpo_recipe_errors(assets, tmp_path):
     from distill.recipe import RecipeError, validate_recipe
     from distill.trainers.dpo import DPOTrainer

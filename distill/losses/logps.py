@@ -112,13 +112,28 @@ class _HeadLogps(torch.autograd.Function):
         return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None
 
 
+TRAINABLE_BLOCK_BYTES = 128 * 2**20
+"""The fp32 [chunk, V] block of a head whose log-probs get gradients: 1048 rows at V 32000."""
+FROZEN_BLOCK_BYTES = 32 * 2**20
+"""The same without gradients: a frozen role's forward runs beside the trainable role's (train.overlap_frozen),
+so its block adds to the trainable role's activations; smaller chunks cost only a few kernel launches there."""
+
+
+def head_chunk_rows(vocab: int, grad: bool) -> int:
+    """Rows per head matmul, so that the fp32 [rows, vocab] block stays within its budget."""
+    return max(1, (TRAINABLE_BLOCK_BYTES if grad else FROZEN_BLOCK_BYTES) // (4 * vocab))
+
+
 def head_sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                        ignore_index: int = IGNORE_INDEX, chunk: int = 2048) -> torch.Tensor:
+                        ignore_index: int = IGNORE_INDEX, chunk: int | None = None) -> torch.Tensor:
     """`sequence_logps` from final hidden states [N, T, H] and the lm_head weight [V, H] -> [N].
 
-    Only the predicted tokens go through the head, `chunk` at a time, so neither the [N, T, V]
-    logits nor their gradient ever exist. The head must be a plain linear map without bias,
-    softcapping or scaling (checked by the trainer from the model config)."""
+    Only the predicted tokens go through the head, `chunk` at a time (default `head_chunk_rows`),
+    so neither the [N, T, V] logits nor their gradient ever exist. The head must be a plain linear
+    map without bias, softcapping or scaling (checked by the trainer from the model config)."""
+    if chunk is None:
+        grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+        chunk = head_chunk_rows(weight.shape[0], grad)
     mask = labels != ignore_index  # [N, T]
     rows = mask.nonzero()[:, 0]  # [M]: the row of each predicted token
     tokens = _HeadLogps.apply(hidden[mask], weight, labels[mask], chunk)  # [M]
