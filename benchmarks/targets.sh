@@ -2,11 +2,12 @@
 # The measurements behind the GPU performance targets (docs/performance.md), in one go on one host
 # with 4 GPUs: every comparison runs its baseline in the same launch, on the same cards.
 #
-#   bash benchmarks/targets.sh OUT_DIR                 # 4 GPUs, about 15 minutes on H100s
+#   bash benchmarks/targets.sh OUT_DIR                 # 4 GPUs, about 12 minutes on 4 x H200
 #   SMOKE=1 bash benchmarks/targets.sh OUT_DIR         # CPU, tiny models, 2 processes: checks the script
 #   ONLY="large large_compile" bash benchmarks/targets.sh OUT_DIR   # some steps only (names below)
 #
-# OUT_DIR gets one JSON per launch and a log. Steps that need 4 GPUs run after the 2-GPU ones.
+# OUT_DIR gets one JSON per launch (named after its step) and log.txt. ONLY= splits the steps over
+# several jobs where a job's time is limited.
 set -uo pipefail
 out=${1:?usage: targets.sh OUT_DIR}
 mkdir -p "$out"
