@@ -136,7 +136,7 @@ def test_chunked_logps_hold_one_fp32_block_at_a_time():
     gradients, a chunk holds one fp32 [c, V] block and the bf16 one it came from. (Out-of-place
     exp/sub/mul held three fp32 blocks at once in backward.)"""
     from distill.losses.logps import head_sequence_logps, sequence_logps
-    from distill.testing import peak_cpu_bytes as _peak_cpu_bytes
+    from distill.testing import peak_cpu_bytes
 
     torch.manual_seed(0)
     M, H, V, c = 2048, 64, 8000, 1024
@@ -144,11 +144,11 @@ def test_chunked_logps_hold_one_fp32_block_at_a_time():
     hidden = torch.randn(1, M, H, dtype=torch.bfloat16, requires_grad=True)
     weight = (0.1 * torch.randn(V, H)).to(torch.bfloat16).requires_grad_()
     labels = torch.randint(0, V, (1, M))
-    peak = _peak_cpu_bytes(lambda: head_sequence_logps(hidden, weight, labels, chunk=c).sum().backward())
+    peak = peak_cpu_bytes(lambda: head_sequence_logps(hidden, weight, labels, chunk=c).sum().backward())
     grad_w_fp32 = V * H * 4  # the weight gradient is accumulated in fp32 over chunks
     assert peak <= 1.5 * block + grad_w_fp32 + 3 * weight.numel() * 2 + 8 * hidden.numel() * 2, peak / block
     logits = torch.randn(1, M, V, dtype=torch.bfloat16, requires_grad=True)
-    peak = _peak_cpu_bytes(lambda: sequence_logps(logits, labels, chunk=c).sum().backward())
+    peak = peak_cpu_bytes(lambda: sequence_logps(logits, labels, chunk=c).sum().backward())
     assert peak <= 1.25 * block + logits.numel() * 2, peak / block  # + the bf16 gradient of the logits
     # fp32 logits are copied before the in-place math, never overwritten
     x = torch.randn(2, 5, 11, requires_grad=True)
