@@ -5,6 +5,10 @@ Both sides in turn, each in its own `accelerate launch` (prints a markdown table
     python benchmarks/dpo.py --num-processes 2 --out dpo_bench.json              # random-init Llama ~0.3B, bf16
     python benchmarks/dpo.py --tiny --device cpu --num-processes 1                # CPU smoke test
 
+What is alive at each side's memory peak, and where it was allocated (benchmarks/memory_peak.py):
+
+    python benchmarks/dpo.py --num-processes 2 --warmup 2 --steps 2 --memory-snapshot snap/   # snap/<impl>_rank<r>.txt
+
 One side, launched by hand (what the driver above runs for each side):
 
     accelerate launch --num_processes N --use_deepspeed benchmarks/dpo.py --impl distill|trl [options]
@@ -82,6 +86,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workdir", default=str(REPO / "runs" / "bench_dpo"), help="model, data and runs go here")
     p.add_argument("--out", default=None, help="JSON of the results (driver; default WORKDIR/results.json)")
     p.add_argument("--result", default=None, help="JSON of one side's result (--impl distill|trl)")
+    p.add_argument("--memory-snapshot", default=None, metavar="DIR",
+                   help="record every CUDA allocation; write DIR/<impl>_rank<r>.txt, what is alive at the peak "
+                        "(benchmarks/memory_peak.py). Slows the host: use few steps, and take throughput from a run without it")
     a = p.parse_args(argv)
     if a.tiny:
         a.hidden, a.layers, a.heads, a.kv_heads, a.intermediate, a.vocab = 64, 2, 4, 2, 128, 512
@@ -226,9 +233,14 @@ def worker(a) -> None:
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     d = prepare(a, world)
-    if a.device == "cuda" and torch.cuda.is_available():
+    cuda = a.device == "cuda" and torch.cuda.is_available()
+    if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if cuda and a.memory_snapshot:  # before the first allocation, so that the replay sees them all
+        torch.cuda.memory._record_memory_history(stacks="python", max_entries=SNAPSHOT_ENTRIES)
     clock, losses = (run_distill if a.impl == "distill" else run_trl)(a, d, world)
+    if cuda and a.memory_snapshot:
+        write_memory_summary(a, rank)
     peak = None
     if a.device == "cuda" and torch.cuda.is_available():
         t = torch.tensor(torch.cuda.max_memory_allocated() / 2**30, device="cuda")
@@ -256,6 +268,25 @@ def worker(a) -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+SNAPSHOT_ENTRIES = 3_000_000
+
+
+def write_memory_summary(a, rank: int) -> None:
+    import torch
+
+    from memory_peak import summarise
+
+    snap = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    text = summarise(snap, torch.cuda.current_device())
+    if len(snap["device_traces"][torch.cuda.current_device()]) >= SNAPSHOT_ENTRIES:
+        text = "WARNING: the trace filled its ring buffer; early allocations are missing. Run fewer steps.\n" + text
+    out = Path(a.memory_snapshot)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{a.impl}_rank{rank}.txt").write_text(
+        f"torch.cuda.max_memory_allocated: {torch.cuda.max_memory_allocated() / 2**20:.1f} MiB\n" + text)
 
 
 def _params_m(d: Path) -> float:
@@ -345,6 +376,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     a = parse_args(argv)
     sys.path.insert(0, str(REPO))  # `distill` importable when run as a file from anywhere
+    sys.path.insert(0, str(REPO / "benchmarks"))  # and memory_peak
     if a.impl == "both":
         driver(a, argv)
     else:

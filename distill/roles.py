@@ -91,6 +91,11 @@ class RoleModel:
         return self.engine.module
 
     def __call__(self, *args, **kwargs):
+        # transformers builds a KV cache by default, a copy of every layer's keys and values: a frozen
+        # role's forward (no_grad) keeps all of them to its end, where it would keep one layer's working
+        # set. Generation goes through `generate`, which asks for its own cache.
+        if "use_cache" not in kwargs and hasattr(getattr(self.module, "config", None), "use_cache"):
+            kwargs["use_cache"] = False
         with self.manager.use(self.name):
             return self.engine(*args, **kwargs)
 

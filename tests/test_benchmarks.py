@@ -110,3 +110,33 @@ def test_logps_memory_benchmark_counts_the_chunks():
     assert mib["logits_grad"] == pytest.approx(512 * 3000 * 2 / 2**20)
     assert block <= mib["logits"] - mib["logits_grad"] <= 1.25 * block
     assert 0.5 * block < mib["chunked"] <= 1.75 * block
+
+
+def test_memory_peak_replays_a_trace_to_what_was_alive_at_the_peak():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from memory_peak import peak_allocations, summarise
+
+    def frames(line, name):  # innermost first, as in a snapshot: a torch frame, then ours
+        return [{"filename": "/site/torch/nn/functional.py", "line": 1, "name": "linear"},
+                {"filename": "/repo/distill/trainers/dpo.py", "line": line, "name": name}]
+
+    mib = 2**20
+    trace = [
+        {"action": "alloc", "addr": 1, "size": 100 * mib, "stream": 0, "frames": frames(10, "weights")},
+        {"action": "alloc", "addr": 2, "size": 300 * mib, "stream": 7, "frames": frames(20, "reference")},
+        # used by another stream: stops counting when freed, though handed back later
+        {"action": "free_requested", "addr": 2, "size": 300 * mib, "stream": 7},
+        {"action": "alloc", "addr": 3, "size": 250 * mib, "stream": 0, "frames": frames(30, "policy")},
+        {"action": "free_completed", "addr": 2, "size": 300 * mib, "stream": 7},
+        {"action": "alloc", "addr": 4, "size": 60 * mib, "stream": 0, "frames": frames(30, "policy")},
+        {"action": "free_requested", "addr": 3, "size": 250 * mib, "stream": 0},
+    ]
+    peak, at, alive = peak_allocations(trace)
+    assert (peak, at) == (410 * mib, 5)  # 100 + 250 + 60, not the earlier 100 + 300
+    assert sorted(e["addr"] for e in alive) == [1, 3, 4]
+    text = summarise({"device_traces": [trace]})
+    assert "peak 410.0 MiB allocated at event 5" in text
+    assert "by stream: 0: 410.0 MiB" in text
+    rows = [line.split() for line in text.splitlines()[3:]]
+    assert [(r[0], r[1], r[3]) for r in rows] == [("310.0", "2", "distill/trainers/dpo.py:30"),
+                                                  ("100.0", "1", "distill/trainers/dpo.py:10")]

@@ -26,6 +26,8 @@ def test_dpo_step_matches_whole_reference(live_and_cached):
     first = live_and_cached["live"]["first"]
     assert first["grad_norm"] == pytest.approx(live_and_cached["live"]["reference_grad_norm"], rel=1e-4)
     assert first["rewards/chosen"] != 0.0  # policy != reference: the check is not trivial
+    # No role's forward kept a KV cache (all 20 layers' keys and values, for a no_grad reference).
+    assert [run["kv_caches"] for run in live_and_cached.values()] == [[], [], []]
 
 
 @pytest.mark.multiprocess
@@ -34,6 +36,8 @@ def test_reference_beside_the_policy_gives_the_same_step(live_and_cached):
     live, over = live_and_cached["live"], live_and_cached["overlapped"]
     assert live["reference_threads"] == ["MainThread"]  # ZeRO-3 on CPU: in turn
     assert over["reference_threads"] == ["distill-frozen_0"]
+    # Beside it, only the decoders: the policy's head (and backward, its memory peak) waits for the reference.
+    assert over["policy_heads"] > 0 and not over["policy_head_before_reference_done"]
     for key in ("loss", "rewards/chosen", "rewards/rejected", "grad_norm"):
         assert over["first"][key] == pytest.approx(live["first"][key], rel=1e-5, abs=5e-6), key
 

@@ -131,8 +131,14 @@ class DPOTrainer(RoleTrainer):
         else:
             self._chunked_logps()  # decided (and logged) here, not in the worker thread
             ref_role = self.policy if spec.reference == "policy_without_adapter" else self.reference
-            ref, logps = self.alongside(ref_role, lambda: self._reference_sequence_logps(inputs, labels),
-                                        lambda: self._logps(self.policy, inputs, labels))
+            reference = lambda: self._reference_sequence_logps(inputs, labels)  # noqa: E731
+            if self._chunked_logps():
+                # Only the decoders side by side: the policy's head and backward, where its memory peaks,
+                # then never share the GPU with the reference's forward (2 x H200: 0.06-0.16 GiB lower, as fast).
+                ref, hidden = self.alongside(ref_role, reference, lambda: self.policy.last_hidden(**inputs))  # [2B], [2B, T, H]
+                logps = self._head_logps(self.policy, hidden, labels)  # [2B]
+            else:
+                ref, logps = self.alongside(ref_role, reference, lambda: self._logps(self.policy, inputs, labels))
         half = logps.shape[0] // 2
         valid = self._valid_pairs(batch).float()  # [B]
         pc, pr, rc, rr = logps[:half], logps[half:], ref[:half], ref[half:]
@@ -165,7 +171,9 @@ class DPOTrainer(RoleTrainer):
         """[N] summed log-probs of the labels under `role`, from hidden states chunk by chunk or from logits."""
         if not self._chunked_logps():
             return sequence_logps(role(**inputs).logits, labels)
-        hidden = role.last_hidden(**inputs)  # [N, T, H]
+        return self._head_logps(role, role.last_hidden(**inputs), labels)  # [N, T, H] hidden states
+
+    def _head_logps(self, role, hidden, labels) -> torch.Tensor:
         head = role.module.get_output_embeddings().weight
         with role.gathered([head]):  # a sharded reference: its head once per micro-batch, on every rank
             return head_sequence_logps(hidden, head if role.trainable else head.detach(), labels)

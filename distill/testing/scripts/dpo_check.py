@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -71,7 +72,13 @@ def main(argv: list[str] | None = None) -> None:
 
     seen, first_step = [], []
 
+    heads: list[str] = []  # whose log-probs went through an lm_head, in order
+
     class Probe(DPOTrainer):
+        def _head_logps(self, role, hidden, labels):
+            heads.append(role.name)
+            return super()._head_logps(role, hidden, labels)
+
         def loss_step(self, batch, num_tokens):
             if self.policy.module.training:  # not during evaluation
                 seen.extend(int(i) for i in batch["index"])
@@ -83,6 +90,12 @@ def main(argv: list[str] | None = None) -> None:
     ref_threads: set[str] = set()  # where the reference's forwards ran (train.overlap_frozen)
     if "reference" in t.models:
         t.reference.module.register_forward_pre_hook(lambda *_: ref_threads.add(threading.current_thread().name))
+        # A slow reference: beside it, the policy's decoder finishes first, and its head must still wait.
+        t.reference.module.register_forward_hook(lambda *_: time.sleep(0.05))
+    caches: set[str] = set()  # roles whose forward built a KV cache (it should not: memory, see RoleModel)
+    for name, role in t.models.items():
+        role.module.register_forward_hook(
+            lambda m, args, out, name=name: caches.add(name) if getattr(out, "past_key_values", None) is not None else None)
     policy0 = {k: v.detach().clone() for k, v in t.policy.state_dict().items()}
     history = t.train()
     all_seen, all_first = [None] * t.world_size, [None] * t.world_size
@@ -98,7 +111,11 @@ def main(argv: list[str] | None = None) -> None:
         assert abs(train[0]["grad_norm"] - ref_norm) <= 1e-4 * ref_norm, (train[0]["grad_norm"], ref_norm)
         assert abs(train[0]["loss"] - ref_loss) <= 1e-5, (train[0]["loss"], ref_loss)
         out_json.write_text(json.dumps({"first": train[0], "last": train[-1], "history": history,
-                                        "reference_grad_norm": ref_norm, "reference_threads": sorted(ref_threads)}))
+                                        "reference_grad_norm": ref_norm, "reference_threads": sorted(ref_threads),
+                                        "kv_caches": sorted(caches),
+                                        "policy_heads": heads.count("policy"),
+                                        "policy_head_before_reference_done": any(
+                                            cur == "policy" and prev != "reference" for prev, cur in zip([None] + heads, heads))}))
     end_of_script()
 
 
