@@ -242,7 +242,7 @@ def worker(a) -> None:
     if cuda and a.memory_snapshot:
         write_memory_summary(a, rank)
     peak = None
-    if a.device == "cuda" and torch.cuda.is_available():
+    if cuda:
         t = torch.tensor(torch.cuda.max_memory_allocated() / 2**30, device="cuda")
         if dist.is_initialized():
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -278,10 +278,10 @@ def write_memory_summary(a, rank: int) -> None:
 
     from memory_peak import summarise
 
-    snap = torch.cuda.memory._snapshot()
+    snap, device = torch.cuda.memory._snapshot(), torch.cuda.current_device()
     torch.cuda.memory._record_memory_history(enabled=None)
-    text = summarise(snap, torch.cuda.current_device())
-    if len(snap["device_traces"][torch.cuda.current_device()]) >= SNAPSHOT_ENTRIES:
+    text = summarise(snap, device)
+    if len(snap["device_traces"][device]) >= SNAPSHOT_ENTRIES:
         text = "WARNING: the trace filled its ring buffer; early allocations are missing. Run fewer steps.\n" + text
     out = Path(a.memory_snapshot)
     out.mkdir(parents=True, exist_ok=True)

@@ -129,10 +129,9 @@ class DPOTrainer(RoleTrainer):
             ref = torch.cat([self._ref_cache[idx, 0], self._ref_cache[idx, 1]]).to(self.device)  # [2B]
             logps = self._logps(self.policy, inputs, labels)  # [2B]: chosen rows, then rejected
         else:
-            self._chunked_logps()  # decided (and logged) here, not in the worker thread
             ref_role = self.policy if spec.reference == "policy_without_adapter" else self.reference
             reference = lambda: self._reference_sequence_logps(inputs, labels)  # noqa: E731
-            if self._chunked_logps():
+            if self._chunked_logps():  # decided (and logged) here, not in the worker thread
                 # Only the decoders side by side: the policy's head and backward, where its memory peaks,
                 # then never share the GPU with the reference's forward (2 x H200: 0.06-0.16 GiB lower, as fast).
                 ref, hidden = self.alongside(ref_role, reference, lambda: self.policy.last_hidden(**inputs))  # [2B], [2B, T, H]
