@@ -103,8 +103,10 @@ class Role(Section):
     """Recompute activations in backward (trainable roles)."""
     compile: bool = False
     """torch.compile each decoder layer: fewer, fused kernels, for a model whose step waits on kernel
-    launches (small models). The first step, and each new batch shape, pays the compile time. Not with
-    ZeRO-3 (its per-module hooks gather weights inside the layers)."""
+    launches (small models). One static graph per batch shape, each compiled the first time it comes; so that
+    shapes stay few, text and preference batches are then padded to one of 4 widths up to `data.max_length`
+    (pair with `data.packing` when documents are much shorter). Not with ZeRO-3 (its per-module hooks gather
+    weights inside the layers)."""
     weights_from: str | None = None
     """Load the same weights as this other role when neither `from_pretrained` nor `config` is given
     (a DPO reference starts as the policy)."""

@@ -1,5 +1,6 @@
 """The performance options on CPU: the frozen-role overlap, fused optimizers, compiled layers; and
 the recipe errors that guard them. Their multi-process runs are in test_multiprocess.py and test_dpo.py."""
+import json
 import threading
 import time
 
@@ -129,6 +130,56 @@ def test_compiled_layers_compute_what_the_plain_model_computes():
         torch.testing.assert_close(g, outs[1][1][n], atol=1e-6, rtol=1e-5, msg=n)
     with pytest.raises(ValueError, match="names no decoder-layer class"):
         compile_layers(torch.nn.Linear(2, 2))
+
+
+def test_compiled_layers_keep_one_static_graph_per_batch_shape():
+    """Left to itself torch recompiles for symbolic sizes at the second shape, and that graph was the slow one
+    (distill/compile.py); each shape must get its own graph, and the layers must share it."""
+    from torch._dynamo.utils import counters
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from distill.compile import compile_layers
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**{k: v for k, v in TINY_LLAMA.items() if k != "model_type"}))
+    compile_layers(model, backend="eager")
+    for graphs, shape in enumerate([(2, 8), (4, 8), (4, 16), (3, 24), (2, 8)], 1):
+        with torch.no_grad():
+            model(input_ids=torch.randint(0, model.config.vocab_size, shape), use_cache=False)
+        assert counters["stats"]["unique_graphs"] == min(graphs, 4), shape  # the last shape is the first again
+    torch._dynamo.reset()
+
+
+def test_a_compiled_role_pads_its_batches_to_few_widths(assets, tmp_path):
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from distill.compile import WIDTHS
+    from distill.data.loading import build_text_data
+    from distill.trainers.dpo import DPOTrainer
+
+    tok = AutoTokenizer.from_pretrained(assets["tokenizer"])
+    data = {"train": assets["train"], "eval": assets["eval"], "max_length": 60}
+    widths = {}
+    for compiled in (False, True):
+        recipe = validate_recipe(_raw(data=data, student={"compile": compiled}), DistillTrainer)
+        bundle = build_text_data(recipe, tok, rank=0, world_size=1)
+        lengths = [len(ids) for ids in bundle.train["input_ids"]]
+        widths[compiled] = {bundle.collator([{"input_ids": list(range(n))}])["input_ids"].shape[1] for n in lengths}
+    assert widths[False] == {min(-(-n // 8) * 8, 60) for n in lengths}  # multiples of 8, never past max_length
+    assert len(widths[False]) > WIDTHS
+    assert widths[True] <= {16, 32, 48, 60} and len(widths[True]) < len(widths[False])
+
+    preference = tmp_path / "pairs.jsonl"
+    preference.write_text("".join(json.dumps({"prompt": "a " * k, "chosen": "b " * (k + 3), "rejected": "c " * 2 * k}) + "\n"
+                                  for k in range(1, 25)))
+    dpo = validate_recipe({"trainer": "dpo", "output_dir": str(tmp_path / "dpo"), "data": {"train": str(preference), "max_length": 60},
+                           "policy": {"from_pretrained": assets["teacher"], "compile": True}}, DPOTrainer)
+    bundle = DPOTrainer.build_data(SimpleNamespace(recipe=dpo, tokenizer=tok, rank=0, world_size=1, log=print))
+    shapes = {bundle.collator([row])["input_ids"].shape for row in bundle.train}
+    assert {w for _, w in shapes} <= {16, 32, 48, 60} and len({w for _, w in shapes}) > 1
 
 
 def test_compile_is_refused_where_zero3_hooks_live():

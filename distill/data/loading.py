@@ -125,7 +125,9 @@ def build_text_data(recipe, tokenizer, rank: int, world_size: int) -> DataBundle
             print(f"data: {stats['truncated']} of {stats['n']} training texts truncated to data.max_length={d.max_length} tokens")
     pad = pad_id(tokenizer)
     if not d.packing:
-        return DataBundle(splits["train"], splits["eval"], CausalCollator(pad, pad_to_multiple_of=8), recipe.train.micro_batch_size,
+        from distill.compile import collator_padding
+
+        return DataBundle(splits["train"], splits["eval"], CausalCollator(pad, **collator_padding(recipe)), recipe.train.micro_batch_size,
                           rank, world_size, recipe.seed, pad, grad_accum=recipe.train.grad_accum)
     from distill.data.packing import PackedCollator, pack_dataset, padding_fraction
 

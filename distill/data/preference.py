@@ -181,8 +181,8 @@ class PreferenceCollator:
     """
 
     def __init__(self, pad_token_id: int | None, *, pad_to_multiple_of: int | None = None,
-                 ignore_index: int = -100) -> None:
-        self._causal = CausalCollator(pad_token_id, pad_to_multiple_of=pad_to_multiple_of,
+                 max_length: int | None = None, ignore_index: int = -100) -> None:
+        self._causal = CausalCollator(pad_token_id, pad_to_multiple_of=pad_to_multiple_of, max_length=max_length,
                                       ignore_index=ignore_index)
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:

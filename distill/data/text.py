@@ -198,9 +198,9 @@ class CausalCollator:
       whose label is ``ignore_index`` are not predicted; the other values are
       used as targets.
 
-    ``T`` is the longest example, rounded up to ``pad_to_multiple_of``; with
-    ``fixed_length`` every batch is exactly that long, so all ranks run
-    equal-shaped work. ``max_length`` (and ``fixed_length``) truncate.
+    ``T`` is the longest example, rounded up to ``pad_to_multiple_of`` but never past
+    ``max_length``; with ``fixed_length`` every batch is exactly that long, so all ranks
+    run equal-shaped work. ``max_length`` (and ``fixed_length``) truncate.
     """
 
     def __init__(
@@ -244,6 +244,8 @@ class CausalCollator:
             m = self.pad_to_multiple_of
             if m:
                 width = max(m, -(-width // m) * m)
+                if self.max_length is not None:
+                    width = min(width, self.max_length)
         batch = len(seqs)
         input_ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)  # [B, T]
         attention_mask = torch.zeros((batch, width), dtype=torch.long)  # [B, T]

@@ -16,6 +16,7 @@ import torch
 
 from pydantic import Field, field_validator
 
+from distill.compile import collator_padding
 from distill.data.loading import DataBundle, pad_id, tokenized_splits
 from distill.losses.logps import head_sequence_logps, logit_transform, sequence_logps
 from distill.losses.preference import get_preference_loss, rewards
@@ -104,7 +105,7 @@ class DPOTrainer(RoleTrainer):
             offset = len(splits["train"]) if key == "eval" else 0
             splits[key] = ds.add_column("index", list(range(offset, offset + len(ds))))
         pad = pad_id(self.tokenizer)
-        collator = _IndexedCollator(PreferenceCollator(pad, pad_to_multiple_of=8))
+        collator = _IndexedCollator(PreferenceCollator(pad, **collator_padding(self.recipe)))
         pad_example = {"prompt_ids": [pad], "chosen_ids": [], "rejected_ids": [], "index": -1}
         return DataBundle(splits["train"], splits["eval"], collator, self.recipe.train.micro_batch_size, self.rank,
                           self.world_size, self.recipe.seed, pad, grad_accum=self.recipe.train.grad_accum,
