@@ -9,15 +9,17 @@ step is short of when its GPU waits on kernel launches (docs/performance.md).
 Why static graphs: left to itself, torch recompiles a layer for symbolic sizes at the second batch
 shape it sees, and that graph was 1.6x slower than the static one at 0.3B/1.4B (45679 against 65701
 tokens/s/GPU on 2 H200s, docs/performance.md). So each shape gets its own graph, and the data keeps
-the shapes few: when a role compiles, the text and preference collators pad every batch to one of
-`WIDTHS` lengths up to `data.max_length` (`collator_padding`), not to the next multiple of 8.
+the shapes few: when a role compiles, the collators pad every batch to one of `WIDTHS` lengths up to
+`data.max_length` (`collator_padding`), not to the next multiple of 8. Generation runs uncompiled
+(`RoleModel.generate`): each decoding step has another cache length, so another static graph.
 """
 from __future__ import annotations
 
 import torch
 
-WIDTHS = 4
-"""Sequence lengths a batch is padded to when a role compiles: multiples of `data.max_length / WIDTHS`."""
+WIDTHS = 8
+"""Sequence lengths a batch is padded to when a role compiles: multiples of `data.max_length / WIDTHS`. More
+widths pad less (at most `max_length / WIDTHS` tokens a row past the longest) but compile more graphs."""
 SHAPES = 32
 """Static graphs kept per layer (torch's own limit is 8): the widths times the batch sizes a run sees
 (training, the last eval batch, DPO's chosen-and-rejected rows). A shape past it runs uncompiled, and
@@ -39,13 +41,10 @@ def compile_layers(model: torch.nn.Module, *, backend: str = "inductor") -> int:
     return len(layers)
 
 
-def collator_padding(recipe) -> dict[str, int]:
-    """The `pad_to_multiple_of` and `max_length` of the recipe's collators: multiples of 8 when no role
-    compiles; else `WIDTHS` widths, the last `data.max_length`, so a compiled layer sees few shapes."""
-    from distill.recipe import Role
-
-    max_length = recipe.data.max_length
-    if not any(isinstance(block, Role) and block.compile for _, block in recipe):
+def collator_padding(max_length: int, compiled: bool) -> dict[str, int]:
+    """The `pad_to_multiple_of` and `max_length` of a run's collators: multiples of 8 when no role compiles;
+    else `WIDTHS` widths, the last `max_length`, so that a compiled layer sees few shapes."""
+    if not compiled:
         return {"pad_to_multiple_of": 8, "max_length": max_length}
     step = -(-max_length // WIDTHS)
     return {"pad_to_multiple_of": max(8, -(-step // 8) * 8), "max_length": max_length}

@@ -60,6 +60,8 @@ class RolePlan:
     placement: str | None = None
     """Frozen roles: replicated, sharded or offload (see distill/placement.py)."""
     placement_reason: str = ""
+    compile: bool = False
+    """Whether its decoder layers are compiled: `compile` as set, or, when null, on GPUs with the weights whole."""
 
     @property
     def num_trainable(self) -> int:
@@ -246,6 +248,7 @@ def plan_roles(recipe, trainer_cls, *, world_size: int, vocab_size: int | None) 
             why = f"auto: {why}"
         ds = role_ds_config(name, spec, placement=placement, **kw)
         plans[name] = RolePlan(name, spec, ds, mcfg, n, trained, placement, "" if spec.trainable else why)
+        plans[name].compile = resolve_compile(plans[name])
     trainable = [n for n, p in plans.items() if p.spec.trainable]
     if not trainable:
         raise RecipeError(f"no role is trainable: set `trainable: true` on one of {list(plans)}")
@@ -255,13 +258,24 @@ def plan_roles(recipe, trainer_cls, *, world_size: int, vocab_size: int | None) 
     return plans
 
 
+def resolve_compile(plan: RolePlan) -> bool:
+    """`compile` null -> on where it was measured to pay: on GPUs, the weights whole on each GPU (ZeRO-3's hooks
+    gather inside the layers), no LoRA adapter (not measured). On CPU the test-sized models' compile costs more
+    than the run."""
+    if plan.spec.compile is not None:
+        return plan.spec.compile
+    import torch
+
+    return torch.cuda.is_available() and plan.zero_stage < 3 and plan.spec.lora is None
+
+
 def format_plan(plans: dict[str, RolePlan], world_size: int) -> str:
-    rows = [("role", "trainable", "ZeRO", "offload", "placement", "precision", "params", "trained params")]
+    rows = [("role", "trainable", "ZeRO", "offload", "placement", "precision", "compiled", "params", "trained params")]
     for p in plans.values():
         how = "frozen" if not p.spec.trainable else f"LoRA r={p.spec.lora.r}" if p.spec.lora else "yes"
         trained = f"{p.num_trainable / 1e6:.2f}M ({100 * p.num_trainable / max(p.num_params, 1):.2f}%)" if p.spec.trainable else "-"
         rows.append((p.name, how, str(p.zero_stage), p.offload, p.placement or "-", p.spec.precision,
-                     f"{p.num_params / 1e6:.2f}M", trained))
+                     "yes" if p.compile else "no", f"{p.num_params / 1e6:.2f}M", trained))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines += [f"{p.name} placement {p.placement}: {p.placement_reason}" for p in plans.values() if p.placement_reason]

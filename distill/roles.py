@@ -157,7 +157,9 @@ class RoleModel:
             model.gradient_checkpointing_disable()  # it turns the KV cache off
         model.eval()
         try:
-            with self.manager.use(self.name), _whole_weights(self.engine) if sharded and gather else contextlib.nullcontext():
+            # Compiled layers decode uncompiled: every step has another cache length, so it would compile another graph.
+            eager = torch.compiler.set_stance("force_eager") if self.plan.compile else contextlib.nullcontext()
+            with self.manager.use(self.name), _whole_weights(self.engine) if sharded and gather else contextlib.nullcontext(), eager:
                 out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
                                      synced_gpus=synced)
         finally:

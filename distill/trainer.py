@@ -35,7 +35,7 @@ def apply_role_options(plan, model: torch.nn.Module) -> torch.nn.Module:
         model.gradient_checkpointing_enable()
         if plan.spec.lora is not None:
             model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need a grad path
-    if plan.spec.compile:
+    if plan.compile:
         from distill.compile import compile_layers
 
         compile_layers(model)
@@ -117,7 +117,12 @@ class RoleTrainer:
         """Like `check_recipe`, once the roles' model configs are known (still before any weight loads)."""
 
     def build_data(self) -> DataBundle:
-        return build_text_data(self.recipe, self.tokenizer, self.rank, self.world_size)
+        return build_text_data(self.recipe, self.tokenizer, self.rank, self.world_size, compiled=self.compiled)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether any role compiles its layers; the collators then pad to few widths (distill/compile.py)."""
+        return any(p.compile for p in self.plans.values())
 
     # -- setup -------------------------------------------------------------------------------
     def __init__(self, recipe, *, log=print):

@@ -118,7 +118,7 @@ def _raw(prompts, out, **kd):
 
 
 def _build_data(recipe, tok):
-    fake = SimpleNamespace(recipe=recipe, tokenizer=tok, rank=0, world_size=2, log=print)
+    fake = SimpleNamespace(recipe=recipe, tokenizer=tok, rank=0, world_size=2, log=print, compiled=False)
     return DistillTrainer.build_data(fake)
 
 

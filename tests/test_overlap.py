@@ -109,15 +109,20 @@ def test_trainer_passes_the_fused_choice_to_the_optimizer():
             assert bool(opt.defaults["fused"]) is expect, (fused, name)
 
 
-def test_compiled_layers_compute_what_the_plain_model_computes():
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+def test_compiled_layers_compute_what_the_plain_model_computes(checkpointing):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from distill.compile import compile_layers
 
     torch.manual_seed(0)
+    torch._dynamo.reset()
     plain = AutoModelForCausalLM.from_config(LlamaConfig(**{k: v for k, v in TINY_LLAMA.items() if k != "model_type"}))
     compiled = AutoModelForCausalLM.from_config(plain.config)
     compiled.load_state_dict(plain.state_dict())
+    if checkpointing:  # as apply_role_options does it: checkpointing first, then the layers compiled
+        compiled.gradient_checkpointing_enable()
+        compiled.train()
     assert compile_layers(compiled, backend="aot_eager") == plain.config.num_hidden_layers
     ids = torch.randint(0, plain.config.vocab_size, (2, 11))
     outs = []
@@ -157,29 +162,85 @@ def test_a_compiled_role_pads_its_batches_to_few_widths(assets, tmp_path):
     from transformers import AutoTokenizer
 
     from distill.compile import WIDTHS
-    from distill.data.loading import build_text_data
     from distill.trainers.dpo import DPOTrainer
 
     tok = AutoTokenizer.from_pretrained(assets["tokenizer"])
-    data = {"train": assets["train"], "eval": assets["eval"], "max_length": 60}
+    recipe = validate_recipe(_raw(data={"train": assets["train"], "max_length": 128}), DistillTrainer)
     widths = {}
     for compiled in (False, True):
-        recipe = validate_recipe(_raw(data=data, student={"compile": compiled}), DistillTrainer)
-        bundle = build_text_data(recipe, tok, rank=0, world_size=1)
+        fake = SimpleNamespace(recipe=recipe, tokenizer=tok, rank=0, world_size=1, log=print, compiled=compiled)
+        bundle = DistillTrainer.build_data(fake)
         lengths = [len(ids) for ids in bundle.train["input_ids"]]
         widths[compiled] = {bundle.collator([{"input_ids": list(range(n))}])["input_ids"].shape[1] for n in lengths}
-    assert widths[False] == {min(-(-n // 8) * 8, 60) for n in lengths}  # multiples of 8, never past max_length
-    assert len(widths[False]) > WIDTHS
-    assert widths[True] <= {16, 32, 48, 60} and len(widths[True]) < len(widths[False])
+    assert widths[False] == {-(-n // 8) * 8 for n in lengths} and len(widths[False]) > len(widths[True])
+    assert widths[True] <= set(range(16, 129, 16)) and len(widths[True]) > 1  # 128 / WIDTHS apart
+    assert WIDTHS == 8
+    # never past max_length, where it is no multiple of the step
+    capped = validate_recipe(_raw(data={"train": assets["train"], "max_length": 20}), DistillTrainer)
+    bundle = DistillTrainer.build_data(SimpleNamespace(recipe=capped, tokenizer=tok, rank=0, world_size=1, log=print, compiled=False))
+    assert bundle.collator([{"input_ids": list(range(19))}])["input_ids"].shape[1] == 20
 
     preference = tmp_path / "pairs.jsonl"
     preference.write_text("".join(json.dumps({"prompt": "a " * k, "chosen": "b " * (k + 3), "rejected": "c " * 2 * k}) + "\n"
                                   for k in range(1, 25)))
-    dpo = validate_recipe({"trainer": "dpo", "output_dir": str(tmp_path / "dpo"), "data": {"train": str(preference), "max_length": 60},
-                           "policy": {"from_pretrained": assets["teacher"], "compile": True}}, DPOTrainer)
-    bundle = DPOTrainer.build_data(SimpleNamespace(recipe=dpo, tokenizer=tok, rank=0, world_size=1, log=print))
-    shapes = {bundle.collator([row])["input_ids"].shape for row in bundle.train}
-    assert {w for _, w in shapes} <= {16, 32, 48, 60} and len({w for _, w in shapes}) > 1
+    dpo = validate_recipe({"trainer": "dpo", "output_dir": str(tmp_path / "dpo"), "data": {"train": str(preference), "max_length": 128},
+                           "policy": {"from_pretrained": assets["teacher"]}}, DPOTrainer)
+    bundle = DPOTrainer.build_data(SimpleNamespace(recipe=dpo, tokenizer=tok, rank=0, world_size=1, log=print, compiled=True))
+    widths = {bundle.collator([row])["input_ids"].shape[1] for row in bundle.train}
+    assert widths <= set(range(16, 129, 16)) and len(widths) > 1
+
+
+def test_compile_null_means_on_gpus_where_the_weights_are_whole(monkeypatch):
+    from distill.plan import format_plan, plan_roles
+
+    monkeypatch.setenv("DISTILL_GPU_MEMORY_GB", "80")  # the planner sizes the GPU it pretends to have
+
+    def plans(cuda, **sections):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        return plan_roles(validate_recipe(_raw(**sections), DistillTrainer), DistillTrainer, world_size=1, vocab_size=None)
+
+    assert not any(p.compile for p in plans(False).values())  # CPU
+    gpu = plans(True, teacher={"placement": "replicated"})
+    assert gpu["student"].compile and gpu["teacher"].compile
+    assert "compiled" in format_plan(gpu, 1) and "yes" in format_plan(gpu, 1)
+    sharded = plans(True, student={"deepspeed": "zero3"}, teacher={"placement": "sharded"})
+    assert not sharded["student"].compile and not sharded["teacher"].compile
+    assert not plans(True, student={"lora": {"r": 4}})["student"].compile
+    assert plans(False, student={"compile": True})["student"].compile  # as set, on CPU too
+    assert not plans(True, student={"compile": False})["student"].compile
+
+
+def test_a_compiled_role_generates_uncompiled():
+    """Each decoding step has another cache length: compiled, every one would be another static graph."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from torch._dynamo.utils import counters
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from distill.compile import compile_layers
+    from distill.roles import RoleModel
+
+    torch.manual_seed(0)
+    plain = AutoModelForCausalLM.from_config(LlamaConfig(**{k: v for k, v in TINY_LLAMA.items() if k != "model_type"}))
+    compiled = AutoModelForCausalLM.from_config(plain.config)
+    compiled.load_state_dict(plain.state_dict())
+    torch._dynamo.reset()
+    counters.clear()
+    compile_layers(compiled, backend="eager")
+    plan = SimpleNamespace(compile=True, zero_stage=0, spec=SimpleNamespace(trainable=False, gradient_checkpointing=False))
+    manager = SimpleNamespace(use=lambda name: contextlib.nullcontext())
+    role = RoleModel("teacher", plan, manager, SimpleNamespace(module=compiled), accelerator=None)
+    prompt = torch.randint(0, plain.config.vocab_size, (2, 5))
+    greedy = dict(do_sample=False, max_new_tokens=6, min_new_tokens=6, pad_token_id=0)
+    got = role.generate(prompt, torch.ones_like(prompt), gather=False, **greedy)
+    assert counters["stats"]["unique_graphs"] == 0
+    want = plain.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), **greedy)[:, 5:]
+    assert torch.equal(got, want)
+    with torch.no_grad():
+        compiled(input_ids=prompt, use_cache=False)  # and training-time forwards still compile
+    assert counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
 
 
 def test_compile_is_refused_where_zero3_hooks_live():

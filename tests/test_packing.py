@@ -164,7 +164,7 @@ def test_packing_is_refused_where_it_cannot_hold(raw, assets, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": "the cat", "completion": " sleeps ."}) + "\n" for _ in range(8)))
     recipe = validate_recipe({**raw, "data": {**raw["data"], "train": str(prompts), "eval": None}}, DistillTrainer)
-    fake = SimpleNamespace(recipe=recipe, tokenizer=None, rank=0, world_size=1, log=print)
+    fake = SimpleNamespace(recipe=recipe, tokenizer=None, rank=0, world_size=1, log=print, compiled=False)
     with pytest.raises(RecipeError, match=r"`data.packing: true`.*prompt records.*`data.packing: false`"):
         DistillTrainer.build_data(fake)
 

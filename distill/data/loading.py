@@ -113,7 +113,7 @@ def tokenized_splits(data, tokenize) -> Iterator[tuple[str, object, dict]]:
         yield key, ds, stats
 
 
-def build_text_data(recipe, tokenizer, rank: int, world_size: int) -> DataBundle:
+def build_text_data(recipe, tokenizer, rank: int, world_size: int, *, compiled: bool = False) -> DataBundle:
     from distill.data.text import CausalCollator, load_text_dataset, tokenize_dataset
 
     d = recipe.data
@@ -127,7 +127,7 @@ def build_text_data(recipe, tokenizer, rank: int, world_size: int) -> DataBundle
     if not d.packing:
         from distill.compile import collator_padding
 
-        return DataBundle(splits["train"], splits["eval"], CausalCollator(pad, **collator_padding(recipe)), recipe.train.micro_batch_size,
+        return DataBundle(splits["train"], splits["eval"], CausalCollator(pad, **collator_padding(d.max_length, compiled)), recipe.train.micro_batch_size,
                           rank, world_size, recipe.seed, pad, grad_accum=recipe.train.grad_accum)
     from distill.data.packing import PackedCollator, pack_dataset, padding_fraction
 

@@ -126,9 +126,10 @@ class PromptCollator:
     completion tokens only; ``real`` [B] bool, False for rows that only even out the ranks.
     """
 
-    def __init__(self, pad_token_id: int, *, pad_to_multiple_of: int | None = 8) -> None:
+    def __init__(self, pad_token_id: int, *, pad_to_multiple_of: int | None = 8, max_length: int | None = None) -> None:
         self.pad = int(pad_token_id)
-        self._causal = CausalCollator(pad_token_id, pad_to_multiple_of=pad_to_multiple_of)
+        self.padding = {"pad_to_multiple_of": pad_to_multiple_of, "max_length": max_length}
+        self._causal = CausalCollator(pad_token_id, **self.padding)
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         prompts = [list(ex["prompt_ids"]) for ex in examples]
@@ -146,7 +147,7 @@ class PromptCollator:
 
 
 def with_completions(batch: dict[str, torch.Tensor], completions: torch.Tensor, *, eos_id: int, pad_id: int,
-                     pad_to_multiple_of: int | None = 8) -> dict[str, torch.Tensor]:
+                     pad_to_multiple_of: int | None = 8, max_length: int | None = None) -> dict[str, torch.Tensor]:
     """The batch re-built around generated completions, to be scored like dataset completions.
 
     ``completions`` [B, N] are the tokens generated after ``batch["prompt_ids"]``; each is cut
@@ -163,7 +164,7 @@ def with_completions(batch: dict[str, torch.Tensor], completions: torch.Tensor, 
         seq = prompt + completions[b, :n].tolist()
         rows.append({"input_ids": seq, "prompt_length": len(prompt) if bool(batch["real"][b]) else len(seq)})
     device = completions.device
-    rebuilt = CausalCollator(pad_id, pad_to_multiple_of=pad_to_multiple_of)(rows)
+    rebuilt = CausalCollator(pad_id, pad_to_multiple_of=pad_to_multiple_of, max_length=max_length)(rows)
     return {**batch, **{k: v.to(device) for k, v in rebuilt.items()}}
 
 

@@ -6,6 +6,7 @@ from typing import Any
 import torch
 from pydantic import Field, field_validator, model_validator
 
+from distill.compile import collator_padding
 from distill.data.loading import DataBundle, build_text_data, pad_id, tokenized_splits
 from distill.data.packing import model_inputs
 from distill.losses import cross_entropy, get_kd_loss
@@ -111,7 +112,7 @@ class DistillTrainer(RoleTrainer):
             if op is not None:
                 raise RecipeError(f"`kd.on_policy` needs prompt records ('prompt' [+ 'completion'] or 'messages'); "
                                   f"`data.train` has the columns {train_columns}")
-            return build_text_data(self.recipe, self.tokenizer, self.rank, self.world_size)
+            return build_text_data(self.recipe, self.tokenizer, self.rank, self.world_size, compiled=self.compiled)
         if d.packing:
             raise RecipeError(f"`data.packing: true` packs text documents; `data.train` holds prompt records "
                               f"(columns {train_columns}): set `data.packing: false`, or give text records")
@@ -130,7 +131,7 @@ class DistillTrainer(RoleTrainer):
                                   "kd.on_policy.seq_kd: true so that one is generated for every batch")
         self._eval_has_completions = splits["eval"] is not None and any(c for c in splits["eval"]["completion_ids"])
         pad = pad_id(self.tokenizer)
-        return DataBundle(splits["train"], splits["eval"], PromptCollator(pad), self.recipe.train.micro_batch_size,
+        return DataBundle(splits["train"], splits["eval"], PromptCollator(pad, **collator_padding(d.max_length, self.compiled)), self.recipe.train.micro_batch_size,
                           self.rank, self.world_size, self.recipe.seed, pad, grad_accum=self.recipe.train.grad_accum,
                           pad_example={"prompt_ids": [pad], "completion_ids": [], "real": False})
 
@@ -154,7 +155,8 @@ class DistillTrainer(RoleTrainer):
     @property
     def sampler(self) -> CompletionSampler:
         if "_sampler" not in self.__dict__:
-            self._sampler = CompletionSampler(self.recipe.kd.on_policy, self.tokenizer, rank=self.rank, log=self.log)
+            self._sampler = CompletionSampler(self.recipe.kd.on_policy, self.tokenizer, rank=self.rank, log=self.log,
+                                              padding=self.data.collator.padding)
         return self._sampler
 
     # -- the algorithm -----------------------------------------------------------------------------

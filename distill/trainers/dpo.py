@@ -105,7 +105,7 @@ class DPOTrainer(RoleTrainer):
             offset = len(splits["train"]) if key == "eval" else 0
             splits[key] = ds.add_column("index", list(range(offset, offset + len(ds))))
         pad = pad_id(self.tokenizer)
-        collator = _IndexedCollator(PreferenceCollator(pad, **collator_padding(self.recipe)))
+        collator = _IndexedCollator(PreferenceCollator(pad, **collator_padding(d.max_length, self.compiled)))
         pad_example = {"prompt_ids": [pad], "chosen_ids": [], "rejected_ids": [], "index": -1}
         return DataBundle(splits["train"], splits["eval"], collator, self.recipe.train.micro_batch_size, self.rank,
                           self.world_size, self.recipe.seed, pad, grad_accum=self.recipe.train.grad_accum,

@@ -51,8 +51,9 @@ def completion_source(seed: int, step: int, micro: int, spec: OnPolicySpec) -> s
 class CompletionSampler:
     """Generates completions for prompt batches with a role, and times it (tokens/s, share of the step)."""
 
-    def __init__(self, spec: OnPolicySpec, tokenizer, *, rank: int, log=print):
+    def __init__(self, spec: OnPolicySpec, tokenizer, *, rank: int, log=print, padding: dict | None = None):
         self.spec, self.rank, self.log = spec, rank, log
+        self.padding = padding or {}  # the prompt collator's, so generated batches get its widths
         self.eos = tokenizer.eos_token_id
         self.pad = pad_id(tokenizer)
         sampled = spec.temperature > 0
@@ -73,7 +74,7 @@ class CompletionSampler:
             torch.manual_seed(seed)
             completions = model.generate(batch["prompt_ids"], batch["prompt_mask"], gather=self._gathers(model),
                                          **self.settings)  # [B, N]
-        out = with_completions(batch, completions, eos_id=self.eos, pad_id=self.pad)
+        out = with_completions(batch, completions, eos_id=self.eos, pad_id=self.pad, **self.padding)
         self._seconds += time.perf_counter() - t0
         self._tokens += int((out["labels"] != -100).sum())
         return {**out, "source": model.name}
