@@ -90,6 +90,14 @@ class RoleTrainer:
                                                             for m in self.models.values())
             self._overlap = Overlap(self.device, on)
         concurrent = not frozen_role.trainable and frozen_role.plan.zero_stage != 3
+        if concurrent and self.compiled:
+            # A compiled layer meeting a new shape compiles it, and torch refuses a compiled call from the other
+            # thread while one traces: each batch shape runs one role after the other first (its backward, in
+            # this thread, compiles after the join). A call outside the loop's batches always does.
+            key = (self.__dict__.get("_batch_shape"), torch.is_grad_enabled())
+            warm = self.__dict__.setdefault("_warm_shapes", set())
+            concurrent = key[0] is not None and key in warm
+            warm.add(key)
         return self._overlap.run(frozen, trainable, concurrent=concurrent)
 
     def count_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -267,7 +275,9 @@ class RoleTrainer:
         num_tokens = self._all_reduce(sum(self.count_tokens(b) for b in micro))
         totals: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(micro):
+            self._batch_shape = tuple(batch["input_ids"].shape)  # what `alongside` knows compiled (see there)
             losses = self.loss_step(batch, num_tokens)
+            self._batch_shape = None
             # DeepSpeed averages gradients over ranks; the losses are already global means.
             self.trainable.backward(losses["loss"] * self.world_size, boundary=i == len(micro) - 1)
             for k, v in losses.items():
@@ -306,8 +316,11 @@ class RoleTrainer:
         self.trainable.engine.eval()
         sums: dict[str, torch.Tensor] = {}
         for batch in self.data.eval_batches(self.recipe.train.eval_batches):
-            for k, v in self.eval_step(self._to_device(batch)).items():
+            batch = self._to_device(batch)
+            self._batch_shape = tuple(batch["input_ids"].shape)
+            for k, v in self.eval_step(batch).items():
                 sums[k] = sums.get(k, 0) + v.double()
+            self._batch_shape = None
         self.trainable.engine.train()
         sums = {k: self._all_reduce(v) for k, v in sums.items()}
         counts = {k: sums.pop(k).clamp(min=1) for k in list(sums) if k == "tokens" or k.endswith("/tokens")}

@@ -243,6 +243,35 @@ def test_a_compiled_role_generates_uncompiled():
     torch._dynamo.reset()
 
 
+def test_with_compiled_layers_each_new_batch_shape_runs_the_roles_in_turn_first():
+    """torch refuses a compiled call from one thread while the other traces a new shape (seen on GPUs:
+    "Detected that you are using FX to symbolically trace a dynamo-optimized function")."""
+    from types import SimpleNamespace
+
+    from distill.overlap import Overlap
+
+    def trainer(compiled):
+        t = object.__new__(DistillTrainer)
+        t.plans = {"student": SimpleNamespace(compile=compiled)}
+        t._overlap = Overlap(torch.device("cpu"), enabled=True)
+        return t
+
+    frozen_role = SimpleNamespace(trainable=False, plan=SimpleNamespace(zero_stage=0))
+
+    def threads(t, shape, grad=True):
+        t._batch_shape = shape
+        with torch.set_grad_enabled(grad):
+            names = t.alongside(frozen_role, lambda: threading.current_thread().name, lambda: threading.current_thread().name)
+        return names[0] != names[1]  # concurrent: the frozen call ran in the worker
+
+    t = trainer(compiled=True)
+    assert [threads(t, (4, 64)), threads(t, (4, 64)), threads(t, (4, 128)), threads(t, (4, 128)),
+            threads(t, (4, 64), grad=False), threads(t, (4, 64), grad=False), threads(t, None), threads(t, None)] == \
+        [False, True, False, True, False, True, False, False]
+    plain = trainer(compiled=False)
+    assert threads(plain, (4, 64)) and threads(plain, None)
+
+
 def test_compile_is_refused_where_zero3_hooks_live():
     with pytest.raises(RecipeError, match="`compile` needs the weights whole"):
         validate_recipe(_raw(teacher={"compile": True, "placement": "sharded"}), DistillTrainer)
