@@ -8,11 +8,10 @@
     (on CPU, `accelerate launch --num_processes 2` without --use_deepspeed starts one process)
 
 Options worth knowing: --student-zero/--teacher-zero JSON merged into our modes' zero_optimization
-(to try a knob), --set KEY=VALUE recipe overrides for our modes (e.g. train.overlap_frozen=false, or
-student.compile=false teacher.compile=false: our step without the compiled layers that GPUs get by
-default), --profile PREFIX (per mode and micro-batch, two steps under torch.profiler: how much of
-the step the GPU was busy, then the top kernels and ops), --cprofile PREFIX (the Python functions
-the host spends the step in). `--pair 0.3b-1.4b-skeleton --device cpu` runs the 0.3B/1.4B
+(to try a knob), --set KEY=VALUE recipe overrides for our modes (e.g. train.overlap_frozen=false,
+student.compile=true), --profile PREFIX (per mode and micro-batch, two steps under torch.profiler: how
+much of the step the GPU was busy, then the top kernels and ops), --cprofile PREFIX (the Python
+functions the host spends the step in). `--pair 0.3b-1.4b-skeleton --device cpu` runs the 0.3B/1.4B
 pair's layers at width 64: almost no arithmetic, so on CPU its step time is the host-side cost that
 bounds the small pair on GPUs (docs/performance.md).
 
@@ -24,7 +23,7 @@ drawn once from --seed, no padding) and models of the same configs, random init:
   accelerate fills `auto`) and teacher ZeRO-3
   (configs/deepspeed/zero3.json with the bucket sizes accelerate/HF derive from the hidden size,
   DeepSpeed's default live-parameter limits), `state.select_deepspeed_plugin` by hand around the
-  teacher forward, `accelerator.backward` + `optimizer.step` in a plain loop, no compiled layers.
+  teacher forward, `accelerator.backward` + `optimizer.step` in a plain loop.
 * `sharded`, `replicated`, `offload`, `auto`, and two ablations of `sharded`: `sharded_noleaf`
   (the tuned ZeRO-3 settings, each module gathered on its own) and `sharded_untuned` (naive's
   teacher config, no leaf modules: our loop and role switch alone): DistillTrainer's step (`RoleTrainer._train_step`:

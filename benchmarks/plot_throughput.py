@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> None:
                                           ha="center", va="bottom", fontsize=8)
             axes[1][col].bar(xs, [max(r["peak_mem_gib_per_rank"]) if r else 0 for r in rows], width, label=label)
         title = f"{run['pair']}, {run['world_size']} x {run['device']}, seq {run['seq_len']}"
+        if any("compile=true" in o for o in run.get("overrides", [])):
+            title += ", ours compiled"  # the naive loop never is
         for row, ylabel in ((0, "tokens/s/GPU (MFU above)"), (1, "peak memory per rank (GiB)")):
             ax = axes[row][col]
             ax.set_xticks(range(len(batches)), [f"micro-batch {mb}" for mb in batches])

@@ -4,7 +4,7 @@
 #
 #   bash benchmarks/targets.sh OUT_DIR                 # 4 GPUs, about 12 minutes on 4 x H200
 #   SMOKE=1 bash benchmarks/targets.sh OUT_DIR         # CPU, tiny models, 2 processes: checks the script
-#   ONLY="large large_plain" bash benchmarks/targets.sh OUT_DIR   # some steps only (names below)
+#   ONLY="large large_compile" bash benchmarks/targets.sh OUT_DIR   # some steps only (names below)
 #
 # OUT_DIR gets one JSON per launch (named after its step) and log.txt. ONLY= splits the steps over
 # several jobs where a job's time is limited.
@@ -41,9 +41,9 @@ step() {  # name, visible devices, then the command
 step small "$gpus2" launch 2 $B "${small[@]}" --modes naive replicated naive replicated --out "$out/small.json"
 # DPO against TRL, same models and data, each side in its own launch
 step dpo "$gpus2" python benchmarks/dpo.py --num-processes 2 "${dpo[@]}" --out "$out/dpo.json"
-# what compiled decoder layers (on by default on GPUs) buy: ours without them, against the same launch's naive loop
-step small_plain "$gpus2" launch 2 $B "${small[@]}" --modes naive replicated \
-  --set student.compile=false teacher.compile=false --out "$out/small_plain.json"
+# compiled decoder layers, against the same launch's naive loop
+step small_compile "$gpus2" launch 2 $B "${small[@]}" --modes naive replicated \
+  --set student.compile=true teacher.compile=true --out "$out/small_compile.json"
 # where ours spends the step on the GPU: torch.profiler's busy share and top kernels, mb 4
 step small_profile "$gpus2" launch 2 $B "${prof[@]}" --modes replicated --profile "$out/profile" --out "$out/small_profile.json"
 # DPO's memory levers, distill alone (TRL's peak is in dpo.json): a 1e7-element reduce bucket
@@ -55,8 +55,8 @@ step dpo_lean "$gpus2" python benchmarks/dpo.py --num-processes 2 --sides distil
   train.overlap_frozen=false --out "$out/dpo_lean.json"
 # >= 40% MFU at the large pair; the sharded teacher against the replicated one; the naive loop
 step large "$gpus4" launch $n4 $B "${large[@]}" --modes replicated sharded naive --out "$out/large.json"
-step large_plain "$gpus4" launch $n4 $B "${large[@]}" --modes replicated \
-  --set student.compile=false teacher.compile=false --out "$out/large_plain.json"
+step large_compile "$gpus4" launch $n4 $B "${large[@]}" --modes replicated \
+  --set student.compile=true teacher.compile=true --out "$out/large_compile.json"
 # the sharded teacher's forward against the replicated one at micro-batch 4 as well, both pairs
 step large_mb4 "$gpus4" launch $n4 $B "${large4[@]}" --modes replicated sharded --out "$out/large_mb4.json"
 step small_sharded "$gpus2" launch 2 $B "${small[@]}" --modes replicated sharded --out "$out/small_sharded.json"

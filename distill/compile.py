@@ -7,8 +7,8 @@ anything compiled. What it buys: fewer, fused kernels in each layer, which is wh
 step is short of when its GPU waits on kernel launches (docs/performance.md).
 
 Why static graphs: left to itself, torch recompiles a layer for symbolic sizes at the second batch
-shape it sees, and that graph was 1.6x slower than the static one at 0.3B/1.4B (45679 against 65701
-tokens/s/GPU on 2 H200s, docs/performance.md). So each shape gets its own graph, and the data keeps
+shape it sees, and at 0.3B/1.4B, mb 8, that graph made 45679 tokens/s/GPU where static ones made
+65701 and 73939 (2 H200s, three machines, docs/performance.md). So each shape gets its own graph, and the data keeps
 the shapes few: when a role compiles, the collators pad every batch to one of `WIDTHS` lengths up to
 `data.max_length` (`collator_padding`), not to the next multiple of 8. Generation runs uncompiled
 (`RoleModel.generate`): each decoding step has another cache length, so another static graph.

@@ -101,12 +101,12 @@ class Role(Section):
     """Trainable roles only; defaults to cosine without warmup."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward (trainable roles)."""
-    compile: bool | None = None
+    compile: bool | None = False
     """torch.compile each decoder layer (one static graph per batch shape): fewer, fused kernels; 1.28x the tokens/s
     of plain layers at 1B/7B and 1.27x in DPO on H200s (docs/performance.md). Each new shape pays its compile time
     once, so batches are then padded to one of 8 widths up to `data.max_length`, and generation runs uncompiled.
     null: on GPUs where the role's weights are whole on each GPU (ZeRO 0-2, a replicated frozen role) and it has no
-    LoRA adapter; off on CPU. `true` is refused with ZeRO-3 (its per-module hooks gather weights inside the layers)."""
+    LoRA adapter, off on CPU. `true` is refused with ZeRO-3 (its per-module hooks gather weights inside the layers)."""
     weights_from: str | None = None
     """Load the same weights as this other role when neither `from_pretrained` nor `config` is given
     (a DPO reference starts as the policy)."""

@@ -67,14 +67,14 @@ def test_targets_script_runs_every_step(tmp_path):
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "targets.sh"), str(tmp_path)], capture_output=True, text=True,
                           timeout=900, env={**os.environ, "SMOKE": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + (tmp_path / "log.txt").read_text()[-6000:]
-    modes = {"small": ["naive", "replicated"] * 2, "small_plain": ["naive", "replicated"], "small_profile": ["replicated"],
-             "large": ["replicated", "sharded", "naive"], "large_plain": ["replicated"], "large_2gpu": ["replicated"],
+    modes = {"small": ["naive", "replicated"] * 2, "small_compile": ["naive", "replicated"], "small_profile": ["replicated"],
+             "large": ["replicated", "sharded", "naive"], "large_compile": ["replicated"], "large_2gpu": ["replicated"],
              "large_mb4": ["replicated", "sharded"], "small_sharded": ["replicated", "sharded"]}
     for name, want in modes.items():
         res = json.loads((tmp_path / f"{name}.json").read_text())
         assert res["world_size"] == 2 and [r["mode"] for r in res["results"]] == want, name
         assert all(r["tokens_per_s_per_gpu"] > 0 for r in res["results"])
-    assert json.loads((tmp_path / "small_plain.json").read_text())["overrides"] == ["student.compile=false", "teacher.compile=false"]
+    assert json.loads((tmp_path / "small_compile.json").read_text())["overrides"] == ["student.compile=true", "teacher.compile=true"]
     assert (tmp_path / "profile.replicated.2.txt").read_text().count("aten::mm") == 1
     dpo = json.loads((tmp_path / "dpo.json").read_text())
     assert sorted(r["impl"] for r in dpo["results"]) == ["distill", "trl"]

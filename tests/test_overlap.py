@@ -191,13 +191,17 @@ def test_a_compiled_role_pads_its_batches_to_few_widths(assets, tmp_path):
 
 
 def test_compile_null_means_on_gpus_where_the_weights_are_whole(monkeypatch):
+    assert validate_recipe(_raw(), DistillTrainer).student.compile is False  # off unless asked
     from distill.plan import format_plan, plan_roles
 
     monkeypatch.setenv("DISTILL_GPU_MEMORY_GB", "80")  # the planner sizes the GPU it pretends to have
 
     def plans(cuda, **sections):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-        return plan_roles(validate_recipe(_raw(**sections), DistillTrainer), DistillTrainer, world_size=1, vocab_size=None)
+        auto = _raw(student={"compile": None}, teacher={"compile": None})
+        from distill.recipe import deep_merge
+
+        return plan_roles(validate_recipe(deep_merge(auto, sections), DistillTrainer), DistillTrainer, world_size=1, vocab_size=None)
 
     assert not any(p.compile for p in plans(False).values())  # CPU
     gpu = plans(True, teacher={"placement": "replicated"})
