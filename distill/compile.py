@@ -8,10 +8,12 @@ step is short of when its GPU waits on kernel launches (docs/performance.md).
 
 Why static graphs: left to itself, torch recompiles a layer for symbolic sizes at the second batch
 shape it sees, and at 0.3B/1.4B, mb 8, that graph made 45679 tokens/s/GPU where static ones made
-65701 and 73939 (2 H200s, three machines, docs/performance.md). So each shape gets its own graph, and the data keeps
-the shapes few: when a role compiles, the collators pad every batch to one of `WIDTHS` lengths up to
-`data.max_length` (`collator_padding`), not to the next multiple of 8. Generation runs uncompiled
-(`RoleModel.generate`): each decoding step has another cache length, so another static graph.
+65701 and 73939 (2 H200s, three machines, docs/performance.md). So each shape gets its own graph,
+and the data keeps the shapes few: when a role compiles, the collators pad every batch to one of
+`WIDTHS` lengths up to `data.max_length` (`collator_padding`), not to the next multiple of 8.
+Generation runs uncompiled (`RoleModel.generate`): each decoding step has another cache length, so
+another static graph. And the first batch of each shape runs the roles in turn, not side by side
+(`RoleTrainer.alongside`): torch refuses a compiled call from one thread while another traces.
 """
 from __future__ import annotations
 

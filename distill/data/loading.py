@@ -127,7 +127,8 @@ def build_text_data(recipe, tokenizer, rank: int, world_size: int, *, compiled: 
     if not d.packing:
         from distill.compile import collator_padding
 
-        return DataBundle(splits["train"], splits["eval"], CausalCollator(pad, **collator_padding(d.max_length, compiled)), recipe.train.micro_batch_size,
+        collator = CausalCollator(pad, **collator_padding(d.max_length, compiled))
+        return DataBundle(splits["train"], splits["eval"], collator, recipe.train.micro_batch_size,
                           rank, world_size, recipe.seed, pad, grad_accum=recipe.train.grad_accum)
     from distill.data.packing import PackedCollator, pack_dataset, padding_fraction
 

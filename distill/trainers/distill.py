@@ -131,7 +131,8 @@ class DistillTrainer(RoleTrainer):
                                   "kd.on_policy.seq_kd: true so that one is generated for every batch")
         self._eval_has_completions = splits["eval"] is not None and any(c for c in splits["eval"]["completion_ids"])
         pad = pad_id(self.tokenizer)
-        return DataBundle(splits["train"], splits["eval"], PromptCollator(pad, **collator_padding(d.max_length, self.compiled)), self.recipe.train.micro_batch_size,
+        collator = PromptCollator(pad, **collator_padding(d.max_length, self.compiled))
+        return DataBundle(splits["train"], splits["eval"], collator, self.recipe.train.micro_batch_size,
                           self.rank, self.world_size, self.recipe.seed, pad, grad_accum=self.recipe.train.grad_accum,
                           pad_example={"prompt_ids": [pad], "completion_ids": [], "real": False})
 
