@@ -16,6 +16,23 @@ def launched() -> bool:
     return "WORLD_SIZE" in os.environ or "LOCAL_RANK" in os.environ
 
 
+def leave(code: int) -> None:
+    """Exit with `code`; a process that started DeepSpeed (`launched()`) skips interpreter finalization.
+
+    Finalization races C++ threads (gloo's, DeepSpeed's) against Python's teardown: now and then a rank
+    aborted there with "terminate called without an active exception", after its run had finished and
+    written everything, and the launcher reported the whole run as failed. Files are closed by now
+    (metrics are appended line by line, trackers finished by the trainer); the streams are flushed here."""
+    if not launched():
+        sys.exit(code)
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def single_process_env() -> None:
     """Describe a world of one process, so DeepSpeed can start its process group without a launcher."""
     if launched():

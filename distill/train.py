@@ -5,7 +5,7 @@ import argparse
 import sys
 import warnings
 
-from distill.launch import launched, relaunch, world_info
+from distill.launch import launched, leave, relaunch, world_info
 from distill.recipe import RecipeError, load_recipe
 from distill.preflight import preflight
 from distill.monitor import NonFiniteLoss
@@ -87,4 +87,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main())

@@ -138,3 +138,18 @@ def test_help_lists_every_shipped_recipe_and_the_commands():
     assert "[dpo] DPO on synthetic preferences" in proc.stdout and "docs/recipe-reference.md" in proc.stdout
     top = subprocess.run([sys.executable, "-m", "distill", "--help"], capture_output=True, text=True, timeout=60)
     assert top.returncode == 0 and all(f"distill {c} " in top.stdout for c in ("train", "export", "report"))
+
+
+@pytest.mark.parametrize("launched", [True, False], ids=["rank", "plain"])
+def test_a_rank_exits_with_its_code_and_without_finalization(tmp_path, launched):
+    """A rank of a finished run must not reach interpreter finalization, where gloo's and DeepSpeed's
+    threads now and then abort it ("terminate called without an active exception") and fail the run."""
+    marker = tmp_path / "finalized"
+    code = ("import atexit, pathlib, sys; from distill.launch import leave; "
+            f"atexit.register(lambda: pathlib.Path({str(marker)!r}).write_text('x')); print('out', end=''); leave(3)")
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "LOCAL_RANK", "RANK")}
+    if launched:
+        env.update(WORLD_SIZE="2", RANK="1", LOCAL_RANK="1")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 3 and proc.stdout == "out"  # buffered output still flushed
+    assert marker.exists() is not launched

@@ -74,20 +74,16 @@ def read_json(path: Path) -> dict:
 
 def end_of_script() -> None:
     """The end of a multi-process test script: every rank waits, then the process group is torn down
-    (as `distill.train` does), so no rank exits while the others' collectives still need it.
-
-    Then the process leaves without interpreter finalization. Its results are written by now, and
-    finalization races C++ threads (gloo's, DeepSpeed's) against Python's teardown: once in many CI
-    runs a rank aborted there with "terminate called without an active exception", failing a test
-    whose checks had all been written."""
+    (as `distill.train` does), so no rank exits while the others' collectives still need it. Then the
+    process leaves as `distill.train` does, without interpreter finalization (`distill.launch.leave`)."""
     import torch.distributed as dist
+
+    from distill.launch import leave
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave(0)
 
 
 def peak_cpu_bytes(fn) -> int:
