@@ -97,6 +97,9 @@ class RoleTrainer:
             key = (self.__dict__.get("_batch_shape"), torch.is_grad_enabled())
             warm = self.__dict__.setdefault("_warm_shapes", set())
             concurrent = key[0] is not None and key in warm
+            if key[0] is not None and key not in warm and self.rank == 0:  # the slow step of a new shape, said once
+                self.log(f"compile: batch shape {list(key[0])} ({'training' if key[1] else 'no grad'}) is new: "
+                         "its graphs compile now, with the roles in turn")
             warm.add(key)
         return self._overlap.run(frozen, trainable, concurrent=concurrent)
 

@@ -258,7 +258,10 @@ def test_with_compiled_layers_each_new_batch_shape_runs_the_roles_in_turn_first(
         t = object.__new__(DistillTrainer)
         t.plans = {"student": SimpleNamespace(compile=compiled)}
         t._overlap = Overlap(torch.device("cpu"), enabled=True)
+        t.rank, t.log = 0, said.append
         return t
+
+    said = []
 
     frozen_role = SimpleNamespace(trainable=False, plan=SimpleNamespace(zero_stage=0))
 
@@ -272,8 +275,11 @@ def test_with_compiled_layers_each_new_batch_shape_runs_the_roles_in_turn_first(
     assert [threads(t, (4, 64)), threads(t, (4, 64)), threads(t, (4, 128)), threads(t, (4, 128)),
             threads(t, (4, 64), grad=False), threads(t, (4, 64), grad=False), threads(t, None), threads(t, None)] == \
         [False, True, False, True, False, True, False, False]
+    assert said == ["compile: batch shape [4, 64] (training) is new: its graphs compile now, with the roles in turn",
+                    "compile: batch shape [4, 128] (training) is new: its graphs compile now, with the roles in turn",
+                    "compile: batch shape [4, 64] (no grad) is new: its graphs compile now, with the roles in turn"]
     plain = trainer(compiled=False)
-    assert threads(plain, (4, 64)) and threads(plain, None)
+    assert threads(plain, (4, 64)) and threads(plain, None) and len(said) == 3
 
 
 def test_compile_is_refused_where_zero3_hooks_live():
