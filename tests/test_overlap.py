@@ -21,6 +21,17 @@ def _raw(**sections):
     return deep_merge(base, sections)
 
 
+def _tiny_llama_pair():
+    """A random tiny Llama and a second copy with the same weights (to compile, against the plain one)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    plain = AutoModelForCausalLM.from_config(LlamaConfig(**{k: v for k, v in TINY_LLAMA.items() if k != "model_type"}))
+    copy = AutoModelForCausalLM.from_config(plain.config)
+    copy.load_state_dict(plain.state_dict())
+    return plain, copy
+
+
 def test_overlap_runs_the_frozen_call_in_a_worker_under_no_grad_while_the_other_runs():
     ov = Overlap(torch.device("cpu"), enabled=True)
     started, seen = threading.Event(), {}
@@ -111,15 +122,10 @@ def test_trainer_passes_the_fused_choice_to_the_optimizer():
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
 def test_compiled_layers_compute_what_the_plain_model_computes(checkpointing):
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     from distill.compile import compile_layers
 
-    torch.manual_seed(0)
     torch._dynamo.reset()
-    plain = AutoModelForCausalLM.from_config(LlamaConfig(**{k: v for k, v in TINY_LLAMA.items() if k != "model_type"}))
-    compiled = AutoModelForCausalLM.from_config(plain.config)
-    compiled.load_state_dict(plain.state_dict())
+    plain, compiled = _tiny_llama_pair()
     if checkpointing:  # as apply_role_options does it: checkpointing first, then the layers compiled
         compiled.gradient_checkpointing_enable()
         compiled.train()
@@ -141,13 +147,12 @@ def test_compiled_layers_keep_one_static_graph_per_batch_shape():
     """Left to itself torch recompiles for symbolic sizes at the second shape, and that graph was the slow one
     (distill/compile.py); each shape must get its own graph, and the layers must share it."""
     from torch._dynamo.utils import counters
-    from transformers import AutoModelForCausalLM, LlamaConfig
 
     from distill.compile import compile_layers
 
     torch._dynamo.reset()
     counters.clear()
-    model = AutoModelForCausalLM.from_config(LlamaConfig(**{k: v for k, v in TINY_LLAMA.items() if k != "model_type"}))
+    _, model = _tiny_llama_pair()
     compile_layers(model, backend="eager")
     for graphs, shape in enumerate([(2, 8), (4, 8), (4, 16), (3, 24), (2, 8)], 1):
         with torch.no_grad():
@@ -165,11 +170,15 @@ def test_a_compiled_role_pads_its_batches_to_few_widths(assets, tmp_path):
     from distill.trainers.dpo import DPOTrainer
 
     tok = AutoTokenizer.from_pretrained(assets["tokenizer"])
+
+    def build_data(trainer_cls, recipe, compiled):  # what a trainer of one process builds, before its models
+        return trainer_cls.build_data(SimpleNamespace(recipe=recipe, tokenizer=tok, rank=0, world_size=1, log=print,
+                                                      compiled=compiled))
+
     recipe = validate_recipe(_raw(data={"train": assets["train"], "max_length": 128}), DistillTrainer)
     widths = {}
     for compiled in (False, True):
-        fake = SimpleNamespace(recipe=recipe, tokenizer=tok, rank=0, world_size=1, log=print, compiled=compiled)
-        bundle = DistillTrainer.build_data(fake)
+        bundle = build_data(DistillTrainer, recipe, compiled)
         lengths = [len(ids) for ids in bundle.train["input_ids"]]
         widths[compiled] = {bundle.collator([{"input_ids": list(range(n))}])["input_ids"].shape[1] for n in lengths}
     assert widths[False] == {-(-n // 8) * 8 for n in lengths} and len(widths[False]) > len(widths[True])
@@ -177,7 +186,7 @@ def test_a_compiled_role_pads_its_batches_to_few_widths(assets, tmp_path):
     assert WIDTHS == 8
     # never past max_length, where it is no multiple of the step
     capped = validate_recipe(_raw(data={"train": assets["train"], "max_length": 20}), DistillTrainer)
-    bundle = DistillTrainer.build_data(SimpleNamespace(recipe=capped, tokenizer=tok, rank=0, world_size=1, log=print, compiled=False))
+    bundle = build_data(DistillTrainer, capped, compiled=False)
     assert bundle.collator([{"input_ids": list(range(19))}])["input_ids"].shape[1] == 20
 
     preference = tmp_path / "pairs.jsonl"
@@ -185,22 +194,22 @@ def test_a_compiled_role_pads_its_batches_to_few_widths(assets, tmp_path):
                                   for k in range(1, 25)))
     dpo = validate_recipe({"trainer": "dpo", "output_dir": str(tmp_path / "dpo"), "data": {"train": str(preference), "max_length": 128},
                            "policy": {"from_pretrained": assets["teacher"]}}, DPOTrainer)
-    bundle = DPOTrainer.build_data(SimpleNamespace(recipe=dpo, tokenizer=tok, rank=0, world_size=1, log=print, compiled=True))
+    bundle = build_data(DPOTrainer, dpo, compiled=True)
     widths = {bundle.collator([row])["input_ids"].shape[1] for row in bundle.train}
     assert widths <= set(range(16, 129, 16)) and len(widths) > 1
 
 
 def test_compile_null_means_on_gpus_where_the_weights_are_whole(monkeypatch):
-    assert validate_recipe(_raw(), DistillTrainer).student.compile is False  # off unless asked
     from distill.plan import format_plan, plan_roles
+    from distill.recipe import deep_merge
+
+    assert validate_recipe(_raw(), DistillTrainer).student.compile is False  # off unless asked
 
     monkeypatch.setenv("DISTILL_GPU_MEMORY_GB", "80")  # the planner sizes the GPU it pretends to have
 
     def plans(cuda, **sections):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
         auto = _raw(student={"compile": None}, teacher={"compile": None})
-        from distill.recipe import deep_merge
-
         return plan_roles(validate_recipe(deep_merge(auto, sections), DistillTrainer), DistillTrainer, world_size=1, vocab_size=None)
 
     assert not any(p.compile for p in plans(False).values())  # CPU
@@ -220,15 +229,11 @@ def test_a_compiled_role_generates_uncompiled():
     from types import SimpleNamespace
 
     from torch._dynamo.utils import counters
-    from transformers import AutoModelForCausalLM, LlamaConfig
 
     from distill.compile import compile_layers
     from distill.roles import RoleModel
 
-    torch.manual_seed(0)
-    plain = AutoModelForCausalLM.from_config(LlamaConfig(**{k: v for k, v in TINY_LLAMA.items() if k != "model_type"}))
-    compiled = AutoModelForCausalLM.from_config(plain.config)
-    compiled.load_state_dict(plain.state_dict())
+    plain, compiled = _tiny_llama_pair()
     torch._dynamo.reset()
     counters.clear()
     compile_layers(compiled, backend="eager")
