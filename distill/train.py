@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 import warnings
 
 from distill.launch import launched, leave, relaunch, world_info
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     # DeepSpeed calls a torch.distributed function that torch marks deprecated, once per step.
     warnings.filterwarnings("ignore", category=FutureWarning, message=".*all_gather_into_tensor.*")
     args = parse_args(argv)
+    rank = world_info()[0]
     try:
         recipe, trainer_cls = load_recipe(args.recipe, args.overrides + (["resume=true"] if args.resume else []))
         if args.dry_run:
@@ -71,19 +73,31 @@ def main(argv: list[str] | None = None) -> int:
         trainer = trainer_cls(recipe)
         trainer.train()
     except RecipeError as e:
-        if world_info()[0] == 0:  # every rank validates the same recipe; say it once
+        if rank == 0:  # every rank validates the same recipe; say it once
             print(f"distill: {e}", file=sys.stderr)
-        return 2
+        code = 2
     except NonFiniteLoss as e:  # raised on every rank at the same step
-        if world_info()[0] == 0:
+        if rank == 0:
             print(f"distill: stopped: {e}", file=sys.stderr)
-        return 3
-    finally:
-        import torch.distributed as dist
+        code = 3
+    except Exception:
+        # An error of this rank alone: say it now, and leave the process group be. Destroying it waits for
+        # the other ranks, which may sit in a collective this rank will never join; the run would hang with
+        # its error unsaid. The launcher stops them when this rank exits.
+        print(f"distill: rank {rank} failed:", file=sys.stderr)
+        traceback.print_exc()
+        return 1
+    else:
+        code = 0
+    _close_process_group()
+    return code
 
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+
+def _close_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

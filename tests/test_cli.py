@@ -140,6 +140,31 @@ def test_help_lists_every_shipped_recipe_and_the_commands():
     assert top.returncode == 0 and all(f"distill {c} " in top.stdout for c in ("train", "export", "report"))
 
 
+FAILS_ON_ONE_RANK = """
+from distill.trainers.distill import DistillTrainer
+
+
+class FailsOnRank1(DistillTrainer):
+    def loss_step(self, batch, num_tokens):
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.rank == 1 and self.calls == 3:  # step 2: rank 0 goes on into the gradient all-reduce
+            raise RuntimeError("injected failure on rank 1")
+        return super().loss_step(batch, num_tokens)
+"""
+
+
+def test_an_error_on_one_rank_ends_the_run_at_once_with_its_traceback(assets, tmp_path):
+    """The other rank waits in a collective that the failing one never joins. Before, the failing rank first
+    destroyed the process group, and on 2 GPUs (NCCL) that waited on the other rank: the run hung with its
+    error unsaid (a compiled run, docs/performance.md). Gloo does not wait there; the message tells."""
+    (tmp_path / "fails_on_one_rank.py").write_text(FAILS_ON_ONE_RANK)
+    path, _ = _write(tmp_path, assets, trainer="fails_on_one_rank:FailsOnRank1", launch={"timeout_s": 900})
+    pythonpath = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)
+    proc = _run([str(path)], timeout=240, env={"PYTHONPATH": pythonpath})
+    assert proc.returncode not in (0, 2, 3), proc.stderr[-3000:]
+    assert "distill: rank 1 failed:" in proc.stderr and "RuntimeError: injected failure on rank 1" in proc.stderr
+
+
 @pytest.mark.parametrize("launched", [True, False], ids=["rank", "plain"])
 def test_a_rank_exits_with_its_code_and_without_finalization(tmp_path, launched):
     """A rank of a finished run must not reach interpreter finalization, where gloo's and DeepSpeed's
