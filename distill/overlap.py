@@ -7,24 +7,36 @@ role's kernels fill those gaps. Only replicated frozen roles run there: their fo
 collective, so no two threads ever issue collectives at once, and it reads no DeepSpeed plugin, so
 the worker never switches the active one (from another thread, `RoleManager.use` switches nothing
 and refuses ZeRO-3 roles).
+
+With compiled layers (distill/compile.py), torch refuses a compiled call from one thread while the other
+traces a new graph ("Detected that you are using FX to symbolically trace a dynamo-optimized function";
+on 2 GPUs, a batch without padding after a padded one of the same shape did it). So the two calls run under torch's
+`fail_on_recompile` stance: a call that meets a batch it has no graph for stops at once, and runs again
+after the other has finished, alone, where it compiles. Its partial forward is dropped; a compiled role is
+never ZeRO-3, so no gather was left half done.
 """
 from __future__ import annotations
 
 import contextlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, Callable, TypeVar
 
 import torch
 
 T = TypeVar("T")
 U = TypeVar("U")
+_NEW_GRAPH = object()  # a call that stopped because it needs a graph not compiled yet
 
 
 class Overlap:
-    """`run(frozen, trainable)`: both results, the frozen call under no_grad, concurrently when enabled."""
+    """`run(frozen, trainable)`: both results, the frozen call under no_grad, concurrently when enabled.
 
-    def __init__(self, device: torch.device, enabled: bool):
-        self.device, self.enabled = device, enabled
+    `compiled`: some role compiles its layers; `on_compile(which)` is told when the `"frozen"` or the
+    `"trainable"` call needed a new graph and so ran again alone."""
+
+    def __init__(self, device: torch.device, enabled: bool, *, compiled: bool = False,
+                 on_compile: Callable[[str], None] = lambda which: None):
+        self.device, self.enabled, self.compiled, self.on_compile = device, enabled, compiled, on_compile
         self._pool: ThreadPoolExecutor | None = None
         self._stream = None
 
@@ -45,16 +57,33 @@ class Overlap:
             with torch.no_grad(), torch.cuda.stream(self._stream) if main is not None else contextlib.nullcontext():
                 return frozen()
 
-        future = self._pool.submit(work)
-        try:
-            second = trainable()
-        finally:
-            first = future.result()  # also when `trainable` raised: never leave the worker running
+        with torch.compiler.set_stance("fail_on_recompile") if self.compiled else contextlib.nullcontext():
+            future = self._pool.submit(work)
+            try:
+                second = self._unless_new_graph(trainable)
+            finally:
+                wait([future])  # also when `trainable` raised: never leave the worker running
+            first = self._unless_new_graph(future.result)
         if main is not None:
             main.wait_stream(self._stream)
             # Made on the side stream, used on the main one: the allocator must not reuse them early.
             _each_tensor(first, lambda t: t.record_stream(main))
+        if first is _NEW_GRAPH:
+            self.on_compile("frozen")
+            with torch.no_grad():
+                first = frozen()
+        if second is _NEW_GRAPH:
+            self.on_compile("trainable")
+            second = trainable()
         return first, second
+
+    def _unless_new_graph(self, call: Callable[[], T]) -> T | object:
+        try:
+            return call()
+        except RuntimeError as e:
+            if self.compiled and "stance is 'fail_on_recompile'" in str(e):
+                return _NEW_GRAPH
+            raise
 
     def close(self) -> None:
         if self._pool is not None:

@@ -88,20 +88,16 @@ class RoleTrainer:
             if on is None:  # the recipe check refuses an explicit true with checkpointing
                 on = self.device.type == "cuda" and not any(m.trainable and m.plan.spec.gradient_checkpointing
                                                             for m in self.models.values())
-            self._overlap = Overlap(self.device, on)
+            self._overlap = Overlap(self.device, on, compiled=self.compiled, on_compile=self._said_compile)
         concurrent = not frozen_role.trainable and frozen_role.plan.zero_stage != 3
-        if concurrent and self.compiled:
-            # A compiled layer meeting a new shape compiles it, and torch refuses a compiled call from the other
-            # thread while one traces: each batch shape runs one role after the other first (its backward, in
-            # this thread, compiles after the join). A call outside the loop's batches always does.
-            key = (self.__dict__.get("_batch_shape"), torch.is_grad_enabled())
-            warm = self.__dict__.setdefault("_warm_shapes", set())
-            concurrent = key[0] is not None and key in warm
-            if key[0] is not None and key not in warm and self.rank == 0:  # the slow step of a new shape, said once
-                self.log(f"compile: batch shape {list(key[0])} ({'training' if key[1] else 'no grad'}) is new: "
-                         "its graphs compile now, with the roles in turn")
-            warm.add(key)
         return self._overlap.run(frozen, trainable, concurrent=concurrent)
+
+    def _said_compile(self, which: str) -> None:
+        """A slow step, said (on rank 0): a batch the compiled layers had no graph for, the roles in turn."""
+        if self.rank == 0:
+            mode = "training" if which == "trainable" and torch.is_grad_enabled() else "no grad"
+            self.log(f"compile: the {which} role's layers meet a new batch shape or mask ({mode}); "
+                     "compiling its graph now, the roles in turn")
 
     def count_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The normaliser of one micro-batch (predicted tokens; a preference trainer counts pairs)."""
@@ -278,9 +274,7 @@ class RoleTrainer:
         num_tokens = self._all_reduce(sum(self.count_tokens(b) for b in micro))
         totals: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(micro):
-            self._batch_shape = tuple(batch["input_ids"].shape)  # what `alongside` knows compiled (see there)
             losses = self.loss_step(batch, num_tokens)
-            self._batch_shape = None
             # DeepSpeed averages gradients over ranks; the losses are already global means.
             self.trainable.backward(losses["loss"] * self.world_size, boundary=i == len(micro) - 1)
             for k, v in losses.items():
@@ -320,10 +314,8 @@ class RoleTrainer:
         sums: dict[str, torch.Tensor] = {}
         for batch in self.data.eval_batches(self.recipe.train.eval_batches):
             batch = self._to_device(batch)
-            self._batch_shape = tuple(batch["input_ids"].shape)
             for k, v in self.eval_step(batch).items():
                 sums[k] = sums.get(k, 0) + v.double()
-            self._batch_shape = None
         self.trainable.engine.train()
         sums = {k: self._all_reduce(v) for k, v in sums.items()}
         counts = {k: sums.pop(k).clamp(min=1) for k in list(sums) if k == "tokens" or k.endswith("/tokens")}

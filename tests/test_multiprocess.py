@@ -26,7 +26,7 @@ def test_roles_switch_shard_logits_save_and_uneven_eval(assets, tmp_path):
     ["kd.loss=reverse_kl", "kd.temperature=2.0", "train.grad_accum=1", "train.micro_batch_size=3"],
     # Compiled decoder layers (inductor) in both roles, fused AdamW: the same gradient, and it trains.
     # With the teacher's forward beside the student's, as on GPUs: compiling in one thread while the other
-    # calls a compiled layer is refused by torch, so new shapes run one role after the other.
+    # calls a compiled layer is refused by torch, so a call that needs a new graph runs again alone.
     ["student.compile=true", "teacher.compile=true", "teacher.placement=replicated", "student.optimizer.fused=true",
      "train.overlap_frozen=true"],
 ], ids=["forward_kl", "chunked_jsd", "reverse_kl_T2", "compiled_fused"])
