@@ -90,9 +90,10 @@ def recipe_for(a, mode: str, mb: int):
            "kd": {"loss": "forward_kl", "alpha": 0.5},
            "data": {"train": "unused.jsonl", "max_length": a.seq_len},
            "train": {"micro_batch_size": mb, "max_steps": 10**6, "log_every": 10**6, "progress": False}}
-    if mode == "naive":  # accelerate's documented pattern compiles nothing
-        raw["student"]["compile"] = raw["teacher"]["compile"] = False
-    else:
+    # Plain layers unless a step asks (--set student.compile=true): a result must not move with the
+    # trainer's default. Accelerate's documented pattern, the naive loop, compiles nothing.
+    raw["student"]["compile"] = raw["teacher"]["compile"] = False
+    if mode != "naive":
         raw = deep_merge(raw, parse_overrides(a.set))
     return validate_recipe(raw, DistillTrainer)
 

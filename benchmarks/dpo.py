@@ -164,8 +164,8 @@ def run_distill(a, d: Path, world: int) -> tuple[list[float], list[float]]:
         "trainer": "dpo", "output_dir": str(d / "run_distill"), "overwrite": True, "seed": a.seed,
         "policy": {"from_pretrained": str(d / "model"), "deepspeed": f"zero{a.policy_zero}", "precision": a.dtype,
                    "optimizer": optimizer, "scheduler": {"name": "constant"},
-                   "gradient_checkpointing": a.gradient_checkpointing},
-        "reference": {"from_pretrained": str(d / "model"), "precision": a.dtype, **(
+                   "gradient_checkpointing": a.gradient_checkpointing, "compile": False},  # plain unless --set asks
+        "reference": {"from_pretrained": str(d / "model"), "precision": a.dtype, "compile": False, **(
             {} if a.ref_zero == "auto" else  # the planner places it
             {"deepspeed": int(a.ref_zero), "placement": "sharded" if a.ref_zero == "3" else "replicated"})},
         "dpo": {"loss": "sigmoid", "beta": a.beta},

@@ -86,11 +86,24 @@ def main(argv: list[str] | None = None) -> int:
         # its error unsaid. The launcher stops them when this rank exits.
         print(f"distill: rank {rank} failed:", file=sys.stderr)
         traceback.print_exc()
+        if rank == 0 and (hint := compile_hint(sys.exc_info()[1])):
+            print(f"distill: {hint}", file=sys.stderr)
         return 1
     else:
         code = 0
     _close_process_group()
     return code
+
+
+def compile_hint(error: BaseException) -> str | None:
+    """What to do when torch.compile, on by default on GPUs, failed (a missing compiler toolchain, say)."""
+    seen = error
+    while seen is not None:
+        if type(seen).__module__.startswith(("torch._dynamo", "torch._inductor")):
+            return ("compiling the decoder layers failed (above); train with plain layers: `compile: false` "
+                    "on each role, e.g. student.compile=false teacher.compile=false on the command line")
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _close_process_group() -> None:

@@ -140,3 +140,11 @@ def test_memory_peak_replays_a_trace_to_what_was_alive_at_the_peak():
     rows = [line.split() for line in text.splitlines()[3:]]
     assert [(r[0], r[1], r[3]) for r in rows] == [("310.0", "2", "distill/trainers/dpo.py:30"),
                                                   ("100.0", "1", "distill/trainers/dpo.py:10")]
+
+
+def test_build_time_reports_the_cpu_build_of_the_pairs_teacher():
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "build_time.py"), "--pair", "tiny", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO / "benchmarks")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["pair"] == "tiny" and result["threads"] == 1 and result["cpu_s"] >= 0 and "gpu_s" not in result

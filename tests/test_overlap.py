@@ -199,18 +199,17 @@ def test_a_compiled_role_pads_its_batches_to_few_widths(assets, tmp_path):
     assert widths <= set(range(16, 129, 16)) and len(widths) > 1
 
 
-def test_compile_null_means_on_gpus_where_the_weights_are_whole(monkeypatch):
+def test_compile_by_default_is_on_gpus_where_the_weights_are_whole(monkeypatch):
     from distill.plan import format_plan, plan_roles
     from distill.recipe import deep_merge
 
-    assert validate_recipe(_raw(), DistillTrainer).student.compile is False  # off unless asked
+    assert validate_recipe(_raw(), DistillTrainer).student.compile is None  # the default: decided by the plan
 
     monkeypatch.setenv("DISTILL_GPU_MEMORY_GB", "80")  # the planner sizes the GPU it pretends to have
 
     def plans(cuda, **sections):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-        auto = _raw(student={"compile": None}, teacher={"compile": None})
-        return plan_roles(validate_recipe(deep_merge(auto, sections), DistillTrainer), DistillTrainer, world_size=1, vocab_size=None)
+        return plan_roles(validate_recipe(deep_merge(_raw(), sections), DistillTrainer), DistillTrainer, world_size=1, vocab_size=None)
 
     assert not any(p.compile for p in plans(False).values())  # CPU
     gpu = plans(True, teacher={"placement": "replicated"})
@@ -290,6 +289,21 @@ def test_with_compiled_layers_a_call_that_needs_a_new_graph_runs_again_alone():
         student_logits.float().sum().backward()
         said.clear()
     overlap.close()
+    torch._dynamo.reset()
+
+
+def test_a_failed_compile_says_how_to_train_without_it():
+    """Compile is on by default on GPUs, so a machine without a working toolchain fails at the first step."""
+    from distill.train import compile_hint
+
+    def broken_backend(graph, example_inputs):
+        raise OSError("no C compiler")
+
+    torch._dynamo.reset()
+    with pytest.raises(Exception) as failed:
+        torch.compile(lambda x: x * 2, backend=broken_backend)(torch.ones(2))
+    assert "student.compile=false teacher.compile=false" in compile_hint(failed.value)
+    assert compile_hint(ValueError("a data error")) is None
     torch._dynamo.reset()
 
 
