@@ -31,16 +31,16 @@ _NEW_GRAPH = object()  # a call that stopped because it needs a graph not compil
 class Overlap:
     """`run(frozen, trainable)`: both results, the frozen call under no_grad, concurrently when enabled.
 
-    `compiled`: some role compiles its layers; `on_compile(which)` is told when the `"frozen"` or the
-    `"trainable"` call needed a new graph and so ran again alone."""
+    `compiled`: some role compiles its layers. Then `run`'s `on_compile(which)` is told when the `"frozen"`
+    or the `"trainable"` call needed a new graph and so ran again alone."""
 
-    def __init__(self, device: torch.device, enabled: bool, *, compiled: bool = False,
-                 on_compile: Callable[[str], None] = lambda which: None):
-        self.device, self.enabled, self.compiled, self.on_compile = device, enabled, compiled, on_compile
+    def __init__(self, device: torch.device, enabled: bool, *, compiled: bool = False):
+        self.device, self.enabled, self.compiled = device, enabled, compiled
         self._pool: ThreadPoolExecutor | None = None
         self._stream = None
 
-    def run(self, frozen: Callable[[], T], trainable: Callable[[], U], *, concurrent: bool = True) -> tuple[T, U]:
+    def run(self, frozen: Callable[[], T], trainable: Callable[[], U], *, concurrent: bool = True,
+            on_compile: Callable[[str], None] = lambda which: None) -> tuple[T, U]:
         if not (self.enabled and concurrent):
             with torch.no_grad():
                 first = frozen()
@@ -69,11 +69,11 @@ class Overlap:
             # Made on the side stream, used on the main one: the allocator must not reuse them early.
             _each_tensor(first, lambda t: t.record_stream(main))
         if first is _NEW_GRAPH:
-            self.on_compile("frozen")
+            on_compile("frozen")
             with torch.no_grad():
                 first = frozen()
         if second is _NEW_GRAPH:
-            self.on_compile("trainable")
+            on_compile("trainable")
             second = trainable()
         return first, second
 

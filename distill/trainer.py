@@ -88,16 +88,17 @@ class RoleTrainer:
             if on is None:  # the recipe check refuses an explicit true with checkpointing
                 on = self.device.type == "cuda" and not any(m.trainable and m.plan.spec.gradient_checkpointing
                                                             for m in self.models.values())
-            self._overlap = Overlap(self.device, on, compiled=self.compiled, on_compile=self._said_compile)
+            self._overlap = Overlap(self.device, on, compiled=self.compiled)
         concurrent = not frozen_role.trainable and frozen_role.plan.zero_stage != 3
-        return self._overlap.run(frozen, trainable, concurrent=concurrent)
 
-    def _said_compile(self, which: str) -> None:
-        """A slow step, said (on rank 0): a batch the compiled layers had no graph for, the roles in turn."""
-        if self.rank == 0:
-            mode = "training" if which == "trainable" and torch.is_grad_enabled() else "no grad"
-            self.log(f"compile: the {which} role's layers meet a new batch shape or mask ({mode}); "
-                     "compiling its graph now, the roles in turn")
+        def said(which: str) -> None:  # a slow step, said on rank 0: a batch a compiled role had no graph for
+            if self.rank == 0:
+                role, mode = ((frozen_role.name, "no grad") if which == "frozen" else
+                              (self.trainable.name, "training" if torch.is_grad_enabled() else "no grad"))
+                self.log(f"compile: the {role}'s layers meet a new batch shape or mask ({mode}); "
+                         "compiling its graph now, the roles in turn")
+
+        return self._overlap.run(frozen, trainable, concurrent=concurrent, on_compile=said)
 
     def count_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The normaliser of one micro-batch (predicted tokens; a preference trainer counts pairs)."""

@@ -263,7 +263,7 @@ def test_with_compiled_layers_a_call_that_needs_a_new_graph_runs_again_alone():
     for model in (teacher, student):
         compile_layers(model, backend="aot_eager")  # traces with FX, as inductor does
     said = []
-    overlap = Overlap(torch.device("cpu"), enabled=True, compiled=True, on_compile=said.append)
+    overlap = Overlap(torch.device("cpu"), enabled=True, compiled=True)
     padded = torch.ones(4, 16, dtype=torch.long)
     padded[0, 11:] = 0
     batches = {"padded": (padded, ["frozen", "trainable"]), "padded again": (padded, []),
@@ -279,7 +279,7 @@ def test_with_compiled_layers_a_call_that_needs_a_new_graph_runs_again_alone():
                 return model(input_ids=ids, attention_mask=mask).logits  # [4, T, V]
             return call
 
-        teacher_logits, student_logits = overlap.run(forward(teacher), forward(student))
+        teacher_logits, student_logits = overlap.run(forward(teacher), forward(student), on_compile=said.append)
         assert said == recompiled, name
         assert any(t.startswith("distill-frozen") for t in threads), name  # the first try ran side by side
         assert not teacher_logits.requires_grad and student_logits.requires_grad
@@ -290,6 +290,26 @@ def test_with_compiled_layers_a_call_that_needs_a_new_graph_runs_again_alone():
         said.clear()
     overlap.close()
     torch._dynamo.reset()
+
+
+def test_alongside_names_the_role_whose_layers_compile_and_says_it_on_rank_0_only():
+    from types import SimpleNamespace
+
+    class CompilesBoth:  # an Overlap whose two calls both met a batch they had no graph for
+        def run(self, frozen, trainable, *, concurrent, on_compile):
+            on_compile("frozen")
+            on_compile("trainable")
+            return frozen(), trainable()
+
+    said = []
+    t = object.__new__(DistillTrainer)
+    t._overlap, t.log, t.trainable = CompilesBoth(), said.append, SimpleNamespace(name="student")
+    teacher = SimpleNamespace(name="teacher", trainable=False, plan=SimpleNamespace(zero_stage=0))
+    for rank in (0, 1):
+        t.rank = rank
+        assert t.alongside(teacher, lambda: "t", lambda: "s") == ("t", "s")
+    assert said == ["compile: the teacher's layers meet a new batch shape or mask (no grad); compiling its graph now, the roles in turn",
+                    "compile: the student's layers meet a new batch shape or mask (training); compiling its graph now, the roles in turn"]
 
 
 def test_a_failed_compile_says_how_to_train_without_it():
