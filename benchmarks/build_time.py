@@ -38,7 +38,7 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=1, help="CPU threads (torchrun gives each rank 1)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    teacher = {**LLAMA, **PAIRS[a.pair][1], "vocab_size": 32000, "max_position_embeddings": 1024}
+    teacher = {**LLAMA, **PAIRS[a.pair][1], "max_position_embeddings": 1024}  # LLAMA: vocab 32k, untied head
     config = LlamaConfig(**{k: v for k, v in teacher.items() if k != "model_type"})
     result = {"pair": a.pair, "threads": a.threads, "cpu_s": round(built_in("cpu", config, a.device), 2)}
     if a.device == "cuda":

@@ -314,8 +314,7 @@ class RoleTrainer:
         self.trainable.engine.eval()
         sums: dict[str, torch.Tensor] = {}
         for batch in self.data.eval_batches(self.recipe.train.eval_batches):
-            batch = self._to_device(batch)
-            for k, v in self.eval_step(batch).items():
+            for k, v in self.eval_step(self._to_device(batch)).items():
                 sums[k] = sums.get(k, 0) + v.double()
         self.trainable.engine.train()
         sums = {k: self._all_reduce(v) for k, v in sums.items()}
