@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         # its error unsaid. The launcher stops them when this rank exits.
         print(f"distill: rank {rank} failed:", file=sys.stderr)
         traceback.print_exc()
-        if rank == 0 and (hint := compile_hint(sys.exc_info()[1])):
+        if hint := compile_hint(sys.exc_info()[1]):  # each rank compiles its own graphs: say it where it failed
             print(f"distill: {hint}", file=sys.stderr)
         return 1
     else:

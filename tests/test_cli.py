@@ -141,6 +141,8 @@ def test_help_lists_every_shipped_recipe_and_the_commands():
 
 
 FAILS_ON_ONE_RANK = """
+from torch._dynamo.exc import InternalTorchDynamoError
+
 from distill.trainers.distill import DistillTrainer
 
 
@@ -148,7 +150,8 @@ class FailsOnRank1(DistillTrainer):
     def loss_step(self, batch, num_tokens):
         self.calls = getattr(self, "calls", 0) + 1
         if self.rank == 1 and self.calls == 3:  # step 2: rank 0 goes on into the gradient all-reduce
-            raise RuntimeError("injected failure on rank 1")
+            # as a failed compile of that rank's graphs would surface
+            raise RuntimeError("injected failure on rank 1") from InternalTorchDynamoError("injected compile error")
         return super().loss_step(batch, num_tokens)
 """
 
@@ -163,6 +166,8 @@ def test_an_error_on_one_rank_ends_the_run_at_once_with_its_traceback(assets, tm
     proc = _run([str(path)], timeout=240, env={"PYTHONPATH": pythonpath})
     assert proc.returncode not in (0, 2, 3), proc.stderr[-3000:]
     assert "distill: rank 1 failed:" in proc.stderr and "RuntimeError: injected failure on rank 1" in proc.stderr
+    # the compile hint comes from the rank whose compile failed, not only from rank 0
+    assert "distill: compiling the decoder layers failed (above)" in proc.stderr
 
 
 @pytest.mark.parametrize("launched", [True, False], ids=["rank", "plain"])
