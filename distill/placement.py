@@ -5,9 +5,10 @@ and the forward. Replicated ("gather once and keep") is the fastest forward; ZeR
 gathers every layer on every forward; parameter offload saves GPU memory at the price of PCIe copies.
 `choose_placement` picks the fastest one that fits; the recipe's `<role>.placement` overrides it.
 
-Measured on 2 H100/H200s (docs/performance.md): a ZeRO-3 teacher forward of ~1.4B parameters took
-2.5-6.8x the replicated one with DeepSpeed's defaults, and 1.2-1.9x once whole decoder layers are
-gathered as one unit (leaf modules) with prefetch and live-parameter limits scaled to a layer.
+A sharded forward gathers every layer on every call: with DeepSpeed's defaults (each Linear gathered
+on its own) that is several times the replicated forward; gathering whole decoder layers as one unit
+(leaf modules) with prefetch and live-parameter limits scaled to a layer brings it close
+(docs/performance.md has the figures).
 """
 from __future__ import annotations
 
