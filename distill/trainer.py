@@ -228,8 +228,12 @@ class RoleTrainer:
             return self._run(start, seen)
         finally:
             tracking.finish(self.accelerator)
-            if "_overlap" in self.__dict__:
-                self._overlap.close()
+            self.close()
+
+    def close(self) -> None:
+        """Stop the thread that runs frozen roles alongside (`alongside`), if one was started."""
+        if "_overlap" in self.__dict__:
+            self._overlap.close()
 
     def _run(self, start: int, seen: int) -> dict[str, Any]:
         t = self.recipe.train

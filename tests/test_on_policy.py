@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import datasets
 import pytest
@@ -20,7 +19,7 @@ from distill.recipe import validate_recipe
 from distill.errors import RecipeError
 from tests.helpers import REPO
 from tests.helpers import TINY_LLAMA, check, launch
-from distill.trainers.distill import DistillTrainer
+from distill.trainers.distill import DistillTrainer, kd_data
 from distill.trainers.on_policy import OnPolicySpec, completion_source
 
 PAD, EOS = 0, 2
@@ -120,8 +119,7 @@ def _raw(prompts, out, **kd):
 
 
 def _build_data(recipe, tok):
-    fake = SimpleNamespace(recipe=recipe, tokenizer=tok, rank=0, world_size=2, log=print, compiled=False)
-    return DistillTrainer.build_data(fake)
+    return kd_data(recipe, tok, 0, 2)
 
 
 def test_bad_on_policy_setups_are_refused_with_the_key(prompts, tok, tmp_path):

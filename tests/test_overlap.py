@@ -158,18 +158,18 @@ def test_compiled_layers_keep_one_static_graph_per_batch_shape():
 
 
 def test_a_compiled_role_pads_its_batches_to_few_widths(assets, tmp_path):
-    from types import SimpleNamespace
-
     from transformers import AutoTokenizer
 
-    from distill.data.loading import WIDTHS
+    from distill.data.loading import WIDTHS, build_text_data
+    from distill.data.preference import build_preference_data
     from distill.trainers.dpo import DPOTrainer
 
     tok = AutoTokenizer.from_pretrained(assets["tokenizer"])
 
     def build_data(trainer_cls, recipe, compiled):  # what a trainer of one process builds, before its models
-        return trainer_cls.build_data(SimpleNamespace(recipe=recipe, tokenizer=tok, rank=0, world_size=1, log=print,
-                                                      compiled=compiled))
+        if trainer_cls is DPOTrainer:
+            return build_preference_data(recipe, tok, 0, 1, max_prompt_length=None, compiled=compiled)
+        return build_text_data(recipe, tok, 0, 1, compiled=compiled)
 
     recipe = validate_recipe(_raw(data={"train": assets["train"], "max_length": 128}), DistillTrainer)
     widths = {}

@@ -103,26 +103,9 @@ class DistillTrainer(RoleTrainer):
 
     # -- data: text, or prompts whose completions may be generated ---------------------------------
     def build_data(self) -> DataBundle:
-        d, op = self.recipe.data, self.recipe.kd.on_policy
-        train_columns = _columns(d.train)
-        if not is_prompt_dataset(train_columns):
-            if op is not None:
-                raise RecipeError(f"`kd.on_policy` needs prompt records ('prompt' [+ 'completion'] or 'messages'); "
-                                  f"`data.train` has the columns {train_columns}")
-            return build_text_data(self.recipe, self.tokenizer, self.rank, self.world_size, compiled=self.compiled)
-        if d.packing:
-            raise RecipeError(f"`data.packing: true` packs text documents; `data.train` holds prompt records "
-                              f"(columns {train_columns}): set `data.packing: false`, or give text records")
-        # On-policy, prompts leave room for what is generated; offline, for half of the dataset's completion.
-        max_prompt = d.max_length - op.max_new_tokens if op else d.max_length // 2
-        data, counts = build_prompt_data(self.recipe, self.tokenizer, self.rank, self.world_size,
-                                         max_prompt_length=max_prompt, compiled=self.compiled, log=self.log)
-        train = counts["train"]
-        if train["with_completion"] < train["n"] and not (op and (op.lmbda == 1 or op.seq_kd)):
-            raise RecipeError(f"`data.train`: {train['n'] - train['with_completion']} of {train['n']} records have no "
-                              "completion to learn from: add completions, or set kd.on_policy.lmbda: 1 or "
-                              "kd.on_policy.seq_kd: true so that one is generated for every batch")
-        self._eval_has_completions = data.eval is not None and any(c for c in data.eval["completion_ids"])
+        data = kd_data(self.recipe, self.tokenizer, self.rank, self.world_size, compiled=self.compiled, log=self.log)
+        ev = data.eval
+        self._eval_has_completions = ev is None or "completion_ids" not in ev.column_names or any(ev["completion_ids"])
         return data
 
     def prepare_step(self, step, micro_batches):
@@ -222,6 +205,31 @@ class DistillTrainer(RoleTrainer):
                 ("on own samples: KL(student || teacher)", "sampled/reverse_kl"),
                 ("on own samples: teacher NLL (nats/token)", "sampled/teacher_nll")]
         self.log(before_after_table(history, [r for r in rows if r[1] in history["before"]]))
+
+
+def kd_data(recipe, tokenizer, rank: int, world_size: int, *, compiled: bool = False, log=print) -> DataBundle:
+    """The data of distillation: text (offline), or prompt records whose completions the data gives or a role
+    generates (`kd.on_policy`); refuses combinations that cannot train, naming the key."""
+    d, op = recipe.data, recipe.kd.on_policy
+    train_columns = _columns(d.train)
+    if not is_prompt_dataset(train_columns):
+        if op is not None:
+            raise RecipeError(f"`kd.on_policy` needs prompt records ('prompt' [+ 'completion'] or 'messages'); "
+                              f"`data.train` has the columns {train_columns}")
+        return build_text_data(recipe, tokenizer, rank, world_size, compiled=compiled)
+    if d.packing:
+        raise RecipeError(f"`data.packing: true` packs text documents; `data.train` holds prompt records "
+                          f"(columns {train_columns}): set `data.packing: false`, or give text records")
+    # On-policy, prompts leave room for what is generated; offline, for half of the dataset's completion.
+    max_prompt = d.max_length - op.max_new_tokens if op else d.max_length // 2
+    data, counts = build_prompt_data(recipe, tokenizer, rank, world_size, max_prompt_length=max_prompt,
+                                     compiled=compiled, log=log)
+    train = counts["train"]
+    if train["with_completion"] < train["n"] and not (op and (op.lmbda == 1 or op.seq_kd)):
+        raise RecipeError(f"`data.train`: {train['n'] - train['with_completion']} of {train['n']} records have no "
+                          "completion to learn from: add completions, or set kd.on_policy.lmbda: 1 or "
+                          "kd.on_policy.seq_kd: true so that one is generated for every batch")
+    return data
 
 
 def _columns(source: str) -> list[str]:
