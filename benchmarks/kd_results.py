@@ -76,11 +76,12 @@ ARMS = {  # name: the `kd` overrides of the arm
     "jsd": [*JSD, "kd.alpha=0"],
     # On-policy (GKD), as onpolicy_quickstart.yaml ships it: the student's own samples, JSD(0.5).
     "gkd": [*JSD, "kd.alpha=0", ON_POLICY],
-    # The same with forward KL, with half the batches the dataset's, and forward KL at T=2 sampling.
+    # The same with forward KL or reverse KL, with half the batches the dataset's, and sampling at T=0.5.
     "gkd_fkl": ["kd.loss=forward_kl", "kd.alpha=0", ON_POLICY],
     "gkd_rkl": ["kd.loss=reverse_kl", "kd.alpha=0", ON_POLICY],
     "gkd_mix": ["kd.loss=forward_kl", "kd.alpha=0", ON_POLICY, "kd.on_policy.lmbda=0.5"],
     "gkd_jsd_mix": [*JSD, "kd.alpha=0", ON_POLICY, "kd.on_policy.lmbda=0.5"],
+    "gkd_fkl_t05": ["kd.loss=forward_kl", "kd.alpha=0", ON_POLICY, "kd.on_policy.temperature=0.5"],
 }
 DEFAULT_ARMS = ["hard", "forward_kl", "reverse_kl", "jsd", "gkd"]
 BUDGETS = {"full": 1, "quarter": 4}  # documents per step divided by
@@ -354,11 +355,13 @@ def table(result: dict) -> str:
 
 
 def _commit() -> str:
+    if os.environ.get("DISTILL_COMMIT"):  # a copy of the tree (no .git of its own) says which commit it is
+        return os.environ["DISTILL_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("DISTILL_COMMIT", "unknown")
+        return "unknown"
 
 
 if __name__ == "__main__":
