@@ -94,7 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budgets", nargs="+", choices=list(BUDGETS), default=list(BUDGETS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--teacher", help="the teacher's HF directory (default: the size's)")
-    p.add_argument("--steps", type=int, help="optimizer steps of the full budget (default: the size's)")
+    p.add_argument("--steps", type=int, help="optimizer steps of every budget (default: the size's)")
+    p.add_argument("--samples", type=int, help="documents each student samples to be scored (default: the size's)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more recipe overrides, every run")
     p.add_argument("--teacher-set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="overrides of the teacher's pretraining recipe, when the size pretrains one")
@@ -102,6 +103,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", help="also write the results here, after every run (default: OUT/kd_results.json only)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--plot-from", metavar="JSON", help="only draw the plot (and print the table) of a results file")
+    p.add_argument("--init-gradients", action="store_true",
+                   help="only print each loss's gradient norm on a fresh student's logits, at 53 and 32000 logits")
     return p.parse_args(argv)
 
 
@@ -131,6 +134,33 @@ def train(recipe: str, overrides: list[str], log) -> float:
     finally:
         reset_between_modes()
     return time.perf_counter() - t0
+
+
+def init_gradients(vocab: int, language: int = 53, rows: int = 256, seed: int = 0) -> dict[str, float]:
+    """Norm of each divergence's gradient on a fresh student's logits: a head of `vocab` logits near 0
+    (random init) against a trained teacher's, whose mass is on the first `language` ids.
+
+    By the chain rule through the softmax, d/dz_v = q_v * (g_v - sum_u q_u g_u) with g = dD/dq: every token's
+    push is weighted by the student's own probability q_v, except for forward KL, whose g_v = -p_v / q_v cancels
+    it (d/dz = q - p). A fresh head gives each token q_v = 1/vocab."""
+    import torch
+
+    from distill.losses import cross_entropy, get_kd_loss
+
+    g = torch.Generator().manual_seed(seed)
+    teacher = torch.full((rows, vocab), -30.0)
+    teacher[:, :language] = 2 * torch.randn(rows, language, generator=g)
+    labels = torch.randint(0, language, (rows,), generator=g)
+    out = {}
+    for name, params in (("hard", None), ("forward_kl", {}), ("reverse_kl", {}), ("jsd", {"beta": 0.5})):
+        student = (0.02 * torch.randn(rows, vocab, generator=g)).requires_grad_()
+        if params is None:
+            loss = cross_entropy(student, labels)
+        else:
+            loss = get_kd_loss("generalized_jsd" if name == "jsd" else name)(student, teacher, labels, **params)
+        loss.backward()
+        out[name] = float(student.grad.norm())
+    return out
 
 
 def pretrain_teacher(size: dict, teacher_path: str) -> dict:
@@ -227,7 +257,9 @@ def plot(result: dict, path: Path) -> None:
             runs = [r for r in result["runs"] if r["budget"] == budget and r["arm"] == arm]
             pts = runs[0]["curve"]  # the first seed's curve; the legend has the mean over seeds
             row = result["summary"][budget][arm]
-            label = f"{arm}: {row['ce']:.4f}" + (f", gap closed {row['gap_closed']:.0%}" if arm != "hard" and row["gap_closed"] is not None else "")
+            gap = row["gap_closed"]
+            label = f"{arm}: {row['ce']:.4f}" + ("" if arm == "hard" or gap is None else
+                                                 f", gap closed {gap:.0%}" if gap >= 0 else ", worse than hard labels")
             # x: the data's tokens at that step, the same for every arm (an on-policy step trains on as
             # many documents, sampled)
             per_step = runs[0]["micro_batch"] * result["data_tokens_per_document"]
@@ -236,8 +268,8 @@ def plot(result: dict, path: Path) -> None:
         ax.axhline(teacher_ce, color="black", ls="--", lw=1, label=f"teacher: {teacher_ce:.4f}")
         ax.axhline(result["language"]["eval_entropy"], color="grey", ls=":", lw=1,
                    label=f"true entropy: {result['language']['eval_entropy']:.4f}")
-        first = min(r["curve"][1][2] for r in result["runs"] if r["budget"] == budget and len(r["curve"]) > 1)
-        ax.set_ylim(result["language"]["eval_entropy"] - 0.02, max(first, teacher_ce + 0.1))
+        # Zoomed on the last stretch, where the arms differ; the legend has every arm's final CE.
+        ax.set_ylim(result["language"]["eval_entropy"] - 0.01, teacher_ce + 0.25)
         ax.set_xlabel("training tokens of the data (thousands)")
         ax.set_ylabel("held-out CE (nats/token)")
         some = next(iter(result["summary"][budget].values()))
@@ -252,6 +284,11 @@ def plot(result: dict, path: Path) -> None:
 
 def main(argv=None) -> dict:
     a = parse_args(argv)
+    if a.init_gradients:
+        grads = {v: init_gradients(v) for v in (53, 32000)}
+        for v, g in grads.items():
+            print(f"{v:>6} logits: " + "  ".join(f"{k} {x:.2e} (forward_kl / it: {g['forward_kl'] / x:.1f})" for k, x in g.items()))
+        return grads
     if a.plot_from:
         result = json.loads(Path(a.plot_from).read_text())
         print(table(result))
@@ -262,7 +299,7 @@ def main(argv=None) -> dict:
     from distill.data.synthetic import SyntheticLanguage
     from transformers import AutoTokenizer
 
-    size = SIZES[a.size]
+    size = {**SIZES[a.size], **({"samples": a.samples} if a.samples else {})}
     if not torch.cuda.is_available():
         torch.set_num_threads(1)  # CPU sizes are tiny models: one thread is the fastest and the steadiest
     steps, mb = a.steps or size["steps"], size["micro_batch"]
