@@ -214,7 +214,8 @@ def curve(run_dir: Path) -> list[list[float]]:
 
 
 def summarise(runs: list[dict]) -> dict:
-    """Per budget and arm: means (and spread) over seeds, and the share of the hard-label-to-teacher gap closed."""
+    """Per budget and arm: means (and spread) over seeds, and the share of the hard-label-to-teacher gap closed
+    (None where the hard-label student is already past the teacher)."""
     out: dict = {}
     hard = {(r["budget"], r["seed"]): r["eval"] for r in runs if r["arm"] == "hard"}
     for budget in dict.fromkeys(r["budget"] for r in runs):
@@ -236,7 +237,7 @@ def summarise(runs: list[dict]) -> dict:
                 gaps = []
                 for r in mine:
                     h = hard.get((budget, r["seed"]))
-                    if h is not None and h[key] != h[f"teacher_{key}"]:
+                    if h is not None and h[key] > h[f"teacher_{key}"]:  # no gap once hard labels pass the teacher
                         gaps.append((h[key] - r["eval"][key]) / (h[key] - h[f"teacher_{key}"]))
                 row[name] = statistics.fmean(gaps) if gaps else None
             out.setdefault(budget, {})[arm] = row
@@ -276,8 +277,10 @@ def plot(result: dict, path: Path) -> None:
         ax.set_title(f"{result['size']} size, {budget} budget: {some['steps']} steps of {some['micro_batch']} documents")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
+    seeds = sorted({r["seed"] for r in result["runs"]})
     fig.suptitle(f"student {result['runs'][0]['student_params'] / 1e6:.2f}M from teacher {result['teacher']['params'] / 1e6:.2f}M"
-                 f" parameters; {result['device']}; commit {result['commit']}", fontsize=9)
+                 f" parameters; {result['device']}; commit {result['commit']}"
+                 + (f"; curves: seed {seeds[0]}, legend: mean over seeds {seeds}" if len(seeds) > 1 else ""), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

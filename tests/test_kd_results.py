@@ -126,4 +126,4 @@ def test_distillation_beats_hard_labels_at_cpu_size(tmp_path, seed):
     hard, kd = (res["summary"]["quarter"][arm] for arm in ("hard", "forward_kl"))
     assert kd["ce"] < hard["ce"] - 0.05, (hard["ce"], kd["ce"])
     assert kd["kl_true"] < hard["kl_true"] - 0.05, (hard["kl_true"], kd["kl_true"])
-    assert kd["gap_closed"] > 0.1
+    assert kd["gap_closed"] > 0.3
