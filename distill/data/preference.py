@@ -24,16 +24,18 @@ _FORMAT_VERSION = 1
 _HINT = "To create synthetic preference pairs locally, run: python -m distill.data.preference DIR"
 
 
-def load_preference_dataset(source: str, *, split: str = "train", data_files=None) -> Any:
+def load_preference_dataset(source: str, *, split: str | None = "train", data_files=None, config: str | None = None,
+                            revision: str | None = None) -> Any:
     """Load and validate preference pairs as a ``datasets.Dataset``.
 
-    ``source`` is resolved like :func:`distill.data.text.load_text_dataset` (a local
-    ``.jsonl``/``.parquet`` file, a directory with ``{split}*.{ext}`` files, or a hub id).
+    ``source`` and ``split`` are resolved like :func:`distill.data.text.load_dataset_source` (a local
+    ``.jsonl``/``.parquet`` file, a directory with ``{split}*.{ext}`` files, a ``save_to_disk`` directory,
+    or a hub id with ``config`` and ``revision``).
     Chat records come back with an explicit ``prompt`` column. Raises
     ``FileNotFoundError`` for a missing path, and ``ValueError`` for an empty dataset or a
     record with a missing field or an empty response (naming the record and field).
     """
-    ds = load_dataset_source(source, split=split, data_files=data_files, hint=_HINT)
+    ds = load_dataset_source(source, split=split, data_files=data_files, hint=_HINT, config=config, revision=revision)
     return _normalize(ds, source)
 
 

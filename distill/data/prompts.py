@@ -32,9 +32,11 @@ def is_prompt_dataset(columns: list[str]) -> bool:
     return "prompt" in columns or "messages" in columns
 
 
-def load_prompt_dataset(source: str, *, split: str = "train") -> Any:
-    """A ``datasets.Dataset`` of prompts (see the module docstring), each record checked."""
-    ds = load_dataset_source(source, split=split, hint=_HINT)
+def load_prompt_dataset(source: str, *, split: str | None = "train", config: str | None = None,
+                        revision: str | None = None) -> Any:
+    """A ``datasets.Dataset`` of prompts (see the module docstring), each record checked; the source and
+    ``split`` as :func:`~distill.data.text.load_dataset_source` reads them."""
+    ds = load_dataset_source(source, split=split, hint=_HINT, config=config, revision=revision)
     cols = ds.column_names
     if not is_prompt_dataset(cols):
         raise ValueError(f"{source}: prompt records need a 'prompt' (and optional 'completion') or a 'messages' "
