@@ -28,6 +28,7 @@ import torch
 import yaml
 
 from distill.recipe import RecipeError
+from distill.tokenizer_files import save_tokenizer
 
 STATE_FILE = "trainer_state.json"
 
@@ -66,8 +67,8 @@ def save_checkpoint(trainer, step: int, tokens_seen: int) -> Path:
             if role.plan.spec.lora is not None:
                 from distill.lora import write_spec
 
-                write_spec(partial / role.name, role.plan.spec.lora)
-            trainer.tokenizer.save_pretrained(partial / role.name)
+                write_spec(partial / role.name, role.plan.spec.lora, base=role.plan.spec.from_pretrained)
+            save_tokenizer(trainer.tokenizer, partial / role.name)
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()

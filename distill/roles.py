@@ -17,6 +17,7 @@ import datetime
 import os
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
@@ -203,14 +204,16 @@ class RoleModel:
         if self.accelerator.is_main_process:
             lora = self.plan.spec.lora
             if lora is not None:
-                from distill.lora import save_lora
+                from distill.lora import base_model_path, save_lora
 
                 with self.manager.no_plugin():  # the CPU copy that merges must not be built under zero.Init
-                    save_lora(out_dir, lora, self.plan.model_config, state, self.plan.spec.from_pretrained)
+                    save_lora(out_dir, lora, self.plan.model_config, state, base_model_path(self.plan.spec.from_pretrained))
             else:
                 self.accelerator.unwrap_model(self.engine).save_pretrained(out_dir, state_dict=state, safe_serialization=True)
             if tokenizer is not None:
-                tokenizer.save_pretrained(out_dir)
+                from distill.tokenizer_files import save_tokenizer
+
+                save_tokenizer(tokenizer, Path(out_dir))
         self.accelerator.wait_for_everyone()
 
 
