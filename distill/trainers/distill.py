@@ -23,13 +23,15 @@ class KDSpec(Section):
     loss: str = "forward_kl"
     """The divergence, by registered name: forward_kl, reverse_kl, generalized_jsd, skew_forward_kl, skew_reverse_kl, tvd."""
     alpha: float = Field(0.5, ge=0, le=1)
-    """Weight of the cross-entropy on the labels: loss = alpha * CE + (1 - alpha) * KD."""
+    """Weight of the cross-entropy on the labels: loss = alpha * CE + (1 - alpha) * KD. 1: no distillation (the
+    teacher's training forward is skipped; evaluation still scores it); 0: distillation alone."""
     temperature: float = Field(1.0, gt=0)
     """Softens both distributions; the KD term is scaled by temperature**2."""
     top_k: int | None = Field(None, ge=1)
     """Keep only the teacher's top-k probabilities, renormalised."""
     params: dict[str, Any] = {}
-    """Parameters of the chosen divergence, e.g. {beta: 0.5} for generalized_jsd, {alpha: 0.1} for the skew KLs."""
+    """Parameters of the chosen divergence, e.g. {beta: 0.5} for generalized_jsd, {alpha: 0.1} for the skew KLs;
+    null or {} (on the command line: `kd.params=null`) for the loss's defaults."""
     chunked: bool = False
     """Compute the loss chunk by chunk over tokens from hidden states, never holding [tokens, vocab] logits."""
     chunk_size: int = Field(2048, ge=1)
@@ -42,6 +44,11 @@ class KDSpec(Section):
     def _known(cls, v: str) -> str:
         get_kd_loss(v)  # raises with the registered names and the nearest one
         return v
+
+    @field_validator("params", mode="before")
+    @classmethod
+    def _null_is_none(cls, v: Any) -> Any:
+        return {} if v is None else v
 
     @model_validator(mode="after")
     def _params_fit_the_loss(self) -> "KDSpec":
@@ -107,7 +114,7 @@ class DistillTrainer(RoleTrainer):
         from distill.data.prompts import PromptCollator, is_prompt_dataset, load_prompt_dataset, tokenize_prompts
 
         d, op = self.recipe.data, self.recipe.kd.on_policy
-        train_columns = _columns(d.train)
+        train_columns = _columns(d)
         if not is_prompt_dataset(train_columns):
             if op is not None:
                 raise RecipeError(f"`kd.on_policy` needs prompt records ('prompt' [+ 'completion'] or 'messages'); "
@@ -119,8 +126,8 @@ class DistillTrainer(RoleTrainer):
         # On-policy, prompts leave room for what is generated; offline, for half of the dataset's completion.
         max_prompt = d.max_length - op.max_new_tokens if op else d.max_length // 2
         splits = {"eval": None}
-        for key, ds, stats in tokenized_splits(d, lambda src: tokenize_prompts(
-                load_prompt_dataset(src), self.tokenizer, max_length=d.max_length, max_prompt_length=max_prompt)):
+        for key, ds, stats in tokenized_splits(d, lambda src, opts: tokenize_prompts(
+                load_prompt_dataset(src, **opts), self.tokenizer, max_length=d.max_length, max_prompt_length=max_prompt)):
             splits[key] = ds
             if self.rank == 0 and (stats["prompt_truncated"] or stats["completion_truncated"]):
                 self.log(f"data.{key}: of {stats['n']} prompts, {stats['prompt_truncated']} left-truncated to "
@@ -165,6 +172,8 @@ class DistillTrainer(RoleTrainer):
         kd = self.recipe.kd
         # The student's own samples are no target to imitate: only the divergence learns from them.
         alpha = 0.0 if batch.get("source") == "student" else kd.alpha
+        if alpha == 1:
+            return self._ce_step(batch, num_tokens)
         if kd.chunked:
             return self._chunked_loss_step(batch, num_tokens, alpha)
         inputs = model_inputs(batch)
@@ -174,6 +183,20 @@ class DistillTrainer(RoleTrainer):
         div = get_kd_loss(kd.loss)(logits, teacher_logits, batch["labels"], temperature=kd.temperature, top_k=kd.top_k,
                                    num_valid_tokens=num_tokens, **kd.params)
         return {"loss": alpha * ce + (1 - alpha) * div, "ce": ce, "kd": div}
+
+    def _ce_step(self, batch, num_tokens):
+        """`kd.alpha: 1`: the loss is the CE on the labels alone, so the teacher is not run (the same on every rank,
+        so a ZeRO-3 teacher's collectives are skipped together)."""
+        inputs = model_inputs(batch)
+        if not self.recipe.kd.chunked:
+            ce = cross_entropy(self.student(**inputs).logits, batch["labels"], num_valid_tokens=num_tokens)  # [B, T, V]
+            return {"loss": ce, "ce": ce}
+        hidden = self.student.last_hidden(**inputs)  # [B, T, H]
+        head = self.student.module.get_output_embeddings().weight
+        # The student against itself: a KD term of 0 weighted 0, so the chunked path computes CE only.
+        total, parts = chunked_kd_loss(hidden, head, hidden.detach(), head.detach(), batch["labels"], loss="forward_kl",
+                                       alpha_ce=1.0, chunk_size=self.recipe.kd.chunk_size, num_valid_tokens=num_tokens)
+        return {"loss": total, "ce": parts["ce"]}
 
     def _chunked_loss_step(self, batch, num_tokens, alpha):
         kd = self.recipe.kd
@@ -235,10 +258,11 @@ class DistillTrainer(RoleTrainer):
         self.log(before_after_table(history, [r for r in rows if r[1] in history["before"]]))
 
 
-def _columns(source: str) -> list[str]:
+def _columns(data) -> list[str]:
+    from distill.data.loading import source_options
     from distill.data.text import load_dataset_source
 
     try:
-        return load_dataset_source(source).column_names
+        return load_dataset_source(data.train, **source_options(data, "train")).column_names
     except (FileNotFoundError, ValueError) as e:
         raise RecipeError(f"`data.train`: {e}") from None
