@@ -95,8 +95,8 @@ class DPOTrainer(RoleTrainer):
 
         d, spec = self.recipe.data, self.recipe.dpo
         splits = {"eval": None}
-        for key, ds, stats in tokenized_splits(d, lambda src: tokenize_preferences(
-                load_preference_dataset(src), self.tokenizer, max_length=d.max_length, max_prompt_length=spec.max_prompt_length)):
+        for key, ds, stats in tokenized_splits(d, lambda src, opts: tokenize_preferences(
+                load_preference_dataset(src, **opts), self.tokenizer, max_length=d.max_length, max_prompt_length=spec.max_prompt_length)):
             if self.rank == 0 and any(stats.get(k) for k in ("prompt_truncated", "response_truncated", "dropped")):
                 self.log(f"data.{key}: of {stats['n']} pairs, {stats.get('prompt_truncated', 0)} prompts left-truncated, "
                          f"{stats.get('response_truncated', 0)} responses cut at data.max_length={d.max_length}, "
