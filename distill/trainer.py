@@ -239,14 +239,17 @@ class RoleTrainer:
                     return {**history, "stopped_at": step}
                 if t.eval_every and step % t.eval_every == 0 and step != self.total_steps and self.data.eval is not None:
                     self._write_metrics({"step": step, **{f"eval/{k}": v for k, v in self.evaluate().items()}})
+                    self.log_samples(step)
         bar.close()
         if self.data.eval is not None:
             history["after"] = self.evaluate()
             self._write_metrics({"step": self.total_steps, **{f"eval/{k}": v for k, v in history["after"].items()}})
+            self.log_samples(self.total_steps)
         self.save(self.out / "final")
         if self.accelerator.is_main_process:
             (self.out / "summary.json").write_text(json.dumps(history, indent=2))
             self.report(history)
+            self._tokenizer_notes(self.out / "final")
             board = "tensorboard" in tracking.resolve(self.recipe.train.report_to)
             self.log(f"run directory: {self.out} (metrics.jsonl, summary.json, final/<role>/ in HF format); "
                      f"plots: python -m distill.report {self.out}"
@@ -263,6 +266,9 @@ class RoleTrainer:
         before = self.evaluate()
         if self.accelerator.is_main_process:
             path.write_text(json.dumps(before))
+        # Step 0 in metrics.jsonl too, so every eval curve starts where training did.
+        self._write_metrics({"step": 0, **{f"eval/{k}": v for k, v in before.items()}})
+        self.log_samples(0)
         return {"before": before}
 
     def _train_step(self, step: int, micro_batches: list[dict], meter: "Throughput", bar) -> bool:
@@ -326,6 +332,21 @@ class RoleTrainer:
 
         return {k: float(v / count(k)) for k, v in sums.items()}
 
+    def log_samples(self, step: int) -> None:
+        """Greedy continuations of the first `train.eval_samples` eval prompts by the trainable role: printed,
+        appended to samples.jsonl and sent to the trackers as text (distill/samples.py). Collective."""
+        from distill.samples import log_samples
+
+        log_samples(self, step)
+
+    def _tokenizer_notes(self, out_dir: Path) -> None:
+        """Say where `AutoTokenizer` would load a saved role's tokenizer as another class than the run's."""
+        from distill.tokenizer_files import auto_tokenizer_note
+
+        for m in self.models.values():
+            if m.trainable and (note := auto_tokenizer_note(out_dir / m.name, self.tokenizer)):
+                self.log(f"note: {note}")
+
     def save(self, out_dir: Path) -> None:
         """Every trainable role in HF format under out_dir/<role>/ (collective call)."""
         for m in self.models.values():
@@ -356,6 +377,7 @@ class RoleTrainer:
             (self.out / "recipe.yaml").write_text(yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False))
             if fresh:  # a resumed run appends to the metrics it already has
                 (self.out / "metrics.jsonl").write_text("")
+                (self.out / "samples.jsonl").unlink(missing_ok=True)
                 (self.out / "eval_before.json").unlink(missing_ok=True)
                 shutil.rmtree(tracking.logging_dir(self.out), ignore_errors=True)  # like metrics.jsonl
         self.accelerator.wait_for_everyone()
