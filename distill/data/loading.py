@@ -165,6 +165,8 @@ def build_text_data(recipe, tokenizer, rank: int, world_size: int, *, compiled: 
     from distill.data.text import CausalCollator, load_text_dataset, tokenize_dataset
 
     d = recipe.data
+    if d.append_eos and tokenizer.eos_token_id is None and rank == 0:
+        print("data: the tokenizer has no eos token, so texts end without one (data.append_eos has nothing to append)")
     splits = {"eval": None}
     for key, ds, stats in tokenized_splits(d, lambda src, opts: tokenize_dataset(
             load_text_dataset(src, text_field=d.text_field, **opts), tokenizer, max_length=d.max_length,
