@@ -10,6 +10,7 @@ from distill.launch import launched, leave, relaunch, world_info
 from distill.recipe import RecipeError, load_recipe
 from distill.preflight import preflight
 from distill.monitor import NonFiniteLoss
+from distill.rewards import RewardError
 
 
 def _recipes_help() -> str:
@@ -80,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(f"distill: stopped: {e}", file=sys.stderr)
         code = 3
+    except RewardError as e:  # raised on every rank together (distill.rewards.agree_on_error)
+        if rank == 0:
+            print(f"distill: stopped: {e}", file=sys.stderr)
+        code = 4
     except Exception:
         # An error of this rank alone: say it now, and leave the process group be. Destroying it waits for
         # the other ranks, which may sit in a collective this rank will never join; the run would hang with

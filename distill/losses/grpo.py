@@ -90,7 +90,8 @@ class TokenTerms(NamedTuple):
     loss: Tensor
     """[B, C] per-token loss: the clipped surrogate plus ``beta`` times the KL term."""
     kl: Tensor | None
-    """[B, C] k3 estimate of KL(policy || reference) per token (before any importance weighting); None without a reference."""
+    """[B, C] the KL term as it enters the loss (before ``beta``): k3, times the ratio with ``kl_bias_correction``,
+    which makes it an estimate of the current policy's KL from the generating policy's samples; None without a reference."""
     low_clipped: Tensor
     """[B, C] bool: ratio below 1 - epsilon with a negative advantage (the clip acts)."""
     high_clipped: Tensor
@@ -127,7 +128,9 @@ def token_loss(logps: Tensor, advantages: Tensor, *, old_logps: Tensor | None = 
             raise ValueError("beta != 0 needs ref_logps")
         diff = _upcast(ref_logps) - logps
         kl = torch.exp(diff) - diff - 1  # [B, C]
-        loss = loss + beta * (kl * ratio if kl_bias_correction else kl)
+        if kl_bias_correction:
+            kl = kl * ratio
+        loss = loss + beta * kl
     return TokenTerms(loss, kl, (ratio < 1 - eps_low) & (adv < 0), (ratio > 1 + eps_high) & (adv > 0))
 
 

@@ -26,7 +26,7 @@ def get_trainer(name: str):
 
 
 def _load_builtin() -> None:
-    from distill.trainers import distill, dpo, lm  # noqa: F401  (registration side effect)
+    from distill.trainers import distill, dpo, grpo, lm  # noqa: F401  (registration side effect)
 
 
 def _import_trainer(path: str):
