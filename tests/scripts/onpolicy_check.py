@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     result: dict = {"rank": rank}
 
     # -- generation under ZeRO-3: ranks stop at 2 and 24 tokens -----------------------------------
-    batch = trainer._to_device(next(trainer.data.eval_batches()))
+    batch = trainer.to_device(next(trainer.data.eval_batches()))
     greedy = dict(do_sample=False, pad_token_id=trainer.sampler.pad, eos_token_id=trainer.sampler.eos,
                   max_new_tokens=2 if rank == 0 else 24)
     want = reference.generate(input_ids=batch["prompt_ids"], attention_mask=batch["prompt_mask"], **greedy)
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     result["teacher_logits_after_generation_diff"] = float((logits - ref_logits).abs().max())
 
     # -- the loss of a student-sampled micro-batch against unsharded models ----------------------
-    train_batch = trainer._to_device(next(trainer.data.train_batches())[0])
+    train_batch = trainer.to_device(next(trainer.data.train_batches())[0])
     sampled = trainer.sampler.sample(trainer.student, train_batch, seed=1234)
     n = (sampled["labels"] != -100).sum()
     got = trainer.loss_step(sampled, n)
