@@ -7,6 +7,7 @@ runs the same number of forwards (a ZeRO-3 role hangs otherwise) and no example 
 """
 from __future__ import annotations
 
+import fcntl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -89,8 +90,6 @@ def ensure_synthetic(recipe, writer) -> None:
     Every process of a run calls this; an exclusive file lock makes the first one write and the
     others find the finished files, so no process waits on a barrier it might skip.
     """
-    import fcntl
-
     d = recipe.data
     if d.synthetic_seed is None:
         return
