@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 
-from distill.recipe import RecipeError
+from distill.errors import RecipeError
 
 
 class RewardError(RuntimeError):
@@ -127,8 +128,6 @@ def agree_on_error(error: str | None, world_size: int, device: torch.device) -> 
         if error is not None:
             raise RewardError(error)
         return
-    import torch.distributed as dist
-
     flag = torch.tensor(int(error is not None), device=device)
     dist.all_reduce(flag)
     if not int(flag):

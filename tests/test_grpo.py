@@ -17,8 +17,9 @@ import torch
 import yaml
 
 from distill.losses.grpo import GRPO_LOSSES
-from distill.recipe import REPO_ROOT, RecipeError, validate_recipe
-from distill.testing import TINY_LLAMA, check
+from distill.errors import RecipeError
+from distill.recipe import validate_recipe
+from tests.helpers import REPO, TINY_LLAMA, check
 from distill.trainers.grpo import GRPOSpec, GRPOTrainer
 from distill.trainers.grpo_batch import RepeatedData, completion_masks, padded_width
 
@@ -257,7 +258,7 @@ def test_reward_model_reads_ids_or_retokenized_text(tmp_path):
 # -- 2 processes ---------------------------------------------------------------------------------------
 def _train(args: list[str], env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "distill.train", *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=REPO_ROOT, env={**os.environ, **(env or {})})
+                          cwd=REPO, env={**os.environ, **(env or {})})
 
 
 def _metrics(run: Path) -> list[dict]:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from distill.losses.grpo import GRPO_LOSSES, group_advantages, grpo_loss, token_loss
-from distill.recipe import RecipeError
+from distill.errors import RecipeError
 from distill.rewards import (RewardError, RewardFunction, call_reward_function, load_reward_functions,
                              weighted_reward)
 

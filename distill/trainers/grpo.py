@@ -18,16 +18,19 @@ from typing import Literal
 import torch
 from pydantic import Field, field_validator
 
-from distill.data.loading import DataBundle, pad_id, tokenized_splits
+from distill.data.loading import DataBundle, collator_padding, pad_id, tokenized_splits
+from distill.data.prompts import PromptCollator, load_prompt_dataset, tokenize_prompts
+from distill.data.reward_task import write_reward_task
+from distill.errors import RecipeError
 from distill.losses.grpo import get_grpo_loss, group_advantages, token_loss
 from distill.losses.logps import token_entropy, token_logps
 from distill.monitor import before_after_table
-from distill.recipe import RecipeError, Role, Section
+from distill.recipe import Role, Section
 from distill.rewards import RewardError, agree_on_error, call_reward_function, load_reward_functions, weighted_reward
-from distill.trainer import RoleTrainer
-from distill.trainers import register_trainer
+from distill.trainer import RoleTrainer, register_trainer
 from distill.trainers.grpo_batch import RepeatedData, completion_masks, pad_columns, padded_width, split_rows
 from distill.trainers.grpo_reward import RewardModelScorer
+from distill.trainers.on_policy import CompletionSampler, OnPolicySpec
 
 
 class GRPOSpec(Section):
@@ -79,7 +82,7 @@ class GRPOTrainer(RoleTrainer):
     roles = {
         "policy": Role(trainable=True, deepspeed="zero2"),
         "reference": Role(deepspeed="zero3", weights_from="policy"),
-        "reward": Role(deepspeed="zero3"),
+        "reward": Role(deepspeed="zero3", model_class="sequence_classification"),
     }
     sections = {"grpo": GRPOSpec}
 
@@ -122,15 +125,10 @@ class GRPOTrainer(RoleTrainer):
 
     @classmethod
     def write_synthetic(cls, out_dir, seed: int, recipe=None) -> None:
-        from distill.data.reward_task import write_reward_task
-
         write_reward_task(out_dir, seed=seed)
 
     # -- data: prompts, with their text and extra columns kept for the reward functions ------------
     def build_data(self):
-        from distill.data.prompts import PromptCollator, load_prompt_dataset, tokenize_prompts
-        from distill.compile import collator_padding
-
         d, g, t = self.recipe.data, self.recipe.grpo, self.recipe.train
         max_prompt = d.max_length - g.max_completion_length
         self._records: list[dict] = []  # by index: the prompt as the reward functions see it, and its other columns
@@ -325,8 +323,6 @@ class GRPOTrainer(RoleTrainer):
     @property
     def sampler(self):
         if "_sampler" not in self.__dict__:
-            from distill.trainers.on_policy import CompletionSampler, OnPolicySpec
-
             g = self.recipe.grpo
             spec = OnPolicySpec(max_new_tokens=g.max_completion_length, temperature=g.temperature, top_p=g.top_p)
             self._sampler = CompletionSampler(spec, self.tokenizer, rank=self.rank, log=self.log, key="grpo")
@@ -355,7 +351,7 @@ class GRPOTrainer(RoleTrainer):
         return torch.tensor(w)
 
     def _sum(self, x: torch.Tensor) -> torch.Tensor:
-        return self._all_reduce(x)
+        return self.all_reduce(x)
 
 
 def _labels(batch) -> torch.Tensor:

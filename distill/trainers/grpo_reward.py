@@ -10,9 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
 
 from distill.data.loading import pad_id
-from distill.recipe import RecipeError
+from distill.errors import RecipeError
 from distill.rewards import RewardError
 
 
@@ -20,8 +21,6 @@ def own_tokenizer(source: str | None):
     """The tokenizer saved with a model directory, or None when it has none."""
     if source is None or not any((Path(source) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
         return None
-    from transformers import AutoTokenizer
-
     return AutoTokenizer.from_pretrained(source)
 
 
