@@ -306,7 +306,7 @@ def test_a_reward_function_failing_on_one_rank_stops_every_rank_with_one_message
 
 
 @pytest.mark.multiprocess
-def test_zero3_reward_model_with_reused_batches(tmp_path, assets):
+def test_zero3_reward_model_with_reused_batches(tmp_path):
     """A config-built sequence-classification reward role at ZeRO-3 beside a reward function, 2 updates per
     generation batch (old log-probs kept), batch-scaled advantages, the grpo loss type, truncated completions
     masked: the run finishes and logs both rewards, once per generation batch."""

@@ -204,7 +204,7 @@ class GRPOTrainer(RoleTrainer):
         model_scores = [] if self.reward_model is None else [self.reward_model.score(batch)]
         real = batch["real"].tolist()
         rows = [i for i in range(n) if real[i]]
-        prompts, completions, ids = self._texts(batch, rows)
+        prompts, completions, ids = self.texts(batch, rows)
         records = [self._records[batch["index"][i]] for i in rows]
         columns = {k: [r[k] for r in records] for k in (records[0] if records else {}) if k != "prompt"}
         out, error = [], None
@@ -218,10 +218,13 @@ class GRPOTrainer(RoleTrainer):
         agree_on_error(error, self.world_size, self.device)
         return torch.stack(out + model_scores, 1)  # [N, F]
 
-    def _texts(self, batch: dict, rows: list[int] | None = None):
-        """(prompts, completions, completion ids) of `rows` as reward functions take them (TRL's forms)."""
+    def texts(self, batch: dict, rows: list[int] | None = None) -> tuple[list, list, list[list[int]]]:
+        """(prompts, completions, completion ids) of a generation batch's `rows` (default all), as reward functions
+        take them (TRL's forms): the dataset's prompt (a string, or chat messages), the decoded completion (a string,
+        or `[{"role": "assistant", "content": ...}]` for chat prompts) and its token ids, eos included."""
         rows = range(batch["completion_ids"].shape[0]) if rows is None else rows
-        ids = [batch["completion_ids"][i][batch["completion_mask"][i].bool()].tolist() for i in rows]
+        completion_ids, mask = batch["completion_ids"].cpu(), batch["completion_mask"].cpu().bool()  # one copy, not one per row
+        ids = [completion_ids[i][mask[i]].tolist() for i in rows]
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
         prompts = [self._records[batch["index"][i]]["prompt"] if batch["index"][i] >= 0 else "" for i in rows]
         if self._chat:

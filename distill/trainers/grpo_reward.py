@@ -79,14 +79,14 @@ class RewardModelScorer:
         if self.tokenizer is None:
             return batch["input_ids"].masked_fill(batch["attention_mask"] == 0, self.pad), batch["attention_mask"]
         if self.trainer._chat:
-            prompts, completions, _ = self.trainer._texts(batch)
+            prompts, completions, _ = self.trainer.texts(batch)
             if not getattr(self.tokenizer, "chat_template", None):
                 raise RewardError("the reward model's tokenizer has no chat template to render the chat records with: "
                                   "give it one, or use plain-text prompts")
             texts = [self.tokenizer.apply_chat_template(p + c, tokenize=False) for p, c in zip(prompts, completions)]
             special = False  # the template writes them
         else:
-            seqs = [row[m.bool()].tolist() for row, m in zip(batch["input_ids"], batch["attention_mask"])]
+            seqs = [row[m.bool()].tolist() for row, m in zip(batch["input_ids"].cpu(), batch["attention_mask"].cpu())]
             texts = self.trainer.tokenizer.batch_decode(seqs, skip_special_tokens=True)
             special = True
         enc = self.tokenizer(texts, padding=True, truncation=self.max_length is not None, max_length=self.max_length,
