@@ -53,6 +53,10 @@ def test_bad_setups_are_refused_naming_the_key(tmp_path):
     for grpo, said in cases:
         with pytest.raises(RecipeError, match=said):
             validate_recipe(_raw(tmp_path, **grpo), GRPOTrainer)
+    raw = _raw(tmp_path)
+    raw["reward"] = {"config": TINY_LLAMA, "model_class": "causal_lm"}
+    with pytest.raises(RecipeError, match="`reward.model_class` must be `sequence_classification`"):
+        validate_recipe(raw, GRPOTrainer)
 
 
 def test_the_roles_a_recipe_builds(tmp_path):

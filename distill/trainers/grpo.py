@@ -105,6 +105,9 @@ class GRPOTrainer(RoleTrainer):
                               "model in `reward.from_pretrained`")
         if recipe.reward.trainable:
             raise RecipeError("`reward.trainable: true`: the reward model is frozen in GRPO; remove `reward.trainable`")
+        if recipe.reward.model_class != "sequence_classification":
+            raise RecipeError("`reward.model_class` must be `sequence_classification`: the reward model gives one score per "
+                              "sequence; score with a causal LM through a reward function in `grpo.reward_funcs`")
         per_step = t.micro_batch_size * t.grad_accum
         if per_step % g.num_generations:
             raise RecipeError(f"`grpo.num_generations: {g.num_generations}` must divide the completions of one step on "
@@ -132,19 +135,22 @@ class GRPOTrainer(RoleTrainer):
         d, g, t = self.recipe.data, self.recipe.grpo, self.recipe.train
         max_prompt = d.max_length - g.max_completion_length
         self._records: list[dict] = []  # by index: the prompt as the reward functions see it, and its other columns
+
+        def load(source):  # -> ((raw records, tokenized prompts), stats)
+            raw = load_prompt_dataset(source)
+            tokenized, stats = tokenize_prompts(raw, self.tokenizer, max_length=d.max_length, max_prompt_length=max_prompt)
+            return (raw, tokenized), stats
+
         splits = {"eval": None}
-        for key, ds, stats in tokenized_splits(d, lambda src: _with_source(load_prompt_dataset(src), lambda ds: tokenize_prompts(
-                ds, self.tokenizer, max_length=d.max_length, max_prompt_length=max_prompt))):
-            raw, tokenized = ds
+        for key, (raw, tokenized), stats in tokenized_splits(d, load):
             if self.rank == 0 and stats["prompt_truncated"]:
                 self.log(f"data.{key}: {stats['prompt_truncated']} of {stats['n']} prompts left-truncated to {max_prompt} "
                          f"tokens (data.max_length - grpo.max_completion_length)")
             offset = len(self._records)
             extra = [c for c in raw.column_names if c not in ("prompt", "completion", "messages")]
             self._chat = "messages" in raw.column_names
-            for row in raw:
-                self._records.append({"prompt": row["messages"] if self._chat else row["prompt"],
-                                      **{c: row[c] for c in extra}})
+            self._records += [{"prompt": row["messages"] if self._chat else row["prompt"], **{c: row[c] for c in extra}}
+                              for row in raw]
             splits[key] = tokenized.add_column("index", list(range(offset, offset + len(tokenized))))
         pad = pad_id(self.tokenizer)
         self.padding = collator_padding(d.max_length, self.compiled)
@@ -360,12 +366,6 @@ class GRPOTrainer(RoleTrainer):
 def _labels(batch) -> torch.Tensor:
     """[B, C] the completion tokens to score, -100 on padding."""
     return batch["completion_ids"].masked_fill(batch["completion_mask"] == 0, -100)
-
-
-def _with_source(raw, tokenize):
-    """(raw, tokenized) and the tokenizer's stats: the raw records keep the text and columns for rewards."""
-    tokenized, stats = tokenize(raw)
-    return (raw, tokenized), stats
 
 
 class _Indexed:

@@ -112,8 +112,8 @@ class CompletionSampler:
                 self._gather[model.name] = self.spec.generation == "gather"
             if self.rank == 0:
                 how = "gathers its weights" if self._gather[model.name] else "stays sharded (synced_gpus)"
-                self.log(f"on-policy: {model.name} (ZeRO-3, {need / 2**30:.2f} GiB of weights) {how} to generate "
-                         f"[{self.key}.generation: {self.spec.generation}]")
+                why = "as every trainable ZeRO-3 role" if model.trainable else f"{self.key}.generation: {self.spec.generation}"
+                self.log(f"on-policy: {model.name} (ZeRO-3, {need / 2**30:.2f} GiB of weights) {how} to generate [{why}]")
         return self._gather[model.name]
 
     def metrics(self) -> dict[str, float]:
