@@ -93,9 +93,9 @@ def test_throughput_plot_draws_every_results_file(tmp_path):
 
     results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
     out = tmp_path / "plot.png"
-    proc = subprocess.run([sys.executable, "benchmarks/plot_throughput.py", str(results / "call2_0.3b_1.4b.json"),
-                           str(results / "call2_1b_7b.json"), "--out", str(out)], capture_output=True, text=True,
-                          cwd=results.parents[1], timeout=120)
+    files = [str(results / name) for name in ("throughput_0.3b_1.4b_compiled_h200x2.json", "throughput_1b_7b_h200x4.json")]
+    proc = subprocess.run([sys.executable, "benchmarks/plot_throughput.py", *files, "--out", str(out)], capture_output=True,
+                          text=True, cwd=results.parents[1], timeout=120)
     assert proc.returncode == 0, proc.stderr
     width, height = Image.open(out).size
     assert width > 2 * height * 0.7  # two pairs side by side, two panels each
