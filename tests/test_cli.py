@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from distill.launch import _free_port
-from distill.testing import check, tiny_recipe
+from tests.helpers import check, tiny_recipe
 
 pytestmark = pytest.mark.multiprocess
 
@@ -129,11 +129,11 @@ def test_deepspeed_launcher_local_rank_argument_is_accepted():
 
 
 def test_help_lists_every_shipped_recipe_and_the_commands():
-    from distill.recipe import REPO_ROOT
+    from tests.helpers import REPO
 
     proc = subprocess.run([sys.executable, "-m", "distill", "train", "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0
-    for path in (REPO_ROOT / "recipes").glob("*.yaml"):
+    for path in (REPO / "recipes").glob("*.yaml"):
         assert f"recipes/{path.name}" in proc.stdout
     assert "[dpo] DPO on synthetic preferences" in proc.stdout and "docs/recipe-reference.md" in proc.stdout
     top = subprocess.run([sys.executable, "-m", "distill", "--help"], capture_output=True, text=True, timeout=60)

@@ -1,6 +1,6 @@
 """Run on 2 processes: the tiny teacher with a given placement; its logits, eval numbers and leaf modules.
 
-    accelerate launch --num_processes 2 --use_deepspeed -m distill.testing.scripts.placement_check ASSETS_DIR OUT_PT PLACEMENT [key=value ...]
+    accelerate launch --num_processes 2 --use_deepspeed -m tests.scripts.placement_check ASSETS_DIR OUT_PT PLACEMENT [key=value ...]
 
 The test runs it once per placement and compares: a replicated teacher must give what the sharded one gives.
 """
@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> None:
     from deepspeed.utils import get_z3_leaf_modules
 
     from distill.recipe import deep_merge, parse_overrides, validate_recipe
-    from distill.testing import end_of_script, tiny_assets, tiny_recipe
+    from tests.helpers import end_of_script, tiny_assets, tiny_recipe
     from distill.trainers.distill import DistillTrainer
 
     args = argv or sys.argv[1:]

@@ -1,6 +1,6 @@
 """Run on 2 processes: a DistillTrainer run checked against a slow single-process reference.
 
-    accelerate launch --num_processes 2 --use_deepspeed -m distill.testing.scripts.train_check ASSETS_DIR OUT_JSON [key=value ...]
+    accelerate launch --num_processes 2 --use_deepspeed -m tests.scripts.train_check ASSETS_DIR OUT_JSON [key=value ...]
 
 Checks: the first step's gradient norm equals the one of the same loss computed whole in plain torch
 over all ranks' micro-batches (so losses are divided by the valid tokens of the whole accumulated
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     from distill.recipe import parse_overrides, validate_recipe, deep_merge
-    from distill.testing import end_of_script, tiny_assets, tiny_recipe
+    from tests.helpers import end_of_script, tiny_assets, tiny_recipe
     from distill.trainers.distill import DistillTrainer
 
     args = argv or sys.argv[1:]

@@ -1,6 +1,6 @@
 """Run on 2 processes: on-policy distillation, its generation under ZeRO-3 and its loss.
 
-    accelerate launch --num_processes 2 --use_deepspeed -m distill.testing.scripts.onpolicy_check ROOT OUT_JSON [key=value ...]
+    accelerate launch --num_processes 2 --use_deepspeed -m tests.scripts.onpolicy_check ROOT OUT_JSON [key=value ...]
 
 Checks, with the shipped teacher at ZeRO-3 (it ends documents with eos, so completions stop at
 very different lengths):
@@ -26,13 +26,14 @@ def main(argv: list[str] | None = None) -> None:
 
     from distill.data.prompts import write_prompt_dataset
     from distill.losses import get_kd_loss
-    from distill.recipe import REPO_ROOT, deep_merge, parse_overrides, validate_recipe
-    from distill.testing import TINY_LLAMA, end_of_script
+    from distill.recipe import deep_merge, parse_overrides, validate_recipe
+    from tests.helpers import REPO
+    from tests.helpers import TINY_LLAMA, end_of_script
     from distill.trainers.distill import DistillTrainer
 
     args = argv or sys.argv[1:]
     root, out_json, overrides = Path(args[0]), Path(args[1]), args[2:]
-    teacher_dir = REPO_ROOT / "assets" / "teacher"
+    teacher_dir = REPO / "assets" / "teacher"
     write_prompt_dataset(root / "prompts", seed=0, n_train=64, n_eval=10)
     raw = {
         "trainer": "distill", "output_dir": str(root / "run"), "overwrite": True, "seed": 0,
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     result: dict = {"rank": rank}
 
     # -- generation under ZeRO-3: ranks stop at 2 and 24 tokens -----------------------------------
-    batch = trainer._to_device(next(trainer.data.eval_batches()))
+    batch = trainer.to_device(next(trainer.data.eval_batches()))
     greedy = dict(do_sample=False, pad_token_id=trainer.sampler.pad, eos_token_id=trainer.sampler.eos,
                   max_new_tokens=2 if rank == 0 else 24)
     want = reference.generate(input_ids=batch["prompt_ids"], attention_mask=batch["prompt_mask"], **greedy)
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     result["teacher_logits_after_generation_diff"] = float((logits - ref_logits).abs().max())
 
     # -- the loss of a student-sampled micro-batch against unsharded models ----------------------
-    train_batch = trainer._to_device(next(trainer.data.train_batches())[0])
+    train_batch = trainer.to_device(next(trainer.data.train_batches())[0])
     sampled = trainer.sampler.sample(trainer.student, train_batch, seed=1234)
     n = (sampled["labels"] != -100).sum()
     got = trainer.loss_step(sampled, n)

@@ -1,6 +1,6 @@
 """Run on 2 processes: a LoRA role trained by DistillTrainer or DPOTrainer, checked from the inside.
 
-    accelerate launch --num_processes 2 --use_deepspeed -m distill.testing.scripts.lora_check ROOT OUT_JSON MODE [key=value ...]
+    accelerate launch --num_processes 2 --use_deepspeed -m tests.scripts.lora_check ROOT OUT_JSON MODE [key=value ...]
 
 MODE `distill`: a LoRA student (q_proj, v_proj). Checks: only the adapter trains and its size is the
 analytic r * (in + out) per adapted layer; the base weights are bit-identical after training while
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from distill.data.preference import write_preference_dataset
     from distill.recipe import deep_merge, parse_overrides, validate_recipe
-    from distill.testing import end_of_script, tiny_assets, tiny_recipe
+    from tests.helpers import end_of_script, tiny_assets, tiny_recipe
     from distill.trainers.distill import DistillTrainer
     from distill.trainers.dpo import DPOTrainer
 

@@ -1,6 +1,6 @@
 """Run on 2 processes: the role switch, a teacher born sharded, its logits, saving and an uneven eval set.
 
-    accelerate launch --num_processes 2 --use_deepspeed -m distill.testing.scripts.roles_check ASSETS_DIR OUT_JSON
+    accelerate launch --num_processes 2 --use_deepspeed -m tests.scripts.roles_check ASSETS_DIR OUT_JSON
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> None:
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     from distill.recipe import validate_recipe
-    from distill.testing import end_of_script, tiny_assets, tiny_recipe
+    from tests.helpers import end_of_script, tiny_assets, tiny_recipe
     from distill.trainers.distill import DistillTrainer
 
     root, out_json = map(Path, (argv or sys.argv[1:])[:2])
@@ -28,8 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     born_sharded = {}
 
     class Probe(DistillTrainer):
-        def _load_model(self, plan):
-            model = super()._load_model(plan)
+        def load_model(self, plan):
+            model = super().load_model(plan)
             # Under zero.Init every parameter is a partitioned DeepSpeed parameter from birth.
             born_sharded[plan.name] = [hasattr(p, "ds_id") and p.numel() == 0 for p in model.parameters()]
             return model

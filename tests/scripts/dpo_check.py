@@ -1,6 +1,6 @@
 """Run on 2 processes: a DPOTrainer run checked against a slow single-process reference.
 
-    accelerate launch --num_processes 2 --use_deepspeed -m distill.testing.scripts.dpo_check ROOT OUT_JSON [key=value ...]
+    accelerate launch --num_processes 2 --use_deepspeed -m tests.scripts.dpo_check ROOT OUT_JSON [key=value ...]
 
 The policy starts from one tiny model and the reference is another, so rewards are non-zero from
 the first step. Checks: the step-1 gradient norm equals that of the same loss computed whole in
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from distill.data.preference import write_preference_dataset
     from distill.recipe import deep_merge, parse_overrides, validate_recipe
-    from distill.testing import TINY_LLAMA, end_of_script, tiny_assets
+    from tests.helpers import TINY_LLAMA, end_of_script, tiny_assets
     from distill.trainers.dpo import DPOTrainer
 
     args = argv or sys.argv[1:]

@@ -1,6 +1,6 @@
 """Run on 2 processes: a NaN loss on one rank skips that step on every rank; K in a row stop the run.
 
-    accelerate launch --num_processes 2 --use_deepspeed -m distill.testing.scripts.nan_check ROOT OUT_JSON BAD_STEPS [key=value ...]
+    accelerate launch --num_processes 2 --use_deepspeed -m tests.scripts.nan_check ROOT OUT_JSON BAD_STEPS [key=value ...]
 
 BAD_STEPS: comma-separated steps at which rank 1's loss becomes NaN.
 """
@@ -24,7 +24,7 @@ def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def main(argv: list[str] | None = None) -> None:
     from distill.recipe import deep_merge, parse_overrides, validate_recipe
-    from distill.testing import end_of_script, tiny_assets, tiny_recipe
+    from tests.helpers import end_of_script, tiny_assets, tiny_recipe
     from distill.monitor import NonFiniteLoss
     from distill.trainers.distill import DistillTrainer
 
@@ -39,11 +39,11 @@ def main(argv: list[str] | None = None) -> None:
     class Probe(DistillTrainer):
         step = 0
 
-        def _train_step(self, step, micro_batches, meter, bar):
+        def train_step(self, step, micro_batches, **kw):
             self.step = step
-            finite = super()._train_step(step, micro_batches, meter, bar)
+            out = super().train_step(step, micro_batches, **kw)
             weights.append(snapshot(self.student.module))
-            return finite
+            return out
 
         def loss_step(self, batch, num_tokens):
             losses = super().loss_step(batch, num_tokens)

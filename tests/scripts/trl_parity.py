@@ -1,8 +1,8 @@
 """Our DPOTrainer against TRL's DPOTrainer on one tiny setup: the pieces of tests/test_trl_parity.py.
 
-    python -m distill.testing.scripts.trl_parity prepare ROOT    # models, pairs, tokenizer, our recipe
+    python -m tests.scripts.trl_parity prepare ROOT    # models, pairs, tokenizer, our recipe
     python -m distill.train ROOT/recipe.yaml                     # our side: ROOT/run_distill/metrics.jsonl
-    python -m distill.testing.scripts.trl_parity trl ROOT        # TRL's side: ROOT/trl.json
+    python -m tests.scripts.trl_parity trl ROOT        # TRL's side: ROOT/trl.json
 
 Each framework trains in its own process: accelerate's state is process-global, so the two trainers
 must not share one. What is made equal, and why:
@@ -42,7 +42,7 @@ def prepare(root: Path) -> dict[str, str]:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from distill.data.preference import write_preference_dataset
-    from distill.testing import TINY_LLAMA
+    from tests.helpers import TINY_LLAMA
 
     root = Path(root)
     prefs = root / "prefs"

@@ -33,7 +33,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 _FENCE = re.compile(r"^```(\S*)\s*$")
 _MARK = re.compile(r"^<!--\s*docs-test:\s*(\w+)\s*(.*?)\s*-->$")
 _ENV = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
