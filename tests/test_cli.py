@@ -157,9 +157,9 @@ class FailsOnRank1(DistillTrainer):
 
 
 def test_an_error_on_one_rank_ends_the_run_at_once_with_its_traceback(assets, tmp_path):
-    """The other rank waits in a collective that the failing one never joins. Before, the failing rank first
-    destroyed the process group, and on 2 GPUs (NCCL) that waited on the other rank: the run hung with its
-    error unsaid (a compiled run, docs/performance.md). Gloo does not wait there; the message tells."""
+    """The other rank waits in a collective that the failing one never joins. Were the failing rank to destroy
+    the process group first, under NCCL that would wait on the other rank and the run would hang with its error
+    unsaid (docs/gpu.md, "A rank fails"). Gloo does not wait there; the message tells."""
     (tmp_path / "fails_on_one_rank.py").write_text(FAILS_ON_ONE_RANK)
     path, _ = _write(tmp_path, assets, trainer="fails_on_one_rank:FailsOnRank1", launch={"timeout_s": 900})
     pythonpath = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)
