@@ -12,17 +12,17 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+from transformers import AutoConfig, PreTrainedTokenizerFast
+
 from distill.checkpoint import checkpoint_dir, latest_checkpoint
+from distill.lora import read_base, read_spec, save_lora
+from distill.models import class_of_saved
+from distill.tokenizer_files import auto_tokenizer_note, copy_tokenizer_files
 
 
 def export_checkpoint(ckpt: Path, out: Path, log=print) -> list[str]:
-    import torch
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
-
-    from distill.lora import read_base, read_spec, save_lora
-    from distill.tokenizer_files import auto_tokenizer_note, copy_tokenizer_files
-
     roles = sorted(p.name for p in ckpt.iterdir() if (p / "state").is_dir())
     for role in roles:
         src = ckpt / role
@@ -33,7 +33,7 @@ def export_checkpoint(ckpt: Path, out: Path, log=print) -> list[str]:
             save_lora(out / role, lora, config, state, read_base(src))
         else:
             with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(config)
+                model = class_of_saved(config).from_config(config)
             missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
             model.tie_weights()
             untied = [k for k in missing if model.get_parameter(k).is_meta] if missing else []
@@ -41,11 +41,18 @@ def export_checkpoint(ckpt: Path, out: Path, log=print) -> list[str]:
                 raise ValueError(f"{src}: weights do not fit the model: missing {untied}, unexpected {unexpected}")
             model.save_pretrained(out / role, safe_serialization=True)
         # The checkpoint's tokenizer files as they are: loading and saving again could change how it splits text.
-        if copy_tokenizer_files(src, out / role):
-            note = auto_tokenizer_note(out / role, PreTrainedTokenizerFast.from_pretrained(src))
-            if note:
-                log(f"note: {note}")
+        if copy_tokenizer_files(src, out / role) and (note := _tokenizer_note(src, out / role)):
+            log(f"note: {note}")
     return roles
+
+
+def _tokenizer_note(src: Path, out: Path) -> str | None:
+    """`auto_tokenizer_note` against the checkpoint's tokenizer read from its files as they are (tokenizer.json)."""
+    try:
+        reference = PreTrainedTokenizerFast.from_pretrained(src)
+    except (OSError, ValueError):  # a tokenizer without tokenizer.json: no fast reading to compare with
+        return None
+    return auto_tokenizer_note(out, reference)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,8 +16,10 @@ import warnings
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM
 
-from distill.recipe import LoRASpec, RecipeError
+from distill.errors import RecipeError
+from distill.recipe import LoRASpec
 
 LORA_FILE = "lora.json"
 
@@ -55,8 +57,6 @@ def apply_lora(model: torch.nn.Module, spec: LoRASpec, name: str) -> torch.nn.Mo
 
 def lora_param_counts(model_config, spec: LoRASpec, name: str) -> tuple[int, int]:
     """(all, trainable) parameters of the wrapped model, built on the meta device; checks the targets."""
-    from transformers import AutoModelForCausalLM
-
     with torch.device("meta"):
         model = apply_lora(AutoModelForCausalLM.from_config(model_config), spec, name)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -79,8 +79,6 @@ def save_lora(out_dir: Path, spec: LoRASpec, model_config, state: dict[str, torc
     The adapter's `base_model_name_or_path` is `base`, so `AutoPeftModelForCausalLM.from_pretrained(out_dir/adapter)`
     loads base + adapter; a role built from a config (`base` None) has its base weights nowhere else, so they are
     written to out_dir/base/ and named there."""
-    from transformers import AutoModelForCausalLM
-
     out_dir = Path(out_dir)
     with torch.device("meta"):
         model = apply_lora(AutoModelForCausalLM.from_config(model_config), spec, "lora")

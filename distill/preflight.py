@@ -7,12 +7,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
+
+from transformers import AutoTokenizer
 
 from distill.checkpoint import latest_checkpoint
 from distill.data.loading import ensure_synthetic
+from distill.data.packing import PACKING_ATTENTION
 from distill.data.text import looks_like_path
-from distill.plan import check_model_source, plan_roles
-from distill.recipe import RecipeError, Role
+from distill.errors import RecipeError
+from distill.models import check_model_source, load_model_config
+from distill.plan import plan_roles
+from distill.recipe import Role
 from distill.tokenizer_files import PROBE_TEXTS, tokenizer_difference
 from distill.tracking import check_installed
 
@@ -42,8 +48,6 @@ def preflight(recipe, trainer_cls, *, world_size: int, dry_run: bool = False):
         check_model_source(name, getattr(recipe, name))
     tokenizer = _load_tokenizer(recipe, trainer_cls.roles)
     if recipe.data.packing:
-        from distill.data.packing import check_packing_attention
-
         check_packing_attention({n: getattr(recipe, n) for n in trainer_cls.built_roles(recipe)}, len(tokenizer))
     plans = plan_roles(recipe, trainer_cls, world_size=world_size, vocab_size=len(tokenizer))
     check_sizes(recipe, plans, tokenizer)
@@ -58,10 +62,11 @@ def _check_output_dir(out: Path, overwrite: bool) -> None:
 
 
 def _load_tokenizer(recipe, roles: dict[str, Role]):
-    """The data tokenizer; every pretrained role that ships a tokenizer must agree with it."""
-    from transformers import AutoTokenizer
-
-    sources = [getattr(recipe, n).from_pretrained for n in roles if getattr(recipe, n).from_pretrained]
+    """The data tokenizer; every pretrained causal LM role that ships a tokenizer must tokenize sample texts as it
+    does. A sequence classifier (a reward model) may bring its own: its trainer gives it text to tokenize (GRPO's
+    reward role)."""
+    causal = [n for n in roles if getattr(recipe, n).model_class == "causal_lm"]
+    sources = [getattr(recipe, n).from_pretrained for n in causal if getattr(recipe, n).from_pretrained]
     # A local model directory without tokenizer files (a student saved from a config) is passed over.
     shipped = [s for s in sources if not looks_like_path(s) or _has_tokenizer(s)]
     path = recipe.data.tokenizer or (shipped or sources or [None])[0]
@@ -76,7 +81,7 @@ def _load_tokenizer(recipe, roles: dict[str, Role]):
     except (OSError, ValueError) as e:
         raise RecipeError(f"`{key}`: no tokenizer could be loaded from `{path}` ({e.__class__.__name__}); "
                           "set `data.tokenizer` to a tokenizer directory") from None
-    for name in roles:
+    for name in causal:
         src = getattr(recipe, name).from_pretrained
         if src and src != path and _has_tokenizer(src):
             other = AutoTokenizer.from_pretrained(src)
@@ -119,10 +124,13 @@ def _strings(value) -> list[str]:
 
 def check_sizes(recipe, plans, tokenizer) -> None:
     """Sizes that pass every other check and then fail on every rank at the first forward (an IndexError deep in
-    an embedding): a vocabulary smaller than the tokenizer's, `data.max_length` past a model's positions."""
+    an embedding): a vocabulary smaller than the tokenizer's, `data.max_length` past a model's positions. Causal LM
+    roles only: a sequence classifier tokenizes with its own tokenizer."""
     n_tokens = len(tokenizer)
     for name, plan in plans.items():
         spec, cfg = plan.spec, plan.model_config
+        if spec.model_class != "causal_lm":
+            continue
         where = f"`{name}.from_pretrained` ({spec.from_pretrained}/config.json)" if spec.from_pretrained else f"`{name}.config`"
         vocab = getattr(cfg, "vocab_size", None)
         if isinstance(vocab, int) and vocab < n_tokens:
@@ -134,3 +142,17 @@ def check_sizes(recipe, plans, tokenizer) -> None:
             raise RecipeError(f"`data.max_length: {recipe.data.max_length}` is longer than {where} allows "
                               f"(max_position_embeddings {positions}): lower data.max_length to {positions}, or give "
                               f"`{name}` a config with more positions")
+
+
+def check_packing_attention(roles: dict[str, Any], vocab_size: int | None) -> None:
+    """Refuse roles (name -> `Role`) whose attention implementation would let packed documents see each other.
+
+    Read from the model configs alone, before any model is built (a flash-attention model cannot even be
+    sized where the kernels are not installed)."""
+    for name, spec in roles.items():
+        impl = getattr(load_model_config(name, spec, vocab_size), "_attn_implementation", None)
+        if impl is not None and impl not in PACKING_ATTENTION:
+            where = (f"`{name}.config.attn_implementation: sdpa`" if spec.config is not None else
+                     f"`attn_implementation: sdpa` in {spec.from_pretrained}/config.json")
+            raise RecipeError(f"`data.packing: true` needs attention that keeps packed documents apart "
+                              f"({', '.join(PACKING_ATTENTION)}); `{name}` uses {impl}: set {where}, or `data.packing: false`")

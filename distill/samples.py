@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from distill.data.loading import pad_id
+
 SAMPLES_FILE = "samples.jsonl"
 
 
@@ -38,8 +40,6 @@ def generate_samples(role, tokenizer, prompts: list[list[int]], *, max_new_token
                      device: torch.device) -> list[dict]:
     """Greedy continuations of `prompts` by `role` (a RoleModel): `{"prompt", "completion", "eos"}` per prompt,
     the completion cut before its first eos. Collective under ZeRO-3: every rank calls it with the same prompts."""
-    from distill.data.loading import pad_id
-
     pad, eos = pad_id(tokenizer), tokenizer.eos_token_id
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)  # [B, P], left-padded

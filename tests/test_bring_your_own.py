@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from distill.testing import check
-from distill.testing.doc_blocks import REPO, SHELL, blocks, shell_commands
+from tests.helpers import check
+from tests.doc_blocks import REPO, SHELL, blocks, shell_commands
 
 PAGE = REPO / "docs" / "bring-your-own.md"
 MAIN_RUN = ["student.yaml"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from distill.samples import format_samples, sample_prompts
-from distill.testing import TINY_LLAMA
+from tests.helpers import TINY_LLAMA
 
 
 def test_sample_prompts_of_text_packed_and_prompt_records():

@@ -10,7 +10,7 @@ from distill.data.loading import build_text_data, ensure_synthetic, source_optio
 from distill.data.text import load_text_dataset
 from distill.preflight import preflight
 from distill.recipe import RecipeError, validate_recipe
-from distill.testing import bpe_tokenizer, tiny_recipe
+from tests.helpers import bpe_tokenizer, tiny_recipe
 from distill.trainers.distill import DistillTrainer
 
 

@@ -11,7 +11,7 @@ import yaml
 
 from distill.preflight import preflight
 from distill.recipe import RecipeError, validate_recipe
-from distill.testing import ENGLISH, bpe_tokenizer, check, tiny_model_dir
+from tests.helpers import ENGLISH, bpe_tokenizer, check, tiny_model_dir
 from distill.tokenizer_files import TOKENIZER_FILES, auto_tokenizer_note, save_tokenizer, tokenizer_difference
 from distill.trainers.distill import DistillTrainer
 

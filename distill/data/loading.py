@@ -7,7 +7,12 @@ runs the same number of forwards (a ZeRO-3 role hangs otherwise) and no example 
 """
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
+import shutil
+import socket
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -15,8 +20,13 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from distill.data.text import looks_like_path
-from distill.recipe import RecipeError
+from distill.data.packing import PackedCollator, pack_dataset, padding_fraction
+from distill.data.text import CausalCollator, load_text_dataset, looks_like_path, tokenize_dataset
+from distill.errors import RecipeError
+
+WIDTHS = 8
+"""Sequence lengths a batch is padded to when a role compiles: multiples of `data.max_length / WIDTHS`. More
+widths pad less (at most `max_length / WIDTHS` tokens a row past the longest) but compile more graphs."""
 
 
 @dataclass
@@ -88,12 +98,6 @@ def ensure_synthetic(recipe, writer) -> Path | None:
     directory beside the target and renamed into place, so the target is complete or absent. Every process of a
     run calls this; a lock makes the first one on a machine write and the others find the finished files.
     """
-    import fcntl
-    import hashlib
-    import shutil
-    import socket
-    import tempfile
-
     d = recipe.data
     if d.synthetic_seed is None or not looks_like_path(d.train):
         return None
@@ -162,8 +166,6 @@ def tokenized_splits(data, tokenize) -> Iterator[tuple[str, object, dict]]:
 
 
 def build_text_data(recipe, tokenizer, rank: int, world_size: int, *, compiled: bool = False) -> DataBundle:
-    from distill.data.text import CausalCollator, load_text_dataset, tokenize_dataset
-
     d = recipe.data
     if d.append_eos and tokenizer.eos_token_id is None and rank == 0:
         print("data: the tokenizer has no eos token, so texts end without one (data.append_eos has nothing to append)")
@@ -176,13 +178,9 @@ def build_text_data(recipe, tokenizer, rank: int, world_size: int, *, compiled: 
             print(f"data: {stats['truncated']} of {stats['n']} training texts truncated to data.max_length={d.max_length} tokens")
     pad = pad_id(tokenizer)
     if not d.packing:
-        from distill.compile import collator_padding
-
         collator = CausalCollator(pad, **collator_padding(d.max_length, compiled))
         return DataBundle(splits["train"], splits["eval"], collator, recipe.train.micro_batch_size,
                           rank, world_size, recipe.seed, pad, grad_accum=recipe.train.grad_accum)
-    from distill.data.packing import PackedCollator, pack_dataset, padding_fraction
-
     for key in [k for k, ds in splits.items() if ds is not None]:
         lengths = [len(ids) for ids in splits[key]["input_ids"]]
         splits[key], stats = pack_dataset(splits[key], d.max_length)
@@ -194,3 +192,12 @@ def build_text_data(recipe, tokenizer, rank: int, world_size: int, *, compiled: 
     return DataBundle(splits["train"], splits["eval"], PackedCollator(pad, d.max_length), recipe.train.micro_batch_size,
                       rank, world_size, recipe.seed, pad, grad_accum=recipe.train.grad_accum,
                       pad_example={"input_ids": [pad], "position_ids": [0]})
+
+
+def collator_padding(max_length: int, compiled: bool) -> dict[str, int]:
+    """The `pad_to_multiple_of` and `max_length` of a run's collators: multiples of 8 when no role compiles;
+    else `WIDTHS` widths, the last `max_length`, so that a compiled layer sees few shapes."""
+    if not compiled:
+        return {"pad_to_multiple_of": 8, "max_length": max_length}
+    step = -(-max_length // WIDTHS)
+    return {"pad_to_multiple_of": max(8, -(-step // 8) * 8), "max_length": max_length}

@@ -5,8 +5,7 @@ from distill.data.packing import model_inputs
 from distill.losses import cross_entropy
 from distill.monitor import before_after_table
 from distill.recipe import Role
-from distill.trainer import RoleTrainer
-from distill.trainers import register_trainer
+from distill.trainer import RoleTrainer, register_trainer
 
 
 @register_trainer
