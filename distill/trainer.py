@@ -124,6 +124,11 @@ class RoleTrainer:
     def check_plans(cls, recipe, plans) -> None:
         """Like `check_recipe`, once the roles' model configs are known (still before any weight loads)."""
 
+    @classmethod
+    def plan_notes(cls, recipe, plans, world_size: int) -> list[str]:
+        """Lines this algorithm adds to the printed plan (`--dry-run` and the start of a run), e.g. its generation memory."""
+        return []
+
     def build_data(self) -> DataBundle:
         return build_text_data(self.recipe, self.tokenizer, self.rank, self.world_size, compiled=self.compiled)
 
@@ -148,7 +153,7 @@ class RoleTrainer:
             raise RuntimeError(f"launcher reports {world} processes but accelerate sees {self.world_size}")
         self.device = self.accelerator.device
         if self.accelerator.is_main_process:
-            self.log(format_plan(self.plans, self.world_size))
+            self.log("\n".join([format_plan(self.plans, self.world_size), *type(self).plan_notes(recipe, self.plans, self.world_size)]))
         if not self.accelerator.is_main_process:
             import datasets
 
