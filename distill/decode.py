@@ -11,9 +11,9 @@ What it holds, per engine (one per role), kept between generation phases:
   phase share a column for each step: prompts are left-padded, generated token s goes to column P + s.
   The models see it through transformers' `Cache` interface (`update`), with a 4D additive attention
   mask and explicit position ids, so no cache bookkeeping of transformers runs.
-- graphs per (rows, columns) bucket: rows halve as rows end (the rows still generating are moved to the
-  front, "compaction"), and a step attends only over the columns written so far, rounded up to a
-  multiple of `length_step`; each bucket replays its own graph.
+- graphs per (rows, columns) bucket, captured when a phase first needs one: rows halve as rows end (the
+  rows still generating are moved to the front, "compaction"), and a step attends only over the columns
+  written so far, rounded up to a multiple of `length_step`; each bucket replays its own graph.
 - `compiled`: the forward of the step through `torch.compile`, one graph for every bucket (batch and
   column dimensions dynamic); `graphs`: the eager forward, captured as is; `static`: no graphs (CPU).
   On a CPU, `compiled` runs the compiled forward without graphs (a check of the compiled code).
@@ -112,7 +112,8 @@ class DecodeEngine:
     """Static buffers for up to `rows` sequences of `length` columns and `max_new_tokens` new tokens."""
 
     def __init__(self, model: torch.nn.Module, *, rows: int, length: int, max_new_tokens: int, mode: str,
-                 length_step: int = 64, check_every: int | None = None):
+                 length_step: int = 64, check_every: int | None = None, compact: bool = True):
+        """`compact: False` keeps ended rows in the batch to the end (for comparison: benchmarks/generation.py)."""
         if mode not in ("compiled", "graphs", "static"):
             raise ValueError(f"unknown decode mode {mode!r}")
         self.model, self.mode, self.rows, self.max_new_tokens = model, mode, rows, max_new_tokens
@@ -123,7 +124,7 @@ class DecodeEngine:
         self.dtype = model.get_input_embeddings().weight.dtype
         self.length = -(-length // length_step) * length_step
         self.columns = list(range(length_step, self.length + 1, length_step))
-        self.batches = sorted({rows, *(b for b in (2**i for i in range(3, 20)) if MIN_ROWS <= b < rows)})
+        self.batches = sorted({rows, *(b for b in (2**i for i in range(3, 20)) if MIN_ROWS <= b < rows and compact)})
         self.check_every = check_every or (16 if self.device.type == "cuda" else 1)
         self.keys, self.values = self._allocate()
         d, long = self.device, torch.long
@@ -190,29 +191,48 @@ class DecodeEngine:
                 logits = _forward(self.model, self.cache_kw, self.dtype, *args)
         self._emit(logits, b, sampling, eos)
 
-    def _capture(self, sampling, eos: torch.Tensor) -> None:
-        """A graph per (rows, columns) bucket, captured on scratch state (the prefill overwrites it)."""
+    def _graphs_for(self, sampling) -> None:
+        """Forget the graphs when they were captured for other settings or other weights (a ZeRO-3 role's
+        gathered weights live at new addresses each time)."""
         key = (sampling, tuple(p.data_ptr() for p in self.model.parameters()))
-        if self.mode == "static" or self.device.type != "cuda" or self.graph_key == key or self.max_new_tokens == 1:
-            return
-        self.graphs.clear()
-        self.graph_key = None
+        if self.graph_key != key:
+            self.graphs.clear()
+            self.graph_key = key
+
+    def _replay(self, b: int, columns: int, sampling, eos: torch.Tensor) -> None:
+        graph = self.graphs.get((b, columns))
+        if graph is None:
+            graph = self.graphs[(b, columns)] = self._capture(b, columns, sampling, eos)
+        graph.replay()
+
+    def _capture(self, b: int, columns: int, sampling, eos: torch.Tensor):
+        """The step of bucket (b, columns) as a CUDA graph, captured when a phase first needs it.
+
+        Two runs before the capture (the first compiles; both load every kernel) write what the real step
+        writes next (the same cache column and output token from the same inputs); the rest of the state
+        they change is put back, and so is the RNG: samples depend on the seed alone, not on which buckets
+        were captured when."""
+        live = (self.tok[:b], self.pos[:b], self.done[:b], self.t, self.col)
+        saved = [x.clone() for x in live]
+        rng = torch.cuda.get_rng_state(self.device)
+        self.side = getattr(self, "side", None) or torch.cuda.Stream(self.device)
         self.pool = self.pool or torch.cuda.graph_pool_handle()
-        self.valid.zero_()
-        for b in self.batches:
-            for c in self.columns:
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    for _ in range(2):  # the first call compiles; both run the kernels once before capture
-                        self.col.zero_(), self.t.zero_()
-                        self._step(b, c, sampling, eos)
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool):
-                    self._step(b, c, sampling, eos)
-                self.graphs[(b, c)] = graph
-        self.graph_key = key
+        self.side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.side):
+            for _ in range(2):
+                self._step(b, columns, sampling, eos)
+                for x, y in zip(live, saved):
+                    x.copy_(y)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: another thread's CUDA calls (NCCL's, DeepSpeed's) do not break the capture.
+            graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+            try:
+                self._step(b, columns, sampling, eos)
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream().wait_stream(self.side)
+        torch.cuda.set_rng_state(rng, self.device)
+        return graph
 
     def _eos_ids(self, sampling) -> torch.Tensor:
         ids = torch.tensor(sampling.eos_token_ids, dtype=torch.long)
@@ -257,7 +277,9 @@ class DecodeEngine:
             raise ValueError(f"{r} rows of {width} prompt tokens do not fit an engine of {self.rows} x {self.length}")
         final = torch.full((r + 1, self.max_new_tokens), sampling.pad_token_id, dtype=torch.long, device=self.device)
         eos = self._eos_ids(sampling)
-        self._capture(sampling, eos)
+        graphs = self.mode != "static" and self.device.type == "cuda"
+        if graphs:
+            self._graphs_for(sampling)
         b = self._bucket(self.batches, r)
         self._prefill(ids, mask, b, sampling, eos)
         rowmap = torch.cat([torch.arange(r), torch.full((b - r,), r)]).to(self.device)  # filler rows write to row r
@@ -272,8 +294,8 @@ class DecodeEngine:
                     rowmap = self._compact(active, b, smaller, rowmap, columns=width + s)
                     b = smaller
             columns = self._bucket(self.columns, width + s)  # column width + s - 1 is written now
-            if self.graphs:
-                self.graphs[(b, columns)].replay()
+            if graphs:
+                self._replay(b, columns, sampling, eos)
             else:
                 self._step(b, columns, sampling, eos)
         final.index_copy_(0, rowmap, self.out[:b])

@@ -153,15 +153,17 @@ def _engines_of(module) -> dict:
 def generate_completions(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor | None, spec: SamplingSpec, *,
                          seed: int | None = None, num_generations: int = 1, batch_size: int | None = None,
                          decode: str = "auto", gather: bool = False, max_prompt_length: int | None = None,
-                         reserve_bytes: int = 0, log: Callable[[str], None] | None = None) -> Completions:
+                         expected_rows: int | None = None, reserve_bytes: int = 0,
+                         log: Callable[[str], None] | None = None) -> Completions:
     """Completions of left-padded prompts [B, P] (mask [B, P]): tokens [B * n, N] and lengths [B * n].
 
     `model`: a RoleModel (its plugin active, eval mode, gradient checkpointing off while it generates; a
     ZeRO-3 role gathers its weights once for the call with `gather`, else generates sharded with
     synced_gpus) or a plain transformers model. `batch_size`: rows per decode phase (None: all, as far as
-    the GPU's free memory less `reserve_bytes` holds their cache). `max_prompt_length`: the widest prompt
-    later calls will bring (the cache is sized once for it). `seed`: per call and per rank (ranks draw
-    differently). Collective only where `model` is a ZeRO-3 RoleModel."""
+    the GPU's free memory less `reserve_bytes` holds their cache). `max_prompt_length`, `expected_rows`: the
+    widest prompt and the most rows (num_generations included) later calls will bring: the cache is sized once
+    for them. `seed`: per call and per rank (ranks draw differently). Collective only where `model` is a ZeRO-3
+    RoleModel."""
     from distill.roles import RoleModel
 
     if prompt_mask is None:
@@ -183,26 +185,50 @@ def generate_completions(model, prompt_ids: torch.Tensor, prompt_mask: torch.Ten
         if mode == "generate":
             tokens = _hf_generate(module, prompt_ids, prompt_mask, spec, synced=sharded)
         else:
-            tokens = _decode(module, prompt_ids, prompt_mask, spec, mode=mode, batch_size=batch_size, length=length,
-                             reserve_bytes=reserve_bytes, log=log)
+            tokens = _decode_or_fall_back(module, prompt_ids, prompt_mask, spec, mode=mode, fall_back=decode == "auto",
+                                          batch_size=batch_size, expected_rows=expected_rows, length=length,
+                                          reserve_bytes=reserve_bytes, log=log)
     lengths = completion_lengths(tokens, spec.eos_token_ids) if spec.eos_token_ids else torch.full(
         (tokens.shape[0],), tokens.shape[1], dtype=torch.long, device=tokens.device)
     width = int(lengths.max()) if len(lengths) else 0
     return Completions(tokens[:, :width], lengths)
 
 
-def _decode(module, ids, mask, spec: SamplingSpec, *, mode, batch_size, length, reserve_bytes, log) -> torch.Tensor:
+_FASTEST_FIRST = ("compiled", "graphs", "static")
+
+
+def _decode_or_fall_back(module, ids, mask, spec: SamplingSpec, *, mode: str, fall_back: bool, **kw) -> torch.Tensor:
+    """With `decode: auto` on a GPU: compiled, else (torch.compile failed: no compiler toolchain, a model it cannot
+    trace) CUDA graphs of the eager step, else the plain loop; a fall-back is said once and kept for the model."""
+    if not fall_back:
+        return _decode(module, ids, mask, spec, mode=mode, **kw)
+    held = _engines_of(module)
+    for m in _FASTEST_FIRST[max(_FASTEST_FIRST.index(mode), held.get("fallen", 0)):]:
+        try:
+            return _decode(module, ids, mask, spec, mode=m, **kw)
+        except Exception as e:  # noqa: BLE001 - whatever stops a faster mode, the next one may run
+            if m == "static":
+                raise
+            held.pop("engine", None)
+            held["fallen"] = _FASTEST_FIRST.index(m) + 1
+            print(f"distill: generation: {m} decode failed ({type(e).__name__}: {str(e)[:300]}); trying the next mode",
+                  flush=True)
+    raise AssertionError("unreachable")
+
+
+def _decode(module, ids, mask, spec: SamplingSpec, *, mode, batch_size, expected_rows, length, reserve_bytes, log) -> torch.Tensor:
     """Rows in chunks of the engine's rows; the engine is (re)built only when a call needs more than it holds."""
     from distill.decode import DecodeEngine
 
     rows = len(ids)
-    want = min(rows, batch_size or rows)
+    want = max(rows, expected_rows or 0)
+    want = min(want, batch_size or want)
     held = _engines_of(module)
     e = held.get("engine")
     same = e is not None and e.mode == mode and e.length >= length and e.max_new_tokens == spec.max_new_tokens
     if not same or want > held["wanted"]:
         want = max(want, held["wanted"]) if same else want
-        held.clear()  # the old cache's memory is free again before the new one is sized
+        held.pop("engine", None)  # the old cache's memory is free again before the new one is sized
         per_row = _kv_bytes(module, length) + sampling_bytes_per_row(module.get_output_embeddings().weight.shape[0])
         fit = rows_that_fit(per_row, device=ids.device, reserve_bytes=reserve_bytes)
         e = DecodeEngine(module, rows=want if fit is None else max(1, min(want, fit)), length=length,

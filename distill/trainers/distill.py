@@ -167,6 +167,7 @@ class DistillTrainer(RoleTrainer):
             op, d = self.recipe.kd.on_policy, self.recipe.data
             self._sampler = CompletionSampler(op, self.tokenizer, rank=self.rank, log=self.log, padding=self.data.collator.padding,
                                               max_prompt_length=d.max_length - op.max_new_tokens,
+                                              rows_per_phase=self.recipe.train.micro_batch_size * self.recipe.train.grad_accum,
                                               reserve_bytes=training_reserve(self.plans, self.recipe, self.world_size))
         return self._sampler
 

@@ -69,14 +69,15 @@ class CompletionSampler:
     """Generates completions for prompt batches with a role, and times it (tokens/s, share of the step)."""
 
     def __init__(self, spec: OnPolicySpec, tokenizer, *, rank: int, log=print, padding: dict | None = None,
-                 max_prompt_length: int | None = None, reserve_bytes: int = 0):
-        """`max_prompt_length`: the widest prompt of the data (the KV cache is sized for it once);
-        `reserve_bytes`: memory the training step still needs beside the KV cache (per GPU)."""
+                 max_prompt_length: int | None = None, rows_per_phase: int | None = None, reserve_bytes: int = 0):
+        """`max_prompt_length`, `rows_per_phase`: the widest prompt of the data and the most prompts of one phase
+        (the KV cache is sized for them once); `reserve_bytes`: memory the training step still needs beside the
+        KV cache (per GPU)."""
         self.spec, self.rank, self.log = spec, rank, log
         self.padding = padding or {}  # the prompt collator's, so generated batches get its widths
         self.eos = tokenizer.eos_token_id
         self.pad = pad_id(tokenizer)
-        self.max_prompt_length, self.reserve_bytes = max_prompt_length, reserve_bytes
+        self.max_prompt_length, self.rows_per_phase, self.reserve_bytes = max_prompt_length, rows_per_phase, reserve_bytes
         self._gather: dict[str, bool] = {}
         self._seconds, self._tokens, self._since = 0.0, 0, time.perf_counter()
 
@@ -102,7 +103,7 @@ class CompletionSampler:
         sampling = self.sampling(model)
         out = generate_completions(model, ids, mask, sampling, seed=seed, batch_size=self.spec.generation_batch_size,
                                    decode=self.spec.decode, gather=self._gathers(model), max_prompt_length=self.max_prompt_length,
-                                   reserve_bytes=self.reserve_bytes, log=self.log if self.rank == 0 else None)
+                                   expected_rows=self.rows_per_phase, reserve_bytes=self.reserve_bytes, log=self.log if self.rank == 0 else None)
         rebuilt, row = [], 0
         for batch in batches:
             n = len(batch["prompt_ids"])
