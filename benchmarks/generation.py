@@ -5,15 +5,15 @@ on-policy recipe's step split, in one process on one GPU.
     python benchmarks/generation.py --model tiny --batch 4 8 --new-tokens 16 --prompt-len 8 \\
         --recipe recipes/onpolicy_quickstart.yaml --out t.json                 # CPU smoke run of every part
 
-Parts, in this order (--parts; each result is written to --out as soon as it exists, and a part that would
-start after --budget-s seconds is recorded as skipped):
-* `check`: greedy completions (fp32, a 4-layer model, rows ending at different lengths) of each decode mode
+Parts, in the order of --parts (each result is written to --out as soon as it exists, and a measurement that
+would start after --budget-s seconds is recorded as skipped):
+* `check`: greedy completions (fp32, a 2-layer model, rows ending at different lengths) of each decode mode
   against transformers' eager `generate()`: equal token for token, or the first position where they differ.
 * `throughput`: the --model's random-init weights in bf16, --batch prompts of --prompt-len tokens (left-padded
   to random lengths between half and all of it), --new-tokens sampled at temperature 1 (no eos: every row runs to
-  the end). Candidates: ours (`compiled`, `graphs`, `static`: distill.decode), `generate` (eager, dynamic cache),
-  `generate_static` (`cache_implementation="static"`: transformers compiles the forward itself) and
-  `generate_batch` (transformers' continuous batching, paged attention). Per candidate and batch: the first call
+  the end). Candidates: ours (`compiled`, `graphs`, `static`: distill.decode) and `generate` (eager, dynamic cache);
+  the parts `generate_static` (`cache_implementation="static"`: transformers compiles the forward itself) and
+  `generate_batch` (transformers' continuous batching, paged attention) measure those two on the same model. Per candidate and batch: the first call
   (compile and graph capture included) and the mean of --repeats timed calls; tokens/s counts generated tokens.
   `compiled_top_p`: ours at top_p 0.95 (a sort of the vocabulary per step).
 * `ends`: rows that end: eos is --eos-fraction of the vocabulary, so lengths are geometric; ours with and without
@@ -50,18 +50,20 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--candidates", nargs="+", choices=CANDIDATES, default=list(CANDIDATES))
-    p.add_argument("--slow-batches", nargs="+", type=int, default=[16, 64],
+    p.add_argument("--slow-batches", nargs="+", type=int, default=[64],
                    help="batches for generate_static and generate_batch (each compiles or sizes itself per batch)")
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--eos-fraction", type=float, default=0.01)
-    p.add_argument("--ends-batch", nargs="+", type=int, default=[64, 256])
+    p.add_argument("--ends-batch", nargs="+", type=int, default=[256])
     p.add_argument("--recipe", default=str(ROOT / "recipes/gpu_onpolicy_0.3b_1.4b.yaml"))
     p.add_argument("--split-set", nargs="*", default=["teacher.placement=sharded"])
-    p.add_argument("--split-steps", type=int, default=3)
-    p.add_argument("--parts", nargs="+", default=["check", "throughput", "split", "ends"])
+    p.add_argument("--split-steps", type=int, default=2)
+    p.add_argument("--parts", nargs="+", default=["check", "throughput", "split", "generate_static", "ends", "generate_batch"],
+                   choices=["check", "throughput", "split", "generate_static", "ends", "generate_batch"])
     p.add_argument("--budget-s", type=float, default=1e9)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="generation.json")
+    p.add_argument("--work-dir", default="/tmp/distill_generation_bench", help="the split's prompts and run directory")
     return p.parse_args(argv)
 
 
@@ -158,8 +160,9 @@ def measure(name, model, ids, mask, spec, a, **kw) -> dict:
 
 # -- parts --------------------------------------------------------------------------------------------------------
 def part_check(a, device, log) -> list[dict]:
-    """Greedy, fp32: ours against eager generate(), rows ending at different lengths."""
-    cfg = {**model_config("tiny" if a.model == "tiny" else "0.3b"), "num_hidden_layers": 4}
+    """Greedy, fp32 (TF32 off), a 2-layer model of the student's width: ours against eager generate(), rows ending
+    at different lengths."""
+    cfg = {**model_config("tiny" if a.model == "tiny" else "0.3b"), "num_hidden_layers": 2}
     model = build(cfg, torch.float32, device, seed=1)
     torch.backends.cuda.matmul.allow_tf32 = False
     ids, mask = prompts(24, a.prompt_len, cfg["vocab_size"], device, a.seed)
@@ -170,7 +173,14 @@ def part_check(a, device, log) -> list[dict]:
     want = run_candidate("generate", model, ids, mask, spec, 0)[0]
     rows = []
     for mode in [m for m in OURS if m in a.candidates and (device == "cuda" or m == "static")]:
-        got = run_candidate(mode, model, ids, mask, spec, 0)[0]
+        try:
+            got = run_candidate(mode, model, ids, mask, spec, 0)[0]
+        except Exception as e:  # noqa: BLE001 - recorded; the other modes and parts still run
+            rows.append({"mode": mode, "error": f"{type(e).__name__}: {str(e)[:500]}"})
+            log(f"check {mode}: {rows[-1]['error']}")
+            continue
+        finally:
+            model.__dict__.pop("_distill_decode", None)
         width = min(got.shape[1], want.shape[1])
         differ = (got[:, :width] != want[:, :width]).any(0).nonzero()
         rows.append({"mode": mode, "equal": torch.equal(got, want), "rows": len(ids),
@@ -181,11 +191,11 @@ def part_check(a, device, log) -> list[dict]:
     return rows
 
 
-def part_throughput(a, device, log, model, results, deadline) -> None:
+def part_throughput(a, device, log, model, results, deadline, candidates) -> None:
     vocab = model.config.vocab_size
     spec = SamplingSpec(max_new_tokens=a.new_tokens, temperature=1.0, pad_token_id=0)
     order = [c for c in ("compiled", "graphs", "generate", "static", "compiled_top_p", "generate_static", "generate_batch")
-             if c in a.candidates and (device == "cuda" or c not in ("compiled", "graphs", "compiled_top_p", "generate_static"))]
+             if c in candidates and (device == "cuda" or c not in ("compiled", "graphs", "compiled_top_p", "generate_static"))]
     for name in order:
         batches = a.slow_batches if name in ("generate_static", "generate_batch") else a.batch
         batches = batches[:1] if name in ("static", "compiled_top_p") else batches
@@ -245,7 +255,7 @@ def part_split(a, device, log, out, deadline) -> None:
     from distill.monitor import Throughput
     from distill.recipe import load_recipe
 
-    data = Path(a.out).resolve().parent / "split_prompts"
+    data = Path(a.work_dir) / "split_prompts"
     overrides = [f"output_dir={data.parent / 'split_run'}", "launch.num_processes=1", "train.grad_accum=4",
                  "train.max_steps=1000", "train.log_every=100000", "train.progress=false", "train.overlap_frozen=false",
                  f"data.train={data / 'train.jsonl'}", "data.eval=null", f"data.tokenizer={data / 'tokenizer'}", *a.split_set]
@@ -323,38 +333,38 @@ def main(argv=None) -> None:
     import transformers
 
     out = {"args": vars(a), "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-           "torch": torch.__version__, "transformers": transformers.__version__}
+           "torch": torch.__version__, "transformers": transformers.__version__, "throughput": [], "ends": []}
 
     def log(msg):
         print(f"[{time.time() - start:6.1f}s] {msg}", flush=True)
 
-    if "check" in a.parts:
-        out["check"] = part_check(a, device, log)
+    held = {}
+
+    def model():
+        if "model" not in held:
+            held["model"] = build(model_config(a.model), torch.bfloat16 if device == "cuda" else torch.float32, device)
+            out["model"] = {"name": a.model, "params": sum(p.numel() for p in held["model"].parameters())}
+        return held["model"]
+
+    for part in a.parts:
+        if part == "check":
+            out["check"] = part_check(a, device, log)
+        elif part == "throughput":  # transformers' compiled and continuous-batching paths are parts of their own
+            part_throughput(a, device, log, model(), out["throughput"], deadline,
+                            [c for c in a.candidates if c not in ("generate_static", "generate_batch")])
+        elif part in ("generate_static", "generate_batch"):
+            part_throughput(a, device, log, model(), out["throughput"], deadline, [part] if part in a.candidates else [])
+        elif part == "ends":
+            part_ends(a, device, log, model(), out["ends"], deadline)
+        elif part == "split":
+            held.clear()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            part_split(a, device, log, out, deadline)
         write(a, out)
-    if "throughput" in a.parts or "ends" in a.parts:
-        model = build(model_config(a.model), torch.bfloat16 if device == "cuda" else torch.float32, device)
-        out["model"] = {"name": a.model, "params": sum(p.numel() for p in model.parameters())}
-        out["throughput"] = []
-        if "throughput" in a.parts:
-            part_throughput(a, device, log, model, out["throughput"], deadline)
-            write(a, out)
-        if "ends" in a.parts and "split" not in a.parts:
-            out["ends"] = []
-            part_ends(a, device, log, model, out["ends"], deadline)
-        del model
-        if device == "cuda":
-            torch.cuda.empty_cache()
-    if "split" in a.parts:
-        part_split(a, device, log, out, deadline)
-        write(a, out)
-    if "ends" in a.parts and "split" in a.parts:
-        model = build(model_config(a.model), torch.bfloat16 if device == "cuda" else torch.float32, device)
-        out["ends"] = []
-        part_ends(a, device, log, model, out["ends"], deadline)
-    write(a, out)
-    summary = [r for r in out.get("throughput", []) if "tokens_per_s" in r]
-    for r in summary:
-        print(f"{r['candidate']:>16} b{r['batch']:<4} {r['tokens_per_s']:>9.0f} tokens/s   first call {r['first_call_s']:.1f} s")
+    for r in out["throughput"]:
+        if "tokens_per_s" in r:
+            print(f"{r['candidate']:>16} b{r['batch']:<4} {r['tokens_per_s']:>9.0f} tokens/s   first call {r['first_call_s']:.1f} s")
     for r in out.get("split", []):
         if not r["warmup"]:
             print(f"split x{r['micro_batches']}: step {r['step_s']:.3f} s, generation {100 * r['generation_share']:.0f}%")
