@@ -52,6 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--candidates", nargs="+", choices=CANDIDATES, default=list(CANDIDATES))
     p.add_argument("--slow-batches", nargs="+", type=int, default=[64],
                    help="batches for generate_static and generate_batch (each compiles or sizes itself per batch)")
+    p.add_argument("--eager-batches", nargs="+", type=int, default=None, help="batches for generate (default: --batch)")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--eos-fraction", type=float, default=0.01)
     p.add_argument("--ends-batch", nargs="+", type=int, default=[256])
@@ -198,6 +199,7 @@ def part_throughput(a, device, log, model, results, deadline, candidates) -> Non
              if c in candidates and (device == "cuda" or c not in ("compiled", "graphs", "compiled_top_p", "generate_static"))]
     for name in order:
         batches = a.slow_batches if name in ("generate_static", "generate_batch") else a.batch
+        batches = (a.eager_batches or a.batch) if name == "generate" else batches
         batches = batches[:1] if name in ("static", "compiled_top_p") else batches
         for b in batches:
             if time.time() > deadline:
@@ -288,7 +290,7 @@ def part_split(a, device, log, out, deadline) -> None:
         def set_postfix(self, **kw): ...
 
     step, rows = 0, []
-    for per_step in (1, 4, 1, 4):  # warm-up pass (compile, graph capture), then the timed pass
+    for per_step in (4, 1, 4, 1):  # warm-up pass (compile, graph capture), then the timed pass
         timed_pass = step >= 2 * a.split_steps
         for _ in range(a.split_steps):
             if time.time() > deadline:
@@ -301,10 +303,13 @@ def part_split(a, device, log, out, deadline) -> None:
             row = {"micro_batches": per_step, "rows": per_step * recipe.train.micro_batch_size, "warmup": not timed_pass,
                    "step_s": total, "generation_s": generation[0], "teacher_scoring_s": timed_teacher.seconds,
                    "student_and_rest_s": total - generation[0] - timed_teacher.seconds}
-            row.update(generation_share=row["generation_s"] / total, gen_metrics=trainer.sampler.metrics())
+            engine = trainer.student.module.__dict__.get("_distill_decode", {}).get("engine")
+            row.update(generation_share=row["generation_s"] / total, gen_metrics=trainer.sampler.metrics(),
+                       decode=None if engine is None else engine.mode + (" (no graphs)" if engine.graphless else ""))
             rows.append(row)
             log(f"split mb x{per_step}{' (warm-up)' if not timed_pass else ''}: step {total:.3f} s, generation "
-                f"{generation[0]:.3f} s ({100 * generation[0] / total:.0f}%), teacher scoring {timed_teacher.seconds:.3f} s")
+                f"{generation[0]:.3f} s ({100 * generation[0] / total:.0f}%), teacher scoring {timed_teacher.seconds:.3f} s, "
+                f"decode {row['decode']}")
         out["split"] = rows
         write(a, out)
     # The teacher writing (seq_kd): one phase of 4 micro-batches, gathered from ZeRO-3 when it is sharded.

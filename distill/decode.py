@@ -139,6 +139,7 @@ class DecodeEngine:
         self.graph_key: tuple | None = None  # (sampling, parameter addresses) the graphs were captured with
         self.pool = None
         self.eos = torch.zeros(0, dtype=long, device=d)  # the graphs read the ids from here
+        self.graphless = False  # set when a capture failed
 
     @property
     def bytes(self) -> int:
@@ -185,7 +186,8 @@ class DecodeEngine:
         args = (cache, self.tok[:b], self.pos[:b], valid)
         if self.mode == "compiled":
             _mark_dynamic(*args)
-            logits = _compiled()(self.model, self.cache_kw, self.dtype, *args)
+            with _uncompiled_layers(self.model):
+                logits = _compiled()(self.model, self.cache_kw, self.dtype, *args)
         else:
             with _eager_layers():
                 logits = _forward(self.model, self.cache_kw, self.dtype, *args)
@@ -201,9 +203,19 @@ class DecodeEngine:
 
     def _replay(self, b: int, columns: int, sampling, eos: torch.Tensor) -> None:
         graph = self.graphs.get((b, columns))
+        if graph is None and not self.graphless:
+            rng = torch.cuda.get_rng_state(self.device)
+            try:
+                graph = self.graphs[(b, columns)] = self._capture(b, columns, sampling, eos)
+            except RuntimeError as e:  # the capture failed; the step still runs, without graphs
+                _fresh_rng_state(self.device, rng)
+                self.graphless = True
+                print(f"distill: generation: capturing the decode step as a CUDA graph failed, it runs without graphs "
+                      f"from now on ({type(e).__name__}: {str(e).splitlines()[0][:200]})", flush=True)
         if graph is None:
-            graph = self.graphs[(b, columns)] = self._capture(b, columns, sampling, eos)
-        graph.replay()
+            self._step(b, columns, sampling, eos)
+        else:
+            graph.replay()
 
     def _capture(self, b: int, columns: int, sampling, eos: torch.Tensor):
         """The step of bucket (b, columns) as a CUDA graph, captured when a phase first needs it.
@@ -312,6 +324,30 @@ class DecodeEngine:
         for t in (self.tok, self.pos, self.valid, self.done, self.out):
             t[:smaller] = t[order]
         return rowmap[order]
+
+
+def _fresh_rng_state(device: torch.device, rng: torch.Tensor) -> None:
+    """The device's default generator back to `rng`, with a fresh state object: a failed capture leaves the old
+    one marked as capturing, and every later draw would fail."""
+    generator = torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    if hasattr(generator, "graphsafe_set_state"):
+        fresh = torch.Generator(device=device)
+        generator.graphsafe_set_state(fresh.graphsafe_get_state())
+    torch.cuda.set_rng_state(rng, device)
+
+
+@contextlib.contextmanager
+def _uncompiled_layers(model: torch.nn.Module):
+    """The step's own compile traces the layers' code: layers compiled for training (`Module.compile`) are
+    plain modules while it runs, so their static per-shape graphs are neither consulted nor compiled."""
+    held = [(m, m._compiled_call_impl) for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    for m, _ in held:
+        m._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for m, impl in held:
+            m._compiled_call_impl = impl
 
 
 @contextlib.contextmanager
