@@ -11,8 +11,8 @@ shape it sees, and at 0.3B/1.4B, mb 8, that graph made 45679 tokens/s/GPU where 
 65701 and 73939 (2 H200s, three machines, docs/performance.md). So each shape gets its own graph,
 and the data keeps the shapes few: when a role compiles, the collators pad every batch to one of
 `WIDTHS` lengths up to `data.max_length` (`collator_padding`), not to the next multiple of 8.
-Generation runs uncompiled (`RoleModel.generate`): each decoding step has another cache length, so
-another static graph. And when the frozen role's forward runs beside the trainable one's, a call that needs
+Generation does not use these graphs (each decoding step would have another cache length, so another static
+graph): distill.decode compiles its own decode step, with the batch and cache dimensions dynamic. And when the frozen role's forward runs beside the trainable one's, a call that needs
 a graph not compiled yet stops and runs again alone (distill/overlap.py): torch refuses a compiled call from
 one thread while another traces.
 """

@@ -193,25 +193,41 @@ class DecodeEngine:
                 logits = _forward(self.model, self.cache_kw, self.dtype, *args)
         self._emit(logits, b, sampling, eos)
 
-    def _graphs_for(self, sampling) -> None:
+    def _graphs_for(self, sampling, eos: torch.Tensor) -> None:
         """Forget the graphs when they were captured for other settings or other weights (a ZeRO-3 role's
-        gathered weights live at new addresses each time)."""
+        gathered weights live at new addresses each time). A trainable model's graphs are all captured here, at
+        its first phase: on an H200, capturing the student's step after its first training step (DeepSpeed ZeRO-2,
+        compiled layers) failed with cudaErrorStreamCaptureInvalidated, while graphs captured before it replayed
+        correctly after (docs/performance.md). A frozen model's are captured as its phases need them."""
         key = (sampling, tuple(p.data_ptr() for p in self.model.parameters()))
-        if self.graph_key != key:
-            self.graphs.clear()
-            self.graph_key = key
+        if self.graph_key == key:
+            return
+        self.graphs.clear()
+        self.graph_key = key
+        if any(p.requires_grad for p in self.model.parameters()):
+            self.col.zero_(), self.t.zero_()  # scratch state before the prefill: every bucket's column 0 exists
+            for b in self.batches:
+                for c in self.columns:
+                    if not self.graphless:
+                        self._replay(b, c, sampling, eos, run=False)
 
-    def _replay(self, b: int, columns: int, sampling, eos: torch.Tensor) -> None:
+    def _replay(self, b: int, columns: int, sampling, eos: torch.Tensor, run: bool = True) -> None:
+        """Run the step of bucket (b, columns) from its graph, captured first if needed (`run=False`: only that)."""
         graph = self.graphs.get((b, columns))
         if graph is None and not self.graphless:
             rng = torch.cuda.get_rng_state(self.device)
             try:
                 graph = self.graphs[(b, columns)] = self._capture(b, columns, sampling, eos)
-            except RuntimeError as e:  # the capture failed; the step still runs, without graphs
+            except RuntimeError as e:
+                # The step still runs, without graphs. A failed capture leaves the RNG state it registered marked
+                # as capturing: every graph registered with it would fail too, so all go.
+                self.graphs.clear()
                 _fresh_rng_state(self.device, rng)
                 self.graphless = True
                 print(f"distill: generation: capturing the decode step as a CUDA graph failed, it runs without graphs "
                       f"from now on ({type(e).__name__}: {str(e).splitlines()[0][:200]})", flush=True)
+        if not run:
+            return
         if graph is None:
             self._step(b, columns, sampling, eos)
         else:
@@ -291,7 +307,7 @@ class DecodeEngine:
         eos = self._eos_ids(sampling)
         graphs = self.mode != "static" and self.device.type == "cuda"
         if graphs:
-            self._graphs_for(sampling)
+            self._graphs_for(sampling, eos)
         b = self._bucket(self.batches, r)
         self._prefill(ids, mask, b, sampling, eos)
         rowmap = torch.cat([torch.arange(r), torch.full((b - r,), r)]).to(self.device)  # filler rows write to row r
