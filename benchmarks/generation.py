@@ -254,8 +254,7 @@ class _TimedRole:
 
 
 def part_split(a, device, log, out, deadline) -> None:
-    from distill.monitor import Throughput
-    from distill.recipe import load_recipe
+    from distill.trainers import load_recipe
 
     data = Path(a.work_dir) / "split_prompts"
     overrides = [f"output_dir={data.parent / 'split_run'}", "launch.num_processes=1", "train.grad_accum=4",
@@ -285,10 +284,6 @@ def part_split(a, device, log, out, deadline) -> None:
     trainer.prepare_step = timed_prepare
     batches = trainer.data.train_batches()
 
-    class Bar:
-        def update(self, *args): ...
-        def set_postfix(self, **kw): ...
-
     step, rows = 0, []
     for per_step in (4, 1, 4, 1):  # warm-up pass (compile, graph capture), then the timed pass
         timed_pass = step >= 2 * a.split_steps
@@ -299,7 +294,7 @@ def part_split(a, device, log, out, deadline) -> None:
             micro = next(batches)[:per_step]
             step += 1
             generation[0], timed_teacher.__dict__["seconds"] = 0.0, 0.0
-            total, _ = timed(lambda: trainer._train_step(step, micro, Throughput(0), Bar()))
+            total, _ = timed(lambda: trainer.train_step(step, micro))
             row = {"micro_batches": per_step, "rows": per_step * recipe.train.micro_batch_size, "warmup": not timed_pass,
                    "step_s": total, "generation_s": generation[0], "teacher_scoring_s": timed_teacher.seconds,
                    "student_and_rest_s": total - generation[0] - timed_teacher.seconds}
@@ -318,7 +313,7 @@ def part_split(a, device, log, out, deadline) -> None:
         if time.time() > deadline:
             teacher_rows.append({"skipped": "budget"})
             break
-        micro = [trainer._to_device(b) for b in next(batches)]
+        micro = [trainer.to_device(b) for b in next(batches)]
         t, done = timed(lambda: trainer.sampler.sample_many(trainer.teacher.role, micro, seed=i))
         n = sum(int((b["labels"] != -100).sum()) for b in done)
         teacher_rows.append({"first": i == 0, "seconds": t, "tokens": n, "tokens_per_s": n / t})

@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from distill.recipe import RecipeError
+from distill.errors import RecipeError
+from distill.lora import write_spec
 
 STATE_FILE = "trainer_state.json"
 
@@ -64,8 +65,6 @@ def save_checkpoint(trainer, step: int, tokens_seen: int) -> Path:
             (partial / role.name / "scheduler.json").write_text(json.dumps(role.scheduler.state_dict()))
             role.module.config.save_pretrained(partial / role.name)
             if role.plan.spec.lora is not None:
-                from distill.lora import write_spec
-
                 write_spec(partial / role.name, role.plan.spec.lora)
             trainer.tokenizer.save_pretrained(partial / role.name)
     rng = {"torch": torch.get_rng_state()}

@@ -8,11 +8,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from typing import Any
+
+from transformers import AutoTokenizer
+
 from distill.checkpoint import latest_checkpoint
 from distill.data.loading import ensure_synthetic
+from distill.data.packing import PACKING_ATTENTION
 from distill.data.text import looks_like_path
-from distill.plan import check_model_source, plan_roles
-from distill.recipe import RecipeError, Role
+from distill.errors import RecipeError
+from distill.models import check_model_source, load_model_config
+from distill.plan import plan_roles
+from distill.recipe import Role
 from distill.tracking import check_installed
 
 
@@ -40,8 +47,6 @@ def preflight(recipe, trainer_cls, *, world_size: int, dry_run: bool = False):
         check_model_source(name, getattr(recipe, name))
     tokenizer = _load_tokenizer(recipe, trainer_cls.roles)
     if recipe.data.packing:
-        from distill.data.packing import check_packing_attention
-
         check_packing_attention({n: getattr(recipe, n) for n in trainer_cls.built_roles(recipe)}, len(tokenizer))
     plans = plan_roles(recipe, trainer_cls, world_size=world_size, vocab_size=len(tokenizer))
     trainer_cls.check_plans(recipe, plans)
@@ -56,8 +61,6 @@ def _check_output_dir(out: Path, overwrite: bool) -> None:
 
 def _load_tokenizer(recipe, roles: dict[str, Role]):
     """The data tokenizer; every pretrained role that ships a tokenizer must agree with it."""
-    from transformers import AutoTokenizer
-
     sources = [getattr(recipe, n).from_pretrained for n in roles if getattr(recipe, n).from_pretrained]
     path = recipe.data.tokenizer or (sources[0] if sources else None)
     if path is None:
@@ -78,3 +81,17 @@ def _load_tokenizer(recipe, roles: dict[str, Role]):
                 raise RecipeError(f"tokenizer of `{src}` differs from `{path}`: roles must share one tokenizer "
                                   "(token ids are compared position by position)")
     return tok
+
+
+def check_packing_attention(roles: dict[str, Any], vocab_size: int | None) -> None:
+    """Refuse roles (name -> `Role`) whose attention implementation would let packed documents see each other.
+
+    Read from the model configs alone, before any model is built (a flash-attention model cannot even be
+    sized where the kernels are not installed)."""
+    for name, spec in roles.items():
+        impl = getattr(load_model_config(name, spec, vocab_size), "_attn_implementation", None)
+        if impl is not None and impl not in PACKING_ATTENTION:
+            where = (f"`{name}.config.attn_implementation: sdpa`" if spec.config is not None else
+                     f"`attn_implementation: sdpa` in {spec.from_pretrained}/config.json")
+            raise RecipeError(f"`data.packing: true` needs attention that keeps packed documents apart "
+                              f"({', '.join(PACKING_ATTENTION)}); `{name}` uses {impl}: set {where}, or `data.packing: false`")
