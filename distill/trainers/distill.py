@@ -125,7 +125,8 @@ class DistillTrainer(RoleTrainer):
         out = list(micro_batches)
         for source, rows in writers.items():  # the same order on every rank: a ZeRO-3 writer's gathers pair up
             # One seed per (step, writer, rank): ranks sample differently, a resumed run the same.
-            seed = hash((self.recipe.seed, step, source, self.rank)) % 2**63
+            # (The writer by index: a str's hash changes between processes, which would break resuming.)
+            seed = hash((self.recipe.seed, step, ("student", "teacher").index(source), self.rank)) % 2**63
             for i, batch in zip(rows, self.sampler.sample_many(self.models[source], [micro_batches[i] for i in rows], seed=seed)):
                 out[i] = batch
         return out
