@@ -201,7 +201,7 @@ def test_onpolicy_quickstart_lowers_reverse_kl_on_the_students_own_samples(tmp_p
     check(proc)
     summary = json.loads((tmp_path / "run/summary.json").read_text())
     before, after = summary["before"], summary["after"]
-    # 40 steps (the recipe's full 124 reach 0.065 from 3.8; see docs/distill-trainer.md).
+    # 40 steps (the recipe's full 124 reach 0.080 from 3.8; see docs/distill-trainer.md).
     assert after["sampled/reverse_kl"] < 0.5 * before["sampled/reverse_kl"]
     assert after["sampled/teacher_nll"] < 0.7 * before["sampled/teacher_nll"]  # its samples read like the teacher's language
     assert "on own samples: KL(student || teacher)" in proc.stdout
