@@ -60,8 +60,10 @@ def _check_output_dir(out: Path, overwrite: bool) -> None:
 
 
 def _load_tokenizer(recipe, roles: dict[str, Role]):
-    """The data tokenizer; every pretrained role that ships a tokenizer must agree with it."""
-    sources = [getattr(recipe, n).from_pretrained for n in roles if getattr(recipe, n).from_pretrained]
+    """The data tokenizer; every pretrained causal LM role that ships a tokenizer must agree with it. A sequence
+    classifier (a reward model) may bring its own: its trainer gives it text to tokenize (GRPO's reward role)."""
+    sources = [getattr(recipe, n).from_pretrained for n in roles
+               if getattr(recipe, n).from_pretrained and getattr(recipe, n).model_class == "causal_lm"]
     path = recipe.data.tokenizer or (sources[0] if sources else None)
     if path is None:
         raise RecipeError("`data.tokenizer`: no role is loaded from_pretrained, so name a tokenizer directory")

@@ -349,7 +349,7 @@ def validate_recipe(raw: dict, trainer_cls) -> RecipeBase:
             other = getattr(recipe, src)
             role.from_pretrained, role.config = other.from_pretrained, other.config
             role.trust_remote_code = other.trust_remote_code
-        if role.from_pretrained is None and role.config is None:
+        if role.from_pretrained is None and role.config is None and name in trainer_cls.built_roles(recipe):
             raise RecipeError(f"`{name}`: say where the model comes from: `{name}.from_pretrained: DIR` or `{name}.config: {{model_type: llama, ...}}`")
         # A dry build of the DeepSpeed config catches impossible setups now.
         t = recipe.train

@@ -13,6 +13,7 @@ from distill.launch import launched, leave, relaunch, world_info
 from distill.monitor import NonFiniteLoss
 from distill.plan import format_memory, format_plan
 from distill.preflight import preflight
+from distill.rewards import RewardError
 from distill.catalog import recipes_table
 from distill.trainers import load_recipe
 
@@ -67,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(f"distill: stopped: {e}", file=sys.stderr)
         code = 3
+    except RewardError as e:  # raised on every rank together (distill.rewards.agree_on_error)
+        if rank == 0:
+            print(f"distill: stopped: {e}", file=sys.stderr)
+        code = 4
     except Exception:
         # An error of this rank alone: say it now, and leave the process group be. Destroying it waits for
         # the other ranks, which may sit in a collective this rank will never join; the run would hang with

@@ -11,6 +11,7 @@ one role writes are generated together (`distill.generation`), then split back i
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import time
@@ -69,11 +70,13 @@ class CompletionSampler:
     """Generates completions for prompt batches with a role, and times it (tokens/s, share of the step)."""
 
     def __init__(self, spec: OnPolicySpec, tokenizer, *, rank: int, log=print, padding: dict | None = None,
-                 max_prompt_length: int | None = None, rows_per_phase: int | None = None, reserve_bytes: int = 0):
+                 max_prompt_length: int | None = None, rows_per_phase: int | None = None, reserve_bytes: int = 0,
+                 key: str = "kd.on_policy"):
         """`max_prompt_length`, `rows_per_phase`: the widest prompt of the data and the most prompts of one phase
         (the KV cache is sized for them once); `reserve_bytes`: memory the training step still needs beside the
-        KV cache (per GPU)."""
-        self.spec, self.rank, self.log = spec, rank, log
+        KV cache (per GPU); `key`: where the recipe sets `spec`, for the log line that says how a ZeRO-3 role
+        generates."""
+        self.spec, self.rank, self.log, self.key = spec, rank, log, key
         self.padding = padding or {}  # the prompt collator's, so generated batches get its widths
         self.eos = tokenizer.eos_token_id
         self.pad = pad_id(tokenizer)
@@ -100,10 +103,7 @@ class CompletionSampler:
         """Each batch with its completions replaced by `model`'s samples, all prompts in one generation phase."""
         t0 = time.perf_counter()
         ids, mask = _left_padded([b["prompt_ids"] for b in batches], [b["prompt_mask"] for b in batches], self.pad)
-        sampling = self.sampling(model)
-        out = generate_completions(model, ids, mask, sampling, seed=seed, batch_size=self.spec.generation_batch_size,
-                                   decode=self.spec.decode, gather=self._gathers(model), max_prompt_length=self.max_prompt_length,
-                                   expected_rows=self.rows_per_phase, reserve_bytes=self.reserve_bytes, log=self.log if self.rank == 0 else None)
+        out = self._complete(model, ids, mask, self.sampling(model), seed=seed)
         rebuilt, row = [], 0
         for batch in batches:
             n = len(batch["prompt_ids"])
@@ -112,8 +112,25 @@ class CompletionSampler:
             rebuilt.append({**done, "source": model.name})
             row += n
         self._seconds += time.perf_counter() - t0
-        self._tokens += sum(int((b["labels"] != -100).sum()) for b in rebuilt)
+        self._tokens += int(out.lengths.sum())
         return rebuilt
+
+    def generate(self, model: RoleModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, seed: int) -> torch.Tensor:
+        """`model`'s completions [B, N] of left-padded prompts [B, P] (mask [B, P]); rows that end early are padded
+        after their eos (the tokenizer's: what the callers' masks read). Collective when `model` is ZeRO-3; `seed`
+        fixes the sampling and leaves the global RNG as it was; the time and tokens count towards `metrics()`."""
+        t0 = time.perf_counter()
+        sampling = dataclasses.replace(self.sampling(model), eos_token_ids=(self.eos,))
+        out = self._complete(model, prompt_ids, prompt_mask, sampling, seed=seed)
+        self._seconds += time.perf_counter() - t0
+        self._tokens += int(out.lengths.sum())
+        return out.tokens
+
+    def _complete(self, model: RoleModel, ids: torch.Tensor, mask: torch.Tensor, sampling: SamplingSpec, *, seed: int):
+        return generate_completions(model, ids, mask, sampling, seed=seed, batch_size=self.spec.generation_batch_size,
+                                    decode=self.spec.decode, gather=self._gathers(model), max_prompt_length=self.max_prompt_length,
+                                    expected_rows=self.rows_per_phase, reserve_bytes=self.reserve_bytes,
+                                    log=self.log if self.rank == 0 else None)
 
     def _gathers(self, model: RoleModel) -> bool:
         """Whether a ZeRO-3 `model` generates from gathered weights; decided once, by every rank together."""
@@ -136,8 +153,8 @@ class CompletionSampler:
                 self._gather[model.name] = self.spec.generation == "gather"
             if self.rank == 0:
                 how = "gathers its weights" if self._gather[model.name] else "stays sharded (synced_gpus)"
-                self.log(f"on-policy: {model.name} (ZeRO-3, {need / 2**30:.2f} GiB of weights) {how} to generate "
-                         f"[kd.on_policy.generation: {self.spec.generation}]")
+                why = "as every trainable ZeRO-3 role" if model.trainable else f"{self.key}.generation: {self.spec.generation}"
+                self.log(f"on-policy: {model.name} (ZeRO-3, {need / 2**30:.2f} GiB of weights) {how} to generate [{why}]")
         return self._gather[model.name]
 
     def metrics(self) -> dict[str, float]:
