@@ -153,6 +153,11 @@ class RoleTrainer:
     def check_plans(cls, recipe, plans) -> None:
         """Like `check_recipe`, once the roles' model configs are known (still before any weight loads)."""
 
+    @classmethod
+    def plan_notes(cls, recipe, plans, world_size: int) -> list[str]:
+        """Lines this algorithm adds to the printed plan (`--dry-run` and the start of a run), e.g. its generation memory."""
+        return []
+
     @property
     def compiled(self) -> bool:
         """Whether any role compiles its layers; the collators then pad to few widths (distill/compile.py)."""
@@ -179,7 +184,7 @@ class RoleTrainer:
             raise RuntimeError(f"launcher reports {world} processes but accelerate sees {self.world_size}")
         self.device = self.accelerator.device
         if self.accelerator.is_main_process:
-            self.log(format_plan(self.plans, self.world_size))
+            self.log("\n".join([format_plan(self.plans, self.world_size), *type(self).plan_notes(recipe, self.plans, self.world_size)]))
         else:
             datasets.disable_progress_bars()  # one set of bars per run, not one per rank
         self.data = self.build_data()

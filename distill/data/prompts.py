@@ -150,20 +150,26 @@ class PromptCollator:
 
 
 def with_completions(batch: dict[str, torch.Tensor], completions: torch.Tensor, *, eos_id: int, pad_id: int,
-                     pad_to_multiple_of: int | None = 8, max_length: int | None = None) -> dict[str, torch.Tensor]:
+                     pad_to_multiple_of: int | None = 8, max_length: int | None = None,
+                     lengths: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The batch re-built around generated completions, to be scored like dataset completions.
 
     ``completions`` [B, N] are the tokens generated after ``batch["prompt_ids"]``; each is cut
-    after its first ``eos`` (what follows is the generator's padding). Returns the batch with
+    after its first ``eos`` (what follows is the generator's padding), or after ``lengths`` [B]
+    tokens when given (the generator's count, which knows every eos id). Returns the batch with
     ``input_ids``, ``attention_mask``, ``labels`` [B, T'] replaced: prompt + completion,
     right-padded, predicting the completion tokens (eos included) of real rows only.
     """
     rows = []
     done = completions == eos_id  # [B, N]
+    cut = lengths.tolist() if lengths is not None else None
     for b in range(completions.shape[0]):
         prompt = batch["prompt_ids"][b][batch["prompt_mask"][b].bool()].tolist()
-        hit = done[b].nonzero()
-        n = int(hit[0]) + 1 if len(hit) else completions.shape[1]
+        if cut is not None:
+            n = cut[b]
+        else:
+            hit = done[b].nonzero()
+            n = int(hit[0]) + 1 if len(hit) else completions.shape[1]
         seq = prompt + completions[b, :n].tolist()
         rows.append({"input_ids": seq, "prompt_length": len(prompt) if bool(batch["real"][b]) else len(seq)})
     device = completions.device

@@ -17,7 +17,7 @@ from distill.losses.logps import logit_transform
 from distill.monitor import before_after_table
 from distill.recipe import Role, Section
 from distill.trainer import RoleTrainer, register_trainer
-from distill.trainers.on_policy import CompletionSampler, OnPolicySpec, completion_source
+from distill.trainers.on_policy import CompletionSampler, OnPolicySpec, completion_source, generation_plan, training_reserve
 
 
 class KDSpec(Section):
@@ -83,6 +83,10 @@ class DistillTrainer(RoleTrainer):
                 raise RecipeError(f"`kd.chunked: true` cannot reproduce `{name}`'s {transform}: set `kd.chunked: false`")
 
     @classmethod
+    def plan_notes(cls, recipe, plans, world_size: int) -> list[str]:
+        return generation_plan(recipe, plans, world_size) if recipe.kd.on_policy is not None else []
+
+    @classmethod
     def write_synthetic(cls, out_dir, seed: int, recipe=None) -> None:
         if recipe is not None and recipe.kd.on_policy is not None:
             write_prompt_dataset(out_dir, seed=seed)
@@ -116,17 +120,22 @@ class DistillTrainer(RoleTrainer):
         return data
 
     def prepare_step(self, step, micro_batches):
+        """One generation phase per writer and step: the prompts of every micro-batch a role writes, together."""
         op = self.recipe.kd.on_policy
         if op is None:
             return micro_batches
-        out = []
-        for i, batch in enumerate(micro_batches):
+        writers: dict[str, list[int]] = {}
+        for i in range(len(micro_batches)):
             source = completion_source(self.recipe.seed, step, i, op)
             if source != "data":
-                # One seed per (step, micro-batch, rank): ranks sample differently, a resumed run the same.
-                seed = hash((self.recipe.seed, step, i, self.rank)) % 2**63
-                batch = self.sampler.sample(self.models[source], batch, seed=seed)
-            out.append(batch)
+                writers.setdefault(source, []).append(i)
+        out = list(micro_batches)
+        for source, rows in writers.items():  # the same order on every rank: a ZeRO-3 writer's gathers pair up
+            # One seed per (step, writer, rank): ranks sample differently, a resumed run the same.
+            # (The writer by index: a str's hash changes between processes, which would break resuming.)
+            seed = hash((self.recipe.seed, step, ("student", "teacher").index(source), self.rank)) % 2**63
+            for i, batch in zip(rows, self.sampler.sample_many(self.models[source], [micro_batches[i] for i in rows], seed=seed)):
+                out[i] = batch
         return out
 
     def step_metrics(self):
@@ -135,8 +144,11 @@ class DistillTrainer(RoleTrainer):
     @property
     def sampler(self) -> CompletionSampler:
         if "_sampler" not in self.__dict__:
-            self._sampler = CompletionSampler(self.recipe.kd.on_policy, self.tokenizer, rank=self.rank, log=self.log,
-                                              padding=self.data.collator.padding)
+            op, d = self.recipe.kd.on_policy, self.recipe.data
+            self._sampler = CompletionSampler(op, self.tokenizer, rank=self.rank, log=self.log, padding=self.data.collator.padding,
+                                              max_prompt_length=d.max_length - op.max_new_tokens,
+                                              rows_per_phase=self.recipe.train.micro_batch_size * self.recipe.train.grad_accum,
+                                              reserve_bytes=training_reserve(self.plans, self.recipe, self.world_size))
         return self._sampler
 
     # -- the algorithm -----------------------------------------------------------------------------
