@@ -28,6 +28,8 @@ from typing import Any, Callable
 import torch
 from transformers.cache_utils import Cache
 
+from distill.sampling import sample_next
+
 MIN_ROWS = 8
 """The smallest batch bucket: fewer rows cost the same step on a GPU (the weights are read once per step)."""
 PREFILL_TOKENS = 32768
@@ -167,8 +169,6 @@ class DecodeEngine:
     # -- one step -------------------------------------------------------------------------------
     def _emit(self, logits: torch.Tensor, b: int, sampling, eos: torch.Tensor) -> None:
         """Sample token `t` of the first `b` rows from `logits` [b, V]; finished rows get pad. Graph-safe."""
-        from distill.generation import sample_next
-
         done = self.done[:b]
         nxt = sample_next(logits, sampling, eos, ban_eos=self.t < sampling.min_new_tokens)
         nxt = torch.where(done, sampling.pad_token_id, nxt)

@@ -22,7 +22,10 @@ from pydantic import Field
 
 from distill.data.loading import pad_id
 from distill.data.prompts import with_completions
-from distill.generation import SamplingSpec, generate_completions
+from distill.generation import (MEMORY_MARGIN, SamplingSpec, generate_completions, kv_bytes_per_row, resolve_decode,
+                                sampling_bytes_per_row)
+from distill.placement import device_memory
+from distill.plan import estimate_memory
 from distill.recipe import Section
 from distill.roles import RoleModel
 
@@ -182,8 +185,6 @@ def _free_memory(need_device: torch.device) -> int:
 def training_reserve(plans, recipe, world_size: int) -> int:
     """Bytes per GPU the training step allocates beside weights and optimizer state (activations, logits,
     gradients; `distill.plan.estimate_memory`): kept free of KV caches, which live across steps."""
-    from distill.plan import estimate_memory
-
     mem = dict(world_size=world_size, micro_batch_size=recipe.train.micro_batch_size, seq_len=recipe.data.max_length)
     return int(sum(e["activations"] + e["logits"] + e["gradients"] for e in (estimate_memory(p, **mem) for p in plans.values())))
 
@@ -191,10 +192,6 @@ def training_reserve(plans, recipe, world_size: int) -> int:
 def generation_plan(recipe, plans, world_size: int) -> list[str]:
     """The plan's lines on generation: per writing role, the decode mode and the KV cache a phase needs
     against the memory the training state leaves (all estimates, from the configs)."""
-    from distill.generation import kv_bytes_per_row, resolve_decode, sampling_bytes_per_row
-    from distill.placement import device_memory
-    from distill.plan import estimate_memory
-
     op, t = recipe.kd.on_policy, recipe.train
     device = device_memory()
     mem = dict(world_size=world_size, micro_batch_size=t.micro_batch_size, seq_len=recipe.data.max_length)
@@ -215,8 +212,6 @@ def generation_plan(recipe, plans, world_size: int) -> list[str]:
         if mode == "generate":
             line = f"generation ({name}): generate() ({why}); {per_phase}"
         elif device:
-            from distill.generation import MEMORY_MARGIN
-
             room = device * (1 - MEMORY_MARGIN) - state
             fit = max(0, int(room // per_row))
             line += (f"; the GPU's {device / 2**30:.1f} GiB less the training state (~{state / 2**30:.1f} GiB) hold "
