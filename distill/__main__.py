@@ -1,6 +1,7 @@
 """`distill train RECIPE.yaml [key=value ...]` (the console script) and `python -m distill ...`."""
 from __future__ import annotations
 
+import importlib
 import sys
 
 COMMANDS = {"train": "distill.train", "export": "distill.export", "report": "distill.report", "recipes": "distill.catalog"}
@@ -18,8 +19,6 @@ def main(argv: list[str] | None = None) -> int:
         asked = argv[:1] in (["-h"], ["--help"])
         print(USAGE, file=sys.stdout if asked else sys.stderr)
         return 0 if asked else 2
-    import importlib
-
     return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
 
 

@@ -1,6 +1,7 @@
 """Processes: who we are, and starting N of us through accelerate's launcher when asked."""
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sys
@@ -25,8 +26,6 @@ def leave(code: int) -> None:
     (metrics are appended line by line, trackers finished by the trainer); the streams are flushed here."""
     if not launched():
         sys.exit(code)
-    import logging
-
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

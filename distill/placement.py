@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import torch
+
 GIB = 2**30
 USABLE_FRACTION = 0.9
 """Share of a GPU's memory the planner counts on: the CUDA context, NCCL buffers and allocator
@@ -55,8 +57,6 @@ def device_memory() -> int | None:
     """
     if os.environ.get("DISTILL_GPU_MEMORY_GB"):
         return int(float(os.environ["DISTILL_GPU_MEMORY_GB"]) * GIB)
-    import torch
-
     if not torch.cuda.is_available():
         return None
     # Device properties create no CUDA context, so no rank leaves one on another rank's GPU.

@@ -92,8 +92,6 @@ def resolve_compile(plan: RolePlan) -> bool:
     than the run."""
     if plan.spec.compile is not None:
         return plan.spec.compile
-    import torch
-
     return torch.cuda.is_available() and plan.zero_stage < 3 and plan.spec.lora is None
 
 

@@ -13,6 +13,7 @@ from distill.launch import launched, leave, relaunch, world_info
 from distill.monitor import NonFiniteLoss
 from distill.plan import format_memory, format_plan
 from distill.preflight import preflight
+from distill.rewards import RewardError
 from distill.catalog import recipes_table
 from distill.trainers import load_recipe
 
@@ -39,7 +40,9 @@ def dry_run(recipe, trainer_cls, recipe_path: str) -> str:
               f"one process: python -m distill.train {recipe_path}")
     return "\n".join([format_plan(plans, world),
                       format_memory(plans, world_size=world, micro_batch_size=t.micro_batch_size, seq_len=recipe.data.max_length),
-                      f"launch: {launch}", "dry run: no weights loaded, no run directory written (missing synthetic data is written, as a run would)"])
+                      *trainer_cls.plan_notes(recipe, plans, world),
+                      f"launch: {launch}", "dry run: no weights loaded, no run directory written (with data.synthetic_seed, synthetic data is "
+                      "written into its directory when that directory does not exist yet, as a run would)"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(f"distill: stopped: {e}", file=sys.stderr)
         code = 3
+    except RewardError as e:  # raised on every rank together (distill.rewards.agree_on_error)
+        if rank == 0:
+            print(f"distill: stopped: {e}", file=sys.stderr)
+        code = 4
     except Exception:
         # An error of this rank alone: say it now, and leave the process group be. Destroying it waits for
         # the other ranks, which may sit in a collective this rank will never join; the run would hang with

@@ -40,7 +40,7 @@ def test_plain_cli_launches_two_processes_and_saves_a_loadable_student(assets, t
     run = tmp_path / "run"
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3, 4]
-    assert sum("eval/ce" in m for m in metrics) == 2  # step 2 and the end
+    assert [m["step"] for m in metrics if "eval/ce" in m] == [0, 2, 4]  # before training, step 2 and the end
     # Cosine schedule without warmup over 4 steps: step k (from 0) uses lr * (1 + cos(pi k / 4)) / 2.
     lrs = [m["lr"] for m in metrics if "loss" in m]
     assert lrs == pytest.approx([3e-3 * (1 + math.cos(math.pi * k / 4)) / 2 for k in range(4)], abs=1e-12)
@@ -129,15 +129,15 @@ def test_deepspeed_launcher_local_rank_argument_is_accepted():
 
 
 def test_help_lists_every_shipped_recipe_and_the_commands():
-    from tests.helpers import REPO
+    from distill.presets import shipped_recipes
 
     proc = subprocess.run([sys.executable, "-m", "distill", "train", "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0
-    for path in (REPO / "recipes").glob("*.yaml"):
-        assert f"recipes/{path.name}" in proc.stdout
+    for name in shipped_recipes():
+        assert f"\n  {name} " in proc.stdout
     assert "[dpo] DPO on synthetic preferences" in proc.stdout and "docs/recipe-reference.md" in proc.stdout
     top = subprocess.run([sys.executable, "-m", "distill", "--help"], capture_output=True, text=True, timeout=60)
-    assert top.returncode == 0 and all(f"distill {c} " in top.stdout for c in ("train", "export", "report"))
+    assert top.returncode == 0 and all(f"distill {c} " in top.stdout for c in ("train", "export", "report", "recipes"))
 
 
 FAILS_ON_ONE_RANK = """
@@ -157,9 +157,9 @@ class FailsOnRank1(DistillTrainer):
 
 
 def test_an_error_on_one_rank_ends_the_run_at_once_with_its_traceback(assets, tmp_path):
-    """The other rank waits in a collective that the failing one never joins. Before, the failing rank first
-    destroyed the process group, and on 2 GPUs (NCCL) that waited on the other rank: the run hung with its
-    error unsaid (a compiled run, docs/performance.md). Gloo does not wait there; the message tells."""
+    """The other rank waits in a collective that the failing one never joins. Were the failing rank to destroy
+    the process group first, under NCCL that would wait on the other rank and the run would hang with its error
+    unsaid (docs/gpu.md, "A rank fails"). Gloo does not wait there; the message tells."""
     (tmp_path / "fails_on_one_rank.py").write_text(FAILS_ON_ONE_RANK)
     path, _ = _write(tmp_path, assets, trainer="fails_on_one_rank:FailsOnRank1", launch={"timeout_s": 900})
     pythonpath = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)

@@ -14,7 +14,6 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from distill.errors import RecipeError
 
 PACKING_ATTENTION = ("sdpa", "eager", "flex_attention")
 """Attention implementations whose mask transformers builds from packed position_ids. The flash

@@ -7,10 +7,11 @@ from distill.presets import shipped_recipes
 from distill.recipe import read_recipe, validate_recipe
 from distill.trainers.distill import DistillTrainer
 from distill.trainers.dpo import DPOTrainer
+from distill.trainers.grpo import GRPOTrainer
 from distill.trainers.lm import LMTrainer
 from distill.trainer import TRAINERS, get_trainer, register_trainer
 
-__all__ = ["DPOTrainer", "DistillTrainer", "LMTrainer", "TRAINERS", "get_trainer", "load_recipe", "register_trainer"]
+__all__ = ["DPOTrainer", "DistillTrainer", "GRPOTrainer", "LMTrainer", "TRAINERS", "get_trainer", "load_recipe", "register_trainer"]
 
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None):
