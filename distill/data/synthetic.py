@@ -348,6 +348,20 @@ def write_dataset(
     })
 
 
+def cut_documents(lang: SyntheticLanguage, rng: random.Random, n: int, prompt_words: tuple[int, int], *,
+                  sentences, record) -> list[dict]:
+    """`n` records, each a document of `sentences(rng)` sentences cut after its first k words (k uniform on
+    `prompt_words`; documents no longer than k are skipped): `record(prompt, rest)` makes the record."""
+    lo, hi = prompt_words
+    records: list[dict] = []
+    while len(records) < n:
+        words = lang.sample_document(rng, sentences(rng)).split()
+        k = rng.randint(lo, hi)
+        if len(words) > k:
+            records.append(record(" ".join(words[:k]), " ".join(words[k:])))
+    return records
+
+
 def write_splits(out: Path, splits: dict[str, list[dict]], lang: SyntheticLanguage, meta: dict[str, Any]) -> dict[str, Any]:
     """Write `<split>.jsonl` for each split, the tokenizer, and last `meta.json`, whose presence
     marks the directory complete (see `existing_meta`). Returns the meta written."""
