@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> None:
                  "tokenizer": str(prefs / "tokenizer")},
         "train": {"micro_batch_size": 4, "grad_accum": 2, "max_steps": 4, "log_every": 1, "progress": False},
     }
+    # No eval samples: generating them builds the cache `generate` asks for; what is checked below is that the
+    # training and scoring forwards build none.
+    raw = deep_merge(raw, {"train": {"eval_samples": 0}})
     recipe = validate_recipe(deep_merge(raw, parse_overrides(overrides)), DPOTrainer)
 
     seen, first_step = [], []

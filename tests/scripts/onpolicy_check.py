@@ -36,14 +36,14 @@ def main(argv: list[str] | None = None) -> None:
     args = argv or sys.argv[1:]
     root, out_json, overrides = Path(args[0]), Path(args[1]), args[2:]
     teacher_dir = REPO / "assets" / "teacher"
-    write_prompt_dataset(root / "prompts", seed=0, n_train=64, n_eval=10)
+    write_prompt_dataset(root / "onpolicy_prompts", seed=0, n_train=64, n_eval=10)
     raw = {
         "trainer": "distill", "output_dir": str(root / "run"), "overwrite": True, "seed": 0,
         "student": {"config": TINY_LLAMA, "deepspeed": "zero2", "optimizer": {"lr": 3e-3}},
         "teacher": {"from_pretrained": str(teacher_dir), "deepspeed": "zero3"},
         "kd": {"loss": "generalized_jsd", "params": {"beta": 0.5}, "alpha": 0.5,
                "on_policy": {"lmbda": 0.5, "seq_kd": True, "max_new_tokens": 24}},
-        "data": {"train": str(root / "prompts/train.jsonl"), "eval": str(root / "prompts/eval.jsonl"), "max_length": 48},
+        "data": {"train": str(root / "onpolicy_prompts/train.jsonl"), "eval": str(root / "onpolicy_prompts/eval.jsonl"), "max_length": 48},
         "train": {"micro_batch_size": 4, "max_steps": 4, "log_every": 1, "progress": False},
         "launch": {"num_processes": 2, "timeout_s": 120},
     }
