@@ -11,7 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from distill.checkpoint import checkpoint_dir, latest_checkpoint
+from distill.checkpoint import checkpoint_dir, latest_checkpoint, safe_torch_load
+from distill.recipe import RecipeError
 
 
 def export_checkpoint(ckpt: Path, out: Path) -> list[str]:
@@ -24,7 +25,8 @@ def export_checkpoint(ckpt: Path, out: Path) -> list[str]:
     roles = sorted(p.name for p in ckpt.iterdir() if (p / "state").is_dir())
     for role in roles:
         src = ckpt / role
-        state = get_fp32_state_dict_from_zero_checkpoint(str(src), tag="state")
+        with safe_torch_load():  # tensors and DeepSpeed's records only: a tampered file cannot run code
+            state = get_fp32_state_dict_from_zero_checkpoint(str(src), tag="state")
         config = AutoConfig.from_pretrained(src)
         lora = read_spec(src)
         if lora is not None:
@@ -59,7 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"distill export: no complete checkpoint {'of step ' + str(args.step) + ' ' if args.step else ''}in "
               f"{args.run_dir}/checkpoints (found: {', '.join(have) or 'none'})", file=sys.stderr)
         return 2
-    roles = export_checkpoint(ckpt, args.out_dir)
+    try:
+        roles = export_checkpoint(ckpt, args.out_dir)
+    except RecipeError as e:
+        print(f"distill export: {e}", file=sys.stderr)
+        return 2
     print(f"exported {', '.join(roles)} from {ckpt} to {args.out_dir}")
     return 0
 

@@ -25,7 +25,25 @@ def read_metrics(run: Path) -> list[dict]:
     path = run / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{run} has no metrics.jsonl: is it a distill run directory?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return latest_timeline([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
+
+
+def latest_timeline(rows: list[dict]) -> list[dict]:
+    """The rows of the run as it went on last: a run resumed at step S logs steps after S again (a run
+    directory written before metrics were cut back on resume holds both), and the later rows win."""
+    out: list[dict] = []
+    top, keys_at_top = None, set()  # the highest step so far, and the keys logged at it
+    for row in rows:
+        step, keys = row.get("step", 0), set(row) - {"step"}
+        if top is not None and (step < top or (step == top and keys & keys_at_top)):  # logged again: a resume
+            out = [r for r in out if r.get("step", 0) < step]
+            top = None
+        out.append(row)
+        if top is None or step > top:
+            top, keys_at_top = step, keys
+        else:
+            keys_at_top |= keys if step == top else set()
+    return out
 
 
 def series(rows: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
