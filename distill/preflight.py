@@ -23,22 +23,15 @@ def preflight(recipe, trainer_cls, *, world_size: int, dry_run: bool = False):
     """Every check that needs no process and no weights: output dir, trackers, data paths, tokenizer, role plans.
 
     Outside a dry run, the process that owns the run directory (the launching one, or rank 0 under an outside
-    launcher) takes its lock first and, once every check passed, deletes an earlier run there (`overwrite`)."""
+    launcher) then takes its lock and deletes an earlier run there (`overwrite`)."""
     from distill.launch import launched, world_info
 
     out = Path(recipe.output_dir)
     check_output_dir(out)
-    owner = not dry_run and world_info()[0] == 0
-    if owner:
-        lock_run_dir(out)
     ckpt = latest_checkpoint(out) if recipe.resume else None
     if recipe.resume is True and ckpt is None:
         raise RecipeError(f"`resume: true`: {recipe.output_dir} has no complete checkpoint; start without --resume "
                           "(or set `resume: auto` to resume only when there is one)")
-    fresh = ckpt is None
-    if owner and fresh and holds_run(out) and not (recipe.overwrite or recipe.resume == "auto"):
-        raise RecipeError(f"`output_dir`: {out} already holds a run; continue it with --resume, choose another "
-                          "output_dir, or set overwrite=true (which deletes it)")
     if ckpt is not None:
         state = json.loads((ckpt / "trainer_state.json").read_text())
         written = state["world_size"]
@@ -73,9 +66,14 @@ def preflight(recipe, trainer_cls, *, world_size: int, dry_run: bool = False):
     if ckpt is not None:
         check_checkpoint_shapes(ckpt, plans)
     trainer_cls.check_plans(recipe, plans)
-    if owner and fresh and holds_run(out):  # every check passed: only now is the earlier run deleted
-        gone = clear_run(out)
-        print(f"distill: overwrite: deleted the earlier run in {out} ({', '.join(gone)})")
+    if not dry_run and world_info()[0] == 0:  # the owner of the run directory: the launching process, or rank 0
+        lock_run_dir(out)  # only now: a run refused above leaves no trace
+        if ckpt is None and holds_run(out):
+            if not (recipe.overwrite or recipe.resume == "auto"):
+                raise RecipeError(f"`output_dir`: {out} already holds a run; continue it with --resume, choose another "
+                                  "output_dir, or set overwrite=true (which deletes it)")
+            gone = clear_run(out)  # every check passed: only now is the earlier run deleted
+            print(f"distill: overwrite: deleted the earlier run in {out} ({', '.join(gone)})")
     return tokenizer, plans
 
 

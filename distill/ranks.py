@@ -38,7 +38,9 @@ class Watch:
     def __init__(self, store, rank: int):
         self._store, self.rank = store, rank
         self._local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        self._parent = os.getppid()
+        # The launchers that start ranks as their children: torchrun (and accelerate, plain distill) and deepspeed's.
+        # A rank started by hand from a shell may outlive that shell on purpose.
+        self._parent = os.getppid() if {"TORCHELASTIC_RUN_ID", "CROSS_RANK"} & set(os.environ) else None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="distill-watch", daemon=True)
         self._thread.start()
@@ -59,7 +61,7 @@ class Watch:
     def cause(self) -> tuple[int, str] | None:
         """(exit status, why) when this rank must stop for something outside it: another rank failed, its
         launcher is gone, or the store is; None while the job goes on."""
-        if os.getppid() != self._parent:
+        if self._parent is not None and os.getppid() != self._parent:
             return 1, f"its launcher (pid {self._parent}) is gone; stopping"
         try:
             if not self._store.check([FAILED_KEY]):
