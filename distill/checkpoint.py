@@ -103,8 +103,10 @@ def save_checkpoint(trainer, step: int, tokens_seen: int) -> Path:
 def _prune(root: Path, step: int, keep: int) -> None:
     """Keep the `keep` newest checkpoints by step number, the one of `step` among them. Any of a later step is
     from a timeline this run has left (it resumed from an earlier one) and goes too."""
-    done = sorted((step_of(p.name), p) for p in root.glob("step_*") if step_of(p.name) is not None and (p / STATE_FILE).is_file())
-    for s, old in [(s, p) for s, p in done if s > step] + [(s, p) for s, p in done if s <= step][:-keep]:
+    done = sorted((step_of(p.name), p) for p in root.glob("step_*")
+                  if step_of(p.name) is not None and (p / STATE_FILE).is_file())
+    later, kept = [p for s, p in done if s > step], [p for s, p in done if s <= step]
+    for old in later + kept[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 
