@@ -8,7 +8,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-from pathlib import Path
 
 import torch
 
@@ -64,25 +63,26 @@ def make_batches(a, mb: int, n: int, device) -> list[dict]:
 
 
 def recipe_for(a, mode: str, mb: int):
+    from distill.presets import deepspeed_presets
     from distill.recipe import deep_merge, parse_overrides, validate_recipe
     from distill.trainers.distill import DistillTrainer
 
     s, t = model_configs(a)
-    root = Path(__file__).resolve().parents[1] / "configs/deepspeed"
-    s_ds = json.loads((root / "zero2.json").read_text())
+    presets = deepspeed_presets()
+    s_ds = json.loads(presets["zero2"].read_text())
     s_ds["zero_optimization"].update(a.student_zero)
     if mode == "naive":  # what accelerate derives for `auto` from the hidden size
         s_ds["zero_optimization"]["reduce_bucket_size"] = s["hidden_size"] ** 2
     if mode in ("naive", "sharded_untuned"):
         # What accelerate/HF derive from the hidden size, and DeepSpeed's default live-parameter limits.
         h = t["hidden_size"]
-        zero = json.loads((root / "zero3.json").read_text())
+        zero = json.loads(presets["zero3"].read_text())
         zero["zero_optimization"].update(reduce_bucket_size=h * h, stage3_prefetch_bucket_size=int(0.9 * h * h),
                                          stage3_param_persistence_threshold=10 * h, stage3_max_live_parameters=10**9,
                                          stage3_max_reuse_distance=10**9)
         t_ds, placement = zero, "sharded"
     else:
-        t_ds, placement = json.loads((root / "zero3.json").read_text()), mode.split("_")[0]
+        t_ds, placement = json.loads(presets["zero3"].read_text()), mode.split("_")[0]
         t_ds["zero_optimization"].update(a.teacher_zero)
     raw = {"trainer": "distill", "output_dir": "/tmp/distill_throughput", "seed": a.seed,
            "student": {"config": s, "deepspeed": s_ds, "precision": a.dtype, "optimizer": {"lr": 1e-4}},
@@ -187,39 +187,33 @@ class Ours:
     """DistillTrainer's step on RoleManager roles, without data files (batches come from the benchmark)."""
 
     def __init__(self, a, plans, recipe, device, mode):
-        from distill.roles import RoleManager
-        from distill.monitor import Throughput
+        import distill.roles
         from distill.trainers.distill import DistillTrainer
 
-        import distill.roles
+        class Bench(DistillTrainer):  # the trainer through its public hooks: models built on the device, no data files
+            def build_data(self):
+                return _NoData()
 
-        self.manager = RoleManager(plans)
-        t = self.t = DistillTrainer.__new__(DistillTrainer)  # the loop's state, minus data and run directory
-        t.recipe, t.log, t.out, t.plans, t.manager = recipe, print, Path(recipe.output_dir), plans, self.manager
-        t.accelerator = self.manager.accelerator
-        t.rank, t.world_size, t.device = t.accelerator.process_index, t.accelerator.num_processes, t.accelerator.device
-        self.world = t.world_size
-        t.models, keep = {}, distill.roles.set_leaf_modules
+            def load_model(self, plan):
+                return load_fn(device)(plan)
+
+        keep = distill.roles.set_leaf_modules
         if mode in ("sharded_untuned", "sharded_noleaf"):
             distill.roles.set_leaf_modules = lambda model: []  # the ablation: each module gathered on its own
         try:
-            for name in plans:
-                torch.manual_seed(a.seed)
-                t.models[name] = self.manager.build(name, load_fn(device), t._make_optimizer)
-                setattr(t, name, t.models[name])
+            self.t = Bench(recipe, plans=plans)
         finally:
             distill.roles.set_leaf_modules = keep
-        t.trainable = t.student
-        self.meter, self.n = Throughput(), 0
+        self.manager, self.world, self.n = self.t.manager, self.t.world_size, 0
 
     def step(self, batch):
         self.n += 1
-        self.t._train_step(self.n, [batch], self.meter, _NoBar())
+        self.t.train_step(self.n, [batch])
 
     def phases(self, batch, tick):
         t, m = self.t, self.manager
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        n = t._all_reduce((batch["labels"] != -100).sum())
+        n = t.all_reduce((batch["labels"] != -100).sum())
         tick(None)
         with m.use("teacher"):
             tick("role_switch")
@@ -239,13 +233,15 @@ class Ours:
         tick("optimizer")
 
     def close(self):
-        if "_overlap" in self.t.__dict__:
-            self.t._overlap.close()
+        self.t.close()
         for m in self.t.models.values():
             m.engine.destroy()
         del self.t, self.manager
 
 
-class _NoBar:
-    def update(self, *_): ...
-    def set_postfix(self, **_): ...
+class _NoData:
+    """The data of a trainer fed by the benchmark: an epoch longer than any run, nothing to evaluate."""
+
+    steps_per_epoch, eval = 10**9, None
+
+    def check(self): ...

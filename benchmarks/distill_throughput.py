@@ -26,7 +26,7 @@ drawn once from --seed, no padding) and models of the same configs, random init:
   teacher forward, `accelerator.backward` + `optimizer.step` in a plain loop.
 * `sharded`, `replicated`, `offload`, `auto`, and two ablations of `sharded`: `sharded_noleaf`
   (the tuned ZeRO-3 settings, each module gathered on its own) and `sharded_untuned` (naive's
-  teacher config, no leaf modules: our loop and role switch alone): DistillTrainer's step (`RoleTrainer._train_step`:
+  teacher config, no leaf modules: our loop and role switch alone): DistillTrainer's step (`RoleTrainer.train_step`:
   `loss_step` + the student's backward and step, the token all-reduces) on roles built by
   RoleManager from a recipe made in code, with `teacher.placement` set to the mode (`auto`: what
   the planner picks; the JSON says which).

@@ -3,7 +3,7 @@
     python benchmarks/logps_memory.py                      # the DPO benchmark's head: H 1024, V 32000, bf16
     python benchmarks/logps_memory.py --tokens 8192 --vocab 128256
 
-Counts CPU allocations with torch.profiler (distill.testing.peak_cpu_bytes): the tensors made are the
+Counts CPU allocations with torch.profiler (tests.helpers.peak_cpu_bytes): the tensors made are the
 ones the same code makes on a GPU, where torch.cuda.max_memory_allocated would count them.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ def main(argv=None) -> dict:
     p.add_argument("--vocab", type=int, default=32000)
     a = p.parse_args(argv)
     from distill.losses.logps import head_sequence_logps, sequence_logps
-    from distill.testing import peak_cpu_bytes
+    from tests.helpers import peak_cpu_bytes
 
     torch.manual_seed(0)
     hidden = torch.randn(1, a.tokens, a.hidden, dtype=torch.bfloat16, requires_grad=True)

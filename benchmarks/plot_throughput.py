@@ -1,10 +1,11 @@
 """Plot tokens/s/GPU and peak memory of the distillation benchmark: naive loop against our trainer.
 
-    python benchmarks/plot_throughput.py benchmarks/results/call2_0.3b_1.4b.json benchmarks/results/call2_1b_7b.json \
-        --out docs/img/distill_throughput.png
+    R=benchmarks/results
+    python benchmarks/plot_throughput.py $R/throughput_0.3b_1.4b_compiled_h200x2.json $R/throughput_1b_7b_h200x4.json \
+        $R/throughput_1b_7b_compiled_h200x4.json --out docs/img/distill_throughput.png
 
-Reads the JSON that benchmarks/distill_throughput.py writes (one file per model pair, all modes of
-one call, so the bars of a panel come from the same machine) and draws, per pair, tokens/s/GPU with
+Reads the JSON that benchmarks/distill_throughput.py writes (one file per launch, all its modes, so the
+bars of a panel come from the same machine) and draws, per pair, tokens/s/GPU with
 MFU above each bar, and peak memory per rank, grouped by micro-batch.
 """
 from __future__ import annotations

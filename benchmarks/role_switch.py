@@ -19,7 +19,8 @@ def main() -> None:
     from transformers import LlamaConfig
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    from distill.plan import RolePlan, role_ds_config
+    from distill.dsconfig import role_ds_config
+    from distill.plan import RolePlan
     from distill.recipe import Role
     from distill.roles import RoleManager
 

@@ -1,8 +1,10 @@
 """distill: knowledge distillation and preference training with one DeepSpeed setup per model role."""
-from distill.recipe import RecipeError, Role
+from distill.errors import RecipeError
+from distill.recipe import Role
 from distill.roles import RoleManager, RoleModel
 from distill.trainer import RoleTrainer
-from distill.trainers import register_trainer
+from distill.trainers import DistillTrainer, DPOTrainer, GRPOTrainer, LMTrainer, load_recipe, register_trainer
 
-__all__ = ["RecipeError", "Role", "RoleManager", "RoleModel", "RoleTrainer", "register_trainer"]
+__all__ = ["DPOTrainer", "DistillTrainer", "GRPOTrainer", "LMTrainer", "RecipeError", "Role", "RoleManager", "RoleModel", "RoleTrainer",
+           "load_recipe", "register_trainer"]
 __version__ = "0.1.0"

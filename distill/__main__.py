@@ -1,12 +1,14 @@
 """`distill train RECIPE.yaml [key=value ...]` (the console script) and `python -m distill ...`."""
 from __future__ import annotations
 
+import importlib
 import sys
 
-COMMANDS = {"train": "distill.train", "export": "distill.export", "report": "distill.report"}
-USAGE = """usage: distill {train,export,report} ...
+COMMANDS = {"train": "distill.train", "export": "distill.export", "report": "distill.report", "recipes": "distill.catalog"}
+USAGE = """usage: distill {train,export,report,recipes} ...
 
-  distill train RECIPE.yaml [key.sub=value ...] [--resume] [--dry-run]   train (lists the shipped recipes: distill train --help)
+  distill train RECIPE.yaml [key.sub=value ...] [--resume] [--dry-run]   train (a file, or a shipped recipe's name)
+  distill recipes [copy NAME [DEST]]                                     the shipped recipes; copy one out to edit
   distill export RUN_DIR OUT_DIR [--step N]                              a checkpoint's roles as plain HF models
   distill report RUN_DIR                                                 plots and a summary of a run's metrics"""
 
@@ -17,8 +19,6 @@ def main(argv: list[str] | None = None) -> int:
         asked = argv[:1] in (["-h"], ["--help"])
         print(USAGE, file=sys.stdout if asked else sys.stderr)
         return 0 if asked else 2
-    import importlib
-
     return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
 
 

@@ -19,6 +19,7 @@ roles are not saved: they are reloaded from their source, which `trainer_state.j
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import pickle
@@ -30,7 +31,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from distill.recipe import RecipeError
+from distill.errors import RecipeError
+from distill.lora import write_spec
 
 STATE_FILE = "trainer_state.json"
 
@@ -75,8 +77,6 @@ def save_checkpoint(trainer, step: int, tokens_seen: int) -> Path:
             (partial / role.name / "scheduler.json").write_text(json.dumps(role.scheduler.state_dict()))
             role.module.config.save_pretrained(partial / role.name)
             if role.plan.spec.lora is not None:
-                from distill.lora import write_spec
-
                 write_spec(partial / role.name, role.plan.spec.lora)
             trainer.tokenizer.save_pretrained(partial / role.name)
     rng = {"torch": torch.get_rng_state()}
@@ -145,8 +145,6 @@ def safe_torch_load():
     """Within the block, every `torch.load` (DeepSpeed's, zero_to_fp32's) reads with `weights_only=True`: tensors,
     containers and DEEPSPEED_PICKLED only, so a tampered checkpoint file cannot run code. A file holding anything
     else is refused with a RecipeError naming it."""
-    import importlib
-
     classes = []
     for dotted in DEEPSPEED_PICKLED:
         module, name = dotted.rsplit(".", 1)

@@ -9,8 +9,12 @@ import json
 import tempfile
 from pathlib import Path
 
+import torch
+from transformers import AutoConfig
+
 from distill.data.text import looks_like_path
-from distill.recipe import RecipeError
+from distill.errors import RecipeError
+from distill.models import MODEL_CLASSES
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
@@ -102,12 +106,13 @@ def _check_safetensors(file: Path, key: str) -> None:
 
 
 def check_vocab_sizes(plans, tokenizer, recipe) -> None:
-    """Every role's embedding covers the tokenizer's ids: an id past `vocab_size` would index outside it."""
+    """Every language model role's embedding covers the tokenizer's ids: an id past `vocab_size` would index
+    outside it. (A sequence classifier may bring its own tokenizer; its trainer tokenizes for it.)"""
     n = len(tokenizer)
     tok_key = "data.tokenizer" if recipe.data.tokenizer else "the tokenizer of the first pretrained role"
     for name, plan in plans.items():
         vocab = getattr(plan.model_config, "vocab_size", None)
-        if vocab is None or vocab >= n:
+        if plan.spec.model_class != "causal_lm" or vocab is None or vocab >= n:
             continue
         if plan.spec.from_pretrained:
             raise RecipeError(f"`{name}.from_pretrained`: the model at {plan.spec.from_pretrained} has vocab_size {vocab}, "
@@ -137,30 +142,25 @@ def check_jsonl(key: str, source: str | None) -> None:
                                       '({"text": ...}); each line must be one record')
 
 
-def param_shapes(model_config) -> dict[str, tuple]:
+def param_shapes(model_config, model_class: str = "causal_lm") -> dict[str, tuple]:
     """Parameter name -> shape of a model built from `model_config` on the meta device (no memory)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config)
+        model = MODEL_CLASSES[model_class].from_config(model_config)
     return {n: tuple(p.shape) for n, p in model.named_parameters()}
 
 
 def check_checkpoint_shapes(ckpt: Path, plans) -> None:
     """Each trainable role saved in `ckpt` has the shapes this run's model of that role has."""
-    from transformers import AutoConfig
-
     for name, plan in plans.items():
         saved = ckpt / name / "config.json"
         if not plan.spec.trainable or not saved.is_file():
             continue
         try:
-            theirs = param_shapes(AutoConfig.from_pretrained(ckpt / name))
+            theirs = param_shapes(AutoConfig.from_pretrained(ckpt / name), plan.spec.model_class)
         except (OSError, ValueError) as e:
             raise RecipeError(f"`resume`: {saved} cannot be read ({e.__class__.__name__}); the checkpoint is damaged: "
                               "resume from another one (delete this step) or start afresh") from None
-        ours = param_shapes(plan.model_config)
+        ours = param_shapes(plan.model_config, plan.spec.model_class)
         diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
         if diff:
             shown = ", ".join(f"{k}: {theirs.get(k)} -> {ours.get(k)}" for k in diff[:3])

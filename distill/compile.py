@@ -7,10 +7,10 @@ anything compiled. What it buys: fewer, fused kernels in each layer, which is wh
 step is short of when its GPU waits on kernel launches (docs/performance.md).
 
 Why static graphs: left to itself, torch recompiles a layer for symbolic sizes at the second batch
-shape it sees, and at 0.3B/1.4B, mb 8, that graph made 45679 tokens/s/GPU where static ones made
-65701 and 73939 (2 H200s, three machines, docs/performance.md). So each shape gets its own graph,
+shape it sees, and that dynamic graph is markedly slower than static ones (docs/performance.md). So each
+shape gets its own graph,
 and the data keeps the shapes few: when a role compiles, the collators pad every batch to one of
-`WIDTHS` lengths up to `data.max_length` (`collator_padding`), not to the next multiple of 8.
+`WIDTHS` lengths up to `data.max_length` (`distill.data.loading.collator_padding`), not to the next multiple of 8.
 Generation runs uncompiled (`RoleModel.generate`): each decoding step has another cache length, so
 another static graph. And when the frozen role's forward runs beside the trainable one's, a call that needs
 a graph not compiled yet stops and runs again alone (distill/overlap.py): torch refuses a compiled call from
@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import torch
 
-WIDTHS = 8
-"""Sequence lengths a batch is padded to when a role compiles: multiples of `data.max_length / WIDTHS`. More
-widths pad less (at most `max_length / WIDTHS` tokens a row past the longest) but compile more graphs."""
+from distill.models import leaf_module_classes
+
 SHAPES = 32
 """Static graphs kept per layer (torch's own limit is 8): the widths times the batch sizes a run sees
 (training, the last eval batch, DPO's chosen-and-rejected rows). A shape past it runs uncompiled, and
@@ -32,8 +31,6 @@ torch warns once."""
 def compile_layers(model: torch.nn.Module, *, backend: str = "inductor") -> int:
     """Compile, in place, every module whose class is one of the model's `_no_split_modules` (its
     decoder layers), static shapes; returns how many. Raises when the model names no such class."""
-    from distill.roles import leaf_module_classes  # the same layer classes ZeRO-3 gathers as one unit
-
     names = set(leaf_module_classes(model))
     layers = [m for m in model.modules() if type(m).__name__ in names]
     if not layers:
@@ -42,12 +39,3 @@ def compile_layers(model: torch.nn.Module, *, backend: str = "inductor") -> int:
     for layer in layers:
         layer.compile(backend=backend, dynamic=False)
     return len(layers)
-
-
-def collator_padding(max_length: int, compiled: bool) -> dict[str, int]:
-    """The `pad_to_multiple_of` and `max_length` of a run's collators: multiples of 8 when no role compiles;
-    else `WIDTHS` widths, the last `max_length`, so that a compiled layer sees few shapes."""
-    if not compiled:
-        return {"pad_to_multiple_of": 8, "max_length": max_length}
-    step = -(-max_length // WIDTHS)
-    return {"pad_to_multiple_of": max(8, -(-step // 8) * 8), "max_length": max_length}

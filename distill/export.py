@@ -11,17 +11,17 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+from transformers import AutoConfig, AutoTokenizer
+
 from distill.checkpoint import checkpoint_dir, latest_checkpoint, safe_torch_load
-from distill.recipe import RecipeError
+from distill.errors import RecipeError
+from distill.lora import read_spec, save_lora
+from distill.models import class_of_saved
 
 
 def export_checkpoint(ckpt: Path, out: Path) -> list[str]:
-    import torch
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from distill.lora import read_spec, save_lora
-
     roles = sorted(p.name for p in ckpt.iterdir() if (p / "state").is_dir())
     for role in roles:
         src = ckpt / role
@@ -34,7 +34,7 @@ def export_checkpoint(ckpt: Path, out: Path) -> list[str]:
             AutoTokenizer.from_pretrained(src).save_pretrained(out / role)
             continue
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+            model = class_of_saved(config).from_config(config)
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
         model.tie_weights()
         untied = [k for k in missing if model.get_parameter(k).is_meta] if missing else []

@@ -1,6 +1,7 @@
 """Processes: who we are, and starting N of us through accelerate's launcher when asked."""
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sys
@@ -41,8 +42,6 @@ def leave(code: int) -> None:
     if not launched():
         sys.exit(code)
     record_exit(code)
-    import logging
-
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -16,8 +16,10 @@ import warnings
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM
 
-from distill.recipe import LoRASpec, RecipeError
+from distill.errors import RecipeError
+from distill.recipe import LoRASpec
 
 LORA_FILE = "lora.json"
 
@@ -55,8 +57,6 @@ def apply_lora(model: torch.nn.Module, spec: LoRASpec, name: str) -> torch.nn.Mo
 
 def lora_param_counts(model_config, spec: LoRASpec, name: str) -> tuple[int, int]:
     """(all, trainable) parameters of the wrapped model, built on the meta device; checks the targets."""
-    from transformers import AutoModelForCausalLM
-
     with torch.device("meta"):
         model = apply_lora(AutoModelForCausalLM.from_config(model_config), spec, name)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -66,8 +66,6 @@ def lora_param_counts(model_config, spec: LoRASpec, name: str) -> tuple[int, int
 def save_lora(out_dir: Path, spec: LoRASpec, model_config, state: dict[str, torch.Tensor], base: str | None) -> None:
     """Write the merged model to out_dir and the adapter to out_dir/adapter/, from a full state dict of the
     wrapped model (as `Accelerator.get_state_dict` or `zero_to_fp32` give it)."""
-    from transformers import AutoModelForCausalLM
-
     with torch.device("meta"):
         model = apply_lora(AutoModelForCausalLM.from_config(model_config), spec, "lora")
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)

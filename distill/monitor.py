@@ -4,8 +4,6 @@ from __future__ import annotations
 import signal
 import time
 
-import torch
-
 
 class NonFiniteLoss(RuntimeError):
     """Too many steps in a row with a NaN/Inf loss; raised on every rank at the same step."""
@@ -25,7 +23,8 @@ class Throughput:
 
 
 class StopOnSignal:
-    """Turns SIGTERM/SIGINT into a request to stop after the current step, agreed by every rank."""
+    """Turns SIGTERM/SIGINT into a request to stop after the current step, agreed by every rank through the
+    step's one all-reduce (`RoleTrainer.train_step`)."""
 
     def __init__(self):
         self.signal_name: str | None = None
@@ -39,9 +38,14 @@ class StopOnSignal:
     def _handle(self, signum, frame) -> None:
         self.signal_name = signal.Signals(signum).name
 
-    def agreed(self, all_reduce) -> bool:
-        """Collective: true on every rank when a signal reached any rank (one tiny all-reduce a step)."""
-        if int(all_reduce(torch.tensor(int(self.signal_name is not None)))) == 0:
+    @property
+    def requested(self) -> bool:
+        """A signal reached this rank; the trainer votes with it in the step's all-reduce."""
+        return self.signal_name is not None
+
+    def agree(self, votes: int) -> bool:
+        """True on every rank when `votes` (the ranks a signal reached, summed over all) is not 0."""
+        if votes == 0:
             return False
         self.signal_name = self.signal_name or "a signal to another rank"
         return True

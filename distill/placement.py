@@ -5,14 +5,17 @@ and the forward. Replicated ("gather once and keep") is the fastest forward; ZeR
 gathers every layer on every forward; parameter offload saves GPU memory at the price of PCIe copies.
 `choose_placement` picks the fastest one that fits; the recipe's `<role>.placement` overrides it.
 
-Measured on 2 H100/H200s (docs/performance.md): a ZeRO-3 teacher forward of ~1.4B parameters took
-2.5-6.8x the replicated one with DeepSpeed's defaults, and 1.2-1.9x once whole decoder layers are
-gathered as one unit (leaf modules) with prefetch and live-parameter limits scaled to a layer.
+A sharded forward gathers every layer on every call: with DeepSpeed's defaults (each Linear gathered
+on its own) that is several times the replicated forward; gathering whole decoder layers as one unit
+(leaf modules) with prefetch and live-parameter limits scaled to a layer brings it close
+(docs/performance.md has the figures).
 """
 from __future__ import annotations
 
 import os
 from typing import Any
+
+import torch
 
 GIB = 2**30
 USABLE_FRACTION = 0.9
@@ -54,8 +57,6 @@ def device_memory() -> int | None:
     """
     if os.environ.get("DISTILL_GPU_MEMORY_GB"):
         return int(float(os.environ["DISTILL_GPU_MEMORY_GB"]) * GIB)
-    import torch
-
     if not torch.cuda.is_available():
         return None
     # Device properties create no CUDA context, so no rank leaves one on another rank's GPU.

@@ -9,12 +9,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from typing import Any
+
+from transformers import AutoTokenizer
+
 from distill.checkpoint import latest_checkpoint
 from distill.checks import check_checkpoint_shapes, check_jsonl, check_model_files, check_output_dir, check_vocab_sizes
 from distill.data.loading import ensure_synthetic
+from distill.data.packing import PACKING_ATTENTION
 from distill.data.text import looks_like_path
-from distill.plan import check_model_source, plan_roles
-from distill.recipe import RecipeError, Role
+from distill.errors import RecipeError
+from distill.launch import launched, world_info
+from distill.models import check_model_source, load_model_config
+from distill.plan import plan_roles
+from distill.recipe import Role
 from distill.rundir import check_resume_identity, clear_run, holds_run, lock_run_dir
 from distill.tracking import check_installed
 
@@ -24,8 +32,6 @@ def preflight(recipe, trainer_cls, *, world_size: int, dry_run: bool = False):
 
     Outside a dry run, the process that owns the run directory (the launching one, or rank 0 under an outside
     launcher) then takes its lock and deletes an earlier run there (`overwrite`)."""
-    from distill.launch import launched, world_info
-
     out = Path(recipe.output_dir)
     check_output_dir(out)
     ckpt = latest_checkpoint(out) if recipe.resume else None
@@ -58,8 +64,6 @@ def preflight(recipe, trainer_cls, *, world_size: int, dry_run: bool = False):
         check_model_files(name, getattr(recipe, name))
     tokenizer = _load_tokenizer(recipe, trainer_cls.roles)
     if recipe.data.packing:
-        from distill.data.packing import check_packing_attention
-
         check_packing_attention({n: getattr(recipe, n) for n in trainer_cls.built_roles(recipe)}, len(tokenizer))
     plans = plan_roles(recipe, trainer_cls, world_size=world_size, vocab_size=len(tokenizer))
     check_vocab_sizes(plans, tokenizer, recipe)
@@ -78,10 +82,10 @@ def preflight(recipe, trainer_cls, *, world_size: int, dry_run: bool = False):
 
 
 def _load_tokenizer(recipe, roles: dict[str, Role]):
-    """The data tokenizer; every pretrained role that ships a tokenizer must agree with it."""
-    from transformers import AutoTokenizer
-
-    sources = [getattr(recipe, n).from_pretrained for n in roles if getattr(recipe, n).from_pretrained]
+    """The data tokenizer; every pretrained causal LM role that ships a tokenizer must agree with it. A sequence
+    classifier (a reward model) may bring its own: its trainer gives it text to tokenize (GRPO's reward role)."""
+    sources = [getattr(recipe, n).from_pretrained for n in roles
+               if getattr(recipe, n).from_pretrained and getattr(recipe, n).model_class == "causal_lm"]
     path = recipe.data.tokenizer or (sources[0] if sources else None)
     if path is None:
         raise RecipeError("`data.tokenizer`: no role is loaded from_pretrained, so name a tokenizer directory")
@@ -101,3 +105,17 @@ def _load_tokenizer(recipe, roles: dict[str, Role]):
                 raise RecipeError(f"tokenizer of `{src}` differs from `{path}`: roles must share one tokenizer "
                                   "(token ids are compared position by position)")
     return tok
+
+
+def check_packing_attention(roles: dict[str, Any], vocab_size: int | None) -> None:
+    """Refuse roles (name -> `Role`) whose attention implementation would let packed documents see each other.
+
+    Read from the model configs alone, before any model is built (a flash-attention model cannot even be
+    sized where the kernels are not installed)."""
+    for name, spec in roles.items():
+        impl = getattr(load_model_config(name, spec, vocab_size), "_attn_implementation", None)
+        if impl is not None and impl not in PACKING_ATTENTION:
+            where = (f"`{name}.config.attn_implementation: sdpa`" if spec.config is not None else
+                     f"`attn_implementation: sdpa` in {spec.from_pretrained}/config.json")
+            raise RecipeError(f"`data.packing: true` needs attention that keeps packed documents apart "
+                              f"({', '.join(PACKING_ATTENTION)}); `{name}` uses {impl}: set {where}, or `data.packing: false`")

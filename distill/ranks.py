@@ -17,6 +17,9 @@ import socket
 import sys
 import threading
 
+import torch
+import torch.distributed as dist
+
 from distill.launch import launched, record_exit, world_info
 
 FAILED_KEY = "distill/failed"
@@ -95,9 +98,6 @@ class Watch:
 
 def join(timeout_s: int) -> Watch:
     """Start the process group (the one accelerate and DeepSpeed then use) and this rank's watchdog."""
-    import torch
-    import torch.distributed as dist
-
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":

@@ -14,16 +14,17 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEEPSPEED_CONFIG_DIR = REPO_ROOT / "configs" / "deepspeed"
+from distill.dsconfig import role_ds_config
+from distill.errors import RecipeError
+from distill.presets import resolve_deepspeed, resolve_shipped, shipped_recipes
 
-
-class RecipeError(ValueError):
-    """A recipe that cannot run; the message names the key and the fix."""
+TRACKERS = ("tensorboard", "wandb")
+"""Trackers `train.report_to` may name; each is an accelerate `LoggerType` of the same name."""
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+    # protected_namespaces: `Role.model_class` is a recipe key, not pydantic's.
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True, protected_namespaces=())
 
 
 class OptimizerSpec(Section):
@@ -77,7 +78,11 @@ class Role(Section):
     trainable: bool = False
     """Whether the role gets gradients and an optimizer."""
     from_pretrained: str | None = None
-    """A local directory (or hub name) loaded with `AutoModelForCausalLM.from_pretrained`."""
+    """A local directory (or hub name) loaded with `from_pretrained` of the `model_class`; `distill:assets/teacher`
+    is the small teacher the package ships."""
+    model_class: Literal["causal_lm", "sequence_classification"] = "causal_lm"
+    """What the role's model is: a causal LM (`AutoModelForCausalLM`), or a sequence classifier
+    (`AutoModelForSequenceClassification`, e.g. a reward model with `num_labels: 1`)."""
     config: dict[str, Any] | None = None
     """A transformers config (with `model_type`) for a randomly initialised model; `vocab_size`
     defaults to the tokenizer's length."""
@@ -104,8 +109,7 @@ class Role(Section):
     compile: bool | None = None
     """torch.compile each decoder layer (one static graph per batch shape): fewer, fused kernels. null (the default):
     on GPUs where the role's weights are whole on each GPU (ZeRO 0-2, a replicated frozen role) and it has no LoRA
-    adapter; off on CPU. On H200s: 1.28x the tokens/s of plain layers at 1B/7B, 1.27x in DPO, 1.39x in the
-    0.3B/1.4B recipe after ~18 s of compiling (docs/performance.md). Each new batch shape compiles once, so batches
+    adapter; off on CPU. What it gains, and the compile time it costs: docs/performance.md. Each new batch shape compiles once, so batches
     are padded to one of 8 widths up to `data.max_length`; generation runs uncompiled. `true` is refused with ZeRO-3
     (its per-module hooks gather weights inside the layers); `false` for plain layers."""
     weights_from: str | None = None
@@ -115,6 +119,11 @@ class Role(Section):
     """Allow model code from the checkpoint directory to run. Off unless you trust the source."""
     lora: LoRASpec | None = None
     """Train a LoRA adapter instead of the whole model (trainable roles); see docs/lora.md."""
+
+    @field_validator("from_pretrained")
+    @classmethod
+    def _shipped(cls, v: str | None) -> str | None:
+        return None if v is None else resolve_shipped(v)
 
     @model_validator(mode="after")
     def _check(self) -> "Role":
@@ -140,8 +149,6 @@ class Role(Section):
 
     @property
     def zero_stage(self) -> int:
-        from distill.plan import resolve_deepspeed  # the file is read once per call; cheap and not hot
-
         return int(resolve_deepspeed(self.deepspeed)["zero_optimization"].get("stage", 0))
 
 
@@ -204,9 +211,11 @@ class TrainSpec(Section):
     @field_validator("report_to", mode="before")
     @classmethod
     def _tracker_names(cls, v: Any) -> Any:
-        from distill.tracking import check_report_to  # it imports this module
-
-        return check_report_to(v)
+        choices = f"auto, none, {', '.join(TRACKERS)}, or a list of {' and '.join(TRACKERS)}"
+        for name in v if isinstance(v, list) else [v]:
+            if not isinstance(name, str) or name not in TRACKERS + (("auto", "none") if not isinstance(v, list) else ()):
+                raise ValueError(f"unknown tracker {name!r}: choose {choices}")
+        return v
 
 
 class LaunchSpec(Section):
@@ -305,6 +314,24 @@ def _describe(err: dict, model: type[BaseModel], raw: dict) -> str:
     return f"`{key or '<recipe>'}`: {err['msg']}{got_s}"
 
 
+def read_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> dict:
+    """A recipe file as a mapping, dotted overrides merged in; not validated (that needs its trainer)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file `{path}` does not exist; shipped recipes, to run by name or copy out with "
+                          f"`distill recipes copy NAME`: {', '.join(shipped_recipes())}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"recipe `{path}` is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"recipe `{path}` must be a mapping of keys, got {type(raw).__name__}")
+    raw = deep_merge(raw, parse_overrides(overrides or []))
+    if "trainer" not in raw:
+        raise RecipeError(f"recipe `{path}` has no `trainer:` key; add e.g. `trainer: distill`")
+    return raw
+
+
 def validate_recipe(raw: dict, trainer_cls) -> RecipeBase:
     """Merge the trainer's role defaults under the recipe's role blocks and validate everything."""
     raw = dict(raw)
@@ -328,17 +355,16 @@ def validate_recipe(raw: dict, trainer_cls) -> RecipeBase:
             other = getattr(recipe, src)
             role.from_pretrained, role.config = other.from_pretrained, other.config
             role.trust_remote_code = other.trust_remote_code
-        if role.from_pretrained is None and role.config is None:
+        if role.from_pretrained is None and role.config is None and name in trainer_cls.built_roles(recipe):
             raise RecipeError(f"`{name}`: say where the model comes from: `{name}.from_pretrained: DIR` or `{name}.config: {{model_type: llama, ...}}`")
-        from distill.plan import role_ds_config  # a dry build of the DeepSpeed config catches impossible setups now
-
+        # A dry build of the DeepSpeed config catches impossible setups now.
         t = recipe.train
         role_ds_config(name, role, micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum, world_size=1,
                        grad_clip=t.grad_clip, hidden_size=1)
     checkpointed = [n for n in trainer_cls.roles if getattr(recipe, n).trainable and getattr(recipe, n).gradient_checkpointing]
     if recipe.train.overlap_frozen and checkpointed:
-        # On H100s the recomputed attention of a checkpointed layer differed from its forward when a frozen
-        # role's forward had run beside it (torch's CheckpointError); docs/performance.md.
+        # The recomputed attention of a checkpointed layer can differ from its forward when a frozen role's
+        # forward ran beside it on another stream (torch's CheckpointError, seen on GPUs).
         raise RecipeError(f"`train.overlap_frozen: true` cannot be combined with `{checkpointed[0]}.gradient_checkpointing: true`: "
                           "set one of them to false (null, the default, turns the overlap off for checkpointed runs)")
     if recipe.data.packing and not getattr(trainer_cls, "supports_packing", False):
@@ -346,25 +372,3 @@ def validate_recipe(raw: dict, trainer_cls) -> RecipeBase:
                           "(it needs its own batches, e.g. prompts or preference pairs): set `data.packing: false`")
     trainer_cls.check_recipe(recipe)
     return recipe
-
-
-def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None):
-    """Read a recipe file, apply dotted overrides, resolve its trainer, validate. Loads no model."""
-    from distill.trainers import get_trainer
-
-    path = Path(path)
-    if not path.is_file():
-        shipped = sorted(p.name for p in (REPO_ROOT / "recipes").glob("*.yaml"))
-        raise RecipeError(f"recipe file `{path}` does not exist; shipped recipes in recipes/: {', '.join(shipped)}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise RecipeError(f"recipe `{path}` is not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise RecipeError(f"recipe `{path}` must be a mapping of keys, got {type(raw).__name__}")
-    raw = deep_merge(raw, parse_overrides(overrides or []))
-    if "trainer" not in raw:
-        raise RecipeError(f"recipe `{path}` has no `trainer:` key; add e.g. `trainer: distill`")
-    trainer_cls = get_trainer(raw["trainer"])
-    recipe = validate_recipe(raw, trainer_cls)
-    return recipe, trainer_cls

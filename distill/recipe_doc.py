@@ -19,15 +19,13 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from distill.recipe import RecipeBase, Role
+from distill.trainers import TRAINERS
 
 COMMAND = "python -m distill.recipe_doc > docs/recipe-reference.md"
 
 
 def builtin_trainers() -> dict[str, type]:
     """The trainers shipped with distill (not ones a test or user registered in this process), by name."""
-    from distill.trainers import TRAINERS, _load_builtin
-
-    _load_builtin()
     return {n: cls for n, cls in sorted(TRAINERS.items()) if cls.__module__.startswith("distill.")}
 
 

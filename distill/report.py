@@ -1,7 +1,7 @@
 """`python -m distill.report RUN_DIR`: plots of a run's metrics and a short markdown summary.
 
 Writes RUN_DIR/report/: one PNG per group of metrics found in metrics.jsonl (losses, eval
-metrics, DPO rewards, throughput, learning rate) and summary.md with the last values and the
+metrics, DPO and GRPO rewards, GRPO's KL, entropy, clipping and completions, throughput, learning rate) and summary.md with the last values and the
 before/after evaluation. Works for any trainer: it plots whatever keys the run logged.
 """
 from __future__ import annotations
@@ -12,11 +12,16 @@ import math
 import sys
 from pathlib import Path
 
+_REWARDS = ("reward", "reward_std", "frac_reward_zero_std")  # GRPO's, beside its per-function rewards/<name>
+_POLICY = ("kl", "entropy", "clip_ratio/", "completions/")  # GRPO: how far and how the policy moves, what it writes
+_THROUGHPUT = ("tokens_per_s", "max_memory_gb", "gen_tokens_per_s", "gen_time_share")
 GROUPS = {
-    "loss": lambda k: not k.startswith(("eval/", "rewards/", "logps/")) and k not in ("lr", "grad_norm", "tokens_per_s", "elapsed_s", "max_memory_gb"),
+    "loss": lambda k: not k.startswith(("eval/", "rewards/", "logps/") + _POLICY) and k not in
+    ("lr", "grad_norm", "elapsed_s") + _THROUGHPUT + _REWARDS,
     "eval": lambda k: k.startswith("eval/"),
-    "rewards": lambda k: k.startswith(("rewards/", "logps/")),
-    "throughput": lambda k: k in ("tokens_per_s", "max_memory_gb"),
+    "rewards": lambda k: k.startswith(("rewards/", "logps/")) or k in _REWARDS,
+    "policy": lambda k: k.startswith(_POLICY),
+    "throughput": lambda k: k in _THROUGHPUT,
     "lr": lambda k: k in ("lr", "grad_norm"),
 }
 

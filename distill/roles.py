@@ -21,6 +21,9 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from distill.launch import single_process_env
+from distill.lora import save_lora
+from distill.models import leaf_module_classes
 from distill.plan import RolePlan
 
 
@@ -35,20 +38,14 @@ def _skip_cpu_shm_op() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def leaf_module_classes(model: torch.nn.Module) -> list[str]:
-    """The decoder-layer classes of a transformers model (`_no_split_modules`) present in it."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    return sorted({type(m).__name__ for m in model.modules() if type(m).__name__ in names})
-
-
 def restore_torch_linear() -> bool:
     """Undo DeepSpeed's process-wide swap of `torch.nn.functional.linear`; True if it was swapped.
 
     `deepspeed.zero.Init`, which runs when a ZeRO-3 role loads or is prepared, replaces
     `torch.nn.functional.linear` for the whole process with an autograd Function that can re-gather
     a ZeRO-3 weight in backward, and leaves it so. Every linear of every role then goes through
-    Python (`Function.apply` binds its arguments with `inspect` on each forward call). On the CPU
-    skeleton of the 0.3B/1.4B pair, one process, that was 9-21% of the step (docs/performance.md).
+    Python (`Function.apply` binds its arguments with `inspect` on each forward call), a host cost on
+    every step (docs/performance.md).
     Only a trainable ZeRO-3 role can need it, so RoleManager restores torch's own unless one is present."""
     from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as init_cls
 
@@ -129,9 +126,10 @@ class RoleModel:
                 if self.scheduler is not None and self.engine.was_step_applied():  # not on a skipped step
                     self.scheduler.step()
 
-    def grad_norm(self) -> float | None:
-        norm = self.engine.get_global_grad_norm()
-        return None if norm is None else float(norm)
+    def grad_norm(self) -> torch.Tensor | float | None:
+        """The global gradient norm of the last optimizer step, as DeepSpeed keeps it (a device tensor or a float;
+        None when it computes none). Not turned into a Python float here: that would wait on the device."""
+        return self.engine.get_global_grad_norm()
 
     def lr(self) -> float:
         return self.engine.get_lr()[0]
@@ -203,8 +201,6 @@ class RoleModel:
         if self.accelerator.is_main_process:
             lora = self.plan.spec.lora
             if lora is not None:
-                from distill.lora import save_lora
-
                 with self.manager.no_plugin():  # the CPU copy that merges must not be built under zero.Init
                     save_lora(out_dir, lora, self.plan.model_config, state, self.plan.spec.from_pretrained)
             else:
@@ -258,8 +254,6 @@ class RoleManager:
         """`log_with`: accelerate trackers of the primary Accelerator, writing under `logging_dir`."""
         from accelerate import Accelerator
         from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, ProjectConfiguration
-
-        from distill.launch import single_process_env
 
         single_process_env()
         ignored = [f for f in os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", "").split(",") if f]

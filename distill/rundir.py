@@ -10,6 +10,7 @@ find its token in the environment and run under its lock.
 from __future__ import annotations
 
 import errno
+import fcntl
 import fnmatch
 import json
 import os
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from distill.recipe import RecipeError
+from distill.errors import RecipeError
 
 LOCK_FILE = ".distill.lock"
 TOKEN_ENV = "DISTILL_RUN_LOCK"
@@ -49,8 +50,6 @@ def lock_run_dir(out: Path) -> None:
     path = out / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        import fcntl
-
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)

@@ -12,23 +12,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-from distill.recipe import RecipeError
+from distill.errors import RecipeError
 
-TRACKERS = ("tensorboard", "wandb")
-"""Trackers `train.report_to` may name; each is an accelerate `LoggerType` of the same name."""
 PROJECT = "distill"
 """The accelerate project name: the wandb project, and the TensorBoard subdirectory of the logging dir."""
 _PACKAGE = {"tensorboard": "tensorboard", "wandb": "wandb"}
-
-
-def check_report_to(value: Any) -> str | list[str]:
-    """The recipe field's validator: `auto`, `none`, one tracker name, or a list of tracker names."""
-    choices = f"auto, none, {', '.join(TRACKERS)}, or a list of {' and '.join(TRACKERS)}"
-    names = value if isinstance(value, list) else [value]
-    for name in names:
-        if not isinstance(name, str) or name not in TRACKERS + (("auto", "none") if not isinstance(value, list) else ()):
-            raise ValueError(f"unknown tracker {name!r}: choose {choices}")
-    return value
 
 
 def resolve(report_to: str | list[str]) -> list[str]:

@@ -7,35 +7,25 @@ import traceback
 import warnings
 from pathlib import Path
 
+import torch.distributed as dist
+
 from distill import ranks
+from distill.errors import RecipeError
 from distill.launch import launched, leave, relaunch, world_info
-from distill.recipe import LaunchSpec, RecipeError, load_recipe
-from distill.rundir import release_run_dir
-from distill.preflight import preflight
 from distill.monitor import NonFiniteLoss
-
-
-def _recipes_help() -> str:
-    """The shipped recipes, one line each (the first phrase of its header comment), and where the keys are."""
-    import yaml
-
-    from distill.recipe import REPO_ROOT
-
-    lines = ["shipped recipes:"]
-    for path in sorted((REPO_ROOT / "recipes").glob("*.yaml")):
-        text = path.read_text()
-        header = " ".join(line[1:].strip() for line in text.splitlines() if line.startswith("#"))
-        summary = min((header.split(sep)[0] for sep in (": ", ". ")), key=len)
-        trainer = (yaml.safe_load(text) or {}).get("trainer", "?")
-        lines.append(f"  recipes/{path.name:30} [{trainer}] {summary}")
-    lines.append("every recipe key, with its type, default and meaning: docs/recipe-reference.md")
-    return "\n".join(lines)
+from distill.plan import format_memory, format_plan
+from distill.preflight import preflight
+from distill.rewards import RewardError
+from distill.catalog import recipes_table
+from distill.recipe import LaunchSpec
+from distill.rundir import release_run_dir
+from distill.trainers import load_recipe
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="distill train", description=__doc__, epilog=_recipes_help(),
+    p = argparse.ArgumentParser(prog="distill train", description=__doc__, epilog=recipes_table() + "\nevery recipe key, with its type, default and meaning: docs/recipe-reference.md",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("recipe", help="a recipe YAML file, e.g. recipes/quickstart.yaml")
+    p.add_argument("recipe", help="a recipe YAML file, e.g. recipes/quickstart.yaml, or a shipped recipe's name (quickstart)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=10 student.optimizer.lr=3e-4")
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in output_dir")
     p.add_argument("--dry-run", action="store_true", help="validate the recipe, print the role plan and memory estimate, load nothing")
@@ -46,8 +36,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def dry_run(recipe, trainer_cls, recipe_path: str) -> str:
     """The plan a run would follow, from configs only: roles, ZeRO stages, sizes, memory, launch line."""
-    from distill.plan import format_memory, format_plan
-
     world = world_info()[1] if launched() else recipe.launch.num_processes
     _, plans = preflight(recipe, trainer_cls, world_size=world, dry_run=True)
     t = recipe.train
@@ -88,12 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as e:
         ranks.report_failure(watch, 2, str(e))
         return 2  # the process group is left be: the other ranks may wait in a collective this one never joins
-    except NonFiniteLoss as e:  # raised on every rank at the same step
+    except (NonFiniteLoss, RewardError) as e:  # raised on every rank at the same step
+        code = 3 if isinstance(e, NonFiniteLoss) else 4
         if watch is not None:
-            watch.publish(3, str(e))
+            watch.publish(code, str(e))
         if world_info()[0] == 0:
             print(f"distill: stopped: {e}", file=sys.stderr)
-        return 3
+        return code
     except Exception as e:
         if watch is not None and (why := watch.cause()) is not None:
             watch.end(*why)  # a collective broke because a peer left: say why it left, not this traceback
@@ -111,8 +100,6 @@ def main(argv: list[str] | None = None) -> int:
             release_run_dir(Path(recipe.output_dir))
     if watch is not None:
         watch.stop()
-        import torch.distributed as dist
-
         dist.barrier()  # no rank ends (and takes a store it may hold with it) while another still watches it
     _close_process_group()
     return 0
@@ -130,8 +117,6 @@ def compile_hint(error: BaseException) -> str | None:
 
 
 def _close_process_group() -> None:
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

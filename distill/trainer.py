@@ -13,17 +13,28 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
+import importlib
+
+import datasets
 import torch
 import yaml
+from tqdm.auto import tqdm
 
-from distill import tracking
+import distill.tracking as tracking
 from distill.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from distill.compile import compile_layers
 from distill.data.loading import DataBundle, build_text_data
+from distill.data.synthetic import write_dataset
+from distill.launch import world_info
+from distill.lora import apply_lora
+from distill.models import build_model
 from distill.monitor import NonFiniteLoss, StopOnSignal, Throughput
 from distill.overlap import Overlap
-from distill.plan import format_plan
+from distill.plan import RolePlan, format_plan
 from distill.preflight import preflight
-from distill.recipe import RecipeError, Role, Section
+from distill.errors import RecipeError
+from distill.recipe import Role, Section
+from distill.registry import Registry, UnknownNameError
 from distill.roles import RoleManager, RoleModel
 from distill.rundir import release_run_dir, truncate_metrics
 
@@ -37,14 +48,32 @@ def apply_role_options(plan, model: torch.nn.Module) -> torch.nn.Module:
         if plan.spec.lora is not None:
             model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need a grad path
     if plan.compile:
-        from distill.compile import compile_layers
-
         compile_layers(model)
     if plan.spec.lora is not None:
-        from distill.lora import apply_lora
-
         model = apply_lora(model, plan.spec.lora, plan.name)
     return model
+
+
+def build_optimizer(spec: Role, model: torch.nn.Module, *, total_steps: int, device: torch.device):
+    """The optimizer and learning-rate schedule a trainable role's block asks for (`optimizer`, `scheduler`)."""
+    opt_spec, sched = spec.optimizer, spec.scheduler
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = opt_spec.fused if opt_spec.fused is not None else device.type == "cuda"
+    if opt_spec.name == "adamw":
+        opt = torch.optim.AdamW(params, lr=opt_spec.lr, betas=opt_spec.betas, eps=opt_spec.eps,
+                                weight_decay=opt_spec.weight_decay, fused=fused)
+    else:
+        opt = torch.optim.SGD(params, lr=opt_spec.lr, weight_decay=opt_spec.weight_decay, fused=fused)
+    warm, floor = sched.warmup_steps, sched.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+        shape = {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress))}[sched.name]
+        return floor + (1 - floor) * shape  # constant: shape 1, so the floor does not matter
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 class RoleTrainer:
@@ -108,8 +137,6 @@ class RoleTrainer:
     @classmethod
     def write_synthetic(cls, out_dir, seed: int, recipe=None) -> None:
         """Write the project's synthetic data for this algorithm (used when `data.synthetic_seed` is set)."""
-        from distill.data.synthetic import write_dataset
-
         write_dataset(out_dir, seed=seed)
 
     @classmethod
@@ -125,22 +152,24 @@ class RoleTrainer:
     def check_plans(cls, recipe, plans) -> None:
         """Like `check_recipe`, once the roles' model configs are known (still before any weight loads)."""
 
-    def build_data(self) -> DataBundle:
-        return build_text_data(self.recipe, self.tokenizer, self.rank, self.world_size, compiled=self.compiled)
-
     @property
     def compiled(self) -> bool:
         """Whether any role compiles its layers; the collators then pad to few widths (distill/compile.py)."""
         return any(p.compile for p in self.plans.values())
 
-    # -- setup -------------------------------------------------------------------------------
-    def __init__(self, recipe, *, log=print):
+    # -- building: override any of these to change how a piece is made -------------------------
+    def __init__(self, recipe, *, log: Callable[[str], None] = print, plans: dict[str, RolePlan] | None = None,
+                 tokenizer=None):
+        """Check the recipe (preflight), start the process group, build the data, then every role.
+
+        `plans` and `tokenizer`: made already (`distill.plan.plan_roles`), e.g. by a benchmark that feeds its
+        own batches; preflight is then skipped."""
         self.recipe, self.log = recipe, log
         self.out = Path(recipe.output_dir)
-        from distill.launch import world_info
-
         world = world_info()[1]
-        self.tokenizer, self.plans = preflight(recipe, type(self), world_size=world)
+        if plans is None:
+            tokenizer, plans = preflight(recipe, type(self), world_size=world)
+        self.tokenizer, self.plans = tokenizer, plans
         self.manager = RoleManager(self.plans, timeout_s=recipe.launch.timeout_s, log_with=tracking.resolve(recipe.train.report_to),
                                    logging_dir=tracking.logging_dir(self.out))
         self.accelerator = self.manager.accelerator
@@ -150,48 +179,36 @@ class RoleTrainer:
         self.device = self.accelerator.device
         if self.accelerator.is_main_process:
             self.log(format_plan(self.plans, self.world_size))
-        if not self.accelerator.is_main_process:
-            import datasets
-
+        else:
             datasets.disable_progress_bars()  # one set of bars per run, not one per rank
         self.data = self.build_data()
         self.data.check()
-        self.models: dict[str, RoleModel] = {}
-        for name in self.plans:
-            torch.manual_seed(recipe.seed)  # per role: two roles built from one config get one init
-            self.models[name] = self.manager.build(name, self._load_model, self._make_optimizer)
-            setattr(self, name, self.models[name])
+        self.models: dict[str, RoleModel] = self.build_roles()
         self.trainable = next(m for m in self.models.values() if m.trainable)  # plan_roles checked there is one
 
-    def _load_model(self, plan):
-        from transformers import AutoModelForCausalLM
+    def build_data(self) -> DataBundle:
+        """The run's batches: text from `data.train` / `data.eval` (distill/data/); trainers with other
+        records (prompts, preference pairs) return their own bundle."""
+        return build_text_data(self.recipe, self.tokenizer, self.rank, self.world_size, compiled=self.compiled)
 
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[plan.spec.precision]
-        if plan.spec.from_pretrained:
-            model = AutoModelForCausalLM.from_pretrained(plan.spec.from_pretrained, dtype=dtype,
-                                                         trust_remote_code=plan.spec.trust_remote_code)
-        else:
-            model = AutoModelForCausalLM.from_config(plan.model_config, dtype=dtype)
-        return apply_role_options(plan, model)
+    def build_roles(self) -> dict[str, RoleModel]:
+        """Every planned role, loaded (`load_model`) and prepared with its own DeepSpeed plugin; each is also an
+        attribute of the trainer under its name (`self.student`)."""
+        models = {}
+        for name in self.plans:
+            torch.manual_seed(self.recipe.seed)  # per role: two roles built from one config get one init
+            models[name] = self.manager.build(name, self.load_model, self.make_optimizer)
+            setattr(self, name, models[name])
+        return models
 
-    def _make_optimizer(self, plan, model):
-        spec, sched = plan.spec.optimizer, plan.spec.scheduler
-        params = [p for p in model.parameters() if p.requires_grad]
-        fused = spec.fused if spec.fused is not None else self.device.type == "cuda"
-        if spec.name == "adamw":
-            opt = torch.optim.AdamW(params, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay, fused=fused)
-        else:
-            opt = torch.optim.SGD(params, lr=spec.lr, weight_decay=spec.weight_decay, fused=fused)
-        total, warm, floor = self.total_steps, sched.warmup_steps, sched.min_lr_ratio
+    def load_model(self, plan: RolePlan) -> torch.nn.Module:
+        """One role's model, built while its plugin is active (a ZeRO-3 role is born sharded): its `model_class`
+        from `from_pretrained` or `config`, then checkpointing, compiled layers and LoRA as its block asks."""
+        return apply_role_options(plan, build_model(plan.spec, plan.model_config))
 
-        def factor(step: int) -> float:
-            if step < warm:
-                return (step + 1) / (warm + 1)
-            progress = min(1.0, (step - warm) / max(1, total - warm))
-            shape = {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress))}[sched.name]
-            return floor + (1 - floor) * shape  # constant: shape 1, so the floor does not matter
-
-        return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    def make_optimizer(self, plan: RolePlan, model: torch.nn.Module):
+        """(optimizer, scheduler) of a trainable role, over the parameters that require grad."""
+        return build_optimizer(plan.spec, model, total_steps=self.total_steps, device=self.device)
 
     @property
     def total_steps(self) -> int:
@@ -215,9 +232,13 @@ class RoleTrainer:
             return self._run(start, seen)
         finally:
             tracking.finish(self.accelerator)
-            if "_overlap" in self.__dict__:
-                self._overlap.close()
+            self.close()
             release_run_dir(self.out)
+
+    def close(self) -> None:
+        """Stop the thread that runs frozen roles alongside (`alongside`), if one was started."""
+        if "_overlap" in self.__dict__:
+            self._overlap.close()
 
     def _run(self, start: int, seen: int) -> dict[str, Any]:
         t = self.recipe.train
@@ -228,26 +249,28 @@ class RoleTrainer:
         bad_in_a_row = 0
         with StopOnSignal() as stop:
             for step in range(start + 1, self.total_steps + 1):
-                finite = self._train_step(step, next(batches), meter, bar)
-                bad_in_a_row = 0 if finite else bad_in_a_row + 1
+                out = self.train_step(step, next(batches), stop_requested=stop.requested)
+                meter.seen += out["tokens_seen"]
+                bad_in_a_row = 0 if out["finite"] else bad_in_a_row + 1
+                self._log_step(step, out, meter, bar)
                 if bad_in_a_row >= t.max_bad_steps:
                     raise NonFiniteLoss(f"{bad_in_a_row} steps in a row ended with a NaN/Inf loss (up to step {step}); "
                                         "lower the learning rate, check the data, or resume from an earlier checkpoint")
-                stopping = stop.agreed(self._all_reduce)
+                stopping = stop.agree(out["stop_votes"])
                 if stopping or step == self.total_steps or (t.save_every and step % t.save_every == 0):
                     save_checkpoint(self, step, meter.seen)
                 if stopping:
                     bar.close()
-                    self._write_metrics({"step": step, "stopped_by": stop.signal_name})
+                    self.write_metrics({"step": step, "stopped_by": stop.signal_name})
                     if self.accelerator.is_main_process:
                         self.log(f"{stop.signal_name} received: checkpoint of step {step} saved; continue with --resume")
                     return {**history, "stopped_at": step}
                 if t.eval_every and step % t.eval_every == 0 and step != self.total_steps and self.data.eval is not None:
-                    self._write_metrics({"step": step, **{f"eval/{k}": v for k, v in self.evaluate().items()}})
+                    self.write_metrics({"step": step, **{f"eval/{k}": v for k, v in self.evaluate().items()}})
         bar.close()
         if self.data.eval is not None:
             history["after"] = self.evaluate()
-            self._write_metrics({"step": self.total_steps, **{f"eval/{k}": v for k, v in history["after"].items()}})
+            self.write_metrics({"step": self.total_steps, **{f"eval/{k}": v for k, v in history["after"].items()}})
         self.save(self.out / "final")
         if self.accelerator.is_main_process:
             (self.out / "summary.json").write_text(json.dumps(history, indent=2))
@@ -270,14 +293,17 @@ class RoleTrainer:
             path.write_text(json.dumps(before))
         return {"before": before}
 
-    def _train_step(self, step: int, micro_batches: list[dict], meter: "Throughput", bar) -> bool:
-        """One optimizer step over `grad_accum` micro-batches, logged every `train.log_every` steps.
+    def train_step(self, step: int, micro_batches: list[dict], *, stop_requested: bool = False) -> dict[str, Any]:
+        """One optimizer step over the step's `grad_accum` micro-batches: `prepare_step`, then `loss_step` and
+        backward for each, the optimizer step at the last.
 
-        Returns False when a loss was NaN/Inf on any rank: every rank learns it from one all-reduce,
-        and DeepSpeed skips the optimizer step because the gradient norm is not finite."""
-        micro = self.prepare_step(step, [self._to_device(b) for b in micro_batches])
+        Returns the step's results over all ranks: `losses` (each component summed over the micro-batches),
+        `lr`, `grad_norm`, `tokens_seen`, `finite` (False when a loss was NaN/Inf on any rank: DeepSpeed then
+        skips the update, its gradient norm not being finite) and `stop_votes` (ranks that were asked to stop).
+        All of it comes back in one all-reduce and one wait on the device: the step's only host sync."""
+        micro = self.prepare_step(step, [self.to_device(b) for b in micro_batches])
         lr = self.trainable.lr()  # the rate this step uses; the scheduler moves on at its end
-        num_tokens = self._all_reduce(sum(self.count_tokens(b) for b in micro))
+        num_tokens = self.all_reduce(sum(self.count_tokens(b) for b in micro))
         totals: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(micro):
             losses = self.loss_step(batch, num_tokens)
@@ -285,27 +311,29 @@ class RoleTrainer:
             self.trainable.backward(losses["loss"] * self.world_size, boundary=i == len(micro) - 1)
             for k, v in losses.items():
                 totals[k] = totals.get(k, 0) + v.detach().float()
-        # One all-reduce, one wait on the GPU: [tokens in this step's batches, ranks with a NaN/Inf loss].
-        seen, bad = self._all_reduce(torch.stack([sum(b["attention_mask"].sum() for b in micro).to(self.device),
-                                                  (~torch.isfinite(totals["loss"])).long()])).tolist()
-        meter.seen += seen
-        finite = bad == 0
-        if not finite:
-            self._write_metrics({"step": step, "skipped": "non-finite loss"})
+        norm = self.trainable.grad_norm()  # global already: the same on every rank
+        local = torch.stack([sum(b["attention_mask"].sum() for b in micro).to(self.device).float(),
+                             (~torch.isfinite(totals["loss"])).float(), torch.tensor(float(stop_requested), device=self.device),
+                             torch.as_tensor(float("nan") if norm is None else norm, device=self.device).float(),
+                             *(v.to(self.device) for v in totals.values())])
+        seen, bad, votes, norm_sum, *sums = self.all_reduce(local).tolist()
+        return {"losses": dict(zip(totals, sums)), "lr": lr, "grad_norm": norm_sum / self.world_size,
+                "tokens_seen": int(seen), "finite": bad == 0, "stop_votes": int(votes)}
+
+    def _log_step(self, step: int, out: dict[str, Any], meter: Throughput, bar) -> None:
+        if not out["finite"]:
+            self.write_metrics({"step": step, "skipped": "non-finite loss"})
             if self.accelerator.is_main_process:
                 self.log(f"warning: step {step} had a NaN/Inf loss; its update was skipped")
-            bar.update(1)
-            return False
-        if step % self.recipe.train.log_every == 0 or step == self.total_steps:
-            metrics = dict(zip(totals, self._all_reduce(torch.stack(list(totals.values()))).tolist()))
-            metrics.update(step=step, lr=lr, grad_norm=self.trainable.grad_norm(), tokens_per_s=meter.rate(),
-                           elapsed_s=meter.elapsed(), **self.step_metrics())
+        elif step % self.recipe.train.log_every == 0 or step == self.total_steps:
+            grad_norm = out["grad_norm"] if math.isfinite(out["grad_norm"]) else None
+            metrics = {**out["losses"], "step": step, "lr": out["lr"], "grad_norm": grad_norm,
+                       "tokens_per_s": meter.rate(), "elapsed_s": meter.elapsed(), **self.step_metrics()}
             if torch.cuda.is_available():
                 metrics["max_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-            self._write_metrics(metrics)
+            self.write_metrics(metrics)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
         bar.update(1)
-        return True
 
     def report(self, history: dict[str, Any]) -> None:
         """Print what the run achieved (main process); `history` holds the eval before and after."""
@@ -319,10 +347,10 @@ class RoleTrainer:
         self.trainable.engine.eval()
         sums: dict[str, torch.Tensor] = {}
         for batch in self.data.eval_batches(self.recipe.train.eval_batches):
-            for k, v in self.eval_step(self._to_device(batch)).items():
+            for k, v in self.eval_step(self.to_device(batch)).items():
                 sums[k] = sums.get(k, 0) + v.double()
         self.trainable.engine.train()
-        sums = {k: self._all_reduce(v) for k, v in sums.items()}
+        sums = {k: self.all_reduce(v) for k, v in sums.items()}
         counts = {k: sums.pop(k).clamp(min=1) for k in list(sums) if k == "tokens" or k.endswith("/tokens")}
 
         def count(metric: str) -> torch.Tensor:
@@ -338,18 +366,16 @@ class RoleTrainer:
                 m.save_pretrained(out_dir / m.name, self.tokenizer)
 
     # -- helpers -----------------------------------------------------------------------------
-    def _all_reduce(self, x) -> torch.Tensor:
+    def all_reduce(self, x) -> torch.Tensor:
         x = torch.as_tensor(x, device=self.device).clone()
         if self.world_size > 1:
             torch.distributed.all_reduce(x)
         return x
 
-    def _to_device(self, batch: dict) -> dict:
+    def to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def _progress(self, total: int, initial: int = 0):
-        from tqdm.auto import tqdm
-
         show = self.accelerator.is_main_process and self.recipe.train.progress
         # Redraw at most every 2 s when the output is a log file rather than a terminal.
         interval = 0.1 if sys.stderr.isatty() else 2.0
@@ -367,7 +393,7 @@ class RoleTrainer:
                 truncate_metrics(self.out, step)
         self.accelerator.wait_for_everyone()
 
-    def _write_metrics(self, metrics: dict) -> None:
+    def write_metrics(self, metrics: dict) -> None:
         """One line of metrics.jsonl; its numbers also go to the trackers of `train.report_to`, same step."""
         if self.accelerator.is_main_process:
             with open(self.out / "metrics.jsonl", "a") as f:
@@ -375,3 +401,36 @@ class RoleTrainer:
             values = tracking.numeric(metrics)
             if values and self.accelerator.trackers:
                 self.accelerator.log(values, step=metrics["step"])
+
+
+# -- trainers by name, as recipes select them with `trainer: NAME` ---------------------------------
+TRAINERS: Registry = Registry("trainer")
+
+
+def register_trainer(cls):
+    """Class decorator: make a RoleTrainer subclass selectable as `trainer: <cls.name>` in a recipe."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a `name` to be registered")
+    return TRAINERS.register(cls.name, override=True)(cls)  # re-importing a trainer module re-registers it
+
+
+def get_trainer(name: str) -> type[RoleTrainer]:
+    """A registered name (`distill`), or `module:Class` for a trainer in your own importable module."""
+    if isinstance(name, str) and ":" in name:
+        return _import_trainer(name)
+    try:
+        return TRAINERS.lookup(name)
+    except UnknownNameError as e:
+        raise RecipeError(f"`trainer: {name}`: {e}; or give `module:Class` of your own RoleTrainer") from None
+
+
+def _import_trainer(path: str) -> type[RoleTrainer]:
+    module, _, attr = path.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise RecipeError(f"`trainer: {path}`: cannot import it ({e}); the module must be importable from the "
+                          "working directory or PYTHONPATH") from None
+    if not (isinstance(cls, type) and issubclass(cls, RoleTrainer)):
+        raise RecipeError(f"`trainer: {path}` is not a RoleTrainer subclass")
+    return cls

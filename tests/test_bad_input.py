@@ -8,8 +8,8 @@ import pytest
 import torch
 import yaml
 
-from distill.testing import tiny_recipe
 from distill.train import main
+from tests.helpers import tiny_recipe
 
 
 def _recipe(tmp_path, assets, **sections):
@@ -96,7 +96,7 @@ def test_resume_from_a_checkpoint_of_another_model_shape_is_refused(assets, tmp_
     """The recipe is the same (the student comes from a directory whose model changed); the shapes differ."""
     from transformers import AutoConfig
 
-    from distill.recipe import load_recipe
+    from distill.trainers import load_recipe
 
     student = _teacher_copy(assets, tmp_path, "student")
     path, raw = _recipe(tmp_path, assets, student={"config": None, "from_pretrained": str(student)})
@@ -120,7 +120,7 @@ def test_a_tampered_checkpoint_file_is_not_unpickled(tmp_path):
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
 
     from distill.checkpoint import safe_torch_load
-    from distill.recipe import RecipeError
+    from distill.errors import RecipeError
 
     marker = tmp_path / "ran"
 

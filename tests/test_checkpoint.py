@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from distill.testing import check, tiny_recipe
+from tests.helpers import check, tiny_recipe
 
 pytestmark = pytest.mark.multiprocess
 

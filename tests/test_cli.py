@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from distill.launch import _free_port
-from distill.testing import check, tiny_recipe
+from tests.helpers import check, tiny_recipe
 
 pytestmark = pytest.mark.multiprocess
 
@@ -129,15 +129,15 @@ def test_deepspeed_launcher_local_rank_argument_is_accepted():
 
 
 def test_help_lists_every_shipped_recipe_and_the_commands():
-    from distill.recipe import REPO_ROOT
+    from distill.presets import shipped_recipes
 
     proc = subprocess.run([sys.executable, "-m", "distill", "train", "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0
-    for path in (REPO_ROOT / "recipes").glob("*.yaml"):
-        assert f"recipes/{path.name}" in proc.stdout
+    for name in shipped_recipes():
+        assert f"\n  {name} " in proc.stdout
     assert "[dpo] DPO on synthetic preferences" in proc.stdout and "docs/recipe-reference.md" in proc.stdout
     top = subprocess.run([sys.executable, "-m", "distill", "--help"], capture_output=True, text=True, timeout=60)
-    assert top.returncode == 0 and all(f"distill {c} " in top.stdout for c in ("train", "export", "report"))
+    assert top.returncode == 0 and all(f"distill {c} " in top.stdout for c in ("train", "export", "report", "recipes"))
 
 
 FAILS_ON_ONE_RANK = """
@@ -157,9 +157,9 @@ class FailsOnRank1(DistillTrainer):
 
 
 def test_an_error_on_one_rank_ends_the_run_at_once_with_its_traceback(assets, tmp_path):
-    """The other rank waits in a collective that the failing one never joins. Before, the failing rank first
-    destroyed the process group, and on 2 GPUs (NCCL) that waited on the other rank: the run hung with its
-    error unsaid (a compiled run, docs/performance.md). Gloo does not wait there; the message tells."""
+    """The other rank waits in a collective that the failing one never joins. Were the failing rank to destroy
+    the process group first, under NCCL that would wait on the other rank and the run would hang with its error
+    unsaid (docs/gpu.md, "A rank fails"). Gloo does not wait there; the message tells."""
     (tmp_path / "fails_on_one_rank.py").write_text(FAILS_ON_ONE_RANK)
     path, _ = _write(tmp_path, assets, trainer="fails_on_one_rank:FailsOnRank1", launch={"timeout_s": 900})
     pythonpath = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)
@@ -189,7 +189,7 @@ def test_a_rank_exits_with_its_code_and_without_finalization(tmp_path, launched)
 MISSING_ON_ONE_MACHINE = """
 import os
 
-from distill.recipe import RecipeError
+from distill.errors import RecipeError
 from distill.trainers.distill import DistillTrainer
 
 

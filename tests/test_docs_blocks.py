@@ -1,4 +1,4 @@
-"""Every fenced code block of README.md and docs/*.md runs, or says why not (rules in distill/testing/doc_blocks.py)."""
+"""Every fenced code block of README.md and docs/*.md runs, or says why not (rules in tests/doc_blocks.py)."""
 import json
 import os
 import subprocess
@@ -7,8 +7,8 @@ import sys
 import pytest
 import yaml
 
-from distill.testing import tiny_recipe
-from distill.testing.doc_blocks import (REPO, SHELL, Block, Unrunnable, blocks, check_block, classify, doc_files,
+from tests.helpers import tiny_recipe
+from tests.doc_blocks import (REPO, SHELL, Block, Unrunnable, blocks, check_block, classify, doc_files,
                                         shell_commands)
 
 
@@ -86,7 +86,7 @@ def test_docs_blocks_run(assets, tmp_path):
     unique = list({json.dumps([j["cwd"], j["kind"], j["argv"], j["env"]]): j for j in jobs}.values())
     (tmp_path / "jobs.json").write_text(json.dumps(unique))
     with open(tmp_path / "batch.log", "w") as log:
-        proc = subprocess.run([sys.executable, "-m", "distill.testing.doc_blocks", str(tmp_path / "jobs.json"),
+        proc = subprocess.run([sys.executable, "-m", "tests.doc_blocks", str(tmp_path / "jobs.json"),
                                str(tmp_path / "results.json")], stdout=log, stderr=subprocess.STDOUT, timeout=600,
                               env=_env(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"))
     assert proc.returncode == 0, (tmp_path / "batch.log").read_text()[-4000:]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distill.testing import check
+from tests.helpers import check
 
 pytestmark = pytest.mark.multiprocess
 DOC = Path(__file__).resolve().parents[1] / "docs" / "writing-a-trainer.md"

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from distill.testing import check, launch
+from tests.helpers import check, launch
 
 ROOT_ARGS = ["dpo.loss=sigmoid"]
 
@@ -15,7 +15,7 @@ def live_and_cached(assets, tmp_path_factory):
     for name, extra in (("live", []), ("cached", ["dpo.precompute_reference=true"]),
                         ("overlapped", ["reference.placement=replicated", "train.overlap_frozen=true"])):
         path = tmp_path_factory.mktemp(name) / "dpo.json"
-        check(launch("distill.testing.scripts.dpo_check", str(assets["root"]), str(path), *ROOT_ARGS, *extra))
+        check(launch("tests.scripts.dpo_check", str(assets["root"]), str(path), *ROOT_ARGS, *extra))
         out[name] = json.loads(path.read_text())
     return out
 
@@ -140,7 +140,7 @@ def test_chunked_logps_hold_one_fp32_block_at_a_time():
     gradients, a chunk holds one fp32 [c, V] block and the bf16 one it came from. (Out-of-place
     exp/sub/mul held three fp32 blocks at once in backward.)"""
     from distill.losses.logps import head_sequence_logps, sequence_logps
-    from distill.testing import peak_cpu_bytes
+    from tests.helpers import peak_cpu_bytes
 
     torch.manual_seed(0)
     M, H, V, c = 2048, 64, 8000, 1024
@@ -165,7 +165,7 @@ def test_head_logps_chunks_fit_their_block_budget():
     """Default chunks: a frozen role's forward (no grad; it may run beside the trainable role's)
     holds a quarter of the trainable block, and both give the same numbers."""
     from distill.losses.logps import FROZEN_BLOCK_BYTES, head_chunk_rows, head_sequence_logps
-    from distill.testing import peak_cpu_bytes
+    from tests.helpers import peak_cpu_bytes
 
     torch.manual_seed(0)
     M, H, V = 4096, 32, 16000
@@ -184,7 +184,8 @@ def test_head_logps_chunks_fit_their_block_budget():
 
 
 def test_dpo_recipe_errors(assets, tmp_path):
-    from distill.recipe import RecipeError, validate_recipe
+    from distill.recipe import validate_recipe
+    from distill.errors import RecipeError
     from distill.trainers.dpo import DPOTrainer
 
     raw = {"trainer": "dpo", "output_dir": str(tmp_path), "data": {"train": "x.jsonl"},
@@ -201,7 +202,7 @@ def test_head_logps_refused_where_the_head_is_not_a_plain_matmul():
     from types import SimpleNamespace
 
     from distill.losses.logps import logit_transform
-    from distill.recipe import RecipeError
+    from distill.errors import RecipeError
     from distill.trainers.dpo import DPOTrainer
 
     assert logit_transform(SimpleNamespace(final_logit_softcapping=30.0)) == "final_logit_softcapping=30.0"

@@ -8,14 +8,14 @@ import pytest
 import torch
 import yaml
 
-from distill.testing import check, launch, tiny_recipe
+from tests.helpers import check, launch, tiny_recipe
 
 LORA = {"r": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj"]}
 
 
 def _run(assets, tmp_path, mode, *overrides) -> dict:
     out = tmp_path / "out.json"
-    check(launch("distill.testing.scripts.lora_check", str(assets["root"]), str(out), mode, *overrides))
+    check(launch("tests.scripts.lora_check", str(assets["root"]), str(out), mode, *overrides))
     return json.loads(out.read_text())
 
 
@@ -139,7 +139,8 @@ def test_dpo_lora_quickstart_learns_the_preferences(tmp_path):
 # -- recipe errors, before any model loads ----------------------------------------------------------
 def _error(raw, trainer, plan=False) -> str:
     from distill.preflight import preflight
-    from distill.recipe import RecipeError, validate_recipe
+    from distill.recipe import validate_recipe
+    from distill.errors import RecipeError
 
     with pytest.raises(RecipeError) as e:
         recipe = validate_recipe(raw, trainer)
@@ -187,7 +188,8 @@ def test_target_modules_that_match_nothing_are_refused_at_plan_time(raw):
 
 
 def test_plan_shows_the_adapter_as_what_trains(raw):
-    from distill.plan import count_params, estimate_memory, format_plan
+    from distill.models import count_params
+    from distill.plan import estimate_memory, format_plan
     from distill.preflight import preflight
     from distill.recipe import validate_recipe
     from distill.trainers.distill import DistillTrainer

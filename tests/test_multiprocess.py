@@ -1,20 +1,20 @@
 """2-process CPU runs under accelerate + DeepSpeed (gloo): the proof that roles work across ranks.
 
-Each test launches a script from distill/testing/scripts/ that asserts inside every rank; see the
+Each test launches a script from tests/scripts/ that asserts inside every rank; see the
 scripts for what is checked and why.
 """
 import json
 
 import pytest
 
-from distill.testing import check, launch
+from tests.helpers import check, launch
 
 pytestmark = pytest.mark.multiprocess
 
 
 def test_roles_switch_shard_logits_save_and_uneven_eval(assets, tmp_path):
     out = tmp_path / "roles.json"
-    check(launch("distill.testing.scripts.roles_check", str(assets["root"]), str(out)))
+    check(launch("tests.scripts.roles_check", str(assets["root"]), str(out)))
     result = json.loads(out.read_text())
     assert result["local_fraction"] == pytest.approx(0.5, abs=0.02)
     assert result["switch_us"] < 1000  # accelerate's select_deepspeed_plugin costs ~1.6 ms here
@@ -32,7 +32,7 @@ def test_roles_switch_shard_logits_save_and_uneven_eval(assets, tmp_path):
 ], ids=["forward_kl", "chunked_jsd", "reverse_kl_T2", "compiled_fused"])
 def test_distill_run_matches_whole_reference(assets, tmp_path, overrides):
     out = tmp_path / "train.json"
-    check(launch("distill.testing.scripts.train_check", str(assets["root"]), str(out), *overrides))
+    check(launch("tests.scripts.train_check", str(assets["root"]), str(out), *overrides))
     result = json.loads(out.read_text())
     assert result["grad_norm"] == pytest.approx(result["reference"], rel=1e-4)
     assert result["last_loss"] < result["first_loss"]
@@ -44,7 +44,7 @@ def test_grad_clip_matches_a_reference_optimizer_step(assets, tmp_path, clip):
     """`train.grad_clip: null` does not clip (DeepSpeed clips at 1.0 when its key is absent); a number clips the
     global norm over both ranks' shards as `torch.nn.utils.clip_grad_norm_` does."""
     out = tmp_path / "clip.json"
-    check(launch("distill.testing.scripts.clip_check", str(assets["root"]), str(out), clip))
+    check(launch("tests.scripts.clip_check", str(assets["root"]), str(out), clip))
     result = json.loads(out.read_text())
     assert result["grad_norm"] == pytest.approx(result["reference_norm"], rel=1e-5)
     assert result["reference_norm"] > 2  # clipping at 1.0 would show ...
@@ -55,7 +55,7 @@ def test_grad_clip_matches_a_reference_optimizer_step(assets, tmp_path, clip):
                          ids=["zero2_fp32", "zero2_bf16", "zero3_fp32"])
 def test_nan_loss_on_one_rank_skips_the_step_everywhere(assets, tmp_path, overrides):
     out = tmp_path / "nan.json"
-    check(launch("distill.testing.scripts.nan_check", str(assets["root"]), str(out), "2", "train.max_steps=4", *overrides))
+    check(launch("tests.scripts.nan_check", str(assets["root"]), str(out), "2", "train.max_steps=4", *overrides))
     result = json.loads(out.read_text())
     assert result["unchanged_at_step"] == [False, True, False, False]  # step 2 skipped, training goes on
     assert result["finite"] and result["stopped"] is None
@@ -63,7 +63,7 @@ def test_nan_loss_on_one_rank_skips_the_step_everywhere(assets, tmp_path, overri
 
 def test_nan_losses_in_a_row_stop_every_rank_together(assets, tmp_path):
     out = tmp_path / "nan.json"
-    check(launch("distill.testing.scripts.nan_check", str(assets["root"]), str(out), "2,3,4,5",
+    check(launch("tests.scripts.nan_check", str(assets["root"]), str(out), "2,3,4,5",
                  "train.max_steps=6", "train.max_bad_steps=3"))
     result = json.loads(out.read_text())
     assert result["steps_run"] == 4 and "3 steps in a row" in result["stopped"]
@@ -79,7 +79,7 @@ def test_replicated_teacher_matches_sharded_and_sharded_gathers_whole_layers(ass
     for name, placement, overlap in (("sharded", "sharded", "true"), ("replicated", "replicated", "false"),
                                      ("overlapped", "replicated", "true")):
         out = tmp_path / f"{name}.pt"
-        check(launch("distill.testing.scripts.placement_check", str(assets["root"]), str(out), placement,
+        check(launch("tests.scripts.placement_check", str(assets["root"]), str(out), placement,
                      f"train.overlap_frozen={overlap}"))
         res[name] = torch.load(out)
     s, r, o = res["sharded"], res["replicated"], res["overlapped"]

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import datasets
 import pytest
@@ -16,9 +15,11 @@ import yaml
 
 from distill.data.prompts import PromptCollator, load_prompt_dataset, tokenize_prompts, with_completions, write_prompt_dataset
 from distill.data.synthetic import SyntheticLanguage, build_tokenizer
-from distill.recipe import REPO_ROOT, RecipeError, validate_recipe
-from distill.testing import TINY_LLAMA, check, launch
-from distill.trainers.distill import DistillTrainer
+from distill.recipe import validate_recipe
+from distill.errors import RecipeError
+from tests.helpers import REPO
+from tests.helpers import TINY_LLAMA, check, launch
+from distill.trainers.distill import DistillTrainer, kd_data
 from distill.trainers.on_policy import OnPolicySpec, completion_source
 
 PAD, EOS = 0, 2
@@ -110,7 +111,7 @@ def _raw(prompts, out, **kd):
         kd["on_policy"] = {"max_new_tokens": 24, **kd["on_policy"]}
     return {"trainer": "distill", "output_dir": str(out), "seed": 0,
             "student": {"config": TINY_LLAMA, "deepspeed": "zero2", "optimizer": {"lr": 3e-3}},
-            "teacher": {"from_pretrained": str(REPO_ROOT / "assets/teacher"), "deepspeed": "zero3"},
+            "teacher": {"from_pretrained": str(REPO / "assets/teacher"), "deepspeed": "zero3"},
             "kd": {"loss": "generalized_jsd", "params": {"beta": 0.5}, "alpha": 0.5, **kd},
             "data": {"train": str(prompts / "train.jsonl"), "eval": str(prompts / "eval.jsonl"), "max_length": 48},
             "train": {"micro_batch_size": 4, "max_steps": 4, "log_every": 1, "progress": False},
@@ -118,8 +119,7 @@ def _raw(prompts, out, **kd):
 
 
 def _build_data(recipe, tok):
-    fake = SimpleNamespace(recipe=recipe, tokenizer=tok, rank=0, world_size=2, log=print, compiled=False)
-    return DistillTrainer.build_data(fake)
+    return kd_data(recipe, tok, 0, 2)
 
 
 def test_bad_on_policy_setups_are_refused_with_the_key(prompts, tok, tmp_path):
@@ -151,7 +151,7 @@ def test_bad_on_policy_setups_are_refused_with_the_key(prompts, tok, tmp_path):
                          ids=["zero2_student", "zero3_student_synced"])
 def test_generation_under_zero3_and_the_sampled_loss(tmp_path, overrides):
     out = tmp_path / "onpolicy.json"
-    check(launch("distill.testing.scripts.onpolicy_check", str(tmp_path), str(out), *overrides))
+    check(launch("tests.scripts.onpolicy_check", str(tmp_path), str(out), *overrides))
     ranks = json.loads(out.read_text())
     for r in ranks:
         # Sharded generation, both ways, equals an unsharded copy's, and the shards still work after.
@@ -194,7 +194,7 @@ def test_onpolicy_quickstart_lowers_reverse_kl_on_the_students_own_samples(tmp_p
     proc = subprocess.run([sys.executable, "-m", "distill.train", "recipes/onpolicy_quickstart.yaml",
                            f"output_dir={tmp_path / 'run'}", f"data.train={tmp_path / 'p/train.jsonl'}",
                            f"data.eval={tmp_path / 'p/eval.jsonl'}", "train.max_steps=40", "train.eval_batches=2",
-                           "train.progress=false"], capture_output=True, text=True, timeout=400, cwd=REPO_ROOT)
+                           "train.progress=false"], capture_output=True, text=True, timeout=400, cwd=REPO)
     check(proc)
     summary = json.loads((tmp_path / "run/summary.json").read_text())
     before, after = summary["before"], summary["after"]

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from distill.overlap import Overlap
-from distill.recipe import RecipeError, validate_recipe
-from distill.testing import TINY_LLAMA
+from distill.recipe import validate_recipe
+from distill.errors import RecipeError
+from tests.helpers import TINY_LLAMA
 from distill.trainers.distill import DistillTrainer
 
 
@@ -93,29 +94,24 @@ def test_overlap_with_gradient_checkpointing_is_refused_and_off_by_default():
 
 
 def test_trainer_passes_the_fused_choice_to_the_optimizer():
-    from types import SimpleNamespace
-
-    from distill.trainer import RoleTrainer
+    from distill.trainer import build_optimizer
 
     model = torch.nn.Linear(3, 2)
     for fused, device, expect in ((None, "cpu", False), (True, "cpu", True), (False, "cpu", False), (None, "cuda", True)):
         for name in ("adamw", "sgd"):
             recipe = validate_recipe(_raw(student={"optimizer": {"name": name, "fused": fused}}), DistillTrainer)
-            t = RoleTrainer.__new__(RoleTrainer)
-            t.device, t.recipe = torch.device(device), recipe
-            t.data = SimpleNamespace(steps_per_epoch=10)
-            plan = SimpleNamespace(spec=recipe.student)
+            build = lambda: build_optimizer(recipe.student, model, total_steps=10, device=torch.device(device))  # noqa: E731
             if device == "cuda":  # building a CUDA fused optimizer needs the device; the choice is what is checked
                 from unittest import mock
 
                 real = torch.optim.SGD(model.parameters(), lr=1.0)
                 with mock.patch("torch.optim.AdamW") as adamw, mock.patch("torch.optim.SGD") as sgd:
                     adamw.return_value = sgd.return_value = real
-                    t._make_optimizer(plan, model)
+                    build()
                     called = adamw if name == "adamw" else sgd
                     assert called.call_args.kwargs["fused"] is expect
                 continue
-            opt, _ = t._make_optimizer(plan, model)
+            opt, _ = build()
             assert type(opt).__name__ == {"adamw": "AdamW", "sgd": "SGD"}[name]
             assert bool(opt.defaults["fused"]) is expect, (fused, name)
 
@@ -162,18 +158,18 @@ def test_compiled_layers_keep_one_static_graph_per_batch_shape():
 
 
 def test_a_compiled_role_pads_its_batches_to_few_widths(assets, tmp_path):
-    from types import SimpleNamespace
-
     from transformers import AutoTokenizer
 
-    from distill.compile import WIDTHS
+    from distill.data.loading import WIDTHS, build_text_data
+    from distill.data.preference import build_preference_data
     from distill.trainers.dpo import DPOTrainer
 
     tok = AutoTokenizer.from_pretrained(assets["tokenizer"])
 
     def build_data(trainer_cls, recipe, compiled):  # what a trainer of one process builds, before its models
-        return trainer_cls.build_data(SimpleNamespace(recipe=recipe, tokenizer=tok, rank=0, world_size=1, log=print,
-                                                      compiled=compiled))
+        if trainer_cls is DPOTrainer:
+            return build_preference_data(recipe, tok, 0, 1, max_prompt_length=None, compiled=compiled)
+        return build_text_data(recipe, tok, 0, 1, compiled=compiled)
 
     recipe = validate_recipe(_raw(data={"train": assets["train"], "max_length": 128}), DistillTrainer)
     widths = {}

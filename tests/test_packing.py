@@ -16,8 +16,9 @@ from distill.data.packing import PackedCollator, model_inputs, pack_documents
 from distill.data.text import CausalCollator
 from distill.losses import cross_entropy, get_kd_loss
 from distill.preflight import preflight
-from distill.recipe import RecipeError, validate_recipe
-from distill.testing import TINY_LLAMA, tiny_recipe
+from distill.recipe import validate_recipe
+from distill.errors import RecipeError
+from tests.helpers import TINY_LLAMA, tiny_recipe
 from distill.trainers.distill import DistillTrainer
 
 

@@ -2,9 +2,11 @@
 import pytest
 
 from distill.placement import GIB, choose_placement, frozen_zero3_settings, layer_params
-from distill.plan import ZERO2_REDUCE_BUCKET, format_plan, plan_roles, role_ds_config
-from distill.recipe import RecipeError, Role, validate_recipe
-from distill.testing import TINY_LLAMA
+from distill.dsconfig import ZERO2_REDUCE_BUCKET, role_ds_config
+from distill.plan import format_plan, plan_roles
+from distill.recipe import Role, validate_recipe
+from distill.errors import RecipeError
+from tests.helpers import TINY_LLAMA
 from distill.trainers.distill import DistillTrainer
 
 TEACHER = {**TINY_LLAMA, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3}

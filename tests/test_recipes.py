@@ -5,9 +5,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distill.plan import plan_roles, resolve_deepspeed, role_ds_config
-from distill.recipe import RecipeError, Role, load_recipe, parse_overrides, validate_recipe
-from distill.testing import tiny_recipe
+from distill.dsconfig import role_ds_config
+from distill.plan import plan_roles
+from distill.presets import resolve_deepspeed
+from distill.recipe import Role, parse_overrides, validate_recipe
+from distill.errors import RecipeError
+from distill.trainers import load_recipe
+from tests.helpers import tiny_recipe
 from distill.trainers.distill import DistillTrainer
 
 RECIPES = sorted(Path(__file__).resolve().parents[1].joinpath("recipes").glob("*.yaml"))
@@ -99,7 +103,7 @@ def test_unknown_trainer_and_missing_file(tmp_path):
     bad.write_text(yaml.safe_dump({"trainer": "distil", "output_dir": "x", "data": {"train": "x"}}))
     with pytest.raises(RecipeError, match="Did you mean 'distill'"):
         load_recipe(bad)
-    with pytest.raises(RecipeError, match="does not exist.*quickstart.yaml"):
+    with pytest.raises(RecipeError, match="does not exist.*quickstart"):
         load_recipe(tmp_path / "missing.yaml")
 
 

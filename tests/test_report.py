@@ -11,6 +11,8 @@ def _run_dir(tmp_path):
     run.mkdir()
     rows = [{"step": s, "loss": 3.0 / s, "kd": 1.0 / s, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 100.0 * s,
              "rewards/accuracy": 0.5 + 0.1 * s} for s in range(1, 5)]
+    rows += [{"step": s, "loss": 0.1, "reward": 0.4 + 0.1 * s, "rewards/end_mark": 0.3, "kl": 0.01 * s, "entropy": 2.0,
+              "clip_ratio/region_mean": 0.0, "completions/mean_length": 9.0, "gen_time_share": 0.6} for s in (6, 7)]
     rows.append({"step": 4, "eval/ce": 2.5, "eval/kd": 0.1})
     rows.append({"step": 5, "skipped": "non-finite loss"})
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -22,10 +24,10 @@ def test_report_writes_one_png_per_group_and_a_summary(tmp_path):
     run = _run_dir(tmp_path)
     assert main([str(run)]) == 0
     pngs = sorted(p.name for p in (run / "report").glob("*.png"))
-    assert pngs == ["eval.png", "loss.png", "lr.png", "rewards.png", "throughput.png"]
+    assert pngs == ["eval.png", "loss.png", "lr.png", "policy.png", "rewards.png", "throughput.png"]
     assert all((run / "report" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     summary = (run / "report" / "summary.md").read_text()
-    assert "| ce | 3.9000 | 2.5000 |" in summary and "| loss | 4 | 0.75 |" in summary
+    assert "| ce | 3.9000 | 2.5000 |" in summary and "| loss | 7 | 0.1 |" in summary and "| kl | 7 | 0.07 |" in summary
 
 
 def test_series_keeps_numbers_only():

@@ -10,10 +10,12 @@ import pytest
 import torch
 import yaml
 
-from distill.recipe import RecipeError, load_recipe
+from distill.errors import RecipeError
 from distill.rundir import LOCK_FILE, check_resume_identity, lock_run_dir, recipe_changes, release_run_dir
-from distill.testing import check, tiny_recipe
 from distill.train import main
+from distill.trainers import load_recipe
+from tests.helpers import check, tiny_recipe
+
 
 def _hold(run, env, started, done):
     """In a forked process: take the run directory's lock (with `env` as the environment) and keep it."""

@@ -8,8 +8,9 @@ import pytest
 import yaml
 
 from distill import tracking
-from distill.recipe import RecipeError, load_recipe
-from distill.testing import check, tiny_recipe
+from distill.errors import RecipeError
+from distill.trainers import load_recipe
+from tests.helpers import check, tiny_recipe
 
 
 def _write(tmp_path, assets, name="run", **sections):

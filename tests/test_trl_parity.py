@@ -1,7 +1,7 @@
 """Parity with TRL: on the same tiny models, pairs and hyperparameters, our DPOTrainer's first steps'
 losses match TRL's DPOTrainer.
 
-Setup (see distill/testing/scripts/trl_parity.py for what is aligned and why): a random tiny Llama
+Setup (see tests/scripts/trl_parity.py for what is aligned and why): a random tiny Llama
 policy and a different random reference, 8 synthetic pairs forming the one batch of every step,
 sigmoid loss with beta 0.5, AdamW lr 1e-3 constant, gradient clipping at 1.0 (active: the step-1
 norm is about 2.9), fp32, one CPU process each. Each framework tokenizes the text itself; the test
@@ -37,12 +37,12 @@ def _wait(proc, what):
 
 
 def test_first_dpo_steps_match_trl(tmp_path):
-    from distill.testing.scripts.trl_parity import PAIRS, STEPS, hand_loss, prepare
+    from tests.scripts.trl_parity import PAIRS, STEPS, hand_loss, prepare
 
     paths = prepare(tmp_path)
     # Two processes, side by side: accelerate's state is process-global, so the trainers can't share one.
     ours = _run("-m", "distill.train", paths["recipe"])
-    theirs = _run("-m", "distill.testing.scripts.trl_parity", "trl", str(tmp_path))
+    theirs = _run("-m", "tests.scripts.trl_parity", "trl", str(tmp_path))
     _wait(ours, "distill.train")
     _wait(theirs, "TRL's DPOTrainer")
 

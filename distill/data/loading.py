@@ -7,6 +7,7 @@ runs the same number of forwards (a ZeRO-3 role hangs otherwise) and no example 
 """
 from __future__ import annotations
 
+import fcntl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -14,7 +15,13 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from distill.recipe import RecipeError
+from distill.data.packing import PackedCollator, pack_dataset, padding_fraction
+from distill.data.text import CausalCollator, load_text_dataset, tokenize_dataset
+from distill.errors import RecipeError
+
+WIDTHS = 8
+"""Sequence lengths a batch is padded to when a role compiles: multiples of `data.max_length / WIDTHS`. More
+widths pad less (at most `max_length / WIDTHS` tokens a row past the longest) but compile more graphs."""
 
 
 @dataclass
@@ -83,8 +90,6 @@ def ensure_synthetic(recipe, writer) -> None:
     Every process of a run calls this; an exclusive file lock makes the first one write and the
     others find the finished files, so no process waits on a barrier it might skip.
     """
-    import fcntl
-
     d = recipe.data
     if d.synthetic_seed is None:
         return
@@ -114,8 +119,6 @@ def tokenized_splits(data, tokenize) -> Iterator[tuple[str, object, dict]]:
 
 
 def build_text_data(recipe, tokenizer, rank: int, world_size: int, *, compiled: bool = False) -> DataBundle:
-    from distill.data.text import CausalCollator, load_text_dataset, tokenize_dataset
-
     d = recipe.data
     splits = {"eval": None}
     for key, ds, stats in tokenized_splits(d, lambda src: tokenize_dataset(
@@ -125,13 +128,9 @@ def build_text_data(recipe, tokenizer, rank: int, world_size: int, *, compiled: 
             print(f"data: {stats['truncated']} of {stats['n']} training texts truncated to data.max_length={d.max_length} tokens")
     pad = pad_id(tokenizer)
     if not d.packing:
-        from distill.compile import collator_padding
-
         collator = CausalCollator(pad, **collator_padding(d.max_length, compiled))
         return DataBundle(splits["train"], splits["eval"], collator, recipe.train.micro_batch_size,
                           rank, world_size, recipe.seed, pad, grad_accum=recipe.train.grad_accum)
-    from distill.data.packing import PackedCollator, pack_dataset, padding_fraction
-
     for key in [k for k, ds in splits.items() if ds is not None]:
         lengths = [len(ids) for ids in splits[key]["input_ids"]]
         splits[key], stats = pack_dataset(splits[key], d.max_length)
@@ -143,3 +142,12 @@ def build_text_data(recipe, tokenizer, rank: int, world_size: int, *, compiled: 
     return DataBundle(splits["train"], splits["eval"], PackedCollator(pad, d.max_length), recipe.train.micro_batch_size,
                       rank, world_size, recipe.seed, pad, grad_accum=recipe.train.grad_accum,
                       pad_example={"input_ids": [pad], "position_ids": [0]})
+
+
+def collator_padding(max_length: int, compiled: bool) -> dict[str, int]:
+    """The `pad_to_multiple_of` and `max_length` of a run's collators: multiples of 8 when no role compiles;
+    else `WIDTHS` widths, the last `max_length`, so that a compiled layer sees few shapes."""
+    if not compiled:
+        return {"pad_to_multiple_of": 8, "max_length": max_length}
+    step = -(-max_length // WIDTHS)
+    return {"pad_to_multiple_of": max(8, -(-step // 8) * 8), "max_length": max_length}

@@ -14,7 +14,6 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from distill.recipe import RecipeError
 
 PACKING_ATTENTION = ("sdpa", "eager", "flex_attention")
 """Attention implementations whose mask transformers builds from packed position_ids. The flash
@@ -116,19 +115,3 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
     if "position_ids" in batch:
         return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-
-
-def check_packing_attention(roles: dict[str, Any], vocab_size: int | None) -> None:
-    """Refuse roles (name -> `Role`) whose attention implementation would let packed documents see each other.
-
-    Read from the model configs alone, before any model is built (a flash-attention model cannot even be
-    sized where the kernels are not installed)."""
-    from distill.plan import load_model_config
-
-    for name, spec in roles.items():
-        impl = getattr(load_model_config(name, spec, vocab_size), "_attn_implementation", None)
-        if impl is not None and impl not in PACKING_ATTENTION:
-            where = (f"`{name}.config.attn_implementation: sdpa`" if spec.config is not None else
-                     f"`attn_implementation: sdpa` in {spec.from_pretrained}/config.json")
-            raise RecipeError(f"`data.packing: true` needs attention that keeps packed documents apart "
-                              f"({', '.join(PACKING_ATTENTION)}); `{name}` uses {impl}: set {where}, or `data.packing: false`")

@@ -16,6 +16,9 @@ import random
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from distill.data.loading import DataBundle, collator_padding, pad_id, tokenized_splits
 from distill.data.synthetic import SyntheticLanguage, existing_meta, write_splits, writer_cli
 from distill.data.text import CausalCollator, load_dataset_source
 
@@ -192,6 +195,37 @@ class PreferenceCollator:
         return self._causal([{"input_ids": as_list(ex["prompt_ids"]) + as_list(ex[side]),
                               "prompt_length": len(ex["prompt_ids"])}
                              for side in ("chosen_ids", "rejected_ids") for ex in examples])
+
+
+class IndexedCollator:
+    """The preference collator, plus each pair's index (for cached reference log-probs)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, examples):
+        return {**self.inner(examples), "index": torch.tensor([ex["index"] for ex in examples])}
+
+
+def build_preference_data(recipe, tokenizer, rank: int, world_size: int, *, max_prompt_length: int | None,
+                          compiled: bool = False, log=print) -> DataBundle:
+    """Preference pairs of `data.train` / `data.eval` as per-rank batches: chosen rows then rejected rows, each
+    pair with an `index` unique over both splits (one table of cached reference log-probs serves both)."""
+    d = recipe.data
+    splits = {"eval": None}
+    for key, ds, stats in tokenized_splits(d, lambda src: tokenize_preferences(
+            load_preference_dataset(src), tokenizer, max_length=d.max_length, max_prompt_length=max_prompt_length)):
+        if rank == 0 and any(stats.get(k) for k in ("prompt_truncated", "response_truncated", "dropped")):
+            log(f"data.{key}: of {stats['n']} pairs, {stats.get('prompt_truncated', 0)} prompts left-truncated, "
+                f"{stats.get('response_truncated', 0)} responses cut at data.max_length={d.max_length}, "
+                f"{stats.get('dropped', 0)} dropped (no response left)")
+        offset = len(splits["train"]) if key == "eval" else 0
+        splits[key] = ds.add_column("index", list(range(offset, offset + len(ds))))
+    pad = pad_id(tokenizer)
+    collator = IndexedCollator(PreferenceCollator(pad, **collator_padding(d.max_length, compiled)))
+    pad_example = {"prompt_ids": [pad], "chosen_ids": [], "rejected_ids": [], "index": -1}
+    return DataBundle(splits["train"], splits["eval"], collator, recipe.train.micro_batch_size, rank, world_size,
+                      recipe.seed, pad, grad_accum=recipe.train.grad_accum, pad_example=pad_example)
 
 
 def write_preference_dataset(

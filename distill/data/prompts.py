@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from distill.data.loading import DataBundle, collator_padding, pad_id, tokenized_splits
 from distill.data.synthetic import SyntheticLanguage, existing_meta, write_splits, writer_cli
 from distill.data.text import CausalCollator, load_dataset_source
 
@@ -166,6 +167,26 @@ def with_completions(batch: dict[str, torch.Tensor], completions: torch.Tensor, 
     device = completions.device
     rebuilt = CausalCollator(pad_id, pad_to_multiple_of=pad_to_multiple_of, max_length=max_length)(rows)
     return {**batch, **{k: v.to(device) for k, v in rebuilt.items()}}
+
+
+def build_prompt_data(recipe, tokenizer, rank: int, world_size: int, *, max_prompt_length: int, compiled: bool = False,
+                      log=print) -> tuple[DataBundle, dict[str, dict[str, int]]]:
+    """Prompt records of `data.train` / `data.eval` as per-rank batches of left-padded prompts and their
+    completions, and each split's tokenisation counts (`n`, `with_completion`, truncations)."""
+    d = recipe.data
+    splits, counts = {"eval": None}, {}
+    for key, ds, stats in tokenized_splits(d, lambda src: tokenize_prompts(
+            load_prompt_dataset(src), tokenizer, max_length=d.max_length, max_prompt_length=max_prompt_length)):
+        splits[key], counts[key] = ds, stats
+        if rank == 0 and (stats["prompt_truncated"] or stats["completion_truncated"]):
+            log(f"data.{key}: of {stats['n']} prompts, {stats['prompt_truncated']} left-truncated to "
+                f"{max_prompt_length} tokens, {stats['completion_truncated']} completions cut at data.max_length")
+    pad = pad_id(tokenizer)
+    collator = PromptCollator(pad, **collator_padding(d.max_length, compiled))
+    bundle = DataBundle(splits["train"], splits["eval"], collator, recipe.train.micro_batch_size, rank, world_size,
+                        recipe.seed, pad, grad_accum=recipe.train.grad_accum,
+                        pad_example={"prompt_ids": [pad], "completion_ids": [], "real": False})
+    return bundle, counts
 
 
 def write_prompt_dataset(out_dir: str | os.PathLike[str], *, seed: int = 0, n_train: int = 2000, n_eval: int = 200,

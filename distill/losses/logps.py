@@ -138,3 +138,27 @@ def head_sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torc
     rows = mask.nonzero()[:, 0]  # [M]: the row of each predicted token
     tokens = _HeadLogps.apply(hidden[mask], weight, labels[mask], chunk)  # [M]
     return torch.zeros(labels.shape[0], dtype=tokens.dtype, device=tokens.device).index_add(0, rows, tokens)
+
+
+def token_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX,
+                chunk: int = 4096) -> torch.Tensor:
+    """log p(label) of each predicted token: logits [N, T, V], labels [N, T] -> [N, T] (fp32), 0 where ignored.
+
+    The per-token form of `sequence_logps` (same memory: one [chunk, V] fp32 block beyond the logits)."""
+    mask = labels != ignore_index  # [N, T]
+    flat = _LabelLogps.apply(logits.reshape(-1, logits.shape[-1]), labels.masked_fill(~mask, 0).reshape(-1), chunk)
+    return flat.view(labels.shape) * mask
+
+
+@torch.no_grad()
+def token_entropy(logits: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Entropy of each position's distribution, for logging: logits [N, T, V] -> [N, T] (fp32, no gradient),
+    `chunk` rows at a time."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    out = torch.empty(flat.shape[0], dtype=torch.promote_types(logits.dtype, torch.float32), device=logits.device)
+    for s in range(0, flat.shape[0], chunk):
+        x = flat[s:s + chunk].to(out.dtype)  # [c, V]
+        logp = x.log_softmax(-1)
+        p = logp.exp()
+        out[s:s + chunk] = -torch.where(p > 0, p * logp, 0).sum(-1)  # 0 * log 0 = 0 for masked-out logits
+    return out.view(logits.shape[:-1])

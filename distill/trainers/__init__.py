@@ -1,45 +1,26 @@
-"""Trainers by name, as recipes select them with `trainer: NAME`."""
+"""The shipped trainers, registered by name, and `load_recipe`: a recipe file to a validated recipe and its trainer."""
 from __future__ import annotations
 
-from distill.recipe import RecipeError
-from distill.registry import Registry, UnknownNameError
+import os
 
-TRAINERS: Registry = Registry("trainer")
+from distill.presets import shipped_recipes
+from distill.recipe import read_recipe, validate_recipe
+from distill.trainers.distill import DistillTrainer
+from distill.trainers.dpo import DPOTrainer
+from distill.trainers.grpo import GRPOTrainer
+from distill.trainers.lm import LMTrainer
+from distill.trainer import TRAINERS, get_trainer, register_trainer
 
-
-def register_trainer(cls):
-    """Class decorator: make a RoleTrainer subclass selectable as `trainer: <cls.name>`."""
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} needs a `name` to be registered")
-    return TRAINERS.register(cls.name, override=True)(cls)  # re-importing a trainer module re-registers it
-
-
-def get_trainer(name: str):
-    """A registered name (`distill`), or `module:Class` for a trainer in your own importable module."""
-    _load_builtin()
-    if isinstance(name, str) and ":" in name:
-        return _import_trainer(name)
-    try:
-        return TRAINERS.lookup(name)
-    except UnknownNameError as e:
-        raise RecipeError(f"`trainer: {name}`: {e}; or give `module:Class` of your own RoleTrainer") from None
+__all__ = ["DPOTrainer", "DistillTrainer", "GRPOTrainer", "LMTrainer", "TRAINERS", "get_trainer", "load_recipe", "register_trainer"]
 
 
-def _load_builtin() -> None:
-    from distill.trainers import distill, dpo, lm  # noqa: F401  (registration side effect)
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None):
+    """Read a recipe file (or a shipped recipe by name, e.g. `quickstart`), apply dotted overrides, resolve its
+    trainer, validate. Loads no model. Returns (recipe, trainer class)."""
+    shipped = shipped_recipes()
+    if not os.path.exists(path) and str(path) in shipped:
+        path = shipped[str(path)]
+    raw = read_recipe(path, overrides)
+    trainer_cls = get_trainer(raw["trainer"])
+    return validate_recipe(raw, trainer_cls), trainer_cls
 
-
-def _import_trainer(path: str):
-    import importlib
-
-    from distill.trainer import RoleTrainer
-
-    module, _, attr = path.partition(":")
-    try:
-        cls = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise RecipeError(f"`trainer: {path}`: cannot import it ({e}); the module must be importable from the "
-                          "working directory or PYTHONPATH") from None
-    if not (isinstance(cls, type) and issubclass(cls, RoleTrainer)):
-        raise RecipeError(f"`trainer: {path}` is not a RoleTrainer subclass")
-    return cls

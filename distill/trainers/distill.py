@@ -6,16 +6,17 @@ from typing import Any
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from distill.compile import collator_padding
-from distill.data.loading import DataBundle, build_text_data, pad_id, tokenized_splits
+from distill.data.loading import DataBundle, build_text_data
 from distill.data.packing import model_inputs
+from distill.data.prompts import build_prompt_data, is_prompt_dataset, write_prompt_dataset
+from distill.data.text import load_dataset_source
+from distill.errors import RecipeError
 from distill.losses import cross_entropy, get_kd_loss
 from distill.losses.chunked import chunked_kd_loss
 from distill.losses.logps import logit_transform
 from distill.monitor import before_after_table
-from distill.recipe import RecipeError, Role, Section
-from distill.trainer import RoleTrainer
-from distill.trainers import register_trainer
+from distill.recipe import Role, Section
+from distill.trainer import RoleTrainer, register_trainer
 from distill.trainers.on_policy import CompletionSampler, OnPolicySpec, completion_source
 
 
@@ -77,8 +78,6 @@ class DistillTrainer(RoleTrainer):
     @classmethod
     def write_synthetic(cls, out_dir, seed: int, recipe=None) -> None:
         if recipe is not None and recipe.kd.on_policy is not None:
-            from distill.data.prompts import write_prompt_dataset
-
             write_prompt_dataset(out_dir, seed=seed)
         else:
             super().write_synthetic(out_dir, seed)
@@ -104,37 +103,10 @@ class DistillTrainer(RoleTrainer):
 
     # -- data: text, or prompts whose completions may be generated ---------------------------------
     def build_data(self) -> DataBundle:
-        from distill.data.prompts import PromptCollator, is_prompt_dataset, load_prompt_dataset, tokenize_prompts
-
-        d, op = self.recipe.data, self.recipe.kd.on_policy
-        train_columns = _columns(d.train)
-        if not is_prompt_dataset(train_columns):
-            if op is not None:
-                raise RecipeError(f"`kd.on_policy` needs prompt records ('prompt' [+ 'completion'] or 'messages'); "
-                                  f"`data.train` has the columns {train_columns}")
-            return build_text_data(self.recipe, self.tokenizer, self.rank, self.world_size, compiled=self.compiled)
-        if d.packing:
-            raise RecipeError(f"`data.packing: true` packs text documents; `data.train` holds prompt records "
-                              f"(columns {train_columns}): set `data.packing: false`, or give text records")
-        # On-policy, prompts leave room for what is generated; offline, for half of the dataset's completion.
-        max_prompt = d.max_length - op.max_new_tokens if op else d.max_length // 2
-        splits = {"eval": None}
-        for key, ds, stats in tokenized_splits(d, lambda src: tokenize_prompts(
-                load_prompt_dataset(src), self.tokenizer, max_length=d.max_length, max_prompt_length=max_prompt)):
-            splits[key] = ds
-            if self.rank == 0 and (stats["prompt_truncated"] or stats["completion_truncated"]):
-                self.log(f"data.{key}: of {stats['n']} prompts, {stats['prompt_truncated']} left-truncated to "
-                         f"{max_prompt} tokens, {stats['completion_truncated']} completions cut at data.max_length")
-            if key == "train" and stats["with_completion"] < stats["n"] and not (op and (op.lmbda == 1 or op.seq_kd)):
-                raise RecipeError(f"`data.train`: {stats['n'] - stats['with_completion']} of {stats['n']} records have no "
-                                  "completion to learn from: add completions, or set kd.on_policy.lmbda: 1 or "
-                                  "kd.on_policy.seq_kd: true so that one is generated for every batch")
-        self._eval_has_completions = splits["eval"] is not None and any(c for c in splits["eval"]["completion_ids"])
-        pad = pad_id(self.tokenizer)
-        collator = PromptCollator(pad, **collator_padding(d.max_length, self.compiled))
-        return DataBundle(splits["train"], splits["eval"], collator, self.recipe.train.micro_batch_size,
-                          self.rank, self.world_size, self.recipe.seed, pad, grad_accum=self.recipe.train.grad_accum,
-                          pad_example={"prompt_ids": [pad], "completion_ids": [], "real": False})
+        data = kd_data(self.recipe, self.tokenizer, self.rank, self.world_size, compiled=self.compiled, log=self.log)
+        ev = data.eval
+        self._eval_has_completions = ev is None or "completion_ids" not in ev.column_names or any(ev["completion_ids"])
+        return data
 
     def prepare_step(self, step, micro_batches):
         op = self.recipe.kd.on_policy
@@ -235,9 +207,32 @@ class DistillTrainer(RoleTrainer):
         self.log(before_after_table(history, [r for r in rows if r[1] in history["before"]]))
 
 
-def _columns(source: str) -> list[str]:
-    from distill.data.text import load_dataset_source
+def kd_data(recipe, tokenizer, rank: int, world_size: int, *, compiled: bool = False, log=print) -> DataBundle:
+    """The data of distillation: text (offline), or prompt records whose completions the data gives or a role
+    generates (`kd.on_policy`); refuses combinations that cannot train, naming the key."""
+    d, op = recipe.data, recipe.kd.on_policy
+    train_columns = _columns(d.train)
+    if not is_prompt_dataset(train_columns):
+        if op is not None:
+            raise RecipeError(f"`kd.on_policy` needs prompt records ('prompt' [+ 'completion'] or 'messages'); "
+                              f"`data.train` has the columns {train_columns}")
+        return build_text_data(recipe, tokenizer, rank, world_size, compiled=compiled)
+    if d.packing:
+        raise RecipeError(f"`data.packing: true` packs text documents; `data.train` holds prompt records "
+                          f"(columns {train_columns}): set `data.packing: false`, or give text records")
+    # On-policy, prompts leave room for what is generated; offline, for half of the dataset's completion.
+    max_prompt = d.max_length - op.max_new_tokens if op else d.max_length // 2
+    data, counts = build_prompt_data(recipe, tokenizer, rank, world_size, max_prompt_length=max_prompt,
+                                     compiled=compiled, log=log)
+    train = counts["train"]
+    if train["with_completion"] < train["n"] and not (op and (op.lmbda == 1 or op.seq_kd)):
+        raise RecipeError(f"`data.train`: {train['n'] - train['with_completion']} of {train['n']} records have no "
+                          "completion to learn from: add completions, or set kd.on_policy.lmbda: 1 or "
+                          "kd.on_policy.seq_kd: true so that one is generated for every batch")
+    return data
 
+
+def _columns(source: str) -> list[str]:
     try:
         return load_dataset_source(source).column_names
     except (FileNotFoundError, ValueError) as e:

@@ -13,17 +13,17 @@ import gc
 from typing import Literal
 
 import torch
-
 from pydantic import Field, field_validator
+from safetensors.torch import save_file
 
-from distill.compile import collator_padding
-from distill.data.loading import DataBundle, pad_id, tokenized_splits
+from distill.data.loading import DataBundle
+from distill.data.preference import build_preference_data, write_preference_dataset
+from distill.errors import RecipeError
 from distill.losses.logps import head_sequence_logps, logit_transform, sequence_logps
 from distill.losses.preference import get_preference_loss, rewards
 from distill.monitor import before_after_table
-from distill.recipe import RecipeError, Role, Section
-from distill.trainer import RoleTrainer
-from distill.trainers import register_trainer
+from distill.recipe import Role, Section
+from distill.trainer import RoleTrainer, register_trainer
 
 
 class DPOSpec(Section):
@@ -86,30 +86,11 @@ class DPOTrainer(RoleTrainer):
     # -- data ----------------------------------------------------------------------------------
     @classmethod
     def write_synthetic(cls, out_dir, seed: int, recipe=None) -> None:
-        from distill.data.preference import write_preference_dataset
-
         write_preference_dataset(out_dir, seed=seed)
 
     def build_data(self) -> DataBundle:
-        from distill.data.preference import PreferenceCollator, load_preference_dataset, tokenize_preferences
-
-        d, spec = self.recipe.data, self.recipe.dpo
-        splits = {"eval": None}
-        for key, ds, stats in tokenized_splits(d, lambda src: tokenize_preferences(
-                load_preference_dataset(src), self.tokenizer, max_length=d.max_length, max_prompt_length=spec.max_prompt_length)):
-            if self.rank == 0 and any(stats.get(k) for k in ("prompt_truncated", "response_truncated", "dropped")):
-                self.log(f"data.{key}: of {stats['n']} pairs, {stats.get('prompt_truncated', 0)} prompts left-truncated, "
-                         f"{stats.get('response_truncated', 0)} responses cut at data.max_length={d.max_length}, "
-                         f"{stats.get('dropped', 0)} dropped (no response left)")
-            # One index space over both splits, so one table of cached reference log-probs serves both.
-            offset = len(splits["train"]) if key == "eval" else 0
-            splits[key] = ds.add_column("index", list(range(offset, offset + len(ds))))
-        pad = pad_id(self.tokenizer)
-        collator = _IndexedCollator(PreferenceCollator(pad, **collator_padding(d.max_length, self.compiled)))
-        pad_example = {"prompt_ids": [pad], "chosen_ids": [], "rejected_ids": [], "index": -1}
-        return DataBundle(splits["train"], splits["eval"], collator, self.recipe.train.micro_batch_size, self.rank,
-                          self.world_size, self.recipe.seed, pad, grad_accum=self.recipe.train.grad_accum,
-                          pad_example=pad_example)
+        return build_preference_data(self.recipe, self.tokenizer, self.rank, self.world_size, compiled=self.compiled,
+                                     max_prompt_length=self.recipe.dpo.max_prompt_length, log=self.log)
 
     # -- the algorithm -------------------------------------------------------------------------
     def count_tokens(self, batch):
@@ -134,7 +115,7 @@ class DPOTrainer(RoleTrainer):
             reference = lambda: self._reference_sequence_logps(inputs, labels)  # noqa: E731
             if self._chunked_logps():  # decided (and logged) here, not in the worker thread
                 # Only the decoders side by side: the policy's head and backward, where its memory peaks,
-                # then never share the GPU with the reference's forward (2 x H200: 0.06-0.16 GiB lower, as fast).
+                # then never share the GPU with the reference's forward (a lower peak at the same speed: docs/performance.md).
                 ref, hidden = self.alongside(ref_role, reference, lambda: self.policy.last_hidden(**inputs))  # [2B], [2B, T, H]
                 logps = self._head_logps(self.policy, hidden, labels)  # [2B]
             else:
@@ -195,15 +176,13 @@ class DPOTrainer(RoleTrainer):
     @torch.no_grad()
     def _precompute_reference(self) -> None:
         """Every rank scores its share of each split; the tables are gathered, saved, and the reference freed."""
-        from safetensors.torch import save_file
-
         n = len(self.data.train) + (len(self.data.eval) if self.data.eval is not None else 0)
         rows = []
         for split in ("train", "eval"):
             if getattr(self.data, split) is None:
                 continue
             for batch in self.data.eval_batches(split=split):
-                batch = self._to_device(batch)
+                batch = self.to_device(batch)
                 ref = self._reference_sequence_logps({"input_ids": batch["input_ids"],
                                                       "attention_mask": batch["attention_mask"]}, batch["labels"])
                 half = ref.shape[0] // 2
@@ -226,16 +205,6 @@ class DPOTrainer(RoleTrainer):
             torch.cuda.empty_cache()
         if self.accelerator.is_main_process:
             self.log("reference: log-probs precomputed for every pair; the reference role is freed")
-
-
-class _IndexedCollator:
-    """The preference collator, plus each pair's index (for cached reference log-probs)."""
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def __call__(self, examples):
-        return {**self.inner(examples), "index": torch.tensor([ex["index"] for ex in examples])}
 
 
 def _head_logps_blocker(recipe, plans) -> str | None:

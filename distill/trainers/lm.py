@@ -4,8 +4,7 @@ from __future__ import annotations
 from distill.data.packing import model_inputs
 from distill.losses import cross_entropy
 from distill.recipe import Role
-from distill.trainer import RoleTrainer
-from distill.trainers import register_trainer
+from distill.trainer import RoleTrainer, register_trainer
 
 
 @register_trainer

@@ -51,8 +51,10 @@ def completion_source(seed: int, step: int, micro: int, spec: OnPolicySpec) -> s
 class CompletionSampler:
     """Generates completions for prompt batches with a role, and times it (tokens/s, share of the step)."""
 
-    def __init__(self, spec: OnPolicySpec, tokenizer, *, rank: int, log=print, padding: dict | None = None):
-        self.spec, self.rank, self.log = spec, rank, log
+    def __init__(self, spec: OnPolicySpec, tokenizer, *, rank: int, log=print, padding: dict | None = None,
+                 key: str = "kd.on_policy"):
+        """`key`: where the recipe sets `spec`, for the log line that says how a ZeRO-3 role generates."""
+        self.spec, self.rank, self.log, self.key = spec, rank, log, key
         self.padding = padding or {}  # the prompt collator's, so generated batches get its widths
         self.eos = tokenizer.eos_token_id
         self.pad = pad_id(tokenizer)
@@ -68,16 +70,26 @@ class CompletionSampler:
         """`batch` with its completions replaced by `model`'s samples (collective when `model` is ZeRO-3).
 
         `seed` fixes the sampling and leaves the global RNG as it was."""
-        device = batch["prompt_ids"].device
+        completions = self.generate(model, batch["prompt_ids"], batch["prompt_mask"], seed=seed)  # [B, N]
+        t0 = time.perf_counter()
+        out = with_completions(batch, completions, eos_id=self.eos, pad_id=self.pad, **self.padding)
+        self._seconds += time.perf_counter() - t0
+        return {**out, "source": model.name}
+
+    def generate(self, model: RoleModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, seed: int) -> torch.Tensor:
+        """`model`'s completions [B, N] of left-padded prompts [B, P] (mask [B, P]); rows that end early are padded
+        after their eos. Collective when `model` is ZeRO-3; `seed` fixes the sampling and leaves the global RNG
+        as it was; the time and tokens count towards `metrics()`."""
+        device = prompt_ids.device
         t0 = time.perf_counter()
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
-            completions = model.generate(batch["prompt_ids"], batch["prompt_mask"], gather=self._gathers(model),
-                                         **self.settings)  # [B, N]
-        out = with_completions(batch, completions, eos_id=self.eos, pad_id=self.pad, **self.padding)
+            completions = model.generate(prompt_ids, prompt_mask, gather=self._gathers(model), **self.settings)  # [B, N]
         self._seconds += time.perf_counter() - t0
-        self._tokens += int((out["labels"] != -100).sum())
-        return {**out, "source": model.name}
+        ended = completions == self.eos  # [B, N]
+        lengths = torch.where(ended.any(-1), ended.int().argmax(-1) + 1, completions.shape[1])  # [B]: up to the eos
+        self._tokens += int(lengths.sum())
+        return completions
 
     def _gathers(self, model: RoleModel) -> bool:
         """Whether a ZeRO-3 `model` generates from gathered weights; decided once, by every rank together."""
@@ -100,8 +112,8 @@ class CompletionSampler:
                 self._gather[model.name] = self.spec.generation == "gather"
             if self.rank == 0:
                 how = "gathers its weights" if self._gather[model.name] else "stays sharded (synced_gpus)"
-                self.log(f"on-policy: {model.name} (ZeRO-3, {need / 2**30:.2f} GiB of weights) {how} to generate "
-                         f"[kd.on_policy.generation: {self.spec.generation}]")
+                why = "as every trainable ZeRO-3 role" if model.trainable else f"{self.key}.generation: {self.spec.generation}"
+                self.log(f"on-policy: {model.name} (ZeRO-3, {need / 2**30:.2f} GiB of weights) {how} to generate [{why}]")
         return self._gather[model.name]
 
     def metrics(self) -> dict[str, float]:

@@ -1,0 +1,382 @@
+"""Group Relative Policy Optimisation: online RL with a policy, an optional frozen reference and rewards.
+
+Each optimizer step (`grpo.num_iterations` steps, when that is above 1) starts with a generation batch:
+the step's prompts on this rank, `num_generations` completions each, sampled from the policy. Rewards
+come from reward functions (`module:function`, distill/rewards.py) and/or a `reward` role, a frozen
+sequence classifier; advantages are normalised within each prompt's group (distill/losses/grpo.py).
+The reference's log-probs (and, when batches are reused, the generating policy's) are taken once,
+here. The shared loop then trains on the batch in `train.grad_accum` micro-batches of
+`train.micro_batch_size` completions, with TRL's clipped surrogate, k3 KL and loss aggregation.
+
+Groups stay on the rank that generated them: advantages need no collective (TRL spreads a group
+over ranks and gathers every reward); `scale_rewards: batch` all-reduces the std.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator
+
+from distill.data.loading import DataBundle, collator_padding, pad_id, tokenized_splits
+from distill.data.prompts import PromptCollator, load_prompt_dataset, tokenize_prompts
+from distill.data.reward_task import write_reward_task
+from distill.errors import RecipeError
+from distill.losses.grpo import get_grpo_loss, group_advantages, token_loss
+from distill.losses.logps import token_entropy, token_logps
+from distill.monitor import before_after_table
+from distill.recipe import Role, Section
+from distill.rewards import RewardError, agree_on_error, call_reward_function, load_reward_functions, weighted_reward
+from distill.trainer import RoleTrainer, register_trainer
+from distill.trainers.grpo_batch import RepeatedData, completion_masks, pad_columns, padded_width, split_rows
+from distill.trainers.grpo_reward import RewardModelScorer
+from distill.trainers.on_policy import CompletionSampler, OnPolicySpec
+
+
+class GRPOSpec(Section):
+    num_generations: int = Field(8, ge=2)
+    """Completions sampled per prompt (a group); must divide train.micro_batch_size x train.grad_accum."""
+    max_completion_length: int = Field(64, ge=1)
+    """Longest completion generated; prompts keep their last data.max_length - max_completion_length tokens."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature; log-probs are taken at the same temperature, as in TRL."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling (1: the whole distribution; top_k is never applied, as TRL's default top_k=0)."""
+    reward_funcs: list[str] = []
+    """Reward functions as `module:function`, called with (prompts, completions, completion_ids, **dataset columns)."""
+    reward_weights: list[float] | None = None
+    """One weight per reward function, in order (default 1 each); the reward is the weighted sum."""
+    reward_model_weight: float = 1.0
+    """Weight of the `reward` role's score in the reward, when the recipe gives that role a model."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """Divide advantages by the std of the group's rewards, of the whole step's (all ranks), or not at all (Dr. GRPO)."""
+    loss_type: str = "dapo"
+    """How token losses are aggregated, by registered name: grpo, bnpo, dr_grpo, dapo (see docs/grpo-trainer.md)."""
+    epsilon: float = Field(0.2, gt=0, lt=1)
+    """Clip the probability ratio below at 1 - epsilon (and above at 1 + epsilon unless epsilon_high is set)."""
+    epsilon_high: float | None = Field(None, gt=0)
+    """Upper clip 1 + epsilon_high (DAPO's clip-higher, e.g. 0.28); default epsilon."""
+    delta: float | None = Field(None, gt=1)
+    """Also cap the ratio at delta where the clipped term would not (INTELLECT-2's two-sided clip); null: off."""
+    beta: float = Field(0.0, ge=0)
+    """Coefficient of the KL to the reference (k3 estimator); 0 builds no reference."""
+    kl_bias_correction: bool = True
+    """Weight the KL term by the probability ratio (TRL's use_bias_correction_kl, its default)."""
+    reference: Literal["model", "policy_without_adapter"] = "model"
+    """With beta > 0: the `reference` role, or the LoRA policy with its adapter disabled (no second model)."""
+    num_iterations: int = Field(1, ge=1)
+    """Optimizer steps on each generation batch; the log-probs of the policy that generated it are kept for the ratio."""
+    mask_truncated_completions: bool = False
+    """Completions cut by max_completion_length (no eos) count in no loss term (they still count as completions)."""
+
+    @field_validator("loss_type")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        get_grpo_loss(v)
+        return v
+
+
+@register_trainer
+class GRPOTrainer(RoleTrainer):
+    name = "grpo"
+    roles = {
+        "policy": Role(trainable=True, deepspeed="zero2"),
+        "reference": Role(deepspeed="zero3", weights_from="policy"),
+        "reward": Role(deepspeed="zero3", model_class="sequence_classification"),
+    }
+    sections = {"grpo": GRPOSpec}
+
+    # -- the recipe --------------------------------------------------------------------------------
+    @classmethod
+    def built_roles(cls, recipe) -> list[str]:
+        g, out = recipe.grpo, ["policy"]
+        if g.beta != 0 and g.reference == "model":
+            out.append("reference")
+        if recipe.reward.from_pretrained is not None or recipe.reward.config is not None:
+            out.append("reward")
+        return out
+
+    @classmethod
+    def check_recipe(cls, recipe) -> None:
+        g, t = recipe.grpo, recipe.train
+        load_reward_functions(g.reward_funcs, g.reward_weights)  # importable, callable, one weight each
+        if not g.reward_funcs and "reward" not in cls.built_roles(recipe):
+            raise RecipeError("GRPO needs a reward: name functions in `grpo.reward_funcs` (module:function) or a reward "
+                              "model in `reward.from_pretrained`")
+        if recipe.reward.trainable:
+            raise RecipeError("`reward.trainable: true`: the reward model is frozen in GRPO; remove `reward.trainable`")
+        if recipe.reward.model_class != "sequence_classification":
+            raise RecipeError("`reward.model_class` must be `sequence_classification`: the reward model gives one score per "
+                              "sequence; score with a causal LM through a reward function in `grpo.reward_funcs`")
+        per_step = t.micro_batch_size * t.grad_accum
+        if per_step % g.num_generations:
+            raise RecipeError(f"`grpo.num_generations: {g.num_generations}` must divide the completions of one step on "
+                              f"each rank, train.micro_batch_size x train.grad_accum = {t.micro_batch_size} x "
+                              f"{t.grad_accum} = {per_step}: change one of them (e.g. num_generations: "
+                              f"{_divisor_near(per_step, g.num_generations)})")
+        if g.max_completion_length >= recipe.data.max_length:
+            raise RecipeError(f"`grpo.max_completion_length: {g.max_completion_length}` leaves no room for the prompt in "
+                              f"`data.max_length: {recipe.data.max_length}`: raise data.max_length or lower it")
+        if g.beta != 0 and g.reference == "policy_without_adapter" and recipe.policy.lora is None:
+            raise RecipeError("`grpo.reference: policy_without_adapter` needs a LoRA policy: add `policy.lora: {r: 16}` "
+                              "(or set `grpo.reference: model`)")
+
+    @classmethod
+    def check_plans(cls, recipe, plans) -> None:
+        if "reward" in plans:
+            RewardModelScorer.check(recipe, plans)
+
+    @classmethod
+    def write_synthetic(cls, out_dir, seed: int, recipe=None) -> None:
+        write_reward_task(out_dir, seed=seed)
+
+    # -- data: prompts, with their text and extra columns kept for the reward functions ------------
+    def build_data(self):
+        d, g, t = self.recipe.data, self.recipe.grpo, self.recipe.train
+        max_prompt = d.max_length - g.max_completion_length
+        self._records: list[dict] = []  # by index: the prompt as the reward functions see it, and its other columns
+
+        def load(source):  # -> ((raw records, tokenized prompts), stats)
+            raw = load_prompt_dataset(source)
+            tokenized, stats = tokenize_prompts(raw, self.tokenizer, max_length=d.max_length, max_prompt_length=max_prompt)
+            return (raw, tokenized), stats
+
+        splits = {"eval": None}
+        for key, (raw, tokenized), stats in tokenized_splits(d, load):
+            if self.rank == 0 and stats["prompt_truncated"]:
+                self.log(f"data.{key}: {stats['prompt_truncated']} of {stats['n']} prompts left-truncated to {max_prompt} "
+                         f"tokens (data.max_length - grpo.max_completion_length)")
+            offset = len(self._records)
+            extra = [c for c in raw.column_names if c not in ("prompt", "completion", "messages")]
+            self._chat = "messages" in raw.column_names
+            self._records += [{"prompt": row["messages"] if self._chat else row["prompt"], **{c: row[c] for c in extra}}
+                              for row in raw]
+            splits[key] = tokenized.add_column("index", list(range(offset, offset + len(tokenized))))
+        pad = pad_id(self.tokenizer)
+        self.padding = collator_padding(d.max_length, self.compiled)
+        prompts_per_step = t.micro_batch_size * t.grad_accum // g.num_generations
+        bundle = DataBundle(splits["train"], splits["eval"], _Indexed(PromptCollator(pad, **self.padding)), prompts_per_step,
+                            self.rank, self.world_size, self.recipe.seed, pad, grad_accum=1,
+                            pad_example={"prompt_ids": [pad], "completion_ids": [], "real": False, "index": -1})
+        return RepeatedData(bundle, g.num_iterations)
+
+    # -- a generation batch ------------------------------------------------------------------------
+    def prepare_step(self, step, micro_batches):
+        """Generate and score once per `num_iterations` steps (every rank together: the reference and reward
+        roles may be ZeRO-3); the steps in between train on the same batch again."""
+        if self.__dict__.get("_batch") is None or (step - 1) % self.recipe.grpo.num_iterations == 0:
+            self._batch = self._generate_and_score(micro_batches[0], seed=hash((self.recipe.seed, step, self.rank)) % 2**63)
+        return self._batch
+
+    def _generate_and_score(self, prompts: dict, *, seed: int) -> list[dict]:
+        g, t = self.recipe.grpo, self.recipe.train
+        batch = self._rollout(prompts, seed)
+        per_function = self._rewards(batch)  # [N, F]
+        rewards = weighted_reward(per_function, self._reward_weights.to(per_function.device))  # [N]
+        advantages, std = group_advantages(rewards, g.num_generations, g.scale_rewards, all_reduce=self._sum)
+        batch["advantages"] = advantages
+        self._record(batch, per_function, rewards, std)
+        micro = split_rows(batch, t.grad_accum)
+        with torch.no_grad():
+            for mb in micro:
+                if g.num_iterations > 1:
+                    mb["old_logps"] = self._token_logps(self.policy, mb)
+                if g.beta != 0:
+                    mb["ref_logps"] = self._reference_logps(mb)
+        return micro
+
+    def _rollout(self, prompts: dict, seed: int) -> dict:
+        """`num_generations` completions of each prompt: [N = prompts x G] rows, prompt | completion columns."""
+        g = self.recipe.grpo
+        prompt_ids = prompts["prompt_ids"].repeat_interleave(g.num_generations, 0)  # [N, P]
+        prompt_mask = prompts["prompt_mask"].repeat_interleave(g.num_generations, 0)  # [N, P]
+        completions = self.sampler.generate(self.policy, prompt_ids, prompt_mask, seed=seed)  # [N, L]
+        attention, loss_mask, truncated = completion_masks(completions, eos_id=self.tokenizer.eos_token_id,
+                                                           mask_truncated=g.mask_truncated_completions)
+        width = padded_width(prompt_ids.shape[1], completions.shape[1], self.padding)
+        completions = pad_columns(completions.masked_fill(attention == 0, self.data.pad_id), width, self.data.pad_id)
+        attention, loss_mask = pad_columns(attention, width, 0), pad_columns(loss_mask, width, 0)  # [N, C]
+        return {"input_ids": torch.cat([prompt_ids, completions], 1), "attention_mask": torch.cat([prompt_mask, attention], 1),
+                "completion_ids": completions, "completion_mask": attention, "loss_mask": loss_mask,
+                "truncated": truncated, "real": prompts["real"].repeat_interleave(g.num_generations, 0),
+                "index": prompts["index"].repeat_interleave(g.num_generations, 0).tolist()}
+
+    def _rewards(self, batch: dict) -> torch.Tensor:
+        """[N, F] rewards of every function, then the reward model; NaN where a function does not apply.
+
+        Collective: the reward model runs on every rank first, then every rank learns whether any reward
+        function failed on any rank (RewardError everywhere, naming it), so none waits in a collective alone."""
+        n = batch["completion_ids"].shape[0]
+        model_scores = [] if self.reward_model is None else [self.reward_model.score(batch)]
+        real = batch["real"].tolist()
+        rows = [i for i in range(n) if real[i]]
+        prompts, completions, ids = self.texts(batch, rows)
+        records = [self._records[batch["index"][i]] for i in rows]
+        columns = {k: [r[k] for r in records] for k in (records[0] if records else {}) if k != "prompt"}
+        out, error = [], None
+        try:
+            for rf in self._reward_functions:
+                values = torch.full((n,), float("nan"))
+                values[rows] = call_reward_function(rf, prompts, completions, ids, columns)
+                out.append(values.to(self.device))
+        except RewardError as e:
+            error = str(e)
+        agree_on_error(error, self.world_size, self.device)
+        return torch.stack(out + model_scores, 1)  # [N, F]
+
+    def texts(self, batch: dict, rows: list[int] | None = None) -> tuple[list, list, list[list[int]]]:
+        """(prompts, completions, completion ids) of a generation batch's `rows` (default all), as reward functions
+        take them (TRL's forms): the dataset's prompt (a string, or chat messages), the decoded completion (a string,
+        or `[{"role": "assistant", "content": ...}]` for chat prompts) and its token ids, eos included."""
+        rows = range(batch["completion_ids"].shape[0]) if rows is None else rows
+        completion_ids, mask = batch["completion_ids"].cpu(), batch["completion_mask"].cpu().bool()  # one copy, not one per row
+        ids = [completion_ids[i][mask[i]].tolist() for i in rows]
+        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        prompts = [self._records[batch["index"][i]]["prompt"] if batch["index"][i] >= 0 else "" for i in rows]
+        if self._chat:
+            texts = [[{"role": "assistant", "content": c}] for c in texts]
+        return prompts, texts, ids
+
+    # -- the loss ----------------------------------------------------------------------------------
+    def count_tokens(self, batch):
+        """The loss type's share of the step's normaliser: completions, tokens, or 1 per micro-batch."""
+        return get_grpo_loss(self.recipe.grpo.loss_type).count(batch["loss_mask"])
+
+    def loss_step(self, batch, num_tokens):
+        g = self.recipe.grpo
+        mask = batch["loss_mask"]  # [B, C]
+        logits = self._completion_logits(self.policy, batch)  # [B, C, V]
+        logps = token_logps(logits, _labels(batch))  # [B, C]
+        terms = token_loss(logps, batch["advantages"], old_logps=batch.get("old_logps"), ref_logps=batch.get("ref_logps"),
+                           beta=g.beta, epsilon=g.epsilon, epsilon_high=g.epsilon_high, delta=g.delta,
+                           kl_bias_correction=g.kl_bias_correction)
+        loss = get_grpo_loss(g.loss_type).reduce(terms.loss, mask, num_tokens.float(), g.max_completion_length)
+        tokens = self._loss_tokens  # every loss token of the step on all ranks: the metrics' denominator
+
+        def mean(x):
+            return torch.where(mask.bool(), x.detach().float(), 0).sum() / tokens
+
+        low, high = terms.low_clipped.float(), terms.high_clipped.float()
+        out = {"loss": loss, "entropy": mean(token_entropy(logits)), "clip_ratio/low_mean": mean(low),
+               "clip_ratio/high_mean": mean(high), "clip_ratio/region_mean": mean(torch.maximum(low, high))}
+        if terms.kl is not None:
+            out["kl"] = mean(terms.kl)
+        return out
+
+    def _completion_logits(self, role, batch) -> torch.Tensor:
+        """[B, C, V] logits at the sampling temperature that predict the C completion columns."""
+        c = batch["completion_ids"].shape[1]
+        logits = role(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=c + 1).logits
+        logits = logits[:, :-1]
+        return logits / self.recipe.grpo.temperature if self.recipe.grpo.temperature != 1 else logits
+
+    def _token_logps(self, role, batch) -> torch.Tensor:
+        return token_logps(self._completion_logits(role, batch), _labels(batch))  # [B, C]
+
+    def _reference_logps(self, batch) -> torch.Tensor:
+        if self.recipe.grpo.reference == "policy_without_adapter":
+            with self.policy.without_adapter():
+                return self._token_logps(self.policy, batch)
+        return self._token_logps(self.reference, batch)
+
+    # -- evaluation and metrics --------------------------------------------------------------------
+    @torch.no_grad()
+    def eval_step(self, batch):
+        """Sums over the eval prompts' completions (num_generations each, seeded by the prompts, so the same
+        before and after training): the reward, each function's, the completion length."""
+        seed = hash(tuple(batch["prompt_ids"].flatten().tolist())) % 2**63
+        rolled = self._rollout(batch, seed)
+        per_function = self._rewards(rolled)
+        real = rolled["real"].float()  # [N]
+        reward = weighted_reward(per_function, self._reward_weights.to(per_function.device))
+
+        def total(x):
+            return torch.where(real.bool(), torch.nan_to_num(x, nan=0.0), 0).sum()
+
+        out = {"reward": total(reward), "tokens": real.sum(), "rewards/tokens": real.sum(), "completions/tokens": real.sum(),
+               "completions/mean_length": total(rolled["completion_mask"].sum(1).float())}
+        for name, col in zip(self._reward_names, per_function.unbind(1)):
+            out[f"rewards/{name}"] = total(col)
+        return out
+
+    def _record(self, batch, per_function, rewards, std) -> None:
+        """Global statistics of a generation batch (two all-reduces), averaged over the batches of each metrics line."""
+        g, f = self.recipe.grpo, per_function.shape[1]
+        scored = ~torch.isnan(rewards)
+        first_of_group = std.view(-1, g.num_generations)[:, 0]
+        parts = [torch.nansum(rewards), scored.sum(), batch["completion_mask"].sum(), rewards.numel(), batch["truncated"].sum(),
+                 (first_of_group < 1e-6).sum(), first_of_group.numel(), batch["loss_mask"].sum()]
+        sums = self._sum(torch.cat([torch.stack([torch.as_tensor(p, device=self.device).float() for p in parts]),
+                                    torch.nansum(per_function, 0).float(), (~torch.isnan(per_function)).sum(0).float()]))
+        s = sums.tolist()
+        mean = s[0] / max(s[1], 1)
+        sq = float(self._sum(torch.where(scored, (rewards - mean) ** 2, 0).sum()))
+        self._loss_tokens = sums[7].clamp(min=1)
+        stats = {"reward": mean, "reward_std": (sq / max(s[1] - 1, 1)) ** 0.5, "completions/mean_length": s[2] / s[3],
+                 "completions/clipped_ratio": s[4] / s[3], "frac_reward_zero_std": s[5] / s[6],
+                 **{f"rewards/{n}": s[8 + i] / max(s[8 + f + i], 1) for i, n in enumerate(self._reward_names)}}
+        acc = self.__dict__.setdefault("_stats", {})
+        for k, v in stats.items():
+            acc.setdefault(k, []).append(v)
+
+    def step_metrics(self):
+        out = {k: sum(v) / len(v) for k, v in self.__dict__.pop("_stats", {}).items()}
+        return {**out, **self.sampler.metrics()}
+
+    def report(self, history):
+        if "before" in history:
+            rows = [("eval reward", "reward")] + [(f"eval reward: {n}", f"rewards/{n}") for n in self._reward_names]
+            self.log(before_after_table(history, rows + [("eval completion length", "completions/mean_length")]))
+
+    # -- parts built on first use ------------------------------------------------------------------
+    @property
+    def sampler(self):
+        if "_sampler" not in self.__dict__:
+            g = self.recipe.grpo
+            spec = OnPolicySpec(max_new_tokens=g.max_completion_length, temperature=g.temperature, top_p=g.top_p)
+            self._sampler = CompletionSampler(spec, self.tokenizer, rank=self.rank, log=self.log, key="grpo")
+        return self._sampler
+
+    @property
+    def _reward_functions(self):
+        if "_funcs" not in self.__dict__:
+            g = self.recipe.grpo
+            self._funcs = load_reward_functions(g.reward_funcs, g.reward_weights)
+        return self._funcs
+
+    @property
+    def reward_model(self) -> RewardModelScorer | None:
+        if "_scorer" not in self.__dict__:
+            self._scorer = RewardModelScorer(self) if "reward" in self.models else None
+        return self._scorer
+
+    @property
+    def _reward_names(self) -> list[str]:
+        return [f.name for f in self._reward_functions] + (["reward_model"] if self.reward_model else [])
+
+    @property
+    def _reward_weights(self) -> torch.Tensor:
+        w = [f.weight for f in self._reward_functions] + ([self.recipe.grpo.reward_model_weight] if self.reward_model else [])
+        return torch.tensor(w)
+
+    def _sum(self, x: torch.Tensor) -> torch.Tensor:
+        return self.all_reduce(x)
+
+
+def _labels(batch) -> torch.Tensor:
+    """[B, C] the completion tokens to score, -100 on padding."""
+    return batch["completion_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+
+
+class _Indexed:
+    """The prompt collator, plus each prompt's index into the trainer's records (-1: a padding row)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, examples):
+        return {**self.inner(examples), "index": torch.tensor([ex["index"] for ex in examples])}
+
+
+def _divisor_near(n: int, k: int) -> int:
+    return min((d for d in range(2, n + 1) if n % d == 0), key=lambda d: abs(d - k), default=n)

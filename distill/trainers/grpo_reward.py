@@ -1,0 +1,95 @@
+"""GRPO's `reward` role: a frozen sequence classifier that scores prompt + completion (its logit 0).
+
+A reward model that ships its own tokenizer, different from the policy's, reads text: each prompt and
+completion is decoded by the policy's tokenizer and encoded again by the reward model's (chat records
+through the reward tokenizer's chat template, as TRL does). One with the policy's tokenizer (or none of
+its own) reads the policy's token ids directly.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from distill.data.loading import pad_id
+from distill.errors import RecipeError
+from distill.rewards import RewardError
+
+
+def own_tokenizer(source: str | None):
+    """The tokenizer saved with a model directory, or None when it has none."""
+    if source is None or not any((Path(source) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    return AutoTokenizer.from_pretrained(source)
+
+
+class RewardModelScorer:
+    """Scores a generation batch with the trainer's `reward` role."""
+
+    def __init__(self, trainer):
+        self.trainer, self.role = trainer, trainer.reward
+        tok = own_tokenizer(trainer.recipe.reward.from_pretrained)
+        self.tokenizer = None if tok is None or tok.get_vocab() == trainer.tokenizer.get_vocab() else tok
+        config = self.role.module.config
+        if config.pad_token_id is None:  # a classifier reads the last token that is not padding; it must know padding
+            config.pad_token_id = pad_id(self.tokenizer or trainer.tokenizer)
+        self.pad = config.pad_token_id
+        if self.tokenizer is not None:
+            self.tokenizer.truncation_side = "left"  # the score is read at the end: keep the completion
+            if self.tokenizer.pad_token is None:
+                self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.max_length = getattr(config, "max_position_embeddings", None)
+        if trainer.rank == 0:
+            how = "re-tokenizes the text with its own tokenizer" if self.tokenizer else "reads the policy's token ids"
+            trainer.log(f"grpo: the reward model {how}")
+
+    @classmethod
+    def check(cls, recipe, plans) -> None:
+        """Refuse a reward model that cannot score, before any weight loads."""
+        plan = plans["reward"]
+        labels = getattr(plan.model_config, "num_labels", 1)
+        if labels != 1:
+            raise RecipeError(f"`reward` must output one score per sequence (num_labels: 1); its config has num_labels: "
+                              f"{labels}: give a reward model (e.g. trained with a reward trainer), or `reward.config.num_labels: 1`")
+        tok = own_tokenizer(recipe.reward.from_pretrained)
+        if tok is None:
+            need = getattr(plans["policy"].model_config, "vocab_size", None)
+            have = getattr(plan.model_config, "vocab_size", None)
+            if need and have and have < need:
+                raise RecipeError(f"`reward` has no tokenizer of its own and {have} embeddings, fewer than the policy's "
+                                  f"vocabulary ({need}): save the reward model's tokenizer in its directory")
+        elif tok.pad_token is None and tok.eos_token is None:
+            raise RecipeError(f"the tokenizer of `reward.from_pretrained: {recipe.reward.from_pretrained}` has neither a pad "
+                              "nor an eos token to pad batches with: set one in its tokenizer_config.json")
+
+    @torch.no_grad()
+    def score(self, batch: dict) -> torch.Tensor:
+        """[N] scores of the batch's prompt + completion rows, `train.micro_batch_size` rows per forward (the same
+        number of forwards on every rank: a ZeRO-3 reward model gathers its weights in each)."""
+        ids, mask = self._inputs(batch)
+        step, out = self.trainer.recipe.train.micro_batch_size, []
+        for s in range(0, ids.shape[0], step):
+            logits = self.role(input_ids=ids[s:s + step], attention_mask=mask[s:s + step]).logits  # [b, 1]
+            out.append(logits[:, 0].float())
+        return torch.cat(out)
+
+    def _inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        device = batch["input_ids"].device
+        if self.tokenizer is None:
+            return batch["input_ids"].masked_fill(batch["attention_mask"] == 0, self.pad), batch["attention_mask"]
+        if self.trainer._chat:
+            prompts, completions, _ = self.trainer.texts(batch)
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise RewardError("the reward model's tokenizer has no chat template to render the chat records with: "
+                                  "give it one, or use plain-text prompts")
+            texts = [self.tokenizer.apply_chat_template(p + c, tokenize=False) for p, c in zip(prompts, completions)]
+            special = False  # the template writes them
+        else:
+            seqs = [row[m.bool()].tolist() for row, m in zip(batch["input_ids"].cpu(), batch["attention_mask"].cpu())]
+            texts = self.trainer.tokenizer.batch_decode(seqs, skip_special_tokens=True)
+            special = True
+        enc = self.tokenizer(texts, padding=True, truncation=self.max_length is not None, max_length=self.max_length,
+                             add_special_tokens=special, return_tensors="pt")
+        return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+

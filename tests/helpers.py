@@ -1,0 +1,105 @@
+"""Helpers for the test suite: tiny models and data, and launching a script on 2 CPU processes."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+"""The checkout: launched test scripts import `tests.scripts.*` from it."""
+TINY_LLAMA = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+
+
+def tiny_assets(root: Path, *, n_train: int = 192, n_eval: int = 37, seed: int = 0) -> dict[str, str]:
+    """Synthetic data + tokenizer + a random tiny teacher saved in HF format, under `root`."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from distill.data.synthetic import write_dataset
+
+    data = root / "data"
+    write_dataset(data, seed=seed, n_train=n_train, n_eval=n_eval)
+    tok = AutoTokenizer.from_pretrained(data / "tokenizer")
+    teacher = root / "teacher"
+    if not (teacher / "config.json").exists():
+        torch.manual_seed(1234)
+        cfg = {k: v for k, v in TINY_LLAMA.items() if k != "model_type"}
+        model = LlamaForCausalLM(LlamaConfig(**{**cfg, "hidden_size": 48, "intermediate_size": 96}, vocab_size=len(tok)))
+        model.save_pretrained(teacher)
+        tok.save_pretrained(teacher)
+    return {"train": str(data / "train.jsonl"), "eval": str(data / "eval.jsonl"), "tokenizer": str(data / "tokenizer"),
+            "teacher": str(teacher)}
+
+
+def tiny_recipe(assets: dict[str, str], out: Path, **sections) -> dict:
+    """A 2-process distillation recipe on the tiny assets; `sections` are deep-merged on top."""
+    from distill.recipe import deep_merge
+
+    base = {
+        "trainer": "distill", "output_dir": str(out), "seed": 0,
+        "student": {"config": TINY_LLAMA, "deepspeed": "zero2", "optimizer": {"lr": 3e-3}},
+        "teacher": {"from_pretrained": assets["teacher"], "deepspeed": "zero3"},
+        "kd": {"loss": "forward_kl", "alpha": 0.5},
+        "data": {"train": assets["train"], "eval": assets["eval"], "max_length": 64},
+        "train": {"micro_batch_size": 4, "grad_accum": 2, "max_steps": 6, "log_every": 1, "progress": False},
+        "launch": {"num_processes": 2, "timeout_s": 120},
+    }
+    return deep_merge(base, sections)
+
+
+def launch(module: str, *args: str, nproc: int = 2, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`accelerate launch --num_processes N --use_deepspeed -m module args` on CPU, as users run it."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(nproc), "--num_machines", "1",
+           "--use_deepspeed", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_port()),
+           "-m", module, *args]
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": path, **(env or {})})
+
+
+def _port() -> int:
+    from distill.launch import _free_port
+
+    return _free_port()
+
+
+def check(proc: subprocess.CompletedProcess) -> None:
+    """Fail with the processes' output when a launched run failed."""
+    if proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-8000:]}")
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def end_of_script() -> None:
+    """The end of a multi-process test script: every rank waits, then the process group is torn down
+    (as `distill.train` does), so no rank exits while the others' collectives still need it. Then the
+    process leaves as `distill.train` does, without interpreter finalization (`distill.launch.leave`)."""
+    import torch.distributed as dist
+
+    from distill.launch import leave
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    leave(0)
+
+
+def peak_cpu_bytes(fn) -> int:
+    """The most bytes of CPU tensors `fn()` held at once beyond what existed before it: torch.profiler's
+    allocation events, replayed in order. What `torch.cuda.max_memory_allocated` measures, on CPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    now = peak = 0
+    for e in events:
+        now += e.nbytes()
+        peak = max(peak, now)
+    return peak

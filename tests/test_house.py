@@ -1,0 +1,111 @@
+"""What a user outside the checkout relies on: shipped recipes and files, the public API, the model class a role loads,
+and one host synchronisation per training step."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import distill
+from distill.errors import RecipeError
+from distill.presets import deepspeed_presets, package_path, resolve_shipped, shipped_recipes
+from distill.recipe import Role
+from distill.trainers import load_recipe
+from tests.helpers import TINY_LLAMA, tiny_recipe
+
+
+def test_the_trainers_and_roles_import_from_the_top():
+    from distill import DistillTrainer, DPOTrainer, LMTrainer, RoleTrainer
+
+    assert all(issubclass(c, RoleTrainer) for c in (DistillTrainer, DPOTrainer, LMTrainer))
+    assert {DistillTrainer.name, DPOTrainer.name, LMTrainer.name} == {"distill", "dpo", "lm"}
+    assert distill.Role is Role and distill.load_recipe is load_recipe
+
+
+def test_shipped_files_are_read_from_the_package_not_the_checkout():
+    here = Path(distill.__file__).parent
+    assert set(deepspeed_presets()) == {"zero2", "zero3", "zero3_offload"}
+    assert all(p.is_relative_to(here) for p in [*deepspeed_presets().values(), *shipped_recipes().values()])
+    assert "quickstart" in shipped_recipes()
+    teacher = Path(resolve_shipped("distill:assets/teacher"))
+    assert teacher == package_path("assets/teacher") and (teacher / "config.json").is_file()
+    assert Role(from_pretrained="distill:assets/teacher").from_pretrained == str(teacher)
+    with pytest.raises(RecipeError, match="ships no such file"):
+        resolve_shipped("distill:assets/nothing")
+
+
+def test_recipes_list_copy_and_run_by_name_from_another_directory(tmp_path, monkeypatch, capsys):
+    from distill import catalog, train
+
+    monkeypatch.chdir(tmp_path)  # no recipes/ or assets/ here
+    assert catalog.main([]) == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in shipped_recipes())
+    assert catalog.main(["copy", "quickstart"]) == 0
+    assert (tmp_path / "quickstart.yaml").read_bytes() == shipped_recipes()["quickstart"].read_bytes()
+    assert catalog.main(["copy", "quickstart"]) == 2 and "--force" in capsys.readouterr().err  # an edited copy stays
+    assert catalog.main(["copy", "quickstrat"]) == 2
+    for recipe in ("quickstart.yaml", "quickstart"):  # the copy, and the shipped one by name
+        assert train.main([recipe, "--dry-run"]) == 0
+        assert "teacher  frozen" in capsys.readouterr().out
+    recipe, trainer = load_recipe("quickstart")
+    assert trainer is distill.DistillTrainer and Path(recipe.teacher.from_pretrained) == package_path("assets/teacher")
+    # The console entry point dispatches to the same command.
+    listed = subprocess.run([sys.executable, "-m", "distill", "recipes"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0 and "quickstart" in listed.stdout
+
+
+def test_a_role_loads_the_model_class_it_declares():
+    from transformers import AutoConfig
+
+    from distill.models import build_model, count_params
+
+    cfg = {k: v for k, v in TINY_LLAMA.items()}
+    lm = Role(config=cfg)
+    scorer = Role(config={**cfg, "num_labels": 1, "pad_token_id": 0}, model_class="sequence_classification")
+    config = AutoConfig.for_model(**{**cfg, "vocab_size": 50})
+    lm_model = build_model(lm, config)
+    scorer_model = build_model(scorer, AutoConfig.for_model(**{**cfg, "vocab_size": 50, "num_labels": 1, "pad_token_id": 0}))
+    assert type(lm_model).__name__ == "LlamaForCausalLM"
+    assert type(scorer_model).__name__ == "LlamaForSequenceClassification"
+    ids = torch.tensor([[3, 4, 5]])
+    assert scorer_model(input_ids=ids).logits.shape == (1, 1)  # one score per sequence
+    assert count_params(config, "sequence_classification") < count_params(config, "causal_lm")  # a 1-row head
+    with pytest.raises(ValueError, match="model_class"):
+        Role(config=cfg, model_class="value_head")
+
+
+def test_a_training_step_waits_on_the_host_once(assets, tmp_path, monkeypatch):
+    """Every way a tensor reaches Python (item, tolist, float, int, bool) counted while distill's code runs one step."""
+    from distill.recipe import validate_recipe
+    from distill.trainers.distill import DistillTrainer
+
+    raw = tiny_recipe(assets, tmp_path / "run", train={"grad_accum": 2, "progress": False, "log_every": 1},
+                      launch={"num_processes": 1})
+    trainer = DistillTrainer(validate_recipe(raw, DistillTrainer), log=lambda s: None)
+    batches = trainer.data.train_batches()
+    trainer.train_step(1, next(batches))  # the first step builds DeepSpeed's buffers; count a later one
+    syncs: list[str] = []
+    root = str(Path(distill.__file__).parent)
+
+    def counted(name):
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *a, **k):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(root):
+                syncs.append(f"{name} in {Path(caller).name}:{sys._getframe(1).f_lineno}")
+            return original(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        counted(name)
+    out = trainer.train_step(2, next(batches))
+    monkeypatch.undo()
+    trainer.close()
+    assert len(syncs) == 1, syncs
+    assert out["finite"] and out["stop_votes"] == 0 and out["tokens_seen"] > 0
+    assert set(out["losses"]) == {"loss", "ce", "kd"} and all(v == v for v in out["losses"].values())
