@@ -35,19 +35,18 @@ def read_metrics(run: Path) -> list[dict]:
 
 def latest_timeline(rows: list[dict]) -> list[dict]:
     """The rows of the run as it went on last: a run resumed at step S logs steps after S again (a run
-    directory written before metrics were cut back on resume holds both), and the later rows win."""
+    directory written before metrics were cut back on resume holds both). A metric logged again at a step
+    marks the resume: the earlier rows from that step on are dropped."""
     out: list[dict] = []
-    top, keys_at_top = None, set()  # the highest step so far, and the keys logged at it
+    seen: set[tuple] = set()  # (step, metric) pairs logged so far
     for row in rows:
-        step, keys = row.get("step", 0), set(row) - {"step"}
-        if top is not None and (step < top or (step == top and keys & keys_at_top)):  # logged again: a resume
+        step = row.get("step", 0)
+        pairs = {(step, k) for k in row if k != "step"}
+        if pairs & seen:
             out = [r for r in out if r.get("step", 0) < step]
-            top = None
+            seen = {(r.get("step", 0), k) for r in out for k in r if k != "step"}
         out.append(row)
-        if top is None or step > top:
-            top, keys_at_top = step, keys
-        else:
-            keys_at_top |= keys if step == top else set()
+        seen |= pairs
     return out
 
 
