@@ -27,6 +27,7 @@ POLL_S = 1.0
 """Seconds between two looks at the store."""
 LOST_AFTER = 3
 """Looks in a row without an answer from the store before a rank gives up on the job."""
+STORE_GONE = "the job's store (MASTER_ADDR:MASTER_PORT) is gone, so the job ended elsewhere; stopping"
 
 
 def where() -> str:
@@ -71,7 +72,7 @@ class Watch:
                 return None
             info = json.loads(self._store.get(FAILED_KEY))
         except Exception:
-            return 1, "the job's store (MASTER_ADDR:MASTER_PORT) is gone, so the job ended elsewhere; stopping"
+            return 1, STORE_GONE
         if info["rank"] == self.rank:
             return None
         return int(info["code"]), f"stopping: rank {info['rank']} ({info['host']}) failed (exit status {info['code']})"
@@ -91,7 +92,7 @@ class Watch:
             if found is None or self._stop.is_set():
                 lost = 0
                 continue
-            lost = lost + 1 if "store" in found[1] else LOST_AFTER
+            lost = lost + 1 if found[1] == STORE_GONE else LOST_AFTER
             if lost >= LOST_AFTER:  # the store may miss a look; a failure or a lost launcher ends the rank at once
                 self.end(*found)
 
