@@ -46,6 +46,7 @@ class Watch:
         # A rank started by hand from a shell may outlive that shell on purpose.
         self._parent = os.getppid() if {"TORCHELASTIC_RUN_ID", "CROSS_RANK"} & set(os.environ) else None
         self._stop = threading.Event()
+        self._stopping = threading.Lock()  # held while the watchdog ends the rank: `stop` then waits for the exit
         self._thread = threading.Thread(target=self._run, name="distill-watch", daemon=True)
         self._thread.start()
 
@@ -59,8 +60,9 @@ class Watch:
         return json.loads(first.decode() if isinstance(first, bytes) else first)
 
     def stop(self) -> None:
-        """No more watching: this rank is about to end on its own (call it after the last collective)."""
-        self._stop.set()
+        """No more watching: this rank ends on its own (after the last collective, or to say why it failed)."""
+        with self._stopping:
+            self._stop.set()
 
     def cause(self) -> tuple[int, str] | None:
         """(exit status, why) when this rank must stop for something outside it: another rank failed, its
@@ -94,7 +96,9 @@ class Watch:
                 continue
             lost = lost + 1 if found[1] == STORE_GONE else LOST_AFTER
             if lost >= LOST_AFTER:  # the store may miss a look; a failure or a lost launcher ends the rank at once
-                self.end(*found)
+                with self._stopping:
+                    if not self._stop.is_set():
+                        self.end(*found)
 
 
 def join(timeout_s: int) -> Watch:
@@ -109,6 +113,8 @@ def join(timeout_s: int) -> Watch:
 
 def report_failure(watch: Watch | None, code: int, message: str) -> None:
     """Print this rank's reason (once per distinct reason among failing ranks) and tell the others."""
+    if watch is not None:
+        watch.stop()  # this rank says its own reason, even when another rank failed first
     first = watch.publish(code, message.splitlines()[0] if message else "") if watch is not None else None
     if first is not None and first["rank"] != watch.rank and first["reason"] == (message.splitlines() or [""])[0]:
         return  # another rank failed first for the same reason and said it

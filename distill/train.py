@@ -79,13 +79,16 @@ def main(argv: list[str] | None = None) -> int:
     except (NonFiniteLoss, RewardError) as e:  # raised on every rank at the same step
         code = 3 if isinstance(e, NonFiniteLoss) else 4
         if watch is not None:
+            watch.stop()  # every rank stops here by itself; rank 0 says why
             watch.publish(code, str(e))
         if world_info()[0] == 0:
             print(f"distill: stopped: {e}", file=sys.stderr)
         return code
     except Exception as e:
-        if watch is not None and (why := watch.cause()) is not None:
-            watch.end(*why)  # a collective broke because a peer left: say why it left, not this traceback
+        if watch is not None:
+            watch.stop()
+            if (why := watch.cause()) is not None:
+                watch.end(*why)  # a collective broke because a peer left: say why it left, not this traceback
         # An error of this rank alone: say it now, and leave the process group be. Destroying it waits for
         # the other ranks, which may sit in a collective this rank will never join; the run would hang with
         # its error unsaid. The other ranks stop when they learn of it (or when the launcher ends them).
