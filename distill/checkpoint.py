@@ -33,6 +33,7 @@ import yaml
 
 from distill.errors import RecipeError
 from distill.lora import write_spec
+from distill.tokenizer_files import save_tokenizer
 
 STATE_FILE = "trainer_state.json"
 
@@ -77,8 +78,8 @@ def save_checkpoint(trainer, step: int, tokens_seen: int) -> Path:
             (partial / role.name / "scheduler.json").write_text(json.dumps(role.scheduler.state_dict()))
             role.module.config.save_pretrained(partial / role.name)
             if role.plan.spec.lora is not None:
-                write_spec(partial / role.name, role.plan.spec.lora)
-            trainer.tokenizer.save_pretrained(partial / role.name)
+                write_spec(partial / role.name, role.plan.spec.lora, base=role.plan.spec.from_pretrained)
+            save_tokenizer(trainer.tokenizer, partial / role.name)
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()

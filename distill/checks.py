@@ -1,7 +1,8 @@
 """Input files checked before any weight loads: the output directory, each role's model directory (config.json
-parses, weight files whole), vocabulary sizes against the tokenizer, JSON-lines data, and a checkpoint's model
-shapes against the run's. Each failure is one RecipeError naming the key or file and the fix. Cheap enough for
-`--dry-run`: headers and configs are read, no tensor is.
+parses, weight files whole), JSON-lines data, and a checkpoint's model shapes against the run's. Each failure is
+one RecipeError naming the key or file and the fix. Cheap enough for `--dry-run`: headers and configs are read,
+no tensor is. (Vocabulary and position sizes against the tokenizer and `data.max_length`:
+`distill.preflight.check_sizes`.)
 """
 from __future__ import annotations
 
@@ -103,23 +104,6 @@ def _check_safetensors(file: Path, key: str) -> None:
         problem = f"its header does not parse ({e.__class__.__name__})"
     if problem:
         raise RecipeError(f"{key}: weight file {file} is truncated or corrupt ({problem}); save or download the model again")
-
-
-def check_vocab_sizes(plans, tokenizer, recipe) -> None:
-    """Every language model role's embedding covers the tokenizer's ids: an id past `vocab_size` would index
-    outside it. (A sequence classifier may bring its own tokenizer; its trainer tokenizes for it.)"""
-    n = len(tokenizer)
-    tok_key = "data.tokenizer" if recipe.data.tokenizer else "the tokenizer of the first pretrained role"
-    for name, plan in plans.items():
-        vocab = getattr(plan.model_config, "vocab_size", None)
-        if plan.spec.model_class != "causal_lm" or vocab is None or vocab >= n:
-            continue
-        if plan.spec.from_pretrained:
-            raise RecipeError(f"`{name}.from_pretrained`: the model at {plan.spec.from_pretrained} has vocab_size {vocab}, "
-                              f"but the tokenizer ({tok_key}) has {n} tokens, so ids {vocab}..{n - 1} have no embedding; "
-                              "use the tokenizer the model was trained with, or a model whose vocab_size covers it")
-        raise RecipeError(f"`{name}.config.vocab_size` is {vocab}, but the tokenizer ({tok_key}) has {n} tokens: "
-                          f"remove vocab_size (it defaults to the tokenizer's) or set it to at least {n}")
 
 
 def check_jsonl(key: str, source: str | None) -> None:

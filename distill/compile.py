@@ -11,8 +11,9 @@ shape it sees, and that dynamic graph is markedly slower than static ones (docs/
 shape gets its own graph,
 and the data keeps the shapes few: when a role compiles, the collators pad every batch to one of
 `WIDTHS` lengths up to `data.max_length` (`distill.data.loading.collator_padding`), not to the next multiple of 8.
-Generation runs uncompiled (`RoleModel.generate`): each decoding step has another cache length, so
-another static graph. And when the frozen role's forward runs beside the trainable one's, a call that needs
+Generation does not use these graphs (each decoding step would have another cache length, so another static
+graph): distill.decode compiles its own decode step, with the batch and cache dimensions dynamic. And when the
+frozen role's forward runs beside the trainable one's, a call that needs
 a graph not compiled yet stops and runs again alone (distill/overlap.py): torch refuses a compiled call from
 one thread while another traces.
 """

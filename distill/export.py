@@ -2,8 +2,9 @@
 
 Runs in one process without GPUs: DeepSpeed's ZeRO shards of each role are merged into fp32 weights
 (`zero_to_fp32`), loaded into the role's model class and written with `save_pretrained`
-(safetensors + config + tokenizer) under OUT_DIR/<role>/. A LoRA role is written merged, with its
-adapter under OUT_DIR/<role>/adapter/, as a run's own final/<role>/.
+(safetensors + config) under OUT_DIR/<role>/, with the checkpoint's tokenizer files copied byte for byte. A
+LoRA role is written merged, with its adapter under OUT_DIR/<role>/adapter/ (which
+`AutoPeftModelForCausalLM.from_pretrained` loads, base included), as a run's own final/<role>/.
 """
 from __future__ import annotations
 
@@ -13,15 +14,16 @@ from pathlib import Path
 
 import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig, PreTrainedTokenizerFast
 
 from distill.checkpoint import checkpoint_dir, latest_checkpoint, safe_torch_load
 from distill.errors import RecipeError
-from distill.lora import read_spec, save_lora
+from distill.lora import read_base, read_spec, save_lora
 from distill.models import class_of_saved
+from distill.tokenizer_files import auto_tokenizer_note, copy_tokenizer_files
 
 
-def export_checkpoint(ckpt: Path, out: Path) -> list[str]:
+def export_checkpoint(ckpt: Path, out: Path, log=print) -> list[str]:
     roles = sorted(p.name for p in ckpt.iterdir() if (p / "state").is_dir())
     for role in roles:
         src = ckpt / role
@@ -30,19 +32,29 @@ def export_checkpoint(ckpt: Path, out: Path) -> list[str]:
         config = AutoConfig.from_pretrained(src)
         lora = read_spec(src)
         if lora is not None:
-            save_lora(out / role, lora, config, state, None)
-            AutoTokenizer.from_pretrained(src).save_pretrained(out / role)
-            continue
-        with torch.device("meta"):
-            model = class_of_saved(config).from_config(config)
-        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-        model.tie_weights()
-        untied = [k for k in missing if model.get_parameter(k).is_meta] if missing else []
-        if untied or unexpected:
-            raise ValueError(f"{src}: weights do not fit the model: missing {untied}, unexpected {unexpected}")
-        model.save_pretrained(out / role, safe_serialization=True)
-        AutoTokenizer.from_pretrained(src).save_pretrained(out / role)
+            save_lora(out / role, lora, config, state, read_base(src))
+        else:
+            with torch.device("meta"):
+                model = class_of_saved(config).from_config(config)
+            missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+            model.tie_weights()
+            untied = [k for k in missing if model.get_parameter(k).is_meta] if missing else []
+            if untied or unexpected:
+                raise ValueError(f"{src}: weights do not fit the model: missing {untied}, unexpected {unexpected}")
+            model.save_pretrained(out / role, safe_serialization=True)
+        # The checkpoint's tokenizer files as they are: loading and saving again could change how it splits text.
+        if copy_tokenizer_files(src, out / role) and (note := _tokenizer_note(src, out / role)):
+            log(f"note: {note}")
     return roles
+
+
+def _tokenizer_note(src: Path, out: Path) -> str | None:
+    """`auto_tokenizer_note` against the checkpoint's tokenizer read from its files as they are (tokenizer.json)."""
+    try:
+        reference = PreTrainedTokenizerFast.from_pretrained(src)
+    except (OSError, ValueError):  # a tokenizer without tokenizer.json: no fast reading to compare with
+        return None
+    return auto_tokenizer_note(out, reference)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-
 from typing import Any
 
 from transformers import AutoTokenizer
 
 from distill.checkpoint import latest_checkpoint
-from distill.checks import check_checkpoint_shapes, check_jsonl, check_model_files, check_output_dir, check_vocab_sizes
+from distill.checks import check_checkpoint_shapes, check_jsonl, check_model_files, check_output_dir
 from distill.data.loading import ensure_synthetic
 from distill.data.packing import PACKING_ATTENTION
 from distill.data.text import looks_like_path
@@ -24,6 +23,7 @@ from distill.models import check_model_source, load_model_config
 from distill.plan import plan_roles
 from distill.recipe import Role
 from distill.rundir import check_resume_identity, clear_run, holds_run, lock_run_dir
+from distill.tokenizer_files import PROBE_TEXTS, tokenizer_difference
 from distill.tracking import check_installed
 
 
@@ -53,9 +53,10 @@ def preflight(recipe, trainer_cls, *, world_size: int, dry_run: bool = False):
     ensure_synthetic(recipe, trainer_cls.write_synthetic)
     d = recipe.data
     for key, path in (("data.train", d.train), ("data.eval", d.eval)):
-        if path and d.synthetic_seed is None and looks_like_path(path) and not Path(path).exists():
+        if path and looks_like_path(path) and not Path(path).expanduser().exists():
             raise RecipeError(f"`{key}`: `{path}` does not exist; write the synthetic language there with "
-                              f"`python -m distill.data.synthetic {Path(path).parent}` or set `data.synthetic_seed: 0`")
+                              f"`python -m distill.data.synthetic {Path(path).parent}`, or set `data.synthetic_seed: 0` "
+                              "to have it written when that directory does not exist")
         if dry_run or not launched():  # once per run: the ranks read the data through `datasets`, which says it too
             check_jsonl(key, path)
     for name in trainer_cls.roles:  # before the tokenizer, which defaults to a role's directory
@@ -66,7 +67,7 @@ def preflight(recipe, trainer_cls, *, world_size: int, dry_run: bool = False):
     if recipe.data.packing:
         check_packing_attention({n: getattr(recipe, n) for n in trainer_cls.built_roles(recipe)}, len(tokenizer))
     plans = plan_roles(recipe, trainer_cls, world_size=world_size, vocab_size=len(tokenizer))
-    check_vocab_sizes(plans, tokenizer, recipe)
+    check_sizes(recipe, plans, tokenizer)
     if ckpt is not None:
         check_checkpoint_shapes(ckpt, plans)
     trainer_cls.check_plans(recipe, plans)
@@ -82,11 +83,14 @@ def preflight(recipe, trainer_cls, *, world_size: int, dry_run: bool = False):
 
 
 def _load_tokenizer(recipe, roles: dict[str, Role]):
-    """The data tokenizer; every pretrained causal LM role that ships a tokenizer must agree with it. A sequence
-    classifier (a reward model) may bring its own: its trainer gives it text to tokenize (GRPO's reward role)."""
-    sources = [getattr(recipe, n).from_pretrained for n in roles
-               if getattr(recipe, n).from_pretrained and getattr(recipe, n).model_class == "causal_lm"]
-    path = recipe.data.tokenizer or (sources[0] if sources else None)
+    """The data tokenizer; every pretrained causal LM role that ships a tokenizer must tokenize sample texts as it
+    does. A sequence classifier (a reward model) may bring its own: its trainer gives it text to tokenize (GRPO's
+    reward role)."""
+    causal = [n for n in roles if getattr(recipe, n).model_class == "causal_lm"]
+    sources = [getattr(recipe, n).from_pretrained for n in causal if getattr(recipe, n).from_pretrained]
+    # A local model directory without tokenizer files (a student saved from a config) is passed over.
+    shipped = [s for s in sources if not looks_like_path(s) or _has_tokenizer(s)]
+    path = recipe.data.tokenizer or (shipped or sources or [None])[0]
     if path is None:
         raise RecipeError("`data.tokenizer`: no role is loaded from_pretrained, so name a tokenizer directory")
     key = "data.tokenizer" if recipe.data.tokenizer else next(f"{n}.from_pretrained" for n in roles
@@ -98,13 +102,67 @@ def _load_tokenizer(recipe, roles: dict[str, Role]):
     except (OSError, ValueError) as e:
         raise RecipeError(f"`{key}`: no tokenizer could be loaded from `{path}` ({e.__class__.__name__}); "
                           "set `data.tokenizer` to a tokenizer directory") from None
-    for src in sources:
-        if src != path and any((Path(src) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+    for name in causal:
+        src = getattr(recipe, name).from_pretrained
+        if src and src != path and _has_tokenizer(src):
             other = AutoTokenizer.from_pretrained(src)
-            if other.get_vocab() != tok.get_vocab():
-                raise RecipeError(f"tokenizer of `{src}` differs from `{path}`: roles must share one tokenizer "
-                                  "(token ids are compared position by position)")
+            why = tokenizer_difference(tok, other, sample_texts(recipe.data))
+            if why:
+                raise RecipeError(
+                    f"the tokenizer in `{name}.from_pretrained` ({src}, loaded as {type(other).__name__}) differs from "
+                    f"`{key}` ({path}, loaded as {type(tok).__name__}): {why}. Roles must share one tokenizer (token ids "
+                    "are compared position by position). transformers chooses the tokenizer class of some model types "
+                    "(qwen2, phi3, ...) from config.json, whatever tokenizer_config.json says: if that directory should "
+                    "not carry a tokenizer (a model not trained with it yet), delete its tokenizer files; otherwise "
+                    "set `data.tokenizer` to the tokenizer the models were trained with")
     return tok
+
+
+def _has_tokenizer(directory: str) -> bool:
+    return any((Path(directory).expanduser() / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
+
+
+def sample_texts(data, limit: int = 32) -> list[str]:
+    """`PROBE_TEXTS` and the strings of the first records of `data.train` when it is a local .jsonl file."""
+    texts = list(PROBE_TEXTS)
+    path = Path(data.train).expanduser()
+    if path.suffix.lower() == ".jsonl" and path.is_file():
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line, _ in zip(f, range(limit)):
+                try:
+                    texts += _strings(json.loads(line))
+                except json.JSONDecodeError:
+                    break
+    return texts
+
+
+def _strings(value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
+    return [s for v in items for s in _strings(v)]
+
+
+def check_sizes(recipe, plans, tokenizer) -> None:
+    """Sizes that pass every other check and then fail on every rank at the first forward (an IndexError deep in
+    an embedding): a vocabulary smaller than the tokenizer's, `data.max_length` past a model's positions. Causal LM
+    roles only: a sequence classifier tokenizes with its own tokenizer."""
+    n_tokens = len(tokenizer)
+    for name, plan in plans.items():
+        spec, cfg = plan.spec, plan.model_config
+        if spec.model_class != "causal_lm":
+            continue
+        where = f"`{name}.from_pretrained` ({spec.from_pretrained}/config.json)" if spec.from_pretrained else f"`{name}.config`"
+        vocab = getattr(cfg, "vocab_size", None)
+        if isinstance(vocab, int) and vocab < n_tokens:
+            raise RecipeError(f"{where} has vocab_size {vocab}, but the tokenizer has {n_tokens} tokens: ids up to "
+                              f"{n_tokens - 1} would index past `{name}`'s embeddings. Use the tokenizer `{name}` was "
+                              f"trained with (`data.tokenizer`), or a model with vocab_size >= {n_tokens}")
+        positions = getattr(cfg, "max_position_embeddings", None)
+        if isinstance(positions, int) and recipe.data.max_length > positions:
+            raise RecipeError(f"`data.max_length: {recipe.data.max_length}` is longer than {where} allows "
+                              f"(max_position_embeddings {positions}): lower data.max_length to {positions}, or give "
+                              f"`{name}` a config with more positions")
 
 
 def check_packing_attention(roles: dict[str, Any], vocab_size: int | None) -> None:

@@ -154,17 +154,36 @@ class Role(Section):
 
 class DataSpec(Section):
     train: str
-    """Training data: a local .jsonl/.json/.parquet/.txt file, a directory of them, or a hub name."""
+    """Training data: a local .jsonl/.json/.parquet/.txt file, a directory of them, a directory written by
+    `datasets`' `save_to_disk`, or a hub name."""
     eval: str | None = None
-    """Evaluation data, same forms as `train`."""
+    """Evaluation data, same forms as `train`; a directory, saved DatasetDict or hub name gives its `eval_split`."""
+    train_split: str = "train"
+    """The split of `data.train` when it is a directory (files `<split>*.jsonl`, ...), a saved DatasetDict or a hub
+    dataset; ignored for a single file."""
+    eval_split: str | None = None
+    """The split of `data.eval`, as `train_split`; null: the first of `eval`, `validation`, `test` that the source has
+    (never its train split)."""
+    dataset_config: str | None = None
+    """The configuration (subset) of a hub dataset, `name=` of `datasets.load_dataset`, for `train` and `eval`."""
+    revision: str | None = None
+    """The revision (branch, tag or commit) of a hub dataset, for `train` and `eval`."""
     text_field: str = "text"
     """The column holding the text."""
     max_length: int = Field(128, ge=2)
     """Tokens per sequence; longer texts are truncated at the end and counted in the log."""
+    append_eos: bool = True
+    """End every text of text data with the tokenizer's eos token where the tokenizer does not add one itself
+    (GPT-2-style BPE tokenizers add none), so a model learns where documents end. Prompt completions and
+    preference responses always end with eos. false: texts as the tokenizer encodes them."""
     tokenizer: str | None = None
-    """Tokenizer directory; defaults to the first role loaded `from_pretrained`."""
+    """Tokenizer directory (or hub name); defaults to the first role loaded `from_pretrained` whose directory holds a
+    tokenizer. Every `from_pretrained` directory that holds one must tokenize sample texts the same way."""
     synthetic_seed: int | None = None
-    """If set and `train`/`eval` are missing, write the project's synthetic language there first."""
+    """Write the project's synthetic data (text, prompts or preference pairs, as the trainer needs) with this seed into
+    the directory of `train`, as `train.jsonl`, `eval.jsonl` and `tokenizer/`, when that directory does not exist yet.
+    Existing files are never written: a directory that holds the data is used as it is, and one that holds other
+    files is refused."""
     packing: bool = False
     """Concatenate whole tokenized documents into rows of exactly `max_length` tokens (greedy, in dataset order;
     a document that does not fit starts the next row, none is split), with position_ids restarting at every
@@ -190,6 +209,11 @@ class TrainSpec(Section):
     """Steps between evaluations; evaluation also runs before the first and after the last step."""
     eval_batches: int | None = Field(None, ge=1)
     """Cap on evaluation batches per rank (null: the whole eval set)."""
+    eval_samples: int = Field(3, ge=0)
+    """Eval prompts (prompt records' prompts; for text, the start of an eval text) that the trainable role continues
+    greedily at each evaluation: printed, written to samples.jsonl and shown by `distill.report`. 0: none."""
+    eval_sample_tokens: int = Field(32, ge=1)
+    """Most tokens generated per sample (fewer where `data.max_length` leaves less room)."""
     progress: bool = True
     """A progress bar on rank 0."""
     save_every: int | None = Field(None, ge=1)
@@ -255,8 +279,15 @@ class RecipeBase(Section):
         return os.path.expanduser(v)
 
 
+class Replace(dict):
+    """A mapping given whole on the command line (`kd.params={beta: 0.3}`): it replaces the recipe's mapping
+    at that key instead of being merged into it."""
+
+
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """`a.b=1 c=x` -> {"a": {"b": 1}, "c": "x"}; values are parsed as YAML scalars/lists."""
+    """`a.b=1 c=x` -> {"a": {"b": 1}, "c": "x"}; values are parsed as YAML scalars/lists/mappings.
+
+    A mapping value (`a.b={x: 1}`, `a.b={}`) replaces the mapping at `a.b`; dotted keys (`a.b.x=1`) set inside it."""
     out: dict[str, Any] = {}
     for pair in pairs:
         if "=" not in pair:
@@ -268,14 +299,21 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise RecipeError(f"override `{pair}` sets inside `{p}`, which another override set to a value")
-        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
+        value = yaml.safe_load(raw) if raw != "" else None
+        node[parts[-1]] = Replace(value) if isinstance(value, dict) else value
     return out
 
 
 def deep_merge(base: dict, top: dict) -> dict:
+    """`top` over `base`, mappings merged key by key, except a `Replace` mapping, which replaces."""
     out = dict(base)
     for k, v in top.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        if isinstance(v, Replace):
+            out[k] = deep_merge({}, v)  # plain dicts from here on; nested overrides still merge inside it
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
     return out
 
 

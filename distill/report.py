@@ -1,8 +1,11 @@
 """`python -m distill.report RUN_DIR`: plots of a run's metrics and a short markdown summary.
 
 Writes RUN_DIR/report/: one PNG per group of metrics found in metrics.jsonl (losses, eval
-metrics, DPO and GRPO rewards, GRPO's KL, entropy, clipping and completions, throughput, learning rate) and summary.md with the last values and the
-before/after evaluation. Works for any trainer: it plots whatever keys the run logged.
+metrics, DPO and GRPO rewards, GRPO's KL, entropy, clipping and completions, throughput, learning rate) and
+summary.md with the before/after evaluation, the last values and the generation samples of each evaluation
+(samples.jsonl). Works for any trainer: it plots whatever keys the run logged. Metrics that compare share a
+panel: a student's `eval/X` with the teacher's `eval/teacher_X` and the training `X`; the eval curves start at
+step 0, the evaluation before training.
 """
 from __future__ import annotations
 
@@ -62,24 +65,46 @@ def series(rows: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
     return out
 
 
+def panels(group: str, keys: list[str], data: dict) -> list[tuple[str, list[str]]]:
+    """(title, keys) of each panel of a group: `...teacher_X` beside `...X` (the gap between student and teacher),
+    and in the eval group the training series `X` beside `eval/X` (the gap between train and eval)."""
+    out: dict[str, list[str]] = {}
+    for key in keys:
+        head, _, name = key.rpartition("/")
+        base = f"{head}/{name.removeprefix('teacher_')}" if head else name.removeprefix("teacher_")
+        out.setdefault(base, []).append(key)
+    if group == "eval":
+        for base, members in out.items():
+            train = base.removeprefix("eval/")
+            if train in data and train not in members:
+                members.append(train)
+    return [(base, sorted(members, key=lambda k: (k != base, k))) for base, members in out.items()]
+
+
 def write_report(run: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    data, out = series(read_metrics(run)), run / "report"
+    data, out = series(_with_before(run, read_metrics(run))), run / "report"
     out.mkdir(exist_ok=True)
     written = []
     for group, member in GROUPS.items():
-        keys = sorted(k for k in data if member(k))
-        if not keys:
+        layout = panels(group, sorted(k for k in data if member(k)), data)
+        if not layout:
             continue
-        fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.2 * len(keys)), sharex=True, squeeze=False)
-        for ax, key in zip(axes[:, 0], keys):
-            steps, values = data[key]
-            ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3)
-            ax.set_ylabel(key, fontsize=8)
+        fig, axes = plt.subplots(len(layout), 1, figsize=(7, 2.2 * len(layout)), sharex=True, squeeze=False)
+        for ax, (title, keys) in zip(axes[:, 0], layout):
+            for key in keys:
+                steps, values = data[key]
+                train = group == "eval" and not key.startswith("eval/")
+                ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3,
+                        linestyle="--" if train else "-", alpha=0.6 if train else 1.0,
+                        label=f"{key} (train)" if train else key)
+            ax.set_ylabel(title, fontsize=8)
+            if len(keys) > 1:
+                ax.legend(fontsize=7)
             ax.grid(alpha=0.3)
         axes[-1, 0].set_xlabel("step")
         fig.suptitle(f"{run.name}: {group}")
@@ -90,6 +115,15 @@ def write_report(run: Path) -> list[Path]:
         written.append(path)
     (out / "summary.md").write_text(_summary(run, data))
     return written + [out / "summary.md"]
+
+
+def _with_before(run: Path, rows: list[dict]) -> list[dict]:
+    """Runs that logged no eval line at step 0 (older ones) get the before-training eval of summary.json there."""
+    summary = run / "summary.json"
+    if any(r.get("step") == 0 and any(k.startswith("eval/") for k in r) for r in rows) or not summary.is_file():
+        return rows
+    before = json.loads(summary.read_text()).get("before")
+    return [{"step": 0, **{f"eval/{k}": v for k, v in before.items()}}] + rows if before else rows
 
 
 def _summary(run: Path, data: dict) -> str:
@@ -103,7 +137,21 @@ def _summary(run: Path, data: dict) -> str:
             lines.append("")
     lines += ["| metric | last step | last value |", "|---|---:|---:|"]
     lines += [f"| {k} | {steps[-1]} | {values[-1]:.6g} |" for k, (steps, values) in sorted(data.items())]
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines() if line.strip()] \
+        if (run / "samples.jsonl").is_file() else []
+    if samples:
+        lines += ["", "## Samples", "", "Greedy continuations of eval prompts by the trainable role at each evaluation "
+                  "(samples.jsonl); `<eos>` where it stopped.", ""]
+        for index in sorted({s["index"] for s in samples}):
+            rows = [s for s in samples if s["index"] == index]
+            lines += [f"Prompt {index}: `{_cell(rows[0]['prompt'])}`", "", "| step | completion |", "|---:|---|"]
+            lines += [f"| {s['step']} | {_cell(s['completion'])}{' `<eos>`' if s['eos'] else ''} |" for s in rows]
+            lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", "⏎").replace("`", "'")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,14 +17,16 @@ import datetime
 import os
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 
 from distill.launch import single_process_env
-from distill.lora import save_lora
+from distill.lora import base_model_path, save_lora
 from distill.models import leaf_module_classes
 from distill.plan import RolePlan
+from distill.tokenizer_files import save_tokenizer
 
 
 def _skip_cpu_shm_op() -> None:
@@ -136,7 +138,9 @@ class RoleModel:
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, gather: bool, **settings) -> torch.Tensor:
-        """Sampled continuations [B, N] of left-padded prompts [B, P], in eval mode; collective under ZeRO-3.
+        """Continuations [B, N] of left-padded prompts [B, P] by transformers' `generate()` with `settings`
+        (GenerationConfig fields), in eval mode; collective under ZeRO-3. `distill.generation.generate_completions`
+        is the fast path; this is its reference, and the path of a role that stays sharded.
 
         A ZeRO-3 role either gathers its whole weights once and generates with DeepSpeed's hooks
         lifted (`gather`: fast, needs the memory), or keeps them sharded and generates with
@@ -145,26 +149,35 @@ class RoleModel:
         """
         from transformers import GenerationConfig
 
+        sharded = self.plan.zero_stage == 3
+        synced = sharded and not gather and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+        with self.generating(gather=gather):
+            # Compiled layers decode uncompiled: every step has another cache length, so it would compile another graph.
+            eager = torch.compiler.set_stance("force_eager") if self.plan.compile else contextlib.nullcontext()
+            with eager:
+                out = self.module.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                           generation_config=GenerationConfig(**settings), synced_gpus=synced)
+        return out[:, input_ids.shape[1]:]
+
+    @contextlib.contextmanager
+    def generating(self, *, gather: bool) -> Iterator[None]:
+        """The block runs the model for generation: eval mode, gradient checkpointing off (it turns the KV cache
+        off), the role's plugin active, and under ZeRO-3 with `gather` its whole weights gathered once
+        (collective) with DeepSpeed's per-module hooks lifted."""
         model, sharded = self.module, self.plan.zero_stage == 3
         if sharded and gather and self.trainable:
             raise ValueError(f"`{self.name}` is trainable under ZeRO-3: it generates sharded (gather=False)")
-        synced = sharded and not gather and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
-        config = GenerationConfig(**settings)
         was_training, checkpointing = model.training, self.trainable and self.plan.spec.gradient_checkpointing
         if checkpointing:
-            model.gradient_checkpointing_disable()  # it turns the KV cache off
+            model.gradient_checkpointing_disable()
         model.eval()
         try:
-            # Compiled layers decode uncompiled: every step has another cache length, so it would compile another graph.
-            eager = torch.compiler.set_stance("force_eager") if self.plan.compile else contextlib.nullcontext()
-            with self.manager.use(self.name), _whole_weights(self.engine) if sharded and gather else contextlib.nullcontext(), eager:
-                out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                                     synced_gpus=synced)
+            with self.manager.use(self.name), _whole_weights(self.engine) if sharded and gather else contextlib.nullcontext():
+                yield
         finally:
             model.train(was_training)
             if checkpointing:
                 model.gradient_checkpointing_enable()
-        return out[:, input_ids.shape[1]:]
 
     def weight_bytes(self) -> int:
         """Bytes of the role's whole weights (what gathering them for generation holds)."""
@@ -202,11 +215,11 @@ class RoleModel:
             lora = self.plan.spec.lora
             if lora is not None:
                 with self.manager.no_plugin():  # the CPU copy that merges must not be built under zero.Init
-                    save_lora(out_dir, lora, self.plan.model_config, state, self.plan.spec.from_pretrained)
+                    save_lora(out_dir, lora, self.plan.model_config, state, base_model_path(self.plan.spec.from_pretrained))
             else:
                 self.accelerator.unwrap_model(self.engine).save_pretrained(out_dir, state_dict=state, safe_serialization=True)
             if tokenizer is not None:
-                tokenizer.save_pretrained(out_dir)
+                save_tokenizer(tokenizer, Path(out_dir))
         self.accelerator.wait_for_everyone()
 
 

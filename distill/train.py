@@ -44,7 +44,9 @@ def dry_run(recipe, trainer_cls, recipe_path: str) -> str:
               f"one process: python -m distill.train {recipe_path}")
     return "\n".join([format_plan(plans, world),
                       format_memory(plans, world_size=world, micro_batch_size=t.micro_batch_size, seq_len=recipe.data.max_length),
-                      f"launch: {launch}", "dry run: no weights loaded, no run directory written (missing synthetic data is written, as a run would)"])
+                      *trainer_cls.plan_notes(recipe, plans, world),
+                      f"launch: {launch}", "dry run: no weights loaded, no run directory written (with data.synthetic_seed, synthetic data is "
+                      "written into its directory when that directory does not exist yet, as a run would)"])
 
 
 def main(argv: list[str] | None = None) -> int:

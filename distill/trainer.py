@@ -35,8 +35,10 @@ from distill.preflight import preflight
 from distill.errors import RecipeError
 from distill.recipe import Role, Section
 from distill.registry import Registry, UnknownNameError
+from distill import samples
 from distill.roles import RoleManager, RoleModel
 from distill.rundir import release_run_dir, truncate_metrics
+from distill.tokenizer_files import auto_tokenizer_note
 
 
 def apply_role_options(plan, model: torch.nn.Module) -> torch.nn.Module:
@@ -152,6 +154,11 @@ class RoleTrainer:
     def check_plans(cls, recipe, plans) -> None:
         """Like `check_recipe`, once the roles' model configs are known (still before any weight loads)."""
 
+    @classmethod
+    def plan_notes(cls, recipe, plans, world_size: int) -> list[str]:
+        """Lines this algorithm adds to the printed plan (`--dry-run` and the start of a run), e.g. its generation memory."""
+        return []
+
     @property
     def compiled(self) -> bool:
         """Whether any role compiles its layers; the collators then pad to few widths (distill/compile.py)."""
@@ -178,7 +185,7 @@ class RoleTrainer:
             raise RuntimeError(f"launcher reports {world} processes but accelerate sees {self.world_size}")
         self.device = self.accelerator.device
         if self.accelerator.is_main_process:
-            self.log(format_plan(self.plans, self.world_size))
+            self.log("\n".join([format_plan(self.plans, self.world_size), *type(self).plan_notes(recipe, self.plans, self.world_size)]))
         else:
             datasets.disable_progress_bars()  # one set of bars per run, not one per rank
         self.data = self.build_data()
@@ -267,14 +274,17 @@ class RoleTrainer:
                     return {**history, "stopped_at": step}
                 if t.eval_every and step % t.eval_every == 0 and step != self.total_steps and self.data.eval is not None:
                     self.write_metrics({"step": step, **{f"eval/{k}": v for k, v in self.evaluate().items()}})
+                    self.log_samples(step)
         bar.close()
         if self.data.eval is not None:
             history["after"] = self.evaluate()
             self.write_metrics({"step": self.total_steps, **{f"eval/{k}": v for k, v in history["after"].items()}})
+            self.log_samples(self.total_steps)
         self.save(self.out / "final")
         if self.accelerator.is_main_process:
             (self.out / "summary.json").write_text(json.dumps(history, indent=2))
             self.report(history)
+            self._tokenizer_notes(self.out / "final")
             board = "tensorboard" in tracking.resolve(self.recipe.train.report_to)
             self.log(f"run directory: {self.out} (metrics.jsonl, summary.json, final/<role>/ in HF format); "
                      f"plots: python -m distill.report {self.out}"
@@ -291,6 +301,9 @@ class RoleTrainer:
         before = self.evaluate()
         if self.accelerator.is_main_process:
             path.write_text(json.dumps(before))
+        # Step 0 in metrics.jsonl too, so every eval curve starts where training did.
+        self.write_metrics({"step": 0, **{f"eval/{k}": v for k, v in before.items()}})
+        self.log_samples(0)
         return {"before": before}
 
     def train_step(self, step: int, micro_batches: list[dict], *, stop_requested: bool = False) -> dict[str, Any]:
@@ -359,6 +372,17 @@ class RoleTrainer:
 
         return {k: float(v / count(k)) for k, v in sums.items()}
 
+    def log_samples(self, step: int) -> None:
+        """Greedy continuations of the first `train.eval_samples` eval prompts by the trainable role: printed,
+        appended to samples.jsonl and sent to the trackers as text (distill/samples.py). Collective."""
+        samples.log_samples(self, step)
+
+    def _tokenizer_notes(self, out_dir: Path) -> None:
+        """Say where `AutoTokenizer` would load a saved role's tokenizer as another class than the run's."""
+        for m in self.models.values():
+            if m.trainable and (note := auto_tokenizer_note(out_dir / m.name, self.tokenizer)):
+                self.log(f"note: {note}")
+
     def save(self, out_dir: Path) -> None:
         """Every trainable role in HF format under out_dir/<role>/ (collective call)."""
         for m in self.models.values():
@@ -387,6 +411,7 @@ class RoleTrainer:
             (self.out / "recipe.yaml").write_text(yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False))
             if fresh:
                 (self.out / "metrics.jsonl").write_text("")
+                (self.out / "samples.jsonl").unlink(missing_ok=True)
                 (self.out / "eval_before.json").unlink(missing_ok=True)
                 shutil.rmtree(tracking.logging_dir(self.out), ignore_errors=True)  # like metrics.jsonl
             else:  # a resumed run appends to its metrics, from the checkpoint's step on: later lines come again

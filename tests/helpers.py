@@ -34,6 +34,53 @@ def tiny_assets(root: Path, *, n_train: int = 192, n_eval: int = 37, seed: int =
             "teacher": str(teacher)}
 
 
+ENGLISH = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A journey of a thousand miles begins with a single step.",
+    "She sells 12 sea shells by the sea shore, for 3.50 each.",
+    "Don't count your chickens before they hatch!",
+    "In 2024, the library opened 7 new reading rooms.",
+    "Café owners say naïve customers order the façade special.",
+    "Where there's a will, there's a way.",
+    "The meeting starts at 10:30 and ends at 11:45.",
+]
+"""Short English texts with digits, contractions and accents: what a byte-level BPE tokenizer splits in its own way."""
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def bpe_tokenizer(out: Path, *, vocab_size: int = 320):
+    """A byte-level BPE tokenizer (GPT-2 style: adds no special tokens) with a chat template, trained on `ENGLISH`
+    and saved to `out`. Returns it loaded back with `AutoTokenizer`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(ENGLISH * 4, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out)
+    return AutoTokenizer.from_pretrained(out)
+
+
+def tiny_model_dir(out: Path, model_type: str, vocab_size: int, *, seed: int = 0, **config):
+    """A random tiny causal LM of `model_type` (llama, qwen2, gpt2, ...) saved with `save_pretrained` to `out`."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 max_position_embeddings=64) if model_type != "gpt2" else dict(n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, vocab_size=vocab_size, **{**sizes, **config}))
+    model.save_pretrained(out)
+    return out
+
+
 def tiny_recipe(assets: dict[str, str], out: Path, **sections) -> dict:
     """A 2-process distillation recipe on the tiny assets; `sections` are deep-merged on top."""
     from distill.recipe import deep_merge

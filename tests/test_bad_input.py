@@ -44,11 +44,11 @@ def _small_vocab_teacher(assets, tmp_path):
     LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                                  vocab_size=20)).save_pretrained(t)
     AutoTokenizer.from_pretrained(assets["tokenizer"]).save_pretrained(t)
-    return [f"teacher.from_pretrained={t}"], "the model at"
+    return [f"teacher.from_pretrained={t}"], f"`teacher.from_pretrained` ({t}/config.json) has vocab_size 20, but the tokenizer has"
 
 
 def _small_vocab_student(assets, tmp_path):
-    return ["student.config.vocab_size=20"], "`student.config.vocab_size` is 20, but the tokenizer"
+    return ["student.config.vocab_size=20"], "`student.config` has vocab_size 20, but the tokenizer has"
 
 
 def _bad_jsonl(assets, tmp_path):

@@ -144,3 +144,16 @@ def test_build_time_reports_the_cpu_build_of_the_pairs_teacher():
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["pair"] == "tiny" and result["threads"] == 1 and result["cpu_s"] >= 0 and "gpu_s" not in result
+
+
+def test_generation_benchmark_checks_and_times_on_cpu(tmp_path):
+    """benchmarks/generation.py's CPU smoke run: the greedy check against generate() and the timing of two candidates."""
+    out = tmp_path / "generation.json"
+    proc = subprocess.run([sys.executable, "benchmarks/generation.py", "--model", "tiny", "--batch", "4", "--new-tokens", "8",
+                           "--prompt-len", "8", "--parts", "check", "throughput", "--candidates", "static", "generate",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["check"] == [{"mode": "static", "equal": True, "rows": 24, "first_difference": None, "width": [48, 48]}]
+    assert {(r["candidate"], r["batch"]) for r in result["throughput"]} == {("static", 4), ("generate", 4)}
+    assert all(r["tokens"] == [32] and r["tokens_per_s"] > 0 for r in result["throughput"])

@@ -40,7 +40,7 @@ def test_plain_cli_launches_two_processes_and_saves_a_loadable_student(assets, t
     run = tmp_path / "run"
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3, 4]
-    assert sum("eval/ce" in m for m in metrics) == 2  # step 2 and the end
+    assert [m["step"] for m in metrics if "eval/ce" in m] == [0, 2, 4]  # before training, step 2 and the end
     # Cosine schedule without warmup over 4 steps: step k (from 0) uses lr * (1 + cos(pi k / 4)) / 2.
     lrs = [m["lr"] for m in metrics if "loss" in m]
     assert lrs == pytest.approx([3e-3 * (1 + math.cos(math.pi * k / 4)) / 2 for k in range(4)], abs=1e-12)

@@ -115,6 +115,43 @@ def test_overrides_parse_and_apply(tmp_path):
     assert recipe.train.max_steps == 7 and recipe.kd.loss == "tvd"
 
 
+def test_an_override_can_replace_or_empty_a_mapping():
+    onpolicy = RECIPES[0].parent / "onpolicy_quickstart.yaml"  # kd: generalized_jsd with params {beta: 0.5}
+    # Switching the loss family: the old loss's params must go, not be merged into.
+    recipe, _ = load_recipe(onpolicy, ["kd.loss=skew_forward_kl", "kd.params={alpha: 0.2}"])
+    assert recipe.kd.params == {"alpha": 0.2}
+    for empty in ("kd.params={}", "kd.params=null"):
+        recipe, _ = load_recipe(onpolicy, ["kd.loss=forward_kl", empty])
+        assert recipe.kd.params == {}, empty
+    # A dotted key still sets inside the mapping; a whole mapping replaces the role's model config.
+    recipe, _ = load_recipe(onpolicy, ["kd.params.beta=0.3"])
+    assert recipe.kd.params == {"beta": 0.3}
+    recipe, _ = load_recipe(onpolicy, ["student.config={model_type: llama, hidden_size: 32, intermediate_size: 64, "
+                                       "num_hidden_layers: 1, num_attention_heads: 4}"])
+    assert recipe.student.config == {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
+                                     "num_hidden_layers": 1, "num_attention_heads": 4}
+
+
+def test_size_mismatches_are_refused_in_preflight_and_the_dry_run(raw, tmp_path, capsys):
+    """Both passed preflight and crashed every rank at the first forward with an IndexError."""
+    from distill.preflight import preflight
+    from tests.helpers import tiny_model_dir
+    from distill.train import main
+
+    small = tiny_model_dir(tmp_path / "small_vocab", "llama", 20)  # the synthetic tokenizer has 53 tokens
+    bad = {**raw, "teacher": {**raw["teacher"], "from_pretrained": str(small)},
+           "data": {**raw["data"], "tokenizer": raw["teacher"]["from_pretrained"]}}
+    with pytest.raises(RecipeError, match=r"teacher.from_pretrained.*vocab_size 20.*tokenizer has 53 tokens"):
+        preflight(validate_recipe(bad, DistillTrainer), DistillTrainer, world_size=1, dry_run=True)
+    long = {**raw, "data": {**raw["data"], "max_length": 65}}  # TINY_LLAMA has 64 positions
+    with pytest.raises(RecipeError, match=r"`data.max_length: 65` is longer than `student.config` allows.*64"):
+        preflight(validate_recipe(long, DistillTrainer), DistillTrainer, world_size=1, dry_run=True)
+    for r, needle in ((bad, "vocab_size 20"), (long, "max_position_embeddings 64")):
+        (tmp_path / "r.yaml").write_text(yaml.safe_dump(r))
+        assert main([str(tmp_path / "r.yaml"), "--dry-run"]) == 2
+        assert needle in capsys.readouterr().err
+
+
 def test_role_deepspeed_config_per_role():
     kw = dict(micro_batch_size=4, grad_accum=2, world_size=2, grad_clip=1.0, hidden_size=64)
     student = role_ds_config("student", Role(trainable=True, config={}, deepspeed="zero2", precision="bf16"), **kw)

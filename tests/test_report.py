@@ -38,3 +38,33 @@ def test_series_keeps_numbers_only():
 def test_report_on_a_directory_without_metrics(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "distill.report", str(tmp_path)], capture_output=True, text=True)
     assert proc.returncode == 2 and "no metrics.jsonl" in proc.stderr
+
+
+def test_panels_put_student_teacher_and_train_curves_together():
+    from distill.report import panels
+
+    data = {"ce": None, "kd": None, "eval/ce": None, "eval/teacher_ce": None, "eval/kd": None,
+            "eval/sampled/reverse_kl": None, "eval/sampled/teacher_nll": None}
+    eval_keys = sorted(k for k in data if k.startswith("eval/"))
+    assert dict(panels("eval", eval_keys, data)) == {
+        "eval/ce": ["eval/ce", "ce", "eval/teacher_ce"], "eval/kd": ["eval/kd", "kd"],
+        "eval/sampled/reverse_kl": ["eval/sampled/reverse_kl"], "eval/sampled/nll": ["eval/sampled/teacher_nll"]}
+    assert dict(panels("loss", ["ce", "kd", "loss"], data)) == {"ce": ["ce"], "kd": ["kd"], "loss": ["loss"]}
+
+
+def test_eval_curves_start_at_the_eval_before_training_and_samples_are_listed(tmp_path):
+    from distill.report import _with_before, read_metrics
+
+    run = _run_dir(tmp_path)  # an older run: its eval before training only in summary.json
+    rows = _with_before(run, read_metrics(run))
+    assert series(rows)["eval/ce"] == ([0, 4], [3.9, 2.5])
+    (run / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in [
+        {"step": 0, "index": 0, "prompt": "the cat", "completion": "a | b", "eos": False},
+        {"step": 4, "index": 0, "prompt": "the cat", "completion": "sleeps .", "eos": True}]))
+    assert main([str(run)]) == 0
+    summary = (run / "report" / "summary.md").read_text()
+    assert "## Samples" in summary and "Prompt 0: `the cat`" in summary
+    assert "| 0 | a \\| b |" in summary and "| 4 | sleeps . `<eos>` |" in summary
+    # A run that logged its step-0 eval keeps it as it is.
+    logged = [{"step": 0, "eval/ce": 3.8}, {"step": 4, "eval/ce": 2.5}]
+    assert _with_before(run, logged) == logged

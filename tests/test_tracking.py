@@ -47,7 +47,7 @@ def test_tensorboard_scalars_equal_metrics_jsonl_across_a_resume(assets, tmp_pat
         for k, v in tracking.numeric(line).items():
             expected.setdefault(k, []).append((line["step"], v))
     assert [s for s, _ in expected["loss"]] == [1, 2, 3, 4, 5]
-    assert [s for s, _ in expected["eval/ce"]] == [2, 3, 4, 5]
+    assert [s for s, _ in expected["eval/ce"]] == [0, 2, 3, 4, 5]  # 0: the eval before training, not repeated on resume
     assert set(events.Tags()["scalars"]) == set(expected)
     for tag, points in expected.items():
         got = [(e.step, e.value) for e in events.Scalars(tag)]
@@ -145,5 +145,8 @@ def test_wandb_offline_run_holds_the_metrics_of_metrics_jsonl(assets, tmp_path):
     expected: dict[int, dict] = {}
     for line in _metrics(run):  # wandb merges the lines of one step into one row
         expected.setdefault(line["step"], {}).update(tracking.numeric(line))
-    assert sorted(expected) == [1, 2] and "eval/ce" in expected[2]
+    assert sorted(expected) == [0, 1, 2] and "eval/ce" in expected[0] and "eval/ce" in expected[2]
+    # The generation samples of each evaluation go to wandb as text, beside the numbers.
+    samples = {step: row.pop("samples") for step, row in logged.items() if "samples" in row}
+    assert sorted(samples) == [0, 2] and all(text.startswith(f"samples at step {s}") for s, text in samples.items())
     assert logged == expected

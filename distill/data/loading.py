@@ -8,6 +8,11 @@ runs the same number of forwards (a ZeRO-3 role hangs otherwise) and no example 
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import os
+import shutil
+import socket
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -16,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from distill.data.packing import PackedCollator, pack_dataset, padding_fraction
-from distill.data.text import CausalCollator, load_text_dataset, tokenize_dataset
+from distill.data.text import CausalCollator, load_text_dataset, looks_like_path, tokenize_dataset
 from distill.errors import RecipeError
 
 WIDTHS = 8
@@ -84,20 +89,54 @@ class DataBundle:
             yield self.collator(mine[i:i + self.micro_batch_size])
 
 
-def ensure_synthetic(recipe, writer) -> None:
-    """Write the recipe's synthetic data with `writer(dir, seed=..., recipe=...)` unless it is already there.
+def ensure_synthetic(recipe, writer) -> Path | None:
+    """Write the recipe's synthetic data with `writer(dir, seed=..., recipe=...)` when `data.synthetic_seed` is set
+    and the directory of `data.train` does not exist yet; returns the directory written, or None.
 
-    Every process of a run calls this; an exclusive file lock makes the first one write and the
-    others find the finished files, so no process waits on a barrier it might skip.
+    Files are never written over: when `data.train` (and `data.eval`) exist they are used as they are, whoever
+    wrote them, and a directory that exists without them is refused. The data is written into a temporary
+    directory beside the target and renamed into place, so the target is complete or absent. Every process of a
+    run calls this; a lock makes the first one on a machine write and the others find the finished files.
     """
     d = recipe.data
-    if d.synthetic_seed is None:
-        return
-    target = Path(d.train).parent
-    target.mkdir(parents=True, exist_ok=True)
-    with open(target / ".write.lock", "w") as lock:
+    if d.synthetic_seed is None or not looks_like_path(d.train):
+        return None
+    train, evals = Path(d.train).expanduser(), Path(d.eval).expanduser() if d.eval else None
+    if train.exists() and (evals is None or evals.exists()):
+        return None
+    target = train.parent
+    for key, path, name in (("data.train", train, "train.jsonl"), ("data.eval", evals, "eval.jsonl")):
+        if path is not None and path != target / name:
+            raise RecipeError(f"`data.synthetic_seed` writes the synthetic data as {target / 'train.jsonl'}, "
+                              f"{target / 'eval.jsonl'} and {target / 'tokenizer'}/; `{key}: {path}` is not there: "
+                              f"set `{key}: {target / name}`, or remove `data.synthetic_seed` and give existing files")
+    key = hashlib.sha1(str(target.resolve()).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"distill-synthetic-{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        writer(target, seed=d.synthetic_seed, recipe=recipe)
+        if target.exists() and any(target.iterdir()):
+            if train.exists() and (evals is None or evals.exists()):
+                return None  # another process of this run has just written it
+            held = sorted(p.name for p in target.iterdir())[:6]
+            raise RecipeError(f"`data.synthetic_seed` writes synthetic data only into a directory that does not exist "
+                              f"yet; `{target}` exists (holding {', '.join(held)}) without "
+                              f"{'the files named by data.train/data.eval' if evals else 'data.train'}: point "
+                              "data.train/data.eval at your files and remove data.synthetic_seed, or name a new directory")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.parent / f".{target.name}.{socket.gethostname()}-{os.getpid()}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            writer(tmp, seed=d.synthetic_seed, recipe=recipe)
+            if target.exists():
+                target.rmdir()  # empty, checked above
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                if not train.exists():  # not another machine's copy that won the race (shared file systems)
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(f"data: wrote the synthetic data (data.synthetic_seed: {d.synthetic_seed}) to {target}/")
+    return target
 
 
 def pad_id(tokenizer) -> int:
@@ -105,14 +144,22 @@ def pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
+def source_options(data, key: str) -> dict:
+    """How `data.<key>` is read: its split (None for `eval`: the first evaluation split it has), the hub config
+    and revision; keyword arguments of the `load_*_dataset` functions."""
+    return {"split": data.train_split if key == "train" else data.eval_split, "config": data.dataset_config,
+            "revision": data.revision}
+
+
 def tokenized_splits(data, tokenize) -> Iterator[tuple[str, object, dict]]:
-    """`(key, dataset, stats)` of `data.train` and, when set, `data.eval`, each through `tokenize(source)`;
-    a missing or malformed source becomes a RecipeError naming its key."""
+    """`(key, dataset, stats)` of `data.train` and, when set, `data.eval`, each through
+    `tokenize(source, options)` (options: `source_options`); a missing or malformed source becomes a
+    RecipeError naming its key."""
     for key, source in (("train", data.train), ("eval", data.eval)):
         if source is None:
             continue
         try:
-            ds, stats = tokenize(source)
+            ds, stats = tokenize(source, source_options(data, key))
         except (FileNotFoundError, ValueError) as e:
             raise RecipeError(f"`data.{key}`: {e}") from None
         yield key, ds, stats
@@ -120,9 +167,12 @@ def tokenized_splits(data, tokenize) -> Iterator[tuple[str, object, dict]]:
 
 def build_text_data(recipe, tokenizer, rank: int, world_size: int, *, compiled: bool = False) -> DataBundle:
     d = recipe.data
+    if d.append_eos and tokenizer.eos_token_id is None and rank == 0:
+        print("data: the tokenizer has no eos token, so texts end without one (data.append_eos has nothing to append)")
     splits = {"eval": None}
-    for key, ds, stats in tokenized_splits(d, lambda src: tokenize_dataset(
-            load_text_dataset(src, text_field=d.text_field), tokenizer, max_length=d.max_length, text_field=d.text_field)):
+    for key, ds, stats in tokenized_splits(d, lambda src, opts: tokenize_dataset(
+            load_text_dataset(src, text_field=d.text_field, **opts), tokenizer, max_length=d.max_length,
+            text_field=d.text_field, append_eos=d.append_eos and tokenizer.eos_token_id is not None)):
         splits[key] = ds
         if key == "train" and rank == 0 and stats.get("truncated"):
             print(f"data: {stats['truncated']} of {stats['n']} training texts truncated to data.max_length={d.max_length} tokens")

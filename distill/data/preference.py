@@ -27,16 +27,18 @@ _FORMAT_VERSION = 1
 _HINT = "To create synthetic preference pairs locally, run: python -m distill.data.preference DIR"
 
 
-def load_preference_dataset(source: str, *, split: str = "train", data_files=None) -> Any:
+def load_preference_dataset(source: str, *, split: str | None = "train", data_files=None, config: str | None = None,
+                            revision: str | None = None) -> Any:
     """Load and validate preference pairs as a ``datasets.Dataset``.
 
-    ``source`` is resolved like :func:`distill.data.text.load_text_dataset` (a local
-    ``.jsonl``/``.parquet`` file, a directory with ``{split}*.{ext}`` files, or a hub id).
+    ``source`` and ``split`` are resolved like :func:`distill.data.text.load_dataset_source` (a local
+    ``.jsonl``/``.parquet`` file, a directory with ``{split}*.{ext}`` files, a ``save_to_disk`` directory,
+    or a hub id with ``config`` and ``revision``).
     Chat records come back with an explicit ``prompt`` column. Raises
     ``FileNotFoundError`` for a missing path, and ``ValueError`` for an empty dataset or a
     record with a missing field or an empty response (naming the record and field).
     """
-    ds = load_dataset_source(source, split=split, data_files=data_files, hint=_HINT)
+    ds = load_dataset_source(source, split=split, data_files=data_files, hint=_HINT, config=config, revision=revision)
     return _normalize(ds, source)
 
 
@@ -213,8 +215,8 @@ def build_preference_data(recipe, tokenizer, rank: int, world_size: int, *, max_
     pair with an `index` unique over both splits (one table of cached reference log-probs serves both)."""
     d = recipe.data
     splits = {"eval": None}
-    for key, ds, stats in tokenized_splits(d, lambda src: tokenize_preferences(
-            load_preference_dataset(src), tokenizer, max_length=d.max_length, max_prompt_length=max_prompt_length)):
+    for key, ds, stats in tokenized_splits(d, lambda src, opts: tokenize_preferences(
+            load_preference_dataset(src, **opts), tokenizer, max_length=d.max_length, max_prompt_length=max_prompt_length)):
         if rank == 0 and any(stats.get(k) for k in ("prompt_truncated", "response_truncated", "dropped")):
             log(f"data.{key}: of {stats['n']} pairs, {stats.get('prompt_truncated', 0)} prompts left-truncated, "
                 f"{stats.get('response_truncated', 0)} responses cut at data.max_length={d.max_length}, "

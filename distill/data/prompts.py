@@ -33,9 +33,11 @@ def is_prompt_dataset(columns: list[str]) -> bool:
     return "prompt" in columns or "messages" in columns
 
 
-def load_prompt_dataset(source: str, *, split: str = "train") -> Any:
-    """A ``datasets.Dataset`` of prompts (see the module docstring), each record checked."""
-    ds = load_dataset_source(source, split=split, hint=_HINT)
+def load_prompt_dataset(source: str, *, split: str | None = "train", config: str | None = None,
+                        revision: str | None = None) -> Any:
+    """A ``datasets.Dataset`` of prompts (see the module docstring), each record checked; the source and
+    ``split`` as :func:`~distill.data.text.load_dataset_source` reads them."""
+    ds = load_dataset_source(source, split=split, hint=_HINT, config=config, revision=revision)
     cols = ds.column_names
     if not is_prompt_dataset(cols):
         raise ValueError(f"{source}: prompt records need a 'prompt' (and optional 'completion') or a 'messages' "
@@ -148,20 +150,26 @@ class PromptCollator:
 
 
 def with_completions(batch: dict[str, torch.Tensor], completions: torch.Tensor, *, eos_id: int, pad_id: int,
-                     pad_to_multiple_of: int | None = 8, max_length: int | None = None) -> dict[str, torch.Tensor]:
+                     pad_to_multiple_of: int | None = 8, max_length: int | None = None,
+                     lengths: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The batch re-built around generated completions, to be scored like dataset completions.
 
     ``completions`` [B, N] are the tokens generated after ``batch["prompt_ids"]``; each is cut
-    after its first ``eos`` (what follows is the generator's padding). Returns the batch with
+    after its first ``eos`` (what follows is the generator's padding), or after ``lengths`` [B]
+    tokens when given (the generator's count, which knows every eos id). Returns the batch with
     ``input_ids``, ``attention_mask``, ``labels`` [B, T'] replaced: prompt + completion,
     right-padded, predicting the completion tokens (eos included) of real rows only.
     """
     rows = []
     done = completions == eos_id  # [B, N]
+    cut = lengths.tolist() if lengths is not None else None
     for b in range(completions.shape[0]):
         prompt = batch["prompt_ids"][b][batch["prompt_mask"][b].bool()].tolist()
-        hit = done[b].nonzero()
-        n = int(hit[0]) + 1 if len(hit) else completions.shape[1]
+        if cut is not None:
+            n = cut[b]
+        else:
+            hit = done[b].nonzero()
+            n = int(hit[0]) + 1 if len(hit) else completions.shape[1]
         seq = prompt + completions[b, :n].tolist()
         rows.append({"input_ids": seq, "prompt_length": len(prompt) if bool(batch["real"][b]) else len(seq)})
     device = completions.device
@@ -175,8 +183,8 @@ def build_prompt_data(recipe, tokenizer, rank: int, world_size: int, *, max_prom
     completions, and each split's tokenisation counts (`n`, `with_completion`, truncations)."""
     d = recipe.data
     splits, counts = {"eval": None}, {}
-    for key, ds, stats in tokenized_splits(d, lambda src: tokenize_prompts(
-            load_prompt_dataset(src), tokenizer, max_length=d.max_length, max_prompt_length=max_prompt_length)):
+    for key, ds, stats in tokenized_splits(d, lambda src, opts: tokenize_prompts(
+            load_prompt_dataset(src, **opts), tokenizer, max_length=d.max_length, max_prompt_length=max_prompt_length)):
         splits[key], counts[key] = ds, stats
         if rank == 0 and (stats["prompt_truncated"] or stats["completion_truncated"]):
             log(f"data.{key}: of {stats['n']} prompts, {stats['prompt_truncated']} left-truncated to "

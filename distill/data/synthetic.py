@@ -266,15 +266,25 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def existing_meta(out: Path, config: dict[str, Any]) -> dict[str, Any] | None:
-    """The meta.json of a complete dataset directory written with `config`, else None (write it anew)."""
-    needed = [out / "train.jsonl", out / "eval.jsonl", out / "tokenizer" / "tokenizer.json", out / "meta.json"]
+    """The meta.json of a complete dataset directory written with `config`, else None (write it anew).
+
+    Raises FileExistsError when `out` holds data files that no distill writer wrote (no meta.json of ours):
+    those are someone's own data, never written over."""
+    ours = None
+    try:
+        ours = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        pass
+    if not isinstance(ours, dict) or "format_version" not in ours:
+        foreign = [n for n in ("train.jsonl", "eval.jsonl", "tokenizer", "meta.json") if (out / n).exists()]
+        if foreign:
+            raise FileExistsError(f"{out} holds {', '.join(foreign)} that distill did not write (no meta.json of its "
+                                  "own): they are left alone; write the synthetic data into another directory")
+        return None
+    needed = [out / "train.jsonl", out / "eval.jsonl", out / "tokenizer" / "tokenizer.json"]
     if not all(p.exists() for p in needed):
         return None
-    try:
-        old = json.loads((out / "meta.json").read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        return None
-    return old if all(old.get(k) == v for k, v in config.items()) else None
+    return ours if all(ours.get(k) == v for k, v in config.items()) else None
 
 
 def write_dataset(

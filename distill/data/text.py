@@ -48,71 +48,122 @@ def _load_files(files: list[str]) -> Any:
                          "(`python -m distill.train RECIPE --dry-run` names the first bad line of a .jsonl file)") from None
 
 
+EVAL_SPLITS = ("eval", "validation", "test")
+"""The split names an evaluation source is looked up under, in order, when `data.eval_split` is null."""
+
+
 def load_dataset_source(
     source: str,
     *,
-    split: str = "train",
+    split: str | None = "train",
     data_files: str | Sequence[str] | dict[str, Any] | None = None,
     hint: str = _HINT,
+    config: str | None = None,
+    revision: str | None = None,
 ) -> Any:
     """Load a non-empty ``datasets.Dataset`` of any columns from a file, a directory or a hub id.
 
     ``source`` may be:
 
     * a local ``.jsonl``/``.json``/``.parquet``/``.txt`` file (``split`` is ignored);
-    * a local directory: files named ``{split}*.{ext}`` in it are loaded (e.g.
+    * a directory written by ``save_to_disk``: a ``DatasetDict`` gives its ``split``, a single
+      ``Dataset`` is used whole;
+    * another local directory: files named ``{split}*.{ext}`` in it are loaded (e.g.
       ``DIR/eval.jsonl`` for ``split="eval"``), else ``datasets`` resolves the
       directory layout itself;
-    * anything else: a hub dataset id for ``datasets.load_dataset``.
+    * anything else: a hub dataset id for ``datasets.load_dataset``, with ``config`` (its
+      ``name=``) and ``revision``.
 
-    With ``data_files``, ``source`` is passed unchanged as the builder or
-    dataset name: ``load_dataset(source, data_files=data_files, split=split)``.
+    ``split=None`` asks for an evaluation split: the first of :data:`EVAL_SPLITS` the source has,
+    and an error, never the train split, when it has none. With ``data_files``, ``source`` is
+    passed unchanged as the builder or dataset name: ``load_dataset(source, data_files=data_files, split=split)``.
 
     Raises:
         FileNotFoundError: ``source`` looks like a path but does not exist (``hint`` says how to make one).
-        ValueError: the dataset is empty or resolves to several splits.
+        ValueError: the dataset is empty, has no such split, or a hub dataset cannot be loaded.
     """
     import datasets
 
     path = os.path.expanduser(source)
     if data_files is not None:
-        ds = datasets.load_dataset(source, data_files=data_files, split=split)
+        ds = datasets.load_dataset(source, data_files=data_files, split=split or EVAL_SPLITS[0])
     elif os.path.isfile(path):
         if _builder_for(path) is None:
             raise ValueError(f"unsupported file type {path!r}; expected one of {sorted(_BUILDERS)}")
         ds = _load_files([path])
     elif os.path.isdir(path):
-        files = sorted({
-            f for ext in _BUILDERS for f in glob.glob(os.path.join(glob.escape(path), f"{split}*{ext}"))
-        })
-        ds = _load_files(files) if files else datasets.load_dataset(path, split=split)
+        ds = _load_dir(path, split)
     elif looks_like_path(source):
         raise FileNotFoundError(f"dataset path {source!r} does not exist. {hint}")
     else:
-        try:
-            ds = datasets.load_dataset(source, split=split)
-        except Exception as err:
-            if "/" not in source:
-                raise
-            # "data/train" may have been meant as a relative path: say both.
-            raise FileNotFoundError(
-                f"{source!r} is not an existing local path, and loading it as a hub dataset "
-                f"failed ({type(err).__name__}: {err}). {hint}"
-            ) from err
+        ds = _load_hub(source, split, config=config, revision=revision, hint=hint)
 
     if isinstance(ds, datasets.DatasetDict):
-        raise ValueError(f"{source!r} resolved to several splits {list(ds)}; pass split=")
+        ds = _pick_split(ds, split, source)
     if len(ds) == 0:
         raise ValueError(f"dataset {source!r} (split {split!r}) is empty")
     return ds
 
 
+def _load_dir(path: str, split: str | None) -> Any:
+    import datasets
+
+    saved = [os.path.isfile(os.path.join(path, f)) for f in (datasets.config.DATASETDICT_JSON_FILENAME,
+                                                             datasets.config.DATASET_STATE_JSON_FILENAME,
+                                                             datasets.config.DATASET_INFO_FILENAME)]
+    if saved[0] or saved[1] and saved[2]:
+        return datasets.load_from_disk(path)  # a Dataset, or a DatasetDict whose split is picked after
+    for name in EVAL_SPLITS if split is None else (split,):
+        files = sorted({f for ext in _BUILDERS for f in glob.glob(os.path.join(glob.escape(path), f"{name}*{ext}"))})
+        if files:
+            return _load_files(files)
+    # No such files: `datasets` infers the splits from the layout (e.g. `dev.jsonl` -> validation).
+    try:
+        return datasets.load_dataset(path) if split is None else datasets.load_dataset(path, split=split)
+    except ValueError as err:
+        raise ValueError(f"{path!r}: no files named {'/'.join(EVAL_SPLITS) if split is None else split}*.jsonl (or "
+                         f".json, .parquet, .txt), and `datasets` reads no such split from it ({err})") from None
+
+
+def _load_hub(source: str, split: str | None, *, config: str | None, revision: str | None, hint: str) -> Any:
+    import datasets
+
+    try:
+        return datasets.load_dataset(source, name=config, revision=revision, split=split)
+    except Exception as err:
+        what = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+        if datasets.config.HF_HUB_OFFLINE or datasets.config.HF_DATASETS_OFFLINE:
+            why = ("offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set) and not in the local cache: load it once "
+                   "with network access, or give a local path")
+        else:
+            why = "check the name, `data.dataset_config`, `data.train_split`/`data.eval_split` and `data.revision`"
+        if "/" in source:  # "data/train" may have been meant as a relative path: say both.
+            raise FileNotFoundError(f"{source!r} is not an existing local path, and loading it as a hub dataset "
+                                    f"failed ({what}): {why}. {hint}") from None
+        raise ValueError(f"cannot load the hub dataset {source!r} ({what}): {why}") from None
+
+
+def _pick_split(dd: Any, split: str | None, source: str) -> Any:
+    """One split of a DatasetDict: `split`, or with None the first evaluation split."""
+    if split is not None:
+        if split not in dd:
+            raise ValueError(f"{source!r} has no split {split!r}; its splits: {list(dd)}")
+        return dd[split]
+    for name in EVAL_SPLITS:
+        if name in dd:
+            return dd[name]
+    raise ValueError(f"{source!r} has no evaluation split ({', '.join(EVAL_SPLITS)}); its splits: {list(dd)}. "
+                     "Set `data.eval_split` to the one to evaluate on")
+
+
 def load_text_dataset(
     source: str,
     *,
-    split: str = "train",
+    split: str | None = "train",
     text_field: str = "text",
     data_files: str | Sequence[str] | dict[str, Any] | None = None,
+    config: str | None = None,
+    revision: str | None = None,
 ) -> Any:
     """Load a text dataset (see :func:`load_dataset_source`) and check its ``text_field`` holds strings.
 
@@ -121,7 +172,7 @@ def load_text_dataset(
         ValueError: the dataset is empty, or has no ``text_field`` column, or
             that column is not a string column.
     """
-    ds = load_dataset_source(source, split=split, data_files=data_files)
+    ds = load_dataset_source(source, split=split, data_files=data_files, config=config, revision=revision)
     if text_field not in ds.column_names:
         raise ValueError(
             f"dataset {source!r} has no field {text_field!r}; available columns: {ds.column_names}"

@@ -6,7 +6,7 @@ from typing import Any
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from distill.data.loading import DataBundle, build_text_data
+from distill.data.loading import DataBundle, build_text_data, source_options
 from distill.data.packing import model_inputs
 from distill.data.prompts import build_prompt_data, is_prompt_dataset, write_prompt_dataset
 from distill.data.text import load_dataset_source
@@ -17,20 +17,22 @@ from distill.losses.logps import logit_transform
 from distill.monitor import before_after_table
 from distill.recipe import Role, Section
 from distill.trainer import RoleTrainer, register_trainer
-from distill.trainers.on_policy import CompletionSampler, OnPolicySpec, completion_source
+from distill.trainers.on_policy import CompletionSampler, OnPolicySpec, completion_source, generation_plan, training_reserve
 
 
 class KDSpec(Section):
     loss: str = "forward_kl"
     """The divergence, by registered name: forward_kl, reverse_kl, generalized_jsd, skew_forward_kl, skew_reverse_kl, tvd."""
     alpha: float = Field(0.5, ge=0, le=1)
-    """Weight of the cross-entropy on the labels: loss = alpha * CE + (1 - alpha) * KD."""
+    """Weight of the cross-entropy on the labels: loss = alpha * CE + (1 - alpha) * KD. 1: no distillation (the
+    teacher's training forward is skipped; evaluation still scores it); 0: distillation alone."""
     temperature: float = Field(1.0, gt=0)
     """Softens both distributions; the KD term is scaled by temperature**2."""
     top_k: int | None = Field(None, ge=1)
     """Keep only the teacher's top-k probabilities, renormalised."""
     params: dict[str, Any] = {}
-    """Parameters of the chosen divergence, e.g. {beta: 0.5} for generalized_jsd, {alpha: 0.1} for the skew KLs."""
+    """Parameters of the chosen divergence, e.g. {beta: 0.5} for generalized_jsd, {alpha: 0.1} for the skew KLs;
+    null or {} (on the command line: `kd.params=null`) for the loss's defaults."""
     chunked: bool = False
     """Compute the loss chunk by chunk over tokens from hidden states, never holding [tokens, vocab] logits."""
     chunk_size: int = Field(2048, ge=1)
@@ -43,6 +45,11 @@ class KDSpec(Section):
     def _known(cls, v: str) -> str:
         get_kd_loss(v)  # raises with the registered names and the nearest one
         return v
+
+    @field_validator("params", mode="before")
+    @classmethod
+    def _null_is_none(cls, v: Any) -> Any:
+        return {} if v is None else v
 
     @model_validator(mode="after")
     def _params_fit_the_loss(self) -> "KDSpec":
@@ -74,6 +81,10 @@ class DistillTrainer(RoleTrainer):
             transform = logit_transform(plan.model_config)
             if transform:
                 raise RecipeError(f"`kd.chunked: true` cannot reproduce `{name}`'s {transform}: set `kd.chunked: false`")
+
+    @classmethod
+    def plan_notes(cls, recipe, plans, world_size: int) -> list[str]:
+        return generation_plan(recipe, plans, world_size) if recipe.kd.on_policy is not None else []
 
     @classmethod
     def write_synthetic(cls, out_dir, seed: int, recipe=None) -> None:
@@ -109,17 +120,22 @@ class DistillTrainer(RoleTrainer):
         return data
 
     def prepare_step(self, step, micro_batches):
+        """One generation phase per writer and step: the prompts of every micro-batch a role writes, together."""
         op = self.recipe.kd.on_policy
         if op is None:
             return micro_batches
-        out = []
-        for i, batch in enumerate(micro_batches):
+        writers: dict[str, list[int]] = {}
+        for i in range(len(micro_batches)):
             source = completion_source(self.recipe.seed, step, i, op)
             if source != "data":
-                # One seed per (step, micro-batch, rank): ranks sample differently, a resumed run the same.
-                seed = hash((self.recipe.seed, step, i, self.rank)) % 2**63
-                batch = self.sampler.sample(self.models[source], batch, seed=seed)
-            out.append(batch)
+                writers.setdefault(source, []).append(i)
+        out = list(micro_batches)
+        for source, rows in writers.items():  # the same order on every rank: a ZeRO-3 writer's gathers pair up
+            # One seed per (step, writer, rank): ranks sample differently, a resumed run the same.
+            # (The writer by index: a str's hash changes between processes, which would break resuming.)
+            seed = hash((self.recipe.seed, step, ("student", "teacher").index(source), self.rank)) % 2**63
+            for i, batch in zip(rows, self.sampler.sample_many(self.models[source], [micro_batches[i] for i in rows], seed=seed)):
+                out[i] = batch
         return out
 
     def step_metrics(self):
@@ -128,8 +144,11 @@ class DistillTrainer(RoleTrainer):
     @property
     def sampler(self) -> CompletionSampler:
         if "_sampler" not in self.__dict__:
-            self._sampler = CompletionSampler(self.recipe.kd.on_policy, self.tokenizer, rank=self.rank, log=self.log,
-                                              padding=self.data.collator.padding)
+            op, d = self.recipe.kd.on_policy, self.recipe.data
+            self._sampler = CompletionSampler(op, self.tokenizer, rank=self.rank, log=self.log, padding=self.data.collator.padding,
+                                              max_prompt_length=d.max_length - op.max_new_tokens,
+                                              rows_per_phase=self.recipe.train.micro_batch_size * self.recipe.train.grad_accum,
+                                              reserve_bytes=training_reserve(self.plans, self.recipe, self.world_size))
         return self._sampler
 
     # -- the algorithm -----------------------------------------------------------------------------
@@ -137,6 +156,8 @@ class DistillTrainer(RoleTrainer):
         kd = self.recipe.kd
         # The student's own samples are no target to imitate: only the divergence learns from them.
         alpha = 0.0 if batch.get("source") == "student" else kd.alpha
+        if alpha == 1:
+            return self._ce_step(batch, num_tokens)
         if kd.chunked:
             return self._chunked_loss_step(batch, num_tokens, alpha)
         inputs = model_inputs(batch)
@@ -146,6 +167,20 @@ class DistillTrainer(RoleTrainer):
         div = get_kd_loss(kd.loss)(logits, teacher_logits, batch["labels"], temperature=kd.temperature, top_k=kd.top_k,
                                    num_valid_tokens=num_tokens, **kd.params)
         return {"loss": alpha * ce + (1 - alpha) * div, "ce": ce, "kd": div}
+
+    def _ce_step(self, batch, num_tokens):
+        """`kd.alpha: 1`: the loss is the CE on the labels alone, so the teacher is not run (the same on every rank,
+        so a ZeRO-3 teacher's collectives are skipped together)."""
+        inputs = model_inputs(batch)
+        if not self.recipe.kd.chunked:
+            ce = cross_entropy(self.student(**inputs).logits, batch["labels"], num_valid_tokens=num_tokens)  # [B, T, V]
+            return {"loss": ce, "ce": ce}
+        hidden = self.student.last_hidden(**inputs)  # [B, T, H]
+        head = self.student.module.get_output_embeddings().weight
+        # The student against itself: a KD term of 0 weighted 0, so the chunked path computes CE only.
+        total, parts = chunked_kd_loss(hidden, head, hidden.detach(), head.detach(), batch["labels"], loss="forward_kl",
+                                       alpha_ce=1.0, chunk_size=self.recipe.kd.chunk_size, num_valid_tokens=num_tokens)
+        return {"loss": total, "ce": parts["ce"]}
 
     def _chunked_loss_step(self, batch, num_tokens, alpha):
         kd = self.recipe.kd
@@ -211,7 +246,7 @@ def kd_data(recipe, tokenizer, rank: int, world_size: int, *, compiled: bool = F
     """The data of distillation: text (offline), or prompt records whose completions the data gives or a role
     generates (`kd.on_policy`); refuses combinations that cannot train, naming the key."""
     d, op = recipe.data, recipe.kd.on_policy
-    train_columns = _columns(d.train)
+    train_columns = _columns(d)
     if not is_prompt_dataset(train_columns):
         if op is not None:
             raise RecipeError(f"`kd.on_policy` needs prompt records ('prompt' [+ 'completion'] or 'messages'); "
@@ -232,8 +267,8 @@ def kd_data(recipe, tokenizer, rank: int, world_size: int, *, compiled: bool = F
     return data
 
 
-def _columns(source: str) -> list[str]:
+def _columns(data) -> list[str]:
     try:
-        return load_dataset_source(source).column_names
+        return load_dataset_source(data.train, **source_options(data, "train")).column_names
     except (FileNotFoundError, ValueError) as e:
         raise RecipeError(f"`data.train`: {e}") from None

@@ -136,8 +136,8 @@ class GRPOTrainer(RoleTrainer):
         max_prompt = d.max_length - g.max_completion_length
         self._records: list[dict] = []  # by index: the prompt as the reward functions see it, and its other columns
 
-        def load(source):  # -> ((raw records, tokenized prompts), stats)
-            raw = load_prompt_dataset(source)
+        def load(source, options):  # -> ((raw records, tokenized prompts), stats)
+            raw = load_prompt_dataset(source, **options)
             tokenized, stats = tokenize_prompts(raw, self.tokenizer, max_length=d.max_length, max_prompt_length=max_prompt)
             return (raw, tokenized), stats
 

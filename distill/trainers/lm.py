@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from distill.data.packing import model_inputs
 from distill.losses import cross_entropy
+from distill.monitor import before_after_table
 from distill.recipe import Role
 from distill.trainer import RoleTrainer, register_trainer
 
@@ -17,3 +18,7 @@ class LMTrainer(RoleTrainer):
         logits = self.model(**model_inputs(batch)).logits  # [B, T, V]
         ce = cross_entropy(logits, batch["labels"], num_valid_tokens=num_tokens)
         return {"loss": ce}
+
+    def report(self, history):
+        if "before" in history:
+            self.log(before_after_table(history, [("eval CE (nats/token)", "loss")]))

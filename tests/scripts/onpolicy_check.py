@@ -4,9 +4,10 @@
 
 Checks, with the shipped teacher at ZeRO-3 (it ends documents with eos, so completions stop at
 very different lengths):
-- greedy generation by the sharded teacher, with its weights gathered and with `synced_gpus`,
-  equals generation by an unsharded copy, while rank 0 stops after 2 tokens and rank 1 runs
-  for 24 (a hang here is the bug this guards against);
+- greedy generation by the sharded teacher, with its weights gathered and with `synced_gpus`, and
+  through distill.generation's static-cache loop (gathered once), equals generation by an unsharded
+  copy, while rank 0 stops after 2 tokens and rank 1 runs for 24 (a hang here is the bug this guards
+  against); so does the ZeRO-2 student's, against its own module's generate();
 - the loss of a student-sampled micro-batch equals the divergence computed from unsharded
   models on the completion tokens only;
 - a short run trains, with student- and teacher-written micro-batches, and logs generation timings.
@@ -25,6 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForCausalLM
 
     from distill.data.prompts import write_prompt_dataset
+    from distill.generation import SamplingSpec, generate_completions
     from distill.losses import get_kd_loss
     from distill.recipe import deep_merge, parse_overrides, validate_recipe
     from tests.helpers import REPO
@@ -61,6 +63,16 @@ def main(argv: list[str] | None = None) -> None:
         got = trainer.teacher.generate(batch["prompt_ids"], batch["prompt_mask"], gather=mode == "gather", **greedy)
         result[f"teacher_{mode}_equal"] = torch.equal(got, want)
         result[f"teacher_{mode}_length"] = got.shape[1]
+    spec = SamplingSpec(max_new_tokens=greedy["max_new_tokens"], temperature=0, eos_token_ids=(trainer.sampler.eos,),
+                        pad_token_id=trainer.sampler.pad)
+    fast = generate_completions(trainer.teacher, batch["prompt_ids"], batch["prompt_mask"], spec, gather=True, decode="static")
+    width = want.shape[1]
+    result["teacher_fast_equal"] = torch.equal(fast.tokens[:, :width], want) and fast.tokens.shape[1] <= width
+    result["teacher_fast_length"] = fast.tokens.shape[1]
+    mine = trainer.student.generate(batch["prompt_ids"], batch["prompt_mask"], gather=False, **greedy)
+    fast = generate_completions(trainer.student, batch["prompt_ids"], batch["prompt_mask"], spec, decode="static")
+    result["student_fast_equal"] = torch.equal(fast.tokens, mine[:, :fast.tokens.shape[1]]) and bool(
+        (mine[:, fast.tokens.shape[1]:] == trainer.sampler.pad).all())
     # The teacher's shards still work after generation lifted and restored the hooks.
     with torch.no_grad():
         logits = trainer.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
