@@ -104,7 +104,7 @@ def test_mismatched_tokenizers_are_refused(assets, tmp_path):
     assert len(other) != len(tok)
     path, _ = _write(tmp_path, assets, data={"tokenizer": str(other_dir)})
     proc = _run([str(path)], env={"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"})
-    assert proc.returncode == 2 and "roles must share one tokenizer" in proc.stderr
+    assert proc.returncode == 2 and "Roles must share one tokenizer" in proc.stderr and "teacher.from_pretrained" in proc.stderr
 
 
 def test_accelerate_config_with_deepspeed_fields_is_overridden_by_the_recipe(assets, tmp_path):

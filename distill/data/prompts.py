@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from distill.data.loading import DataBundle, collator_padding, pad_id, tokenized_splits
-from distill.data.synthetic import SyntheticLanguage, existing_meta, write_splits, writer_cli
+from distill.data.synthetic import SyntheticLanguage, cut_documents, existing_meta, write_splits, writer_cli
 from distill.data.text import CausalCollator, load_dataset_source
 
 _FORMAT_VERSION = 1
@@ -217,15 +217,10 @@ def write_prompt_dataset(out_dir: str | os.PathLike[str], *, seed: int = 0, n_tr
         return old
     out.mkdir(parents=True, exist_ok=True)
     lang = SyntheticLanguage(seed)
-    splits = {}
-    for name, n in (("train", n_train), ("eval", n_eval)):
-        rng = random.Random(f"prompts-{seed}-{name}")
-        records = splits[name] = []
-        while len(records) < n:
-            words = lang.sample_document(rng, rng.randint(1, 3)).split()
-            k = rng.randint(lo, hi)
-            if len(words) > k:
-                records.append({"prompt": " ".join(words[:k]), "completion": " ".join(words[k:])})
+    splits = {name: cut_documents(lang, random.Random(f"prompts-{seed}-{name}"), n, (lo, hi),
+                                  sentences=lambda rng: rng.randint(1, 3),
+                                  record=lambda prompt, rest: {"prompt": prompt, "completion": rest})
+              for name, n in (("train", n_train), ("eval", n_eval))}
     return write_splits(out, splits, lang, config)
 
 

@@ -22,7 +22,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from distill.data.synthetic import ENDS, SyntheticLanguage, existing_meta, write_splits, writer_cli
+from distill.data.synthetic import ENDS, SyntheticLanguage, cut_documents, existing_meta, write_splits, writer_cli
 
 _FORMAT_VERSION = 1
 
@@ -65,15 +65,9 @@ def write_reward_task(out_dir: str | os.PathLike[str], *, seed: int = 0, n_train
         return old
     out.mkdir(parents=True, exist_ok=True)
     lang = SyntheticLanguage(seed)
-    splits = {}
-    for name, n in (("train", n_train), ("eval", n_eval)):
-        rng = random.Random(f"reward-task-{seed}-{name}")
-        records = splits[name] = []
-        while len(records) < n:
-            words = lang.sample_document(rng, 1).split()
-            k = rng.randint(lo, hi)
-            if len(words) > k:
-                records.append({"prompt": " ".join(words[:k]), "end_mark": mark})
+    splits = {name: cut_documents(lang, random.Random(f"reward-task-{seed}-{name}"), n, (lo, hi), sentences=lambda rng: 1,
+                                  record=lambda prompt, rest: {"prompt": prompt, "end_mark": mark})
+              for name, n in (("train", n_train), ("eval", n_eval))}
     return write_splits(out, splits, lang, config)
 
 

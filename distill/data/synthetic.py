@@ -157,6 +157,29 @@ class SyntheticLanguage:
         at_boundary = bool(words) and words[-1] in ENDS
         return self._with_eos(state, done, sentences_per_doc, at_boundary=at_boundary)
 
+    def next_token_distributions(
+        self, words: list[str], sentences_per_doc: tuple[int, int] = (1, 4)
+    ) -> list[dict[str, float]]:
+        """:meth:`next_token_distribution` after every prefix of ``words``, in one pass.
+
+        ``n`` words (no ``<eos>``) give ``n + 1`` distributions: after ``<bos>`` alone, then after each word; the last
+        one predicts what follows the whole text (``<eos>`` for a complete document). A word the
+        language cannot produce there ends the list early: it has ``i + 1`` entries when word ``i``
+        is impossible, so a caller can tell valid text by its length.
+        """
+        words = words[1:] if words[:1] == [BOS] else words
+        state: State = "S"
+        done, at_boundary = 0, False
+        out = [self._with_eos(state, done, sentences_per_doc, at_boundary=at_boundary)]
+        for w in words:
+            if out[-1].get(w, 0.0) <= 0.0:
+                break
+            state = self._next[(state, w)]
+            at_boundary = w in ENDS
+            done += at_boundary
+            out.append(self._with_eos(state, done, sentences_per_doc, at_boundary=at_boundary))
+        return out
+
     def _with_eos(
         self, state: State, done: int, spd: tuple[int, int], *, at_boundary: bool
     ) -> dict[str, float]:
@@ -323,6 +346,20 @@ def write_dataset(
         "entropy_per_word": lang.true_entropy_per_token(sentences_per_doc=(lo, hi),
                                                         include_eos=False),
     })
+
+
+def cut_documents(lang: SyntheticLanguage, rng: random.Random, n: int, prompt_words: tuple[int, int], *,
+                  sentences, record) -> list[dict]:
+    """`n` records, each a document of `sentences(rng)` sentences cut after its first k words (k uniform on
+    `prompt_words`; documents no longer than k are skipped): `record(prompt, rest)` makes the record."""
+    lo, hi = prompt_words
+    records: list[dict] = []
+    while len(records) < n:
+        words = lang.sample_document(rng, sentences(rng)).split()
+        k = rng.randint(lo, hi)
+        if len(words) > k:
+            records.append(record(" ".join(words[:k]), " ".join(words[k:])))
+    return records
 
 
 def write_splits(out: Path, splits: dict[str, list[dict]], lang: SyntheticLanguage, meta: dict[str, Any]) -> dict[str, Any]:
