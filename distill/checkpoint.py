@@ -18,9 +18,13 @@ roles are not saved: they are reloaded from their source, which `trainer_state.j
 """
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import os
+import pickle
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -45,8 +49,16 @@ def latest_checkpoint(out: Path) -> Path | None:
         name = (root / "latest").read_text().strip()
     except FileNotFoundError:
         return None
+    if step_of(name) is None:  # it names a directory beside it, nothing else
+        return None
     path = root / name
     return path if (path / STATE_FILE).is_file() else None
+
+
+def step_of(name: str) -> int | None:
+    """The step of a checkpoint directory's name (`step_00000040` -> 40), or None for any other name."""
+    match = re.fullmatch(r"step_(\d+)", name)
+    return int(match.group(1)) if match else None
 
 
 def save_checkpoint(trainer, step: int, tokens_seen: int) -> Path:
@@ -84,14 +96,18 @@ def save_checkpoint(trainer, step: int, tokens_seen: int) -> Path:
         tmp = root / ".latest.tmp"
         tmp.write_text(final.name)
         os.replace(tmp, root / "latest")
-        _prune(root, keep=trainer.recipe.train.keep_checkpoints)
+        _prune(root, step, keep=trainer.recipe.train.keep_checkpoints)
     acc.wait_for_everyone()
     return final
 
 
-def _prune(root: Path, keep: int) -> None:
-    done = sorted(p for p in root.glob("step_*") if (p / STATE_FILE).is_file())
-    for old in done[:-keep]:
+def _prune(root: Path, step: int, keep: int) -> None:
+    """Keep the `keep` newest checkpoints by step number, the one of `step` among them. Any of a later step is
+    from a timeline this run has left (it resumed from an earlier one) and goes too."""
+    done = sorted((step_of(p.name), p) for p in root.glob("step_*")
+                  if step_of(p.name) is not None and (p / STATE_FILE).is_file())
+    later, kept = [p for s, p in done if s > step], [p for s, p in done if s <= step]
+    for old in later + kept[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -105,7 +121,7 @@ def load_checkpoint(trainer, path: Path) -> dict:
     for role in trainer.models.values():
         if not role.trainable:
             continue
-        with trainer.manager.use(role.name):
+        with trainer.manager.use(role.name), safe_torch_load():
             loaded, _ = role.engine.load_checkpoint(str(path / role.name), tag="state")
         if loaded is None:
             raise RecipeError(f"checkpoint {path} has no state for role `{role.name}`")
@@ -117,3 +133,42 @@ def load_checkpoint(trainer, path: Path) -> dict:
     py = json.loads((path / f"python_rng_rank{trainer.rank}.json").read_text())
     random.setstate((py[0], tuple(py[1]), py[2]))
     return state
+
+
+DEEPSPEED_PICKLED = ("deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+                     "deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.utils.tensor_fragment.fragment_address")
+"""The classes besides tensors and containers that DeepSpeed pickles into its checkpoint files (ZeRO-1/2/3,
+fp32/bf16/fp16); nothing else is unpickled from them."""
+
+
+@contextlib.contextmanager
+def safe_torch_load():
+    """Within the block, every `torch.load` (DeepSpeed's, zero_to_fp32's) reads with `weights_only=True`: tensors,
+    containers and DEEPSPEED_PICKLED only, so a tampered checkpoint file cannot run code. A file holding anything
+    else is refused with a RecipeError naming it."""
+    classes = []
+    for dotted in DEEPSPEED_PICKLED:
+        module, name = dotted.rsplit(".", 1)
+        try:
+            classes.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):  # another DeepSpeed version: fewer classes allowed, never more
+            pass
+    original = torch.load
+
+    def load(f, *args, **kwargs):
+        kwargs["weights_only"] = True
+        try:
+            return original(f, *args, **kwargs)
+        except pickle.UnpicklingError as e:
+            parts = [p.strip() for p in str(e).split("\n\n") if p.strip()]
+            reason = next((p for p in parts if "GLOBAL" in p or "Unsupported" in p), parts[1] if len(parts) > 1 else "")
+            raise RecipeError(f"checkpoint file {f} holds objects other than tensors and DeepSpeed's checkpoint records "
+                              f"({reason}); it was not written by distill as it is now, so it is not loaded. Use a run "
+                              "directory you trust (docs/reliability.md)") from None
+
+    torch.load = load
+    try:
+        with torch.serialization.safe_globals(classes):
+            yield
+    finally:
+        torch.load = original

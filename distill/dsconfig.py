@@ -38,7 +38,10 @@ def role_ds_config(name: str, spec: Role, *, micro_batch_size: int, grad_accum: 
     placement (frozen roles): replicated -> ZeRO-0, sharded -> ZeRO-3, offload -> ZeRO-3 with
     parameters on CPU; None keeps the stage of `deepspeed`. frozen_zero3: the ZeRO-3 settings a
     frozen role gets where its config leaves them unset or `auto` (`frozen_zero3_settings`)."""
-    cfg = resolve_deepspeed(spec.deepspeed)
+    try:
+        cfg = resolve_deepspeed(spec.deepspeed)
+    except RecipeError as e:
+        raise RecipeError(f"`{name}.deepspeed`: {e}") from None
     zero = cfg["zero_optimization"]
     if not spec.trainable and placement is not None:
         zero["stage"] = 0 if placement == "replicated" else 3
@@ -78,8 +81,9 @@ def role_ds_config(name: str, spec: Role, *, micro_batch_size: int, grad_accum: 
     cfg["train_micro_batch_size_per_gpu"] = micro_batch_size
     cfg["gradient_accumulation_steps"] = ga
     cfg["train_batch_size"] = micro_batch_size * ga * world_size
-    if spec.trainable and grad_clip:
-        cfg["gradient_clipping"] = grad_clip
+    if spec.trainable:
+        # DeepSpeed clips at 1.0 when the key is absent; 0.0 is its "off" (`train.grad_clip: null`).
+        cfg["gradient_clipping"] = float(grad_clip or 0.0)
     else:
         cfg.pop("gradient_clipping", None)
     cfg["steps_per_print"] = 10**12

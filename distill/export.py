@@ -16,7 +16,8 @@ import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from transformers import AutoConfig, PreTrainedTokenizerFast
 
-from distill.checkpoint import checkpoint_dir, latest_checkpoint
+from distill.checkpoint import checkpoint_dir, latest_checkpoint, safe_torch_load
+from distill.errors import RecipeError
 from distill.lora import read_base, read_spec, save_lora
 from distill.models import class_of_saved
 from distill.tokenizer_files import auto_tokenizer_note, copy_tokenizer_files
@@ -26,7 +27,8 @@ def export_checkpoint(ckpt: Path, out: Path, log=print) -> list[str]:
     roles = sorted(p.name for p in ckpt.iterdir() if (p / "state").is_dir())
     for role in roles:
         src = ckpt / role
-        state = get_fp32_state_dict_from_zero_checkpoint(str(src), tag="state")
+        with safe_torch_load():  # tensors and DeepSpeed's records only: a tampered file cannot run code
+            state = get_fp32_state_dict_from_zero_checkpoint(str(src), tag="state")
         config = AutoConfig.from_pretrained(src)
         lora = read_spec(src)
         if lora is not None:
@@ -71,7 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"distill export: no complete checkpoint {'of step ' + str(args.step) + ' ' if args.step else ''}in "
               f"{args.run_dir}/checkpoints (found: {', '.join(have) or 'none'})", file=sys.stderr)
         return 2
-    roles = export_checkpoint(ckpt, args.out_dir)
+    try:
+        roles = export_checkpoint(ckpt, args.out_dir)
+    except RecipeError as e:
+        print(f"distill export: {e}", file=sys.stderr)
+        return 2
     print(f"exported {', '.join(roles)} from {ckpt} to {args.out_dir}")
     return 0
 

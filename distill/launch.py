@@ -17,6 +17,21 @@ def launched() -> bool:
     return "WORLD_SIZE" in os.environ or "LOCAL_RANK" in os.environ
 
 
+EXIT_DIR_ENV = "DISTILL_EXIT_DIR"
+"""Set by `relaunch`: each rank leaves its exit status there, for when the launcher does not report it."""
+
+
+def record_exit(code: int) -> None:
+    """Leave this rank's exit status where the launching process reads it (`relaunch`), if it asked."""
+    where = os.environ.get(EXIT_DIR_ENV)
+    if where and launched():
+        try:
+            with open(os.path.join(where, f"rank{world_info()[0]}"), "w") as f:
+                f.write(str(code))
+        except OSError:
+            pass
+
+
 def leave(code: int) -> None:
     """Exit with `code`; a process that started DeepSpeed (`launched()`) skips interpreter finalization.
 
@@ -26,6 +41,7 @@ def leave(code: int) -> None:
     (metrics are appended line by line, trackers finished by the trainer); the streams are flushed here."""
     if not launched():
         sys.exit(code)
+    record_exit(code)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -47,19 +63,54 @@ def _free_port() -> int:
 
 
 def relaunch(num_processes: int, module: str, argv: list[str]) -> int:
-    """Run `python -m module argv` in `num_processes` processes on this node via `accelerate launch`."""
+    """Run `python -m module argv` in `num_processes` processes on this node via `accelerate launch`.
+
+    Returns the run's exit status: that of the rank that failed first (128 + N for a rank killed by signal N),
+    or, when this process was signalled (SIGTERM, Ctrl-C) and passed the signal on, that of the ranks, which
+    stop after a checkpoint with 0."""
+    import shutil
+    import signal
+    import tempfile
+
     from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = launch_command_parser().parse_args([
         "--num_processes", str(num_processes), "--num_machines", "1", "--use_deepspeed",
         "--main_process_port", str(_free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
         "--module", module, *argv,
     ])
+    exits = tempfile.mkdtemp(prefix="distill-exit-")
+    os.environ[EXIT_DIR_ENV] = exits
     try:
         launch_command(args)
-    except SystemExit as e:  # accelerate exits with the failing rank's code
+    except SystemExit as e:
         return int(e.code or 0)
-    except Exception as e:  # a rank failed: its traceback is already on stderr
+    except ChildFailedError as e:  # per-rank statuses; accelerate would turn them all into 1
+        rank, failure = e.get_first_failure()
+        code = failure.exitcode if failure.exitcode >= 0 else 128 - failure.exitcode
+        how = (f"was killed by {signal.Signals(-failure.exitcode).name}" if failure.exitcode < 0 else
+               f"exited with status {code}")
+        print(f"distill: the run stopped: rank {rank} {how} first (its message, if it could say one, is above)",
+              file=sys.stderr)
+        return code
+    except SignalException as e:  # this process was signalled and signalled the ranks; they say how they ended
+        codes = {}
+        for rank in range(num_processes):
+            try:
+                with open(os.path.join(exits, f"rank{rank}")) as f:
+                    codes[rank] = int(f.read())
+            except (OSError, ValueError):
+                pass
+        failed = [c for _, c in sorted(codes.items()) if c != 0]
+        if failed:
+            return failed[0]
+        return 0 if len(codes) == num_processes else 128 + int(e.sigval)
+    except Exception as e:
         print(f"distill: launch failed: {e}", file=sys.stderr)
         return 1
+    finally:
+        os.environ.pop(EXIT_DIR_ENV, None)
+        shutil.rmtree(exits, ignore_errors=True)
     return 0

@@ -1,7 +1,8 @@
-"""Everything a run checks before it starts a process group or loads a weight.
+"""Everything a run checks before it loads a weight.
 
 Called once by the launching process (so a bad recipe fails once, not once per rank) and again by
-each rank. Every failure is a RecipeError naming the recipe key and the fix.
+each rank. Every failure is a RecipeError naming the recipe key and the fix. The file-level checks
+(output directory, model files, data lines, vocabulary sizes) are in distill/checks.py.
 """
 from __future__ import annotations
 
@@ -12,30 +13,42 @@ from typing import Any
 from transformers import AutoTokenizer
 
 from distill.checkpoint import latest_checkpoint
+from distill.checks import check_checkpoint_shapes, check_jsonl, check_model_files, check_output_dir
 from distill.data.loading import ensure_synthetic
 from distill.data.packing import PACKING_ATTENTION
 from distill.data.text import looks_like_path
 from distill.errors import RecipeError
+from distill.launch import launched, world_info
 from distill.models import check_model_source, load_model_config
 from distill.plan import plan_roles
 from distill.recipe import Role
+from distill.rundir import check_resume_identity, clear_run, holds_run, lock_run_dir
 from distill.tokenizer_files import PROBE_TEXTS, tokenizer_difference
 from distill.tracking import check_installed
 
 
 def preflight(recipe, trainer_cls, *, world_size: int, dry_run: bool = False):
-    """Every check that needs no process and no weights: output dir, trackers, data paths, tokenizer, role plans."""
-    if not dry_run:  # a dry run writes nothing, so an existing run is no obstacle to it
-        _check_output_dir(Path(recipe.output_dir), recipe.overwrite or bool(recipe.resume))
-    if recipe.resume is True:
-        ckpt = latest_checkpoint(Path(recipe.output_dir))
-        if ckpt is None:
-            raise RecipeError(f"`resume: true`: {recipe.output_dir} has no complete checkpoint; start without --resume "
-                              "(or set `resume: auto` to resume only when there is one)")
-        written = json.loads((ckpt / "trainer_state.json").read_text())["world_size"]
+    """Every check that needs no process and no weights: output dir, trackers, data paths, tokenizer, role plans.
+
+    Outside a dry run, the process that owns the run directory (the launching one, or rank 0 under an outside
+    launcher) then takes its lock and deletes an earlier run there (`overwrite`)."""
+    out = Path(recipe.output_dir)
+    check_output_dir(out)
+    ckpt = latest_checkpoint(out) if recipe.resume else None
+    if recipe.resume is True and ckpt is None:
+        raise RecipeError(f"`resume: true`: {recipe.output_dir} has no complete checkpoint; start without --resume "
+                          "(or set `resume: auto` to resume only when there is one)")
+    if ckpt is not None:
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        written = state["world_size"]
         if written != world_size:
             raise RecipeError(f"`resume`: {ckpt} was written by {written} processes, this run has {world_size}: "
                               f"set launch.num_processes={written} (or export it and start a new run from the export)")
+        check_resume_identity(ckpt, recipe)
+        last = recipe.train.max_steps
+        if last is not None and state["step"] > last:  # with `epochs`, the trainer checks once the data is counted
+            raise RecipeError(f"`resume`: {ckpt} is at step {state['step']}, past this run's last step "
+                              f"(train.max_steps={last}): export it (`python -m distill.export`), or resume with more steps")
     check_installed(recipe.train.report_to)
     ensure_synthetic(recipe, trainer_cls.write_synthetic)
     d = recipe.data
@@ -44,21 +57,29 @@ def preflight(recipe, trainer_cls, *, world_size: int, dry_run: bool = False):
             raise RecipeError(f"`{key}`: `{path}` does not exist; write the synthetic language there with "
                               f"`python -m distill.data.synthetic {Path(path).parent}`, or set `data.synthetic_seed: 0` "
                               "to have it written when that directory does not exist")
+        if dry_run or not launched():  # once per run: the ranks read the data through `datasets`, which says it too
+            check_jsonl(key, path)
     for name in trainer_cls.roles:  # before the tokenizer, which defaults to a role's directory
         check_model_source(name, getattr(recipe, name))
+    for name in trainer_cls.built_roles(recipe):
+        check_model_files(name, getattr(recipe, name))
     tokenizer = _load_tokenizer(recipe, trainer_cls.roles)
     if recipe.data.packing:
         check_packing_attention({n: getattr(recipe, n) for n in trainer_cls.built_roles(recipe)}, len(tokenizer))
     plans = plan_roles(recipe, trainer_cls, world_size=world_size, vocab_size=len(tokenizer))
     check_sizes(recipe, plans, tokenizer)
+    if ckpt is not None:
+        check_checkpoint_shapes(ckpt, plans)
     trainer_cls.check_plans(recipe, plans)
+    if not dry_run and world_info()[0] == 0:  # the owner of the run directory: the launching process, or rank 0
+        lock_run_dir(out)  # only now: a run refused above leaves no trace
+        if ckpt is None and holds_run(out):
+            if not (recipe.overwrite or recipe.resume == "auto"):
+                raise RecipeError(f"`output_dir`: {out} already holds a run; continue it with --resume, choose another "
+                                  "output_dir, or set overwrite=true (which deletes it)")
+            gone = clear_run(out)  # every check passed: only now is the earlier run deleted
+            print(f"distill: overwrite: deleted the earlier run in {out} ({', '.join(gone)})")
     return tokenizer, plans
-
-
-def _check_output_dir(out: Path, overwrite: bool) -> None:
-    if (out / "recipe.yaml").exists() and not overwrite:
-        raise RecipeError(f"`output_dir`: {out} already holds a run; continue it with --resume, choose another "
-                          "output_dir, or set overwrite=true")
 
 
 def _load_tokenizer(recipe, roles: dict[str, Role]):

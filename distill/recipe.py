@@ -255,11 +255,17 @@ class RecipeBase(Section):
     output_dir: str
     """Run directory: metrics.jsonl, recipe.yaml, final/<role>/."""
     overwrite: bool = False
-    """Allow writing into an output_dir that already holds a run."""
+    """Start afresh in an output_dir that already holds a run: the earlier run's files (checkpoints, metrics,
+    final weights, tracker logs) are deleted first; other files there are left alone."""
     seed: int = 0
     """Seed for model init, data order and sampling."""
     resume: bool | Literal["auto"] = False
-    """Continue from the latest complete checkpoint in output_dir: true (one must exist), auto (if one exists)."""
+    """Continue from the latest complete checkpoint in output_dir: true (one must exist), auto (if one exists).
+    The checkpoint's recipe must equal this one in every key that changes the result (see `resume_allow`)."""
+    resume_allow: list[str] = []
+    """Keys that may differ from the checkpoint's recipe when resuming, deliberately: e.g. `[train.max_steps]` to
+    train longer. A key names itself and everything under it (`student.optimizer`); `*` allows any change. Other
+    differences that change the result are refused, by name."""
     data: DataSpec
     """Where the training and evaluation text comes from and how it is tokenised."""
     train: TrainSpec = TrainSpec()

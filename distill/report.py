@@ -33,7 +33,24 @@ def read_metrics(run: Path) -> list[dict]:
     path = run / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{run} has no metrics.jsonl: is it a distill run directory?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return latest_timeline([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
+
+
+def latest_timeline(rows: list[dict]) -> list[dict]:
+    """The rows of the run as it went on last: a run resumed at step S logs steps after S again (a run
+    directory written before metrics were cut back on resume holds both). A metric logged again at a step
+    marks the resume: the earlier rows from that step on are dropped."""
+    out: list[dict] = []
+    seen: set[tuple] = set()  # (step, metric) pairs logged so far
+    for row in rows:
+        step = row.get("step", 0)
+        pairs = {(step, k) for k in row if k != "step"}
+        if pairs & seen:
+            out = [r for r in out if r.get("step", 0) < step]
+            seen = {(r.get("step", 0), k) for r in out for k in r if k != "step"}
+        out.append(row)
+        seen |= pairs
+    return out
 
 
 def series(rows: list[dict]) -> dict[str, tuple[list[int], list[float]]]:

@@ -67,16 +67,18 @@ def numeric(metrics: dict) -> dict[str, float]:
             if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
 
-def start(accelerator, recipe) -> None:
+def start(accelerator, recipe, resumed_at: int | None = None) -> None:
     """Open the trackers of the primary Accelerator with the flattened recipe as their config.
 
     A resumed run opens them again on the same directories: TensorBoard adds an event file next to
-    the earlier ones, wandb starts a new run of the same name."""
+    the earlier ones, and hides their events after `resumed_at` (logged again now); wandb starts a
+    new run of the same name."""
     if not accelerator.log_with:
         return
     out = Path(recipe.output_dir)
+    board = {"purge_step": resumed_at + 1} if resumed_at is not None else {}
     accelerator.init_trackers(PROJECT, config=flat_config(recipe.model_dump(mode="json")),
-                              init_kwargs={"wandb": {"dir": str(out), "name": out.name}})
+                              init_kwargs={"wandb": {"dir": str(out), "name": out.name}, "tensorboard": board})
 
 
 def finish(accelerator) -> None:

@@ -5,9 +5,11 @@ import argparse
 import sys
 import traceback
 import warnings
+from pathlib import Path
 
 import torch.distributed as dist
 
+from distill import ranks
 from distill.errors import RecipeError
 from distill.launch import launched, leave, relaunch, world_info
 from distill.monitor import NonFiniteLoss
@@ -15,6 +17,8 @@ from distill.plan import format_memory, format_plan
 from distill.preflight import preflight
 from distill.rewards import RewardError
 from distill.catalog import recipes_table
+from distill.recipe import LaunchSpec
+from distill.rundir import release_run_dir
 from distill.trainers import load_recipe
 
 
@@ -50,42 +54,60 @@ def main(argv: list[str] | None = None) -> int:
     # DeepSpeed calls a torch.distributed function that torch marks deprecated, once per step.
     warnings.filterwarnings("ignore", category=FutureWarning, message=".*all_gather_into_tensor.*")
     args = parse_args(argv)
-    rank = world_info()[0]
+    plain = not launched()  # a single process sets the launcher's variables itself once it starts DeepSpeed
+    recipe = trainer_cls = early = watch = None
     try:
         recipe, trainer_cls = load_recipe(args.recipe, args.overrides + (["resume=true"] if args.resume else []))
+    except RecipeError as e:
+        early = e  # said below, once this rank can tell the others
+    if not plain and world_info()[1] > 1 and not args.dry_run:
+        # Every rank joins first, a failing one too: from here on a failure on any rank of any machine stops
+        # every other rank within seconds (distill/ranks.py), instead of leaving them waiting for it.
+        watch = ranks.join(recipe.launch.timeout_s if recipe is not None else LaunchSpec().timeout_s)
+    try:
+        if early is not None:
+            raise early
         if args.dry_run:
             print(dry_run(recipe, trainer_cls, args.recipe))
             return 0
-        if recipe.launch.num_processes > 1 and not launched():
+        if recipe.launch.num_processes > 1 and plain:
             preflight(recipe, trainer_cls, world_size=recipe.launch.num_processes)  # fail here, once, not per rank
             return relaunch(recipe.launch.num_processes, "distill.train", argv)
         trainer = trainer_cls(recipe)
         trainer.train()
     except RecipeError as e:
-        if rank == 0:  # every rank validates the same recipe; say it once
-            print(f"distill: {e}", file=sys.stderr)
-        code = 2
-    except NonFiniteLoss as e:  # raised on every rank at the same step
-        if rank == 0:
+        ranks.report_failure(watch, 2, str(e))
+        return 2  # the process group is left be: the other ranks may wait in a collective this one never joins
+    except (NonFiniteLoss, RewardError) as e:  # raised on every rank at the same step
+        code = 3 if isinstance(e, NonFiniteLoss) else 4
+        if watch is not None:
+            watch.stop()  # every rank stops here by itself; rank 0 says why
+            watch.publish(code, str(e))
+        if world_info()[0] == 0:
             print(f"distill: stopped: {e}", file=sys.stderr)
-        code = 3
-    except RewardError as e:  # raised on every rank together (distill.rewards.agree_on_error)
-        if rank == 0:
-            print(f"distill: stopped: {e}", file=sys.stderr)
-        code = 4
-    except Exception:
+        return code
+    except Exception as e:
+        if watch is not None:
+            watch.stop()
+            if (why := watch.cause()) is not None:
+                watch.end(*why)  # a collective broke because a peer left: say why it left, not this traceback
         # An error of this rank alone: say it now, and leave the process group be. Destroying it waits for
         # the other ranks, which may sit in a collective this rank will never join; the run would hang with
-        # its error unsaid. The launcher stops them when this rank exits.
-        print(f"distill: rank {rank} failed:", file=sys.stderr)
+        # its error unsaid. The other ranks stop when they learn of it (or when the launcher ends them).
+        print(f"{ranks.where()} failed:", file=sys.stderr)
         traceback.print_exc()
-        if hint := compile_hint(sys.exc_info()[1]):  # each rank compiles its own graphs: say it where it failed
+        if hint := compile_hint(e):  # each rank compiles its own graphs: say it where it failed
             print(f"distill: {hint}", file=sys.stderr)
+        ranks.report_failure(watch, 1, f"{e.__class__.__name__}: {e}")
         return 1
-    else:
-        code = 0
+    finally:
+        if recipe is not None and plain:
+            release_run_dir(Path(recipe.output_dir))
+    if watch is not None:
+        watch.stop()
+        dist.barrier()  # no rank ends (and takes a store it may hold with it) while another still watches it
     _close_process_group()
-    return code
+    return 0
 
 
 def compile_hint(error: BaseException) -> str | None:

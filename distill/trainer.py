@@ -37,6 +37,7 @@ from distill.recipe import Role, Section
 from distill.registry import Registry, UnknownNameError
 from distill import samples
 from distill.roles import RoleManager, RoleModel
+from distill.rundir import release_run_dir, truncate_metrics
 from distill.tokenizer_files import auto_tokenizer_note
 
 
@@ -227,15 +228,19 @@ class RoleTrainer:
         if ckpt is not None:
             state = load_checkpoint(self, ckpt)
             start, seen = state["step"], state["tokens_seen"]
+            if start > self.total_steps:
+                raise RecipeError(f"`resume`: {ckpt} is at step {start}, past this run's last step {self.total_steps}: "
+                                  "export it (`python -m distill.export`), or resume with more steps (train.max_steps)")
             if self.accelerator.is_main_process:
                 self.log(f"resumed from {ckpt} (step {start} of {self.total_steps})")
-        self._start_run_dir(fresh=ckpt is None)
-        tracking.start(self.accelerator, self.recipe)
+        self._start_run_dir(fresh=ckpt is None, step=start)
+        tracking.start(self.accelerator, self.recipe, resumed_at=start if ckpt is not None else None)
         try:  # trackers are closed on every way out: the end, a stop signal, an error
             return self._run(start, seen)
         finally:
             tracking.finish(self.accelerator)
             self.close()
+            release_run_dir(self.out)
 
     def close(self) -> None:
         """Stop the thread that runs frozen roles alongside (`alongside`), if one was started."""
@@ -400,15 +405,17 @@ class RoleTrainer:
         interval = 0.1 if sys.stderr.isatty() else 2.0
         return tqdm(total=total, initial=initial, disable=not show, desc=self.name, dynamic_ncols=True, mininterval=interval)
 
-    def _start_run_dir(self, fresh: bool = True) -> None:
+    def _start_run_dir(self, fresh: bool = True, step: int = 0) -> None:
         if self.accelerator.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "recipe.yaml").write_text(yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False))
-            if fresh:  # a resumed run appends to the metrics it already has
+            if fresh:
                 (self.out / "metrics.jsonl").write_text("")
                 (self.out / "samples.jsonl").unlink(missing_ok=True)
                 (self.out / "eval_before.json").unlink(missing_ok=True)
                 shutil.rmtree(tracking.logging_dir(self.out), ignore_errors=True)  # like metrics.jsonl
+            else:  # a resumed run appends to its metrics, from the checkpoint's step on: later lines come again
+                truncate_metrics(self.out, step)
         self.accelerator.wait_for_everyone()
 
     def write_metrics(self, metrics: dict) -> None:

@@ -39,12 +39,19 @@ def _steps(run):
     return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if "loss" in line]
 
 
-def test_resumed_run_equals_uninterrupted_run_bitwise(assets, tmp_path):
+def test_resumed_run_equals_uninterrupted_run_bitwise(assets, tmp_path, capsys):
     whole = _recipe(tmp_path, assets, "whole")
     check(_train(whole, "train.max_steps=6"))
     parts = _recipe(tmp_path, assets, "parts")
     check(_train(parts, "train.max_steps=3"))
-    proc = _train(parts, "--resume", "train.max_steps=6")
+    # Another recipe is another run: refused by name, before anything loads; more steps only when allowed.
+    from distill.train import main
+
+    assert main([str(parts), "--resume", "train.max_steps=6", "student.optimizer.lr=1e-3"]) == 2
+    out = capsys.readouterr()
+    assert "student.optimizer.lr: 0.003 -> 0.001; train.max_steps: 3 -> 6" in out.err, out.err
+    assert "resume_allow=[student.optimizer.lr,train.max_steps]" in out.err and "roles (" not in out.out
+    proc = _train(parts, "--resume", "train.max_steps=6", "resume_allow=[train.max_steps]")
     check(proc)
     assert "resumed from" in proc.stdout and "step_00000003" in proc.stdout
     a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "parts")
@@ -84,6 +91,22 @@ def test_export_matches_the_runs_own_save(assets, tmp_path, zero):
     proc = subprocess.run([sys.executable, "-m", "distill.export", str(tmp_path / "run"), str(out), "--step", "2"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "step_00000004" in proc.stderr
+    # A file of the run directory replaced by one that runs code when unpickled: refused, and nothing ran.
+    state = next((tmp_path / "run" / "checkpoints" / ckpts[0] / "student" / "state").glob("*model_states.pt"))
+    marker = tmp_path / "ran"
+    torch.save({"module": _Payload(f"touch {marker}")}, state)
+    proc = subprocess.run([sys.executable, "-m", "distill.export", str(tmp_path / "run"), str(tmp_path / "export2")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and f"{state} holds objects other than tensors" in proc.stderr, proc.stderr
+    assert not marker.exists()
+
+
+class _Payload:
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
 
 
 def _start(path, *args):
@@ -116,16 +139,16 @@ def test_sigterm_saves_a_checkpoint_and_exits_then_resumes(assets, tmp_path):
     run = tmp_path / "run"
     proc = _start(path, "train.max_steps=400")
     _wait_for_step(run, 2, proc)
-    for pid in _workers(proc):  # as a scheduler signals every task before preemption
+    for pid in _workers(proc) + [proc.pid]:  # the whole job, as a scheduler signals every task before preemption
         os.kill(pid, signal.SIGTERM)
-    proc.wait(timeout=120)
+    assert proc.wait(timeout=120) == 0  # stopped as asked, with a checkpoint: a success
     err = path.with_suffix(".log").read_text()
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     stopped = [m for m in metrics if "stopped_by" in m]
     assert stopped and stopped[0]["stopped_by"] == "SIGTERM", err[-3000:]
     step = stopped[0]["step"]
     assert (run / "checkpoints" / f"step_{step:08d}" / "trainer_state.json").exists()
-    proc = _train(path, "--resume", f"train.max_steps={step + 2}")
+    proc = _train(path, "--resume", f"train.max_steps={step + 2}", "resume_allow=[train.max_steps]")
     check(proc)
     assert _steps(run)[-2:] == [step + 1, step + 2]
 
@@ -143,6 +166,10 @@ def test_killed_rank_ends_the_job_and_the_run_resumes(assets, tmp_path):
     (run / "checkpoints" / ".partial-step_99999999").mkdir(exist_ok=True)
     latest = (run / "checkpoints" / "latest").read_text().strip()
     step = int(latest.split("_")[1])
-    proc = _train(path, "--resume", f"train.max_steps={step + 1}")
+    with open(run / "metrics.jsonl", "a") as f:  # as a kill after logging a step and before its checkpoint leaves it
+        f.write(json.dumps({"step": step + 1, "loss": -1.0}) + "\n")
+    proc = _train(path, "--resume", f"train.max_steps={step + 1}", "resume_allow=[train.max_steps]")
     check(proc)
     assert f"resumed from {run / 'checkpoints' / latest}" in proc.stdout
+    assert _steps(run) == list(range(1, step + 2))  # each step once, step + 1 as the resumed run logged it
+    assert all(json.loads(line).get("loss") != -1.0 for line in (run / "metrics.jsonl").read_text().splitlines())

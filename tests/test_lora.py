@@ -109,7 +109,7 @@ def test_lora_resume_equals_uninterrupted_and_export_gives_the_merged_model(asse
     check(_train(_recipe(tmp_path, assets, "whole"), "train.max_steps=6"))
     parts = _recipe(tmp_path, assets, "parts")
     check(_train(parts, "train.max_steps=3"))
-    proc = _train(parts, "--resume", "train.max_steps=6")
+    proc = _train(parts, "--resume", "train.max_steps=6", "resume_allow=[train.max_steps]")
     check(proc)
     assert "resumed from" in proc.stdout
     for f in ("model.safetensors", "adapter/adapter_model.safetensors"):

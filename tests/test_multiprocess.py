@@ -39,6 +39,18 @@ def test_distill_run_matches_whole_reference(assets, tmp_path, overrides):
     assert result["batches_per_rank"][0] == result["batches_per_rank"][1]
 
 
+@pytest.mark.parametrize("clip", ["null", "0.5"])
+def test_grad_clip_matches_a_reference_optimizer_step(assets, tmp_path, clip):
+    """`train.grad_clip: null` does not clip (DeepSpeed clips at 1.0 when its key is absent); a number clips the
+    global norm over both ranks' shards as `torch.nn.utils.clip_grad_norm_` does."""
+    out = tmp_path / "clip.json"
+    check(launch("tests.scripts.clip_check", str(assets["root"]), str(out), clip))
+    result = json.loads(out.read_text())
+    assert result["grad_norm"] == pytest.approx(result["reference_norm"], rel=1e-5)
+    assert result["reference_norm"] > 2  # clipping at 1.0 would show ...
+    assert result["max_diff"] < 1e-6 < 1e-3 < result["max_diff_to_clipped_at_1"]  # ... and does not happen
+
+
 @pytest.mark.parametrize("overrides", [["student.precision=fp32"], ["student.precision=bf16"], ["student.deepspeed=zero3"]],
                          ids=["zero2_fp32", "zero2_bf16", "zero3_fp32"])
 def test_nan_loss_on_one_rank_skips_the_step_everywhere(assets, tmp_path, overrides):

@@ -36,7 +36,7 @@ def test_tensorboard_scalars_equal_metrics_jsonl_across_a_resume(assets, tmp_pat
 
     path = _write(tmp_path, assets, train={"report_to": "tensorboard", "eval_every": 2})
     check(_train(path, "train.max_steps=3"))
-    proc = _train(path, "--resume", "train.max_steps=5")  # the event directory exists now: appended to
+    proc = _train(path, "--resume", "train.max_steps=5", "resume_allow=[train.max_steps]")  # the event directory exists now: appended to
     check(proc)
     run = tmp_path / "run"
     assert f"tensorboard --logdir {run / 'tensorboard'}" in proc.stdout

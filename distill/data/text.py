@@ -41,7 +41,11 @@ def _load_files(files: list[str]) -> Any:
     for f in files:
         if os.path.getsize(f) == 0:
             raise ValueError(f"dataset file {f!r} is empty")
-    return datasets.load_dataset(builders.pop(), data_files={"train": files}, split="train")
+    try:
+        return datasets.load_dataset(builders.pop(), data_files={"train": files}, split="train")
+    except datasets.exceptions.DatasetGenerationError as e:  # e.g. a line that is not JSON; the cause says where
+        raise ValueError(f"{', '.join(files)} cannot be read: {e.__cause__ or e} "
+                         "(`python -m distill.train RECIPE --dry-run` names the first bad line of a .jsonl file)") from None
 
 
 EVAL_SPLITS = ("eval", "validation", "test")
