@@ -173,7 +173,8 @@ class DecodeEngine:
         nxt = sample_next(logits, sampling, eos, ban_eos=self.t < sampling.min_new_tokens)
         nxt = torch.where(done, sampling.pad_token_id, nxt)
         self.out[:b].index_copy_(1, self.t, nxt[:, None])
-        done |= torch.isin(nxt, eos)
+        # Not torch.isin: past ~20 ids it sorts through torch.unique, which reads back and breaks a capture.
+        done |= (nxt[:, None] == eos).any(-1)
         self.tok[:b].copy_(nxt)
         self.pos[:b] += 1
         self.col += 1

@@ -54,9 +54,9 @@ def preflight(recipe, trainer_cls, *, world_size: int, dry_run: bool = False):
     d = recipe.data
     for key, path in (("data.train", d.train), ("data.eval", d.eval)):
         if path and looks_like_path(path) and not Path(path).expanduser().exists():
-            raise RecipeError(f"`{key}`: `{path}` does not exist; write the synthetic language there with "
-                              f"`python -m distill.data.synthetic {Path(path).parent}`, or set `data.synthetic_seed: 0` "
-                              "to have it written when that directory does not exist")
+            raise RecipeError(f"`{key}`: `{path}` does not exist: point it at your data, or set `data.synthetic_seed: 0` "
+                              f"to have the `{recipe.trainer}` trainer write its synthetic data to {Path(path).parent} "
+                              "(only when that directory does not exist)")
         if dry_run or not launched():  # once per run: the ranks read the data through `datasets`, which says it too
             check_jsonl(key, path)
     for name in trainer_cls.roles:  # before the tokenizer, which defaults to a role's directory

@@ -84,7 +84,10 @@ class DistillTrainer(RoleTrainer):
 
     @classmethod
     def plan_notes(cls, recipe, plans, world_size: int) -> list[str]:
-        return generation_plan(recipe, plans, world_size) if recipe.kd.on_policy is not None else []
+        op = recipe.kd.on_policy
+        if op is None:
+            return []
+        return generation_plan(recipe, plans, world_size, op, ["student"] + (["teacher"] if op.seq_kd and op.lmbda < 1 else []))
 
     @classmethod
     def write_synthetic(cls, out_dir, seed: int, recipe=None) -> None:

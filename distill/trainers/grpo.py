@@ -30,7 +30,7 @@ from distill.rewards import RewardError, agree_on_error, call_reward_function, l
 from distill.trainer import RoleTrainer, register_trainer
 from distill.trainers.grpo_batch import RepeatedData, completion_masks, pad_columns, padded_width, split_rows
 from distill.trainers.grpo_reward import RewardModelScorer
-from distill.trainers.on_policy import CompletionSampler, OnPolicySpec
+from distill.trainers.on_policy import CompletionSampler, OnPolicySpec, generation_plan, training_reserve
 
 
 class GRPOSpec(Section):
@@ -42,6 +42,12 @@ class GRPOSpec(Section):
     """Sampling temperature; log-probs are taken at the same temperature, as in TRL."""
     top_p: float = Field(1.0, gt=0, le=1)
     """Nucleus sampling (1: the whole distribution; top_k is never applied, as TRL's default top_k=0)."""
+    generation_batch_size: int | None = Field(None, ge=1)
+    """Completions decoded together per rank. null: the whole generation batch (train.micro_batch_size x
+    train.grad_accum) at once, as far as the KV cache fits beside the training state; smaller: in turns."""
+    decode: Literal["auto", "compiled", "graphs", "static", "generate"] = "auto"
+    """How tokens are decoded, as `kd.on_policy.decode` (docs/distill-trainer.md): `auto` is the static KV cache
+    with a compiled, graph-replayed decode step on GPUs and the static-cache loop on CPU."""
     reward_funcs: list[str] = []
     """Reward functions as `module:function`, called with (prompts, completions, completion_ids, **dataset columns)."""
     reward_weights: list[float] | None = None
@@ -120,6 +126,10 @@ class GRPOTrainer(RoleTrainer):
         if g.beta != 0 and g.reference == "policy_without_adapter" and recipe.policy.lora is None:
             raise RecipeError("`grpo.reference: policy_without_adapter` needs a LoRA policy: add `policy.lora: {r: 16}` "
                               "(or set `grpo.reference: model`)")
+
+    @classmethod
+    def plan_notes(cls, recipe, plans, world_size: int) -> list[str]:
+        return generation_plan(recipe, plans, world_size, sampling_spec(recipe.grpo), ["policy"])
 
     @classmethod
     def check_plans(cls, recipe, plans) -> None:
@@ -332,9 +342,13 @@ class GRPOTrainer(RoleTrainer):
     @property
     def sampler(self):
         if "_sampler" not in self.__dict__:
-            g = self.recipe.grpo
-            spec = OnPolicySpec(max_new_tokens=g.max_completion_length, temperature=g.temperature, top_p=g.top_p)
-            self._sampler = CompletionSampler(spec, self.tokenizer, rank=self.rank, log=self.log, key="grpo")
+            g, t = self.recipe.grpo, self.recipe.train
+            spec = sampling_spec(g)
+            # The cache is sized once for the widest prompt and the whole generation batch.
+            self._sampler = CompletionSampler(spec, self.tokenizer, rank=self.rank, log=self.log, key="grpo",
+                                              max_prompt_length=self.recipe.data.max_length - g.max_completion_length,
+                                              rows_per_phase=t.micro_batch_size * t.grad_accum,
+                                              reserve_bytes=training_reserve(self.plans, self.recipe, self.world_size))
         return self._sampler
 
     @property
@@ -380,3 +394,9 @@ class _Indexed:
 
 def _divisor_near(n: int, k: int) -> int:
     return min((d for d in range(2, n + 1) if n % d == 0), key=lambda d: abs(d - k), default=n)
+
+
+def sampling_spec(g: GRPOSpec) -> OnPolicySpec:
+    """The policy's sampling settings, in the on-policy sampler's terms."""
+    return OnPolicySpec(max_new_tokens=g.max_completion_length, temperature=g.temperature, top_p=g.top_p,
+                        generation_batch_size=g.generation_batch_size, decode=g.decode)

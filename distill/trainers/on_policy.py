@@ -189,10 +189,10 @@ def training_reserve(plans, recipe, world_size: int) -> int:
     return int(sum(e["activations"] + e["logits"] + e["gradients"] for e in (estimate_memory(p, **mem) for p in plans.values())))
 
 
-def generation_plan(recipe, plans, world_size: int) -> list[str]:
-    """The plan's lines on generation: per writing role, the decode mode and the KV cache a phase needs
-    against the memory the training state leaves (all estimates, from the configs)."""
-    op, t = recipe.kd.on_policy, recipe.train
+def generation_plan(recipe, plans, world_size: int, spec: OnPolicySpec, writers: list[str]) -> list[str]:
+    """The plan's lines on generation: per writing role (`writers`), the decode mode and the KV cache a phase
+    needs against the memory the training state leaves (all estimates, from the configs)."""
+    op, t = spec, recipe.train
     device = device_memory()
     mem = dict(world_size=world_size, micro_batch_size=t.micro_batch_size, seq_len=recipe.data.max_length)
     state = sum(sum(estimate_memory(p, **mem).values()) for p in plans.values())
@@ -200,7 +200,7 @@ def generation_plan(recipe, plans, world_size: int) -> list[str]:
     per_phase = f"{rows} sequences per phase" + ("" if op.generation_batch_size else
                                                  f" ({t.micro_batch_size} x {t.grad_accum} micro-batches)")
     lines = []
-    for name in ["student"] + (["teacher"] if op.seq_kd and op.lmbda < 1 else []):
+    for name in writers:
         plan = plans[name]
         sharded = plan.zero_stage == 3 and (plan.spec.trainable or op.generation == "synced")
         mode, why = resolve_decode(op.decode, device=torch.device("cuda" if device else "cpu"), sharded=sharded,
