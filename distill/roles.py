@@ -40,6 +40,19 @@ def _skip_cpu_shm_op() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def copy_weights(source: torch.nn.Module, target: torch.nn.Module) -> torch.nn.Module:
+    """`target`'s parameters set to `source`'s of the same names, one at a time, each gathered where ZeRO-3 shards
+    it; collective when either is ZeRO-3. Returns `target`."""
+    import deepspeed
+
+    have = dict(source.named_parameters())
+    for name, p in target.named_parameters():
+        q = have[name]
+        with deepspeed.zero.GatheredParameters([q]), deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+            p.data.copy_(q.data)
+    return target
+
+
 def restore_torch_linear() -> bool:
     """Undo DeepSpeed's process-wide swap of `torch.nn.functional.linear`; True if it was swapped.
 

@@ -36,7 +36,7 @@ from distill.errors import RecipeError
 from distill.recipe import Role, Section
 from distill.registry import Registry, UnknownNameError
 from distill import samples
-from distill.roles import RoleManager, RoleModel
+from distill.roles import RoleManager, RoleModel, copy_weights
 from distill.rundir import release_run_dir, truncate_metrics
 from distill.tokenizer_files import auto_tokenizer_note
 
@@ -201,10 +201,16 @@ class RoleTrainer:
     def build_roles(self) -> dict[str, RoleModel]:
         """Every planned role, loaded (`load_model`) and prepared with its own DeepSpeed plugin; each is also an
         attribute of the trainer under its name (`self.student`)."""
-        models = {}
-        for name in self.plans:
-            torch.manual_seed(self.recipe.seed)  # per role: two roles built from one config get one init
-            models[name] = self.manager.build(name, self.load_model, self.make_optimizer)
+        models, first = {}, {}
+        for name, plan in self.plans.items():
+            torch.manual_seed(self.recipe.seed)
+            key, load = _init_key(plan.spec), self.load_model
+            source = first.setdefault(key, name) if key else name
+            if source != name:
+                # Two roles built from one config start from one init. The seed alone does not give it: a ZeRO-3
+                # role is initialised shard by shard and draws other values than a whole one.
+                load = lambda plan, src=models[source]: copy_weights(src.module, self.load_model(plan))  # noqa: E731
+            models[name] = self.manager.build(name, load, self.make_optimizer)
             setattr(self, name, models[name])
         return models
 
@@ -459,3 +465,10 @@ def _import_trainer(path: str) -> type[RoleTrainer]:
     if not (isinstance(cls, type) and issubclass(cls, RoleTrainer)):
         raise RecipeError(f"`trainer: {path}` is not a RoleTrainer subclass")
     return cls
+
+
+def _init_key(spec: Role) -> str | None:
+    """What makes two random-init roles the same model at step 0 (None: loaded, or adapted by LoRA)."""
+    if spec.from_pretrained is not None or spec.config is None or spec.lora is not None:
+        return None
+    return json.dumps([spec.model_class, spec.config], sort_keys=True, default=str)

@@ -313,9 +313,11 @@ def test_a_reward_function_failing_on_one_rank_stops_every_rank_with_one_message
 def test_zero3_reward_model_with_reused_batches(tmp_path):
     """A config-built sequence-classification reward role at ZeRO-3 beside a reward function, 2 updates per
     generation batch (old log-probs kept), batch-scaled advantages, the grpo loss type, truncated completions
-    masked: the run finishes and logs both rewards, once per generation batch."""
-    raw = _raw(tmp_path, num_iterations=2, scale_rewards="batch", loss_type="grpo", mask_truncated_completions=True)
+    masked: the run finishes and logs both rewards, once per generation batch. The reference, sharded (ZeRO-3)
+    and built from the policy's config, starts as the whole (ZeRO-2) policy does: the first KL is 0."""
+    raw = _raw(tmp_path, num_iterations=2, scale_rewards="batch", loss_type="grpo", mask_truncated_completions=True, beta=0.04)
     raw["reward"] = {"config": {**TINY_LLAMA, "num_labels": 1}, "deepspeed": "zero3"}
+    raw["reference"] = {"deepspeed": "zero3", "placement": "sharded"}
     raw["train"].update(max_steps=4, log_every=1)
     raw["launch"] = {"num_processes": 2, "timeout_s": 120}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
@@ -324,3 +326,4 @@ def test_zero3_reward_model_with_reused_batches(tmp_path):
     assert [("rewards/reward_model" in m, "rewards/end_mark" in m) for m in lines] == [(True, True), (False, False)] * 2
     assert all(m["loss"] == m["loss"] for m in lines)  # finite
     assert lines[1]["clip_ratio/region_mean"] >= 0 and lines[0]["clip_ratio/region_mean"] == 0  # ratio 1 on the first use
+    assert lines[0]["kl"] < 1e-7 < lines[-1]["kl"], [m["kl"] for m in lines]

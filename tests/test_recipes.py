@@ -210,7 +210,7 @@ def test_missing_data_file_is_named_before_loading(raw, tmp_path):
     from distill.preflight import preflight
 
     raw["data"]["train"] = str(tmp_path / "nope" / "train.jsonl")
-    with pytest.raises(RecipeError, match="`data.train`.*does not exist.*distill.data.synthetic"):
+    with pytest.raises(RecipeError, match="`data.train`.*does not exist.*`data.synthetic_seed: 0`.*`distill` trainer"):
         preflight(validate_recipe(raw, DistillTrainer), DistillTrainer, world_size=1)
 
 
