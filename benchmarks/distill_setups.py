@@ -5,7 +5,6 @@ Each has `step(batch)` (what the throughput pass times), `phases(batch, tick)` (
 """
 from __future__ import annotations
 
-import gc
 import json
 import os
 
@@ -33,15 +32,9 @@ def model_configs(a) -> tuple[dict, dict]:
 
 def reset_between_modes():
     """Drop the previous mode's Accelerator state (the process group stays) and free its memory."""
-    from accelerate.state import AcceleratorState, GradientState
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+    from distill.roles import forget_roles
 
-    AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
-    unset_hf_deepspeed_config()
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    forget_roles()
 
 
 def kd_loss(logits, teacher_logits, labels, num_tokens):

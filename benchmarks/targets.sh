@@ -20,7 +20,7 @@ launch() {  # N processes: accelerate on GPUs; on CPU accelerate would start one
 }
 if [ "${SMOKE:-0}" = 1 ]; then
   small=(--pair tiny --device cpu --micro-batch 2 --warmup 1 --steps 2 --timing-steps 1)
-  large=("${small[@]}") large4=("${small[@]}") prof=("${small[@]}") gpus2="" gpus4="" n4=2 dpo=(--tiny --device cpu --workdir "$out/dpo_work")
+  large=("${small[@]}") large4=("${small[@]}") prof=("${small[@]}") gpus2="" gpus4="" n4=2 dpo=(--tiny --device cpu --workdir "$out/dpo_work" --sides distill)
 else
   small=(--pair 0.3b-1.4b --micro-batch 4 8 --steps 20)
   prof=(--pair 0.3b-1.4b --micro-batch 4 --steps 6)
@@ -46,13 +46,6 @@ step small_compile "$gpus2" launch 2 $B "${small[@]}" --modes naive replicated \
   --set student.compile=true teacher.compile=true --out "$out/small_compile.json"
 # where ours spends the step on the GPU: torch.profiler's busy share and top kernels, mb 4
 step small_profile "$gpus2" launch 2 $B "${prof[@]}" --modes replicated --profile "$out/profile" --out "$out/small_profile.json"
-# DPO's memory levers, distill alone (TRL's peak is in dpo.json): a 1e7-element reduce bucket
-# (TRL's is hidden^2), then also without the reference's forward beside the policy's
-bucket='policy.deepspeed={zero_optimization: {stage: 2, overlap_comm: true, contiguous_gradients: true, reduce_scatter: true, allgather_bucket_size: 200000000, reduce_bucket_size: 10000000}}'
-step dpo_bucket "$gpus2" python benchmarks/dpo.py --num-processes 2 --sides distill "${dpo[@]}" --set "$bucket" \
-  --out "$out/dpo_bucket.json"
-step dpo_lean "$gpus2" python benchmarks/dpo.py --num-processes 2 --sides distill "${dpo[@]}" --set "$bucket" \
-  train.overlap_frozen=false --out "$out/dpo_lean.json"
 # >= 40% MFU at the large pair; the sharded teacher against the replicated one; the naive loop
 step large "$gpus4" launch $n4 $B "${large[@]}" --modes replicated sharded naive --out "$out/large.json"
 step large_compile "$gpus4" launch $n4 $B "${large[@]}" --modes replicated \

@@ -91,6 +91,16 @@ class Overlap:
             self._pool = None
 
 
+def compile_reporter(log: Callable[[str], None], rank: int, frozen: str, trainable: str) -> Callable[[str], None]:
+    """`Overlap.run`'s `on_compile`: says on rank 0 which role's layers met a batch they had no graph for (a slow
+    step), `frozen` or `trainable` by name."""
+    def said(which: str) -> None:
+        if rank == 0:
+            role, mode = (frozen, "no grad") if which == "frozen" else (trainable, "training" if torch.is_grad_enabled() else "no grad")
+            log(f"compile: the {role}'s layers meet a new batch shape or mask ({mode}); compiling its graph now, the roles in turn")
+    return said
+
+
 def _each_tensor(x: Any, fn: Callable[[torch.Tensor], None]) -> None:
     if torch.is_tensor(x):
         fn(x)

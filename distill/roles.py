@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
+import sys
 import threading
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -51,6 +54,40 @@ def copy_weights(source: torch.nn.Module, target: torch.nn.Module) -> torch.nn.M
         with deepspeed.zero.GatheredParameters([q]), deepspeed.zero.GatheredParameters([p], modifier_rank=0):
             p.data.copy_(q.data)
     return target
+
+
+def forget_roles() -> None:
+    """Drop the Accelerator state the last trainer's roles left in this process (the process group stays), so that
+    another trainer can be built in it: benchmarks comparing modes, tests running several scenarios per launch."""
+    from accelerate.state import AcceleratorState, GradientState
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    unset_hf_deepspeed_config()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _skip_muon_import() -> None:
+    """Spare each CPU process DeepSpeed's import of its Muon optimizer.
+
+    DeepSpeed's ZeRO code imports its Muon modules whatever the optimizer (to check against Muon's class, and in
+    the gradient reduction), and importing them compiles Muon's kernels with `torch.compile`, which imports
+    inductor: 2.3 s per process, in every run on CPU, where no role uses Muon and nothing compiles unless asked.
+    Stand-in modules answer those checks the same ("not Muon"); Muon's update is never called without it.
+    """
+    def unused(*args, **kwargs):
+        raise RuntimeError("DeepSpeed's Muon is not loaded in distill's CPU processes")
+
+    stand_ins = {"deepspeed.runtime.zero.muon.muon_optimizer": {"MuonWithAuxAdam": type("MuonWithAuxAdam", (), {})},
+                 "deepspeed.runtime.zero.muon.original_muon": {"muon_update": unused, "adam_update": unused}}
+    for name, attributes in stand_ins.items():
+        if name not in sys.modules:
+            module = types.ModuleType(name, "distill's stand-in: no role uses DeepSpeed's Muon on CPU")
+            module.__dict__.update(attributes)
+            sys.modules[name] = module
 
 
 def restore_torch_linear() -> bool:
@@ -297,6 +334,7 @@ class RoleManager:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "gloo":
             _skip_cpu_shm_op()
+            _skip_muon_import()
         handler = InitProcessGroupKwargs(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
         names = list(plans)
         project = ProjectConfiguration(logging_dir=str(logging_dir)) if logging_dir else None

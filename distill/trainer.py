@@ -29,7 +29,7 @@ from distill.launch import world_info
 from distill.lora import apply_lora
 from distill.models import build_model
 from distill.monitor import NonFiniteLoss, StopOnSignal, Throughput
-from distill.overlap import Overlap
+from distill.overlap import Overlap, compile_reporter
 from distill.plan import RolePlan, format_plan
 from distill.preflight import preflight
 from distill.errors import RecipeError
@@ -122,14 +122,7 @@ class RoleTrainer:
                                                             for m in self.models.values())
             self._overlap = Overlap(self.device, on, compiled=self.compiled)
         concurrent = not frozen_role.trainable and frozen_role.plan.zero_stage != 3
-
-        def said(which: str) -> None:  # a slow step, said on rank 0: a batch a compiled role had no graph for
-            if self.rank == 0:
-                role, mode = ((frozen_role.name, "no grad") if which == "frozen" else
-                              (self.trainable.name, "training" if torch.is_grad_enabled() else "no grad"))
-                self.log(f"compile: the {role}'s layers meet a new batch shape or mask ({mode}); "
-                         "compiling its graph now, the roles in turn")
-
+        said = compile_reporter(self.log, self.rank, frozen_role.name, self.trainable.name)
         return self._overlap.run(frozen, trainable, concurrent=concurrent, on_compile=said)
 
     def count_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

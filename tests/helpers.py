@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 """The checkout: launched test scripts import `tests.scripts.*` from it."""
@@ -105,6 +106,19 @@ def launch(module: str, *args: str, nproc: int = 2, timeout: int = 300, env: dic
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONPATH": path, **(env or {})})
+
+
+def launch_scenarios(module: str, root: Path, out_dir: Path, scenarios: dict[str, list[str]], *, out: str = "out.json",
+                     read=None, **kw) -> dict[str, Any]:
+    """Every scenario of test script `module` (`main(ROOT OUT_FILE *args)`) in one 2-process launch
+    (tests/scripts/many.py); each scenario's output file read (`read`, JSON by default), by name. One launch's
+    imports instead of one per scenario."""
+    args = []
+    for name, extra in scenarios.items():  # each in its own directory: the scripts write their runs beside the output
+        (out_dir / name).mkdir(parents=True, exist_ok=True)
+        args += ["::", str(root), str(out_dir / name / out), *extra]
+    check(launch("tests.scripts.many", module, *args, **kw))
+    return {name: (read or read_json)(out_dir / name / out) for name in scenarios}
 
 
 def _port() -> int:

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,25 +62,19 @@ def test_distill_throughput_tiny_on_one_cpu_process(tmp_path):
 
 @pytest.mark.multiprocess
 def test_targets_script_runs_its_steps(tmp_path):
-    """benchmarks/targets.sh in its CPU smoke mode, three steps that cover its three kinds of launch: a throughput
-    comparison, a profiled one, and DPO with overrides (ONLY=, as a time-limited job runs it); each writes what
-    the docs read. The other steps are the same launches with other sizes and flags."""
+    """benchmarks/targets.sh in its CPU smoke mode, two steps that cover its two kinds of launch: a profiled
+    throughput comparison and DPO (distill's side; ONLY=, as a time-limited job runs it); each writes what the
+    docs read. The other steps are the same launches with other sizes and flags."""
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "targets.sh"), str(tmp_path)], capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "SMOKE": "1", "ONLY": "small small_profile dpo_lean"})
+                          timeout=600, env={**os.environ, "SMOKE": "1", "ONLY": "small_profile dpo"})
     assert proc.returncode == 0, proc.stdout[-3000:] + (tmp_path / "log.txt").read_text()[-6000:]
-    for name, want in {"small": ["naive", "replicated"] * 2, "small_profile": ["replicated"]}.items():
-        res = json.loads((tmp_path / f"{name}.json").read_text())
-        assert res["world_size"] == 2 and [r["mode"] for r in res["results"]] == want, name
-        assert all(r["tokens_per_s_per_gpu"] > 0 for r in res["results"])
+    res = json.loads((tmp_path / "small_profile.json").read_text())
+    assert res["world_size"] == 2 and [r["mode"] for r in res["results"]] == ["replicated"]
+    assert all(r["tokens_per_s_per_gpu"] > 0 for r in res["results"])
     assert (tmp_path / "profile.replicated.2.txt").read_text().count("aten::mm") == 1
-    res = json.loads((tmp_path / "dpo_lean.json").read_text())
+    res = json.loads((tmp_path / "dpo.json").read_text())
     assert [(r["impl"], r["world_size"]) for r in res["results"]] == [("distill", 2)]
-    assert not (tmp_path / "large.json").exists()  # ONLY= ran nothing else
-    # the step's overrides reached the run's recipe
-    [recipe] = (tmp_path / "dpo_work").glob("inputs_*/run_distill/recipe.yaml")
-    recipe = yaml.safe_load(recipe.read_text())
-    assert recipe["policy"]["deepspeed"]["zero_optimization"]["reduce_bucket_size"] == 10_000_000
-    assert recipe["train"]["overlap_frozen"] is False
+    assert all(not (tmp_path / f"{name}.json").exists() for name in ("small", "large"))  # ONLY= ran nothing else
 
 
 def test_throughput_plot_draws_every_results_file(tmp_path):

@@ -39,65 +39,43 @@ def _steps(run):
     return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if "loss" in line]
 
 
-def test_resumed_run_equals_uninterrupted_run_bitwise(assets, tmp_path, capsys):
-    whole = _recipe(tmp_path, assets, "whole")
-    check(_train(whole, "train.max_steps=6"))
-    parts = _recipe(tmp_path, assets, "parts")
-    check(_train(parts, "train.max_steps=3"))
-    # Another recipe is another run: refused by name, before anything loads; more steps only when allowed.
-    from distill.train import main
-
-    assert main([str(parts), "--resume", "train.max_steps=6", "student.optimizer.lr=1e-3"]) == 2
-    out = capsys.readouterr()
-    assert "student.optimizer.lr: 0.003 -> 0.001; train.max_steps: 3 -> 6" in out.err, out.err
-    assert "resume_allow=[student.optimizer.lr,train.max_steps]" in out.err and "roles (" not in out.out
-    proc = _train(parts, "--resume", "train.max_steps=6", "resume_allow=[train.max_steps]")
-    check(proc)
-    assert "resumed from" in proc.stdout and "step_00000003" in proc.stdout
-    a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "parts")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # CPU ops here are deterministic
-    assert _steps(tmp_path / "parts") == [1, 2, 3, 4, 5, 6]
-
-
-def test_resume_refusals(assets, tmp_path):
-    path = _recipe(tmp_path, assets, "run")
-    proc = _train(path, "--resume")
-    assert proc.returncode == 2 and "no complete checkpoint" in proc.stderr
-    check(_train(path, "train.max_steps=2"))
-    proc = _train(path, "launch.num_processes=1", "--resume")
-    assert proc.returncode == 2 and "written by 2 processes" in proc.stderr
-    proc = _train(path, "overwrite=false", "train.max_steps=3")
-    assert proc.returncode == 2 and "--resume" in proc.stderr
-
-
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
-def test_export_matches_the_runs_own_save(assets, tmp_path, zero):
+def test_export_matches_the_runs_own_save_and_resume_refusals(assets, tmp_path, zero, capsys):
+    """A run with pruned checkpoints exports what it saved itself; export of a missing step or of a file that would
+    run code is refused. Resuming is refused with no checkpoint, with another number of processes, and an existing
+    run is not overwritten without `overwrite` (refusals in this process: they happen before anything launches)."""
     from transformers import AutoModelForCausalLM
 
+    from distill.export import main as export
+    from distill.train import main as train
+
     path = _recipe(tmp_path, assets, "run")
+    if zero == "zero2":
+        assert train([str(path), "--resume"]) == 2 and "no complete checkpoint" in capsys.readouterr().err
     check(_train(path, "train.max_steps=4", "train.save_every=2", "train.keep_checkpoints=1", f"student.deepspeed={zero}"))
     ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*"))
     assert ckpts == ["step_00000004"]  # keep_checkpoints=1 pruned step 2
     assert (tmp_path / "run" / "checkpoints" / ckpts[0] / "recipe.yaml").exists()
+    if zero == "zero2":
+        assert train([str(path), "launch.num_processes=1", "--resume", f"student.deepspeed={zero}", "train.max_steps=4",
+                      "train.save_every=2", "train.keep_checkpoints=1"]) == 2
+        assert "written by 2 processes" in capsys.readouterr().err
+        assert train([str(path), "overwrite=false", "train.max_steps=3"]) == 2 and "--resume" in capsys.readouterr().err
     out = tmp_path / "export"
-    proc = subprocess.run([sys.executable, "-m", "distill.export", str(tmp_path / "run"), str(out)], capture_output=True,
-                          text=True, timeout=120)
-    check(proc)
+    assert export([str(tmp_path / "run"), str(out)]) == 0
     exported = AutoModelForCausalLM.from_pretrained(out / "student").eval()
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final" / "student").eval()
     ids = torch.randint(0, 50, (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(exported(input_ids=ids).logits, saved(input_ids=ids).logits, rtol=0, atol=0)
-    proc = subprocess.run([sys.executable, "-m", "distill.export", str(tmp_path / "run"), str(out), "--step", "2"],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "step_00000004" in proc.stderr
+    capsys.readouterr()
+    assert export([str(tmp_path / "run"), str(out), "--step", "2"]) == 2 and "step_00000004" in capsys.readouterr().err
     # A file of the run directory replaced by one that runs code when unpickled: refused, and nothing ran.
     state = next((tmp_path / "run" / "checkpoints" / ckpts[0] / "student" / "state").glob("*model_states.pt"))
     marker = tmp_path / "ran"
     torch.save({"module": _Payload(f"touch {marker}")}, state)
-    proc = subprocess.run([sys.executable, "-m", "distill.export", str(tmp_path / "run"), str(tmp_path / "export2")],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and f"{state} holds objects other than tensors" in proc.stderr, proc.stderr
+    assert export([str(tmp_path / "run"), str(tmp_path / "export2")]) == 2
+    assert f"{state} holds objects other than tensors" in capsys.readouterr().err
     assert not marker.exists()
 
 
@@ -134,9 +112,13 @@ def _workers(proc):
     return pids
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_then_resumes(assets, tmp_path):
-    path = _recipe(tmp_path, assets, "run")
-    run = tmp_path / "run"
+def test_sigterm_saves_a_checkpoint_and_the_resumed_run_equals_an_uninterrupted_one_bitwise(assets, tmp_path, capsys):
+    """SIGTERM to the whole job: a checkpoint at the step it stops at, exit 0. Resuming with other settings is refused
+    by name; resumed with more steps (allowed), the run ends with exactly the weights of a run never stopped."""
+    from distill.train import main
+
+    path = _recipe(tmp_path, assets, "parts")
+    run = tmp_path / "parts"
     proc = _start(path, "train.max_steps=400")
     _wait_for_step(run, 2, proc)
     for pid in _workers(proc) + [proc.pid]:  # the whole job, as a scheduler signals every task before preemption
@@ -148,9 +130,20 @@ def test_sigterm_saves_a_checkpoint_and_exits_then_resumes(assets, tmp_path):
     assert stopped and stopped[0]["stopped_by"] == "SIGTERM", err[-3000:]
     step = stopped[0]["step"]
     assert (run / "checkpoints" / f"step_{step:08d}" / "trainer_state.json").exists()
-    proc = _train(path, "--resume", f"train.max_steps={step + 2}", "resume_allow=[train.max_steps]")
+    end = step + 2
+    # Another recipe is another run: refused by name, before anything loads; more steps only when allowed.
+    assert main([str(path), "--resume", f"train.max_steps={end}", "student.optimizer.lr=1e-3"]) == 2
+    out = capsys.readouterr()
+    assert f"student.optimizer.lr: 0.003 -> 0.001; train.max_steps: 400 -> {end}" in out.err, out.err
+    assert "resume_allow=[student.optimizer.lr,train.max_steps]" in out.err and "roles (" not in out.out
+    proc = _train(path, "--resume", f"train.max_steps={end}", "resume_allow=[train.max_steps]")
     check(proc)
-    assert _steps(run)[-2:] == [step + 1, step + 2]
+    assert "resumed from" in proc.stdout and f"step_{step:08d}" in proc.stdout
+    assert _steps(run) == list(range(1, end + 1))
+    whole = _recipe(tmp_path, assets, "whole")
+    check(_train(whole, f"train.max_steps={end}"))
+    a, b = _weights(tmp_path / "whole"), _weights(run)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # CPU ops here are deterministic
 
 
 def test_killed_rank_ends_the_job_and_the_run_resumes(assets, tmp_path):

@@ -77,18 +77,21 @@ def test_torchrun_launch(assets, tmp_path):
     assert (tmp_path / "run" / "final" / "student" / "model.safetensors").exists()
 
 
-def test_bad_recipe_exits_2_with_one_message_and_keeps_existing_run(assets, tmp_path):
+def test_bad_recipe_exits_2_with_one_message_and_keeps_existing_run(assets, tmp_path, capsys):
+    """Refused by the command before it launches anything (so in this process): exit 2, one message."""
+    from distill.train import main
+
     path, _ = _write(tmp_path, assets)
     run = tmp_path / "run"
     run.mkdir()
     (run / "recipe.yaml").write_text("earlier: run\n")
-    proc = _run([str(path), "overwrite=false"])
-    assert proc.returncode == 2
-    assert "already holds a run" in proc.stderr and "overwrite=true" in proc.stderr
+    assert main([str(path), "overwrite=false"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "overwrite=true" in err
     assert (run / "recipe.yaml").read_text() == "earlier: run\n"
-    proc = _run([str(path), "train.micro_batch_size=0"])
-    assert proc.returncode == 2 and "`train.micro_batch_size`" in proc.stderr
-    assert proc.stderr.count("invalid recipe") == 1  # said once, not once per rank
+    assert main([str(path), "train.micro_batch_size=0"]) == 2
+    err = capsys.readouterr().err
+    assert "`train.micro_batch_size`" in err and err.count("invalid recipe") == 1  # said once
 
 
 def test_mismatched_tokenizers_are_refused(assets, tmp_path):

@@ -4,20 +4,16 @@ import json
 import pytest
 import torch
 
-from tests.helpers import check, launch
+from tests.helpers import check, launch_scenarios
 
 ROOT_ARGS = ["dpo.loss=sigmoid"]
 
 
 @pytest.fixture(scope="module")
 def live_and_cached(assets, tmp_path_factory):
-    out = {}
-    for name, extra in (("live", []), ("cached", ["dpo.precompute_reference=true"]),
-                        ("overlapped", ["reference.placement=replicated", "train.overlap_frozen=true"])):
-        path = tmp_path_factory.mktemp(name) / "dpo.json"
-        check(launch("tests.scripts.dpo_check", str(assets["root"]), str(path), *ROOT_ARGS, *extra))
-        out[name] = json.loads(path.read_text())
-    return out
+    return launch_scenarios("tests.scripts.dpo_check", assets["root"], tmp_path_factory.mktemp("dpo"), {
+        "live": ROOT_ARGS, "cached": [*ROOT_ARGS, "dpo.precompute_reference=true"],
+        "overlapped": [*ROOT_ARGS, "reference.placement=replicated", "train.overlap_frozen=true"]})
 
 
 @pytest.mark.multiprocess

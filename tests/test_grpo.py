@@ -20,7 +20,7 @@ from distill.losses.grpo import GRPO_LOSSES
 from distill.errors import RecipeError
 from distill.recipe import validate_recipe
 from tests.helpers import REPO, TINY_LLAMA, check
-from distill.trainers.grpo import GRPOSpec, GRPOTrainer
+from distill.trainers.grpo import GRPOSpec, GRPOTrainer, completion_logps, grpo_loss_step
 from distill.trainers.grpo_batch import RepeatedData, completion_masks, padded_width
 
 REWARD = "distill.data.reward_task:end_mark"
@@ -122,16 +122,10 @@ def _layout_batch():
             "prompt_mask": prompt_mask, "rows": rows, "completions": completions}
 
 
-def _ours(model, **grpo):
-    t = object.__new__(GRPOTrainer)
-    t.__dict__.update(policy=model, recipe=SimpleNamespace(grpo=GRPOSpec(**grpo)))
-    return t
-
-
 def test_completion_logps_equal_one_unpadded_forward_per_sequence():
     model, b = _tiny_policy(), _layout_batch()
     with torch.no_grad():
-        ours = _ours(model, temperature=0.7)._token_logps(model, b)  # [6, 5]
+        ours = completion_logps(model, b, temperature=0.7)  # [6, 5]
         for i, (p, c) in enumerate(zip(b["rows"], b["completions"])):
             logits = model(input_ids=torch.tensor([p + c])).logits[0].double() / 0.7
             ref = torch.log_softmax(logits[len(p) - 1:-1], -1).gather(-1, torch.tensor(c)[:, None])[:, 0]
@@ -168,7 +162,7 @@ def test_model_loss_and_gradient_match_trl(loss_type):
     g = torch.Generator().manual_seed(3)
     model = _tiny_policy()
     with torch.no_grad():
-        now = _ours(model, **settings)._token_logps(model, b)
+        now = completion_logps(model, b, settings["temperature"])
     b["advantages"] = torch.randn(6, generator=g)
     b["old_logps"] = (now + 0.2 * torch.randn(now.shape, generator=g)) * b["completion_mask"]
     b["ref_logps"] = (now + 0.3 * torch.randn(now.shape, generator=g)) * b["completion_mask"]
@@ -190,9 +184,8 @@ def test_model_loss_and_gradient_match_trl(loss_type):
     trl_loss.backward()
 
     model.train()
-    ours = _ours(model, **settings)
-    ours._loss_tokens = b["loss_mask"].sum()
-    out = GRPOTrainer.loss_step(ours, b, GRPO_LOSSES[loss_type].count(b["loss_mask"]))
+    out = grpo_loss_step(model, b, GRPO_LOSSES[loss_type].count(b["loss_mask"]), GRPOSpec(**settings),
+                         metric_tokens=b["loss_mask"].sum())
     out["loss"].backward()
 
     assert float(out["loss"].detach()) == pytest.approx(float(trl_loss.detach()), rel=1e-5)

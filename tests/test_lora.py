@@ -8,24 +8,33 @@ import pytest
 import torch
 import yaml
 
-from tests.helpers import check, launch, tiny_recipe
+from tests.helpers import check, launch_scenarios, tiny_recipe
 
 LORA = {"r": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj"]}
 
 
-def _run(assets, tmp_path, mode, *overrides) -> dict:
-    out = tmp_path / "out.json"
-    check(launch("tests.scripts.lora_check", str(assets["root"]), str(out), mode, *overrides))
-    return json.loads(out.read_text())
+STUDENT = {"zero2": ["student.deepspeed=zero2"],
+           "zero3_checkpointing": ["student.deepspeed=zero3", "student.gradient_checkpointing=true"],
+           "zero2_chunked": ["student.deepspeed=zero2", "kd.chunked=true", "kd.chunk_size=16"]}
+DPO = {"no_copy": ["dpo.reference=policy_without_adapter"],
+       "separate": [],  # the policy's base as a role: reference.from_pretrained, below
+       "no_copy_cached": ["dpo.reference=policy_without_adapter", "dpo.precompute_reference=true"],
+       "no_copy_zero3": ["dpo.reference=policy_without_adapter", "policy.deepspeed=zero3"]}
+
+
+@pytest.fixture(scope="module")
+def runs(assets, tmp_path_factory):
+    """Every scenario of tests/scripts/lora_check.py, in one 2-process launch."""
+    scenarios = {f"student_{k}": ["distill", *v] for k, v in STUDENT.items()}
+    scenarios |= {f"dpo_{k}": ["dpo", *v] for k, v in DPO.items()}
+    scenarios["dpo_separate"].append(f"reference.from_pretrained={assets['teacher']}")
+    return launch_scenarios("tests.scripts.lora_check", assets["root"], tmp_path_factory.mktemp("lora"), scenarios)
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("overrides", [["student.deepspeed=zero2"],
-                                       ["student.deepspeed=zero3", "student.gradient_checkpointing=true"],
-                                       ["student.deepspeed=zero2", "kd.chunked=true", "kd.chunk_size=16"]],
-                         ids=["zero2", "zero3_checkpointing", "zero2_chunked"])
-def test_lora_student_trains_only_its_adapter_and_saves_the_trained_model(assets, tmp_path, overrides):
-    rec = _run(assets, tmp_path, "distill", *overrides)
+@pytest.mark.parametrize("name", STUDENT)
+def test_lora_student_trains_only_its_adapter_and_saves_the_trained_model(runs, name):
+    rec = runs[f"student_{name}"]
     assert rec["trainable_params"] == rec["analytic_lora_params"] == rec["planned_trainable_params"] == 896
     assert rec["base_identical"] and rec["adapter_changed"]
     h = rec["history"]
@@ -37,14 +46,8 @@ def test_lora_student_trains_only_its_adapter_and_saves_the_trained_model(assets
 
 
 @pytest.fixture(scope="module")
-def dpo_runs(assets, tmp_path_factory):
-    runs = {}
-    for name, overrides in (("no_copy", ["dpo.reference=policy_without_adapter"]),
-                            ("separate", [f"reference.from_pretrained={assets['teacher']}"]),  # the policy's base, as a role
-                            ("no_copy_cached", ["dpo.reference=policy_without_adapter", "dpo.precompute_reference=true"]),
-                            ("no_copy_zero3", ["dpo.reference=policy_without_adapter", "policy.deepspeed=zero3"])):
-        runs[name] = _run(assets, tmp_path_factory.mktemp(name), "dpo", *overrides)
-    return runs
+def dpo_runs(runs):
+    return {k: runs[f"dpo_{k}"] for k in DPO}
 
 
 def _train_metrics(rec):
@@ -115,9 +118,10 @@ def test_lora_resume_equals_uninterrupted_and_export_gives_the_merged_model(asse
     for f in ("model.safetensors", "adapter/adapter_model.safetensors"):
         a, b = _tensors(tmp_path / "whole" / "final" / "student" / f), _tensors(tmp_path / "parts" / "final" / "student" / f)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+    from distill.export import main as export
+
     out = tmp_path / "export"
-    check(subprocess.run([sys.executable, "-m", "distill.export", str(tmp_path / "whole"), str(out)], capture_output=True,
-                         text=True, timeout=120))
+    assert export([str(tmp_path / "whole"), str(out)]) == 0
     assert (out / "student" / "adapter" / "adapter_config.json").exists()
     exported = AutoModelForCausalLM.from_pretrained(out / "student").eval()
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "whole" / "final" / "student").eval()

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.helpers import check, launch
+from tests.helpers import check, launch, launch_scenarios
 
 pytestmark = pytest.mark.multiprocess
 
@@ -20,52 +20,68 @@ def test_roles_switch_shard_logits_save_and_uneven_eval(assets, tmp_path):
     assert result["switch_us"] < 1000  # accelerate's select_deepspeed_plugin costs ~1.6 ms here
 
 
-@pytest.mark.parametrize("overrides", [
-    [],
-    ["kd.chunked=true", "kd.chunk_size=16", "kd.loss=generalized_jsd", "kd.params={beta: 0.3}"],
-    ["kd.loss=reverse_kl", "kd.temperature=2.0", "train.grad_accum=1", "train.micro_batch_size=3"],
+TRAIN = {
+    "forward_kl": [],
+    "chunked_jsd": ["kd.chunked=true", "kd.chunk_size=16", "kd.loss=generalized_jsd", "kd.params={beta: 0.3}"],
+    "reverse_kl_T2": ["kd.loss=reverse_kl", "kd.temperature=2.0", "train.grad_accum=1", "train.micro_batch_size=3"],
     # Compiled decoder layers (inductor) in both roles, fused AdamW: the same gradient, and it trains.
     # With the teacher's forward beside the student's, as on GPUs: compiling in one thread while the other
     # calls a compiled layer is refused by torch, so a call that needs a new graph runs again alone.
-    ["student.compile=true", "teacher.compile=true", "teacher.placement=replicated", "student.optimizer.fused=true",
-     "train.overlap_frozen=true"],
-], ids=["forward_kl", "chunked_jsd", "reverse_kl_T2", "compiled_fused"])
-def test_distill_run_matches_whole_reference(assets, tmp_path, overrides):
-    out = tmp_path / "train.json"
-    check(launch("tests.scripts.train_check", str(assets["root"]), str(out), *overrides))
-    result = json.loads(out.read_text())
+    "compiled_fused": ["student.compile=true", "teacher.compile=true", "teacher.placement=replicated",
+                       "student.optimizer.fused=true", "train.overlap_frozen=true"],
+}
+NAN = {"zero2_fp32": ["2", "train.max_steps=4", "student.precision=fp32"],
+       "zero2_bf16": ["2", "train.max_steps=4", "student.precision=bf16"],
+       "zero3_fp32": ["2", "train.max_steps=4", "student.deepspeed=zero3"],
+       "in_a_row": ["2,3,4,5", "train.max_steps=6", "train.max_bad_steps=3"]}
+
+
+@pytest.fixture(scope="module")
+def train_runs(assets, tmp_path_factory):
+    return launch_scenarios("tests.scripts.train_check", assets["root"], tmp_path_factory.mktemp("train"), TRAIN)
+
+
+@pytest.mark.parametrize("name", TRAIN)
+def test_distill_run_matches_whole_reference(train_runs, name):
+    result = train_runs[name]
     assert result["grad_norm"] == pytest.approx(result["reference"], rel=1e-4)
     assert result["last_loss"] < result["first_loss"]
     assert result["batches_per_rank"][0] == result["batches_per_rank"][1]
+    # Nothing imports inductor on CPU unless a role compiles (DeepSpeed's Muon import would: 2.3 s a process).
+    # The compiled scenario runs last in the launch, so the others see a process it has not touched.
+    assert result["inductor_loaded"] == (name == "compiled_fused")
+
+
+@pytest.fixture(scope="module")
+def clip_runs(assets, tmp_path_factory):
+    return launch_scenarios("tests.scripts.clip_check", assets["root"], tmp_path_factory.mktemp("clip"),
+                            {"null": ["null"], "0.5": ["0.5"]})
 
 
 @pytest.mark.parametrize("clip", ["null", "0.5"])
-def test_grad_clip_matches_a_reference_optimizer_step(assets, tmp_path, clip):
+def test_grad_clip_matches_a_reference_optimizer_step(clip_runs, clip):
     """`train.grad_clip: null` does not clip (DeepSpeed clips at 1.0 when its key is absent); a number clips the
     global norm over both ranks' shards as `torch.nn.utils.clip_grad_norm_` does."""
-    out = tmp_path / "clip.json"
-    check(launch("tests.scripts.clip_check", str(assets["root"]), str(out), clip))
-    result = json.loads(out.read_text())
+    result = clip_runs[clip]
     assert result["grad_norm"] == pytest.approx(result["reference_norm"], rel=1e-5)
     assert result["reference_norm"] > 2  # clipping at 1.0 would show ...
     assert result["max_diff"] < 1e-6 < 1e-3 < result["max_diff_to_clipped_at_1"]  # ... and does not happen
 
 
-@pytest.mark.parametrize("overrides", [["student.precision=fp32"], ["student.precision=bf16"], ["student.deepspeed=zero3"]],
-                         ids=["zero2_fp32", "zero2_bf16", "zero3_fp32"])
-def test_nan_loss_on_one_rank_skips_the_step_everywhere(assets, tmp_path, overrides):
-    out = tmp_path / "nan.json"
-    check(launch("tests.scripts.nan_check", str(assets["root"]), str(out), "2", "train.max_steps=4", *overrides))
-    result = json.loads(out.read_text())
+@pytest.fixture(scope="module")
+def nan_runs(assets, tmp_path_factory):
+    return launch_scenarios("tests.scripts.nan_check", assets["root"], tmp_path_factory.mktemp("nan"), NAN)
+
+
+@pytest.mark.parametrize("name", [n for n in NAN if n != "in_a_row"])
+def test_nan_loss_on_one_rank_skips_the_step_everywhere(nan_runs, name):
+    result = nan_runs[name]
     assert result["unchanged_at_step"] == [False, True, False, False]  # step 2 skipped, training goes on
     assert result["finite"] and result["stopped"] is None
 
 
-def test_nan_losses_in_a_row_stop_every_rank_together(assets, tmp_path):
-    out = tmp_path / "nan.json"
-    check(launch("tests.scripts.nan_check", str(assets["root"]), str(out), "2,3,4,5",
-                 "train.max_steps=6", "train.max_bad_steps=3"))
-    result = json.loads(out.read_text())
+def test_nan_losses_in_a_row_stop_every_rank_together(nan_runs):
+    result = nan_runs["in_a_row"]
     assert result["steps_run"] == 4 and "3 steps in a row" in result["stopped"]
     assert result["unchanged_at_step"][1:] == [True, True, True]
 
@@ -75,13 +91,9 @@ def test_replicated_teacher_matches_sharded_and_sharded_gathers_whole_layers(ass
     overlapped (its forwards in the worker thread); all must train and evaluate alike."""
     import torch
 
-    res = {}
-    for name, placement, overlap in (("sharded", "sharded", "true"), ("replicated", "replicated", "false"),
-                                     ("overlapped", "replicated", "true")):
-        out = tmp_path / f"{name}.pt"
-        check(launch("tests.scripts.placement_check", str(assets["root"]), str(out), placement,
-                     f"train.overlap_frozen={overlap}"))
-        res[name] = torch.load(out)
+    res = launch_scenarios("tests.scripts.placement_check", assets["root"], tmp_path, {
+        "sharded": ["sharded", "train.overlap_frozen=true"], "replicated": ["replicated", "train.overlap_frozen=false"],
+        "overlapped": ["replicated", "train.overlap_frozen=true"]}, out="out.pt", read=torch.load)
     s, r, o = res["sharded"], res["replicated"], res["overlapped"]
     assert (s["stage"], r["stage"], o["stage"]) == (3, 0, 0)
     assert s["leaves"] == s["layers"] > 0 and r["leaves"] == 0  # each decoder layer is one ZeRO-3 unit

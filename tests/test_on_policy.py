@@ -18,7 +18,7 @@ from distill.data.synthetic import SyntheticLanguage, build_tokenizer
 from distill.recipe import validate_recipe
 from distill.errors import RecipeError
 from tests.helpers import REPO
-from tests.helpers import TINY_LLAMA, check, launch
+from tests.helpers import TINY_LLAMA, check, launch_scenarios
 from distill.trainers.distill import DistillTrainer, kd_data
 from distill.trainers.on_policy import OnPolicySpec, completion_source
 
@@ -146,13 +146,19 @@ def test_bad_on_policy_setups_are_refused_with_the_key(prompts, tok, tmp_path):
 # -- 2 processes -------------------------------------------------------------------------------------
 
 
+GENERATION = {"zero2_student": [], "zero3_student_synced": ["student.deepspeed=zero3", "kd.on_policy.generation=synced"]}
+
+
+@pytest.fixture(scope="module")
+def generation_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("onpolicy")
+    return launch_scenarios("tests.scripts.onpolicy_check", root, root, GENERATION)
+
+
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("overrides", [[], ["student.deepspeed=zero3", "kd.on_policy.generation=synced"]],
-                         ids=["zero2_student", "zero3_student_synced"])
-def test_generation_under_zero3_and_the_sampled_loss(tmp_path, overrides):
-    out = tmp_path / "onpolicy.json"
-    check(launch("tests.scripts.onpolicy_check", str(tmp_path), str(out), *overrides))
-    ranks = json.loads(out.read_text())
+@pytest.mark.parametrize("name", GENERATION)
+def test_generation_under_zero3_and_the_sampled_loss(generation_runs, name):
+    overrides, ranks = GENERATION[name], generation_runs[name]
     for r in ranks:
         # Sharded generation, both ways and through the static-cache loop, equals an unsharded copy's, and the
         # shards still work after; the student's static-cache loop equals its generate().

@@ -288,22 +288,14 @@ def test_with_compiled_layers_a_call_that_needs_a_new_graph_runs_again_alone():
     torch._dynamo.reset()
 
 
-def test_alongside_names_the_role_whose_layers_compile_and_says_it_on_rank_0_only():
-    from types import SimpleNamespace
-
-    class CompilesBoth:  # an Overlap whose two calls both met a batch they had no graph for
-        def run(self, frozen, trainable, *, concurrent, on_compile):
-            on_compile("frozen")
-            on_compile("trainable")
-            return frozen(), trainable()
+def test_a_new_graph_is_said_naming_the_role_on_rank_0_only():
+    from distill.overlap import compile_reporter
 
     said = []
-    t = object.__new__(DistillTrainer)
-    t._overlap, t.log, t.trainable = CompilesBoth(), said.append, SimpleNamespace(name="student")
-    teacher = SimpleNamespace(name="teacher", trainable=False, plan=SimpleNamespace(zero_stage=0))
     for rank in (0, 1):
-        t.rank = rank
-        assert t.alongside(teacher, lambda: "t", lambda: "s") == ("t", "s")
+        report = compile_reporter(said.append, rank, "teacher", "student")
+        report("frozen")
+        report("trainable")
     assert said == ["compile: the teacher's layers meet a new batch shape or mask (no grad); compiling its graph now, the roles in turn",
                     "compile: the student's layers meet a new batch shape or mask (training); compiling its graph now, the roles in turn"]
 

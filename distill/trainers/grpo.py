@@ -253,35 +253,11 @@ class GRPOTrainer(RoleTrainer):
         return get_grpo_loss(self.recipe.grpo.loss_type).count(batch["loss_mask"])
 
     def loss_step(self, batch, num_tokens):
-        g = self.recipe.grpo
-        mask = batch["loss_mask"]  # [B, C]
-        logits = self._completion_logits(self.policy, batch)  # [B, C, V]
-        logps = token_logps(logits, _labels(batch))  # [B, C]
-        terms = token_loss(logps, batch["advantages"], old_logps=batch.get("old_logps"), ref_logps=batch.get("ref_logps"),
-                           beta=g.beta, epsilon=g.epsilon, epsilon_high=g.epsilon_high, delta=g.delta,
-                           kl_bias_correction=g.kl_bias_correction)
-        loss = get_grpo_loss(g.loss_type).reduce(terms.loss, mask, num_tokens.float(), g.max_completion_length)
-        tokens = self._loss_tokens  # every loss token of the step on all ranks: the metrics' denominator
-
-        def mean(x):
-            return torch.where(mask.bool(), x.detach().float(), 0).sum() / tokens
-
-        low, high = terms.low_clipped.float(), terms.high_clipped.float()
-        out = {"loss": loss, "entropy": mean(token_entropy(logits)), "clip_ratio/low_mean": mean(low),
-               "clip_ratio/high_mean": mean(high), "clip_ratio/region_mean": mean(torch.maximum(low, high))}
-        if terms.kl is not None:
-            out["kl"] = mean(terms.kl)
-        return out
-
-    def _completion_logits(self, role, batch) -> torch.Tensor:
-        """[B, C, V] logits at the sampling temperature that predict the C completion columns."""
-        c = batch["completion_ids"].shape[1]
-        logits = role(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=c + 1).logits
-        logits = logits[:, :-1]
-        return logits / self.recipe.grpo.temperature if self.recipe.grpo.temperature != 1 else logits
+        # self._loss_tokens: every loss token of the step on all ranks, the metrics' denominator (prepare_step)
+        return grpo_loss_step(self.policy, batch, num_tokens, self.recipe.grpo, metric_tokens=self._loss_tokens)
 
     def _token_logps(self, role, batch) -> torch.Tensor:
-        return token_logps(self._completion_logits(role, batch), _labels(batch))  # [B, C]
+        return completion_logps(role, batch, self.recipe.grpo.temperature)  # [B, C]
 
     def _reference_logps(self, batch) -> torch.Tensor:
         if self.recipe.grpo.reference == "policy_without_adapter":
@@ -375,6 +351,43 @@ class GRPOTrainer(RoleTrainer):
 
     def _sum(self, x: torch.Tensor) -> torch.Tensor:
         return self.all_reduce(x)
+
+
+def completion_logits(model, batch: dict, temperature: float) -> torch.Tensor:
+    """[B, C, V] logits at the sampling temperature that predict the C completion columns of `batch` (prompt |
+    completion rows: input_ids, attention_mask [B, P + C], completion_ids [B, C])."""
+    c = batch["completion_ids"].shape[1]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=c + 1).logits
+    logits = logits[:, :-1]
+    return logits / temperature if temperature != 1 else logits
+
+
+def completion_logps(model, batch: dict, temperature: float) -> torch.Tensor:
+    """[B, C] log-probabilities of the completion tokens (0 on padding), at the sampling temperature."""
+    return token_logps(completion_logits(model, batch, temperature), _labels(batch))
+
+
+def grpo_loss_step(model, batch: dict, num_tokens: torch.Tensor, g: GRPOSpec, *, metric_tokens: torch.Tensor) -> dict:
+    """GRPO's loss of one micro-batch (advantages [B], loss_mask [B, C], optional old_logps / ref_logps [B, C])
+    under `g`'s loss type, clipping and KL, and its metrics (entropy, clip ratios, KL: sums over the micro-batch's
+    loss tokens divided by `metric_tokens`, the step's count on all ranks)."""
+    mask = batch["loss_mask"]  # [B, C]
+    logits = completion_logits(model, batch, g.temperature)  # [B, C, V]
+    logps = token_logps(logits, _labels(batch))  # [B, C]
+    terms = token_loss(logps, batch["advantages"], old_logps=batch.get("old_logps"), ref_logps=batch.get("ref_logps"),
+                       beta=g.beta, epsilon=g.epsilon, epsilon_high=g.epsilon_high, delta=g.delta,
+                       kl_bias_correction=g.kl_bias_correction)
+    loss = get_grpo_loss(g.loss_type).reduce(terms.loss, mask, num_tokens.float(), g.max_completion_length)
+
+    def mean(x):
+        return torch.where(mask.bool(), x.detach().float(), 0).sum() / metric_tokens
+
+    low, high = terms.low_clipped.float(), terms.high_clipped.float()
+    out = {"loss": loss, "entropy": mean(token_entropy(logits)), "clip_ratio/low_mean": mean(low),
+           "clip_ratio/high_mean": mean(high), "clip_ratio/region_mean": mean(torch.maximum(low, high))}
+    if terms.kl is not None:
+        out["kl"] = mean(terms.kl)
+    return out
 
 
 def _labels(batch) -> torch.Tensor:

@@ -89,7 +89,9 @@ def main(argv: list[str] | None = None) -> None:
         assert train[-1]["loss"] < train[0]["loss"], "loss did not go down"
         out_json.write_text(json.dumps({"grad_norm": got, "reference": ref, "history": history,
                                         "first_loss": train[0]["loss"], "last_loss": train[-1]["loss"],
-                                        "batches_per_rank": [len(s) for s in gathered_seen]}))
+                                        "batches_per_rank": [len(s) for s in gathered_seen],
+                                        # what a CPU run imports: inductor only when a role compiles
+                                        "inductor_loaded": "torch._inductor.compile_fx" in sys.modules}))
     end_of_script()
 
 
