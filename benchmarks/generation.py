@@ -269,7 +269,7 @@ def part_split(a, device, log, out, deadline) -> None:
     out["split_recipe"] = {"recipe": a.recipe, "overrides": overrides,
                            "placement": {n: p.placement or f"ZeRO-{p.zero_stage}" for n, p in trainer.plans.items()},
                            "compiled": {n: p.compile for n, p in trainer.plans.items()}}
-    trainer._start_run_dir()
+    trainer.start_run_dir()
     timed_teacher = _TimedRole(trainer.teacher)
     trainer.teacher = timed_teacher
     generation = [0.0]

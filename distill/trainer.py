@@ -232,7 +232,7 @@ class RoleTrainer:
                                   "export it (`python -m distill.export`), or resume with more steps (train.max_steps)")
             if self.accelerator.is_main_process:
                 self.log(f"resumed from {ckpt} (step {start} of {self.total_steps})")
-        self._start_run_dir(fresh=ckpt is None, step=start)
+        self.start_run_dir(fresh=ckpt is None, step=start)
         tracking.start(self.accelerator, self.recipe, resumed_at=start if ckpt is not None else None)
         try:  # trackers are closed on every way out: the end, a stop signal, an error
             return self._run(start, seen)
@@ -404,7 +404,9 @@ class RoleTrainer:
         interval = 0.1 if sys.stderr.isatty() else 2.0
         return tqdm(total=total, initial=initial, disable=not show, desc=self.name, dynamic_ncols=True, mininterval=interval)
 
-    def _start_run_dir(self, fresh: bool = True, step: int = 0) -> None:
+    def start_run_dir(self, fresh: bool = True, step: int = 0) -> None:
+        """The run directory for a run starting at `step`: its recipe.yaml, and metrics (and samples, trackers) new
+        when `fresh`, else cut back to `step` (a resumed run logs later steps again). Every rank waits for it."""
         if self.accelerator.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "recipe.yaml").write_text(yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False))
