@@ -17,7 +17,7 @@ from distill.losses.logps import logit_transform
 from distill.monitor import before_after_table
 from distill.recipe import Role, Section
 from distill.trainer import RoleTrainer, register_trainer
-from distill.trainers.on_policy import CompletionSampler, OnPolicySpec, completion_source, generation_plan, training_reserve
+from distill.trainers.on_policy import CompletionSampler, OnPolicySpec, completion_source, generation_plan
 
 
 class KDSpec(Section):
@@ -147,11 +147,8 @@ class DistillTrainer(RoleTrainer):
     @property
     def sampler(self) -> CompletionSampler:
         if "_sampler" not in self.__dict__:
-            op, d = self.recipe.kd.on_policy, self.recipe.data
-            self._sampler = CompletionSampler(op, self.tokenizer, rank=self.rank, log=self.log, padding=self.data.collator.padding,
-                                              max_prompt_length=d.max_length - op.max_new_tokens,
-                                              rows_per_phase=self.recipe.train.micro_batch_size * self.recipe.train.grad_accum,
-                                              reserve_bytes=training_reserve(self.plans, self.recipe, self.world_size))
+            self._sampler = CompletionSampler.for_trainer(self, self.recipe.kd.on_policy, key="kd.on_policy",
+                                                          padding=self.data.collator.padding)
         return self._sampler
 
     # -- the algorithm -----------------------------------------------------------------------------

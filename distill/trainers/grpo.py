@@ -30,7 +30,7 @@ from distill.rewards import RewardError, agree_on_error, call_reward_function, l
 from distill.trainer import RoleTrainer, register_trainer
 from distill.trainers.grpo_batch import RepeatedData, completion_masks, pad_columns, padded_width, split_rows
 from distill.trainers.grpo_reward import RewardModelScorer
-from distill.trainers.on_policy import CompletionSampler, OnPolicySpec, generation_plan, training_reserve
+from distill.trainers.on_policy import CompletionSampler, OnPolicySpec, generation_plan
 
 
 class GRPOSpec(Section):
@@ -318,13 +318,7 @@ class GRPOTrainer(RoleTrainer):
     @property
     def sampler(self):
         if "_sampler" not in self.__dict__:
-            g, t = self.recipe.grpo, self.recipe.train
-            spec = sampling_spec(g)
-            # The cache is sized once for the widest prompt and the whole generation batch.
-            self._sampler = CompletionSampler(spec, self.tokenizer, rank=self.rank, log=self.log, key="grpo",
-                                              max_prompt_length=self.recipe.data.max_length - g.max_completion_length,
-                                              rows_per_phase=t.micro_batch_size * t.grad_accum,
-                                              reserve_bytes=training_reserve(self.plans, self.recipe, self.world_size))
+            self._sampler = CompletionSampler.for_trainer(self, sampling_spec(self.recipe.grpo), key="grpo")
         return self._sampler
 
     @property

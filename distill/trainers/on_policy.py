@@ -87,6 +87,15 @@ class CompletionSampler:
         self._gather: dict[str, bool] = {}
         self._seconds, self._tokens, self._since = 0.0, 0, time.perf_counter()
 
+    @classmethod
+    def for_trainer(cls, trainer, spec: OnPolicySpec, *, key: str, padding: dict | None = None) -> "CompletionSampler":
+        """A sampler for `trainer`'s run, its KV cache sized once: prompts up to data.max_length - max_new_tokens,
+        one phase for every micro-batch of a step, the training step's own memory kept free."""
+        r, t = trainer.recipe, trainer.recipe.train
+        return cls(spec, trainer.tokenizer, rank=trainer.rank, log=trainer.log, padding=padding, key=key,
+                   max_prompt_length=r.data.max_length - spec.max_new_tokens, rows_per_phase=t.micro_batch_size * t.grad_accum,
+                   reserve_bytes=training_reserve(trainer.plans, r, trainer.world_size))
+
     def sampling(self, model: RoleModel) -> SamplingSpec:
         """The recipe's settings; eos: the tokenizer's and every eos id of the role's generation config."""
         s = self.spec
