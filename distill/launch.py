@@ -86,7 +86,10 @@ def relaunch(num_processes: int, module: str, argv: list[str]) -> int:
     try:
         launch_command(args)
     except SystemExit as e:
-        return int(e.code or 0)
+        code = int(e.code or 0)
+        # accelerate >= 1.16 catches the signal this process passed on to the ranks and exits 128 + N (130 for
+        # Ctrl-C); the ranks still say how they ended, as with the SignalException that earlier versions let through.
+        return _ranks_status(exits, num_processes, code) if code > 128 else code
     except ChildFailedError as e:  # per-rank statuses; accelerate would turn them all into 1
         rank, failure = e.get_first_failure()
         code = failure.exitcode if failure.exitcode >= 0 else 128 - failure.exitcode
@@ -96,17 +99,7 @@ def relaunch(num_processes: int, module: str, argv: list[str]) -> int:
               file=sys.stderr)
         return code
     except SignalException as e:  # this process was signalled and signalled the ranks; they say how they ended
-        codes = {}
-        for rank in range(num_processes):
-            try:
-                with open(os.path.join(exits, f"rank{rank}")) as f:
-                    codes[rank] = int(f.read())
-            except (OSError, ValueError):
-                pass
-        failed = [c for _, c in sorted(codes.items()) if c != 0]
-        if failed:
-            return failed[0]
-        return 0 if len(codes) == num_processes else 128 + int(e.sigval)
+        return _ranks_status(exits, num_processes, 128 + int(e.sigval))
     except Exception as e:
         print(f"distill: launch failed: {e}", file=sys.stderr)
         return 1
@@ -114,3 +107,19 @@ def relaunch(num_processes: int, module: str, argv: list[str]) -> int:
         os.environ.pop(EXIT_DIR_ENV, None)
         shutil.rmtree(exits, ignore_errors=True)
     return 0
+
+
+def _ranks_status(exits: str, num_processes: int, signalled: int) -> int:
+    """The job's status after this process was signalled and passed the signal on: the first failing rank's, 0
+    when every rank left a 0 (each stops after its checkpoint), else `signalled` (some rank said nothing)."""
+    codes = {}
+    for rank in range(num_processes):
+        try:
+            with open(os.path.join(exits, f"rank{rank}")) as f:
+                codes[rank] = int(f.read())
+        except (OSError, ValueError):
+            pass
+    failed = [c for _, c in sorted(codes.items()) if c != 0]
+    if failed:
+        return failed[0]
+    return 0 if len(codes) == num_processes else signalled
