@@ -15,6 +15,10 @@ Layout under `<output_dir>/checkpoints/`:
 A checkpoint is written into `.partial-step_N/` and renamed to `step_N/` by rank 0 only after every
 rank has finished writing, so a crash mid-write leaves the previous checkpoint as `latest`. Frozen
 roles are not saved: they are reloaded from their source, which `trainer_state.json` records.
+
+Machines that do not share the run directory (`distill.rundir.RunDisk`) each keep a complete copy of every
+checkpoint on their own disk: their ranks' shards, and the files rank 0 would write. The first rank of each
+machine renames its copy, and `latest` moves on any machine only once every machine has renamed its copy.
 """
 from __future__ import annotations
 
@@ -63,9 +67,9 @@ def step_of(name: str) -> int | None:
 
 def save_checkpoint(trainer, step: int, tokens_seen: int) -> Path:
     """Collective: every rank must call it at the same step."""
-    acc, root = trainer.accelerator, checkpoint_dir(trainer.out)
+    acc, root, commits = trainer.accelerator, checkpoint_dir(trainer.out), trainer.disk.commits
     final, partial = root / f"step_{step:08d}", root / f".partial-step_{step:08d}"
-    if acc.is_main_process:
+    if commits:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     acc.wait_for_everyone()
@@ -74,7 +78,7 @@ def save_checkpoint(trainer, step: int, tokens_seen: int) -> Path:
             continue
         with trainer.manager.use(role.name):
             role.engine.save_checkpoint(str(partial / role.name), tag="state")
-        if acc.is_main_process:
+        if commits:
             (partial / role.name / "scheduler.json").write_text(json.dumps(role.scheduler.state_dict()))
             role.module.config.save_pretrained(partial / role.name)
             if role.plan.spec.lora is not None:
@@ -86,13 +90,16 @@ def save_checkpoint(trainer, step: int, tokens_seen: int) -> Path:
     torch.save(rng, partial / f"rng_rank{trainer.rank}.pt")
     (partial / f"python_rng_rank{trainer.rank}.json").write_text(json.dumps(random.getstate()))
     acc.wait_for_everyone()
-    if acc.is_main_process:
+    if commits:
         frozen = {n: m.plan.spec.from_pretrained or "config" for n, m in trainer.models.items() if not m.trainable}
         state = {"step": step, "world_size": trainer.world_size, "tokens_seen": tokens_seen, "frozen_roles": frozen}
         (partial / "recipe.yaml").write_text(yaml.safe_dump(trainer.recipe.model_dump(mode="json"), sort_keys=False))
         (partial / STATE_FILE).write_text(json.dumps(state, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
+    if not trainer.disk.shared:
+        acc.wait_for_everyone()  # every machine's copy is complete before any machine's `latest` names it
+    if commits:
         tmp = root / ".latest.tmp"
         tmp.write_text(final.name)
         os.replace(tmp, root / "latest")

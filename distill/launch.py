@@ -48,6 +48,72 @@ def leave(code: int) -> None:
     os._exit(code)
 
 
+DEVICE_ENV = "DISTILL_DEVICE"
+"""Where the run's processes compute and why (`place_processes`), handed from the launching process to its ranks."""
+
+
+def visible_gpus() -> int:
+    """GPUs this process may use. torch counts them through NVML where it can, without starting CUDA, so
+    `place_processes` can still hide them from this process afterwards."""
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def place_processes(device: str, processes: int, *, apply: bool = True) -> str:
+    """Choose where `processes` processes on this machine compute (`launch.device`), hide the GPUs when that is the
+    CPU (`apply`), and say so in one line for the roles table. A machine with too few GPUs for `cuda` is refused."""
+    from distill.errors import RecipeError
+
+    if launched() and os.environ.get(DEVICE_ENV):
+        return os.environ[DEVICE_ENV]  # chosen by the process that launched this one, which set up the GPUs for it
+    gpus = visible_gpus()
+    procs = f"{processes} process{'' if processes == 1 else 'es'}"
+    seen = ("no GPU" if not gpus else f"{gpus} GPU{'' if gpus == 1 else 's'}") + " visible" + (
+        f" (CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']!r})" if "CUDA_VISIBLE_DEVICES" in os.environ else "")
+    if device == "cuda" and gpus < processes:
+        where = ("`launch.num_processes` is " if not launched() else "this machine's launcher starts ") + str(processes)
+        fix = (f"set launch.num_processes={gpus}" if not launched() else f"launch {gpus} processes per machine") if gpus else \
+            "run it on a machine with a GPU"
+        raise RecipeError(f"`launch.device: cuda` needs one GPU per process: {where}, and {seen}; {fix}, "
+                          "or set launch.device=cpu (or auto) to run on the CPU")
+    on_gpu = device == "cuda" or (device == "auto" and 0 < processes <= gpus)
+    if on_gpu:
+        note = f"cuda: one GPU per process ({procs}, {seen})"
+    elif not gpus:
+        note = f"cpu: {seen}"
+    elif device == "cpu":
+        note = f"cpu: launch.device is cpu ({seen}, hidden from the run)"
+    else:
+        note = (f"cpu: {procs} and {seen}, so launch.device auto chose the CPU and hid the GPUs from the run "
+                f"(launch.num_processes={gpus} runs on the GPUs; launch.device=cuda refuses to start instead)")
+    if apply:
+        if not on_gpu and gpus:
+            hide_gpus()
+        os.environ[DEVICE_ENV] = note
+    return note
+
+
+def use_compile_cache(where: str | None) -> None:
+    """Point torch's compile caches at `where` (`launch.compile_cache`) for this process and the ones it starts,
+    unless TORCHINDUCTOR_CACHE_DIR is set already. torch reads it at each compile, so this precedes the first one."""
+    if where is not None:
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.expanduser(where))
+
+
+def hide_gpus() -> None:
+    """Make CUDA invisible to this process and the processes it starts."""
+    import torch
+
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    if torch.cuda.is_available():
+        # CUDA had been started in this process before the variable was set: only a fresh interpreter sees it.
+        # exec keeps the process id, so an outside launcher still watches the same rank.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+
+
 def single_process_env() -> None:
     """Describe a world of one process, so DeepSpeed can start its process group without a launcher."""
     if launched():

@@ -4,22 +4,68 @@ from __future__ import annotations
 import signal
 import time
 
+import psutil
+
 
 class NonFiniteLoss(RuntimeError):
     """Too many steps in a row with a NaN/Inf loss; raised on every rank at the same step."""
 
 
 class Throughput:
-    """Tokens seen by the run (all ranks), and the rate since this process started counting."""
+    """Tokens the run trained on (all ranks) and how long its steps took, counted by this launch.
+
+    The first step of a launch pays its start-up (compiling, capturing graphs), and the process's loading
+    before it: both are reported apart (`startup`). Rates count the time inside training steps only (not
+    evaluation or checkpoints) and leave the launch's first step out: `window_rate` over the steps since it was
+    last asked, `steady_rate` over the whole launch."""
 
     def __init__(self, seen: int = 0):
-        self.seen, self._start_seen, self._t0 = seen, seen, time.perf_counter()
+        self.seen, self.steps = seen, 0
+        self._t0 = time.perf_counter()
+        self._process_start = psutil.Process().create_time()
+        self.startup_s = self.first_step_s = None
+        self._startup_logged = False
+        self._window = [0, 0.0]  # tokens, seconds since `window_rate` was last asked
+        self._steady = [0, 0.0]  # tokens, seconds over the launch's steps after its first
 
     def elapsed(self) -> float:
+        """Seconds since the loop started."""
         return time.perf_counter() - self._t0
 
-    def rate(self) -> float:
-        return (self.seen - self._start_seen) / max(self.elapsed(), 1e-9)
+    def step(self, tokens: int, seconds: float) -> None:
+        """One training step of `tokens` (all ranks) that took `seconds`."""
+        self.seen += tokens
+        self.steps += 1
+        if self.steps == 1:
+            self.first_step_s, self.startup_s = seconds, time.time() - self._process_start
+            return
+        for acc in (self._window, self._steady):
+            acc[0] += tokens
+            acc[1] += seconds
+
+    def window_rate(self) -> float | None:
+        """Tokens/s over the steps since the last call; None when only the launch's first step ran since (its time
+        is start-up, in `take_startup`)."""
+        tokens, seconds = self._window
+        self._window = [0, 0.0]
+        return tokens / seconds if seconds > 0 else None
+
+    def steady_rate(self) -> float | None:
+        """Tokens/s over the launch's steps after its first; None when it ran one step."""
+        tokens, seconds = self._steady
+        return tokens / seconds if seconds > 0 else None
+
+    def take_startup(self) -> dict[str, float]:
+        """For the launch's first log line (then {}): seconds from the process's start to the end of its first step
+        (loading, compiling, capturing), and that step alone."""
+        if self._startup_logged or not self.steps:
+            return {}
+        self._startup_logged = True
+        return {"startup_s": self.startup_s, "first_step_s": self.first_step_s}
+
+    def summary(self) -> dict[str, float | int | None]:
+        return {"startup_s": self.startup_s, "first_step_s": self.first_step_s, "steady_tokens_per_s": self.steady_rate(), "steps": self.steps,
+                "train_s": self.first_step_s + self._steady[1] if self.steps else 0.0}
 
 
 class StopOnSignal:

@@ -95,7 +95,8 @@ def resolve_compile(plan: RolePlan) -> bool:
     return torch.cuda.is_available() and plan.zero_stage < 3 and plan.spec.lora is None
 
 
-def format_plan(plans: dict[str, RolePlan], world_size: int) -> str:
+def format_plan(plans: dict[str, RolePlan], world_size: int, device: str | None = None) -> str:
+    """The roles table; `device`, where the processes compute and why (`distill.launch.place_processes`)."""
     rows = [("role", "trainable", "ZeRO", "offload", "placement", "precision", "compiled", "params", "trained params")]
     for p in plans.values():
         how = "frozen" if not p.spec.trainable else f"LoRA r={p.spec.lora.r}" if p.spec.lora else "yes"
@@ -105,6 +106,7 @@ def format_plan(plans: dict[str, RolePlan], world_size: int) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines += [f"{p.name} placement {p.placement}: {p.placement_reason}" for p in plans.values() if p.placement_reason]
+    lines += [f"device {device}"] if device else []
     return f"roles ({world_size} process{'es' if world_size > 1 else ''}):\n  " + "\n  ".join(lines)
 
 

@@ -27,11 +27,12 @@ from distill.tokenizer_files import PROBE_TEXTS, tokenizer_difference
 from distill.tracking import check_installed
 
 
-def preflight(recipe, trainer_cls, *, world_size: int, dry_run: bool = False):
+def preflight(recipe, trainer_cls, *, world_size: int, dry_run: bool = False, owner: bool | None = None):
     """Every check that needs no process and no weights: output dir, trackers, data paths, tokenizer, role plans.
 
-    Outside a dry run, the process that owns the run directory (the launching one, or rank 0 under an outside
-    launcher) then takes its lock and deletes an earlier run there (`overwrite`)."""
+    Outside a dry run, the process that owns the run directory (`owner`; by default the launching one, or rank 0
+    under an outside launcher; one per machine where machines do not share it) then takes its lock and deletes an
+    earlier run there (`overwrite`)."""
     out = Path(recipe.output_dir)
     check_output_dir(out)
     ckpt = latest_checkpoint(out) if recipe.resume else None
@@ -71,7 +72,7 @@ def preflight(recipe, trainer_cls, *, world_size: int, dry_run: bool = False):
     if ckpt is not None:
         check_checkpoint_shapes(ckpt, plans)
     trainer_cls.check_plans(recipe, plans)
-    if not dry_run and world_info()[0] == 0:  # the owner of the run directory: the launching process, or rank 0
+    if not dry_run and (owner if owner is not None else world_info()[0] == 0):
         lock_run_dir(out)  # only now: a run refused above leaves no trace
         if ckpt is None and holds_run(out):
             if not (recipe.overwrite or recipe.resume == "auto"):

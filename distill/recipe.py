@@ -245,6 +245,15 @@ class TrainSpec(Section):
 class LaunchSpec(Section):
     num_processes: int = Field(1, ge=1)
     """Processes to start when the recipe is run with plain `python -m distill.train`."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the processes compute. `cuda`: one GPU per process; a machine with fewer visible GPUs than processes
+    is refused before any process starts. `cpu`: GPUs are hidden from the run's processes (gloo between them).
+    `auto`: one GPU per process when this machine has enough, else the CPU (a CPU-size recipe runs unchanged on a
+    laptop, a 1-GPU workstation or a node). The roles table says which was chosen and why."""
+    compile_cache: str | None = "~/.cache/distill/compile"
+    """Where torch keeps what compiling costs (inductor's FX graphs, AOTAutograd's, the Triton kernels), so a relaunch
+    or `--resume` reuses what the first launch compiled; shared by every run (entries are keyed by their content).
+    An exported TORCHINDUCTOR_CACHE_DIR wins; null leaves torch's default (under /tmp)."""
     timeout_s: int = Field(1800, ge=10)
     """Collective timeout: a rank that waits longer than this ends the job instead of hanging."""
 

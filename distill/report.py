@@ -18,9 +18,10 @@ from pathlib import Path
 _REWARDS = ("reward", "reward_std", "frac_reward_zero_std")  # GRPO's, beside its per-function rewards/<name>
 _POLICY = ("kl", "entropy", "clip_ratio/", "completions/")  # GRPO: how far and how the policy moves, what it writes
 _THROUGHPUT = ("tokens_per_s", "max_memory_gb", "gen_tokens_per_s", "gen_time_share")
+_STARTUP = ("startup_s", "first_step_s")  # once per launch, in the first log line: not a series to plot
 GROUPS = {
     "loss": lambda k: not k.startswith(("eval/", "rewards/", "logps/") + _POLICY) and k not in
-    ("lr", "grad_norm", "elapsed_s") + _THROUGHPUT + _REWARDS,
+    ("lr", "grad_norm", "elapsed_s") + _THROUGHPUT + _REWARDS + _STARTUP,
     "eval": lambda k: k.startswith("eval/"),
     "rewards": lambda k: k.startswith(("rewards/", "logps/")) or k in _REWARDS,
     "policy": lambda k: k.startswith(_POLICY),
@@ -135,6 +136,10 @@ def _summary(run: Path, data: dict) -> str:
             lines += ["| eval metric | before | after |", "|---|---:|---:|"]
             lines += [f"| {k} | {h['before'][k]:.4f} | {h['after'][k]:.4f} |" for k in h["after"] if k in h["before"]]
             lines.append("")
+        if t := h.get("throughput"):
+            steady = f"{t['steady_tokens_per_s']:,.0f} tokens/s" if t.get("steady_tokens_per_s") else "one step: no steady rate"
+            lines += [f"Speed of the last launch: {steady} over its steps after the first; start-up "
+                      f"{t['startup_s']:.1f} s (process start to the end of the first step, which took {t['first_step_s']:.2f} s).", ""]
     lines += ["| metric | last step | last value |", "|---|---:|---:|"]
     lines += [f"| {k} | {steps[-1]} | {values[-1]:.6g} |" for k, (steps, values) in sorted(data.items())]
     samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines() if line.strip()] \

@@ -179,3 +179,41 @@ def truncate_metrics(out: Path, step: int) -> None:
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(f"{line}\n" for line in kept))
     os.replace(tmp, path)
+
+
+class RunDisk:
+    """Whether every process of the run writes the same run directory (one file system all machines share) or
+    each machine its own (local disks, no shared file system), and whether this process commits checkpoints.
+
+    Shared: global rank 0 commits each checkpoint for everyone. Local disks: the first rank of each machine
+    commits its machine's copy, which holds its own ranks' shards and the files every rank needs, so that
+    `--resume` finds a complete checkpoint on each machine's disk."""
+
+    def __init__(self, shared: bool = True, commits: bool = True):
+        self.shared, self.commits = shared, commits
+
+
+def probe_run_disk(out: Path) -> RunDisk:
+    """Collective, under a started process group of several processes (else one process writes, and commits): each
+    rank leaves a file in `out`, and the ranks compare which of them they can all see."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return RunDisk()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    token = [uuid.uuid4().hex]
+    dist.broadcast_object_list(token, src=0)
+    out.mkdir(parents=True, exist_ok=True)
+    mine = out / f".distill-probe-{token[0]}-{rank}"
+    mine.touch()
+    dist.barrier()
+    seen = sorted(int(p.name.rsplit("-", 1)[1]) for p in out.glob(f".distill-probe-{token[0]}-*"))
+    views: list = [None] * world
+    dist.all_gather_object(views, seen)
+    mine.unlink(missing_ok=True)
+    if all(v == list(range(world)) for v in views):
+        return RunDisk(shared=True, commits=rank == 0)
+    if any(views[s] != v for v in views for s in v):  # some ranks see part of a machine's files: no clear split
+        raise RecipeError(f"`output_dir`: the ranks see different parts of {out} ({views}); put it on one file "
+                          "system that every machine shares, or on each machine's own disk, the same path on each")
+    return RunDisk(shared=False, commits=rank == seen[0])

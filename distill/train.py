@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 import warnings
@@ -11,7 +12,7 @@ import torch.distributed as dist
 
 from distill import ranks
 from distill.errors import RecipeError
-from distill.launch import launched, leave, relaunch, world_info
+from distill.launch import launched, leave, place_processes, relaunch, use_compile_cache, world_info
 from distill.monitor import NonFiniteLoss
 from distill.plan import format_memory, format_plan
 from distill.preflight import preflight
@@ -42,11 +43,22 @@ def dry_run(recipe, trainer_cls, recipe_path: str) -> str:
     launch = (f"under the current launcher ({world} processes)" if launched() else
               f"accelerate launch --num_processes {world} --use_deepspeed -m distill.train {recipe_path}" if world > 1 else
               f"one process: python -m distill.train {recipe_path}")
-    return "\n".join([format_plan(plans, world),
+    try:
+        device = place_processes(recipe.launch.device, local_processes(recipe), apply=False)
+    except RecipeError as e:  # the plan still helps on another machine than the run's
+        device = f"refused on this machine: {e}"
+    return "\n".join([format_plan(plans, world, device),
                       format_memory(plans, world_size=world, micro_batch_size=t.micro_batch_size, seq_len=recipe.data.max_length),
                       *trainer_cls.plan_notes(recipe, plans, world),
                       f"launch: {launch}", "dry run: no weights loaded, no run directory written (with data.synthetic_seed, synthetic data is "
                       "written into its directory when that directory does not exist yet, as a run would)"])
+
+
+def local_processes(recipe) -> int:
+    """Processes of this run on this machine: the recipe's, or what the outside launcher started here."""
+    if not launched():
+        return recipe.launch.num_processes
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world_info()[1]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     recipe = trainer_cls = early = watch = None
     try:
         recipe, trainer_cls = load_recipe(args.recipe, args.overrides + (["resume=true"] if args.resume else []))
+        # Before anything starts CUDA: a run placed on the CPU hides the GPUs from this process and its ranks.
+        if not args.dry_run:
+            place_processes(recipe.launch.device, local_processes(recipe))
+            use_compile_cache(recipe.launch.compile_cache)
     except RecipeError as e:
         early = e  # said below, once this rank can tell the others
     if not plain and world_info()[1] > 1 and not args.dry_run:

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import importlib
 
 import datasets
+from accelerate.utils import broadcast_object_list
 import torch
 import yaml
 from tqdm.auto import tqdm
@@ -25,7 +28,7 @@ from distill.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoi
 from distill.compile import compile_layers
 from distill.data.loading import DataBundle, build_text_data
 from distill.data.synthetic import write_dataset
-from distill.launch import world_info
+from distill.launch import DEVICE_ENV, world_info
 from distill.lora import apply_lora
 from distill.models import build_model
 from distill.monitor import NonFiniteLoss, StopOnSignal, Throughput
@@ -37,7 +40,7 @@ from distill.recipe import Role, Section
 from distill.registry import Registry, UnknownNameError
 from distill import samples
 from distill.roles import RoleManager, RoleModel, copy_weights
-from distill.rundir import release_run_dir, truncate_metrics
+from distill.rundir import probe_run_disk, release_run_dir, truncate_metrics
 from distill.tokenizer_files import auto_tokenizer_note
 
 
@@ -167,8 +170,14 @@ class RoleTrainer:
         self.recipe, self.log = recipe, log
         self.out = Path(recipe.output_dir)
         world = world_info()[1]
+        # Which process commits checkpoints: on a run directory that is not shared, one per machine (distill/rundir.py).
+        self.disk = probe_run_disk(self.out)
         if plans is None:
-            tokenizer, plans = preflight(recipe, type(self), world_size=world)
+            tokenizer, plans = preflight(recipe, type(self), world_size=world, owner=self.disk.commits)
+        if not self.disk.shared:  # DeepSpeed then writes each machine's copy of what its local rank 0 would
+            for plan in plans.values():
+                if plan.spec.trainable:
+                    plan.ds_config["checkpoint"] = {"use_node_local_storage": True}
         self.tokenizer, self.plans = tokenizer, plans
         self.manager = RoleManager(self.plans, timeout_s=recipe.launch.timeout_s, log_with=tracking.resolve(recipe.train.report_to),
                                    logging_dir=tracking.logging_dir(self.out))
@@ -178,7 +187,8 @@ class RoleTrainer:
             raise RuntimeError(f"launcher reports {world} processes but accelerate sees {self.world_size}")
         self.device = self.accelerator.device
         if self.accelerator.is_main_process:
-            self.log("\n".join([format_plan(self.plans, self.world_size), *type(self).plan_notes(recipe, self.plans, self.world_size)]))
+            device = os.environ.get(DEVICE_ENV) or self.device.type  # the choice and its reason, when distill.train made it
+            self.log("\n".join([format_plan(self.plans, self.world_size, device), *type(self).plan_notes(recipe, self.plans, self.world_size)]))
         else:
             datasets.disable_progress_bars()  # one set of bars per run, not one per rank
         self.data = self.build_data()
@@ -255,8 +265,9 @@ class RoleTrainer:
         bad_in_a_row = 0
         with StopOnSignal() as stop:
             for step in range(start + 1, self.total_steps + 1):
+                began = time.perf_counter()
                 out = self.train_step(step, next(batches), stop_requested=stop.requested)
-                meter.seen += out["tokens_seen"]
+                meter.step(out["tokens_seen"], time.perf_counter() - began)  # the step's host sync has waited for the device
                 bad_in_a_row = 0 if out["finite"] else bad_in_a_row + 1
                 self._log_step(step, out, meter, bar)
                 if bad_in_a_row >= t.max_bad_steps:
@@ -270,7 +281,7 @@ class RoleTrainer:
                     self.write_metrics({"step": step, "stopped_by": stop.signal_name})
                     if self.accelerator.is_main_process:
                         self.log(f"{stop.signal_name} received: checkpoint of step {step} saved; continue with --resume")
-                    return {**history, "stopped_at": step}
+                    return {**history, "stopped_at": step, "throughput": meter.summary()}
                 if t.eval_every and step % t.eval_every == 0 and step != self.total_steps and self.data.eval is not None:
                     self.write_metrics({"step": step, **{f"eval/{k}": v for k, v in self.evaluate().items()}})
                     self.log_samples(step)
@@ -280,6 +291,7 @@ class RoleTrainer:
             self.write_metrics({"step": self.total_steps, **{f"eval/{k}": v for k, v in history["after"].items()}})
             self.log_samples(self.total_steps)
         self.save(self.out / "final")
+        history["throughput"] = meter.summary()
         if self.accelerator.is_main_process:
             (self.out / "summary.json").write_text(json.dumps(history, indent=2))
             self.report(history)
@@ -295,8 +307,10 @@ class RoleTrainer:
         path = self.out / "eval_before.json"
         if self.data.eval is None:
             return {}
-        if path.exists():
-            return {"before": json.loads(path.read_text())}
+        # Rank 0's file decides for every rank: on machines that do not share the run directory only its holds it.
+        kept = broadcast_object_list([json.loads(path.read_text()) if path.exists() else None])[0]
+        if kept is not None:
+            return {"before": kept}
         before = self.evaluate()
         if self.accelerator.is_main_process:
             path.write_text(json.dumps(before))
@@ -340,11 +354,13 @@ class RoleTrainer:
         elif step % self.recipe.train.log_every == 0 or step == self.total_steps:
             grad_norm = out["grad_norm"] if math.isfinite(out["grad_norm"]) else None
             metrics = {**out["losses"], "step": step, "lr": out["lr"], "grad_norm": grad_norm,
-                       "tokens_per_s": meter.rate(), "elapsed_s": meter.elapsed(), **self.step_metrics()}
+                       "tokens_per_s": meter.window_rate(), "elapsed_s": meter.elapsed(), **meter.take_startup(),
+                       **self.step_metrics()}
             if torch.cuda.is_available():
                 metrics["max_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
             self.write_metrics(metrics)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+            rate = metrics["tokens_per_s"]
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", **({"tok_s": f"{rate:.0f}"} if rate is not None else {}))
         bar.update(1)
 
     def report(self, history: dict[str, Any]) -> None:

@@ -1,17 +1,33 @@
 import collections
+import os
 
 import pytest
+
+# The suite means the CPU unless a test is marked `gpu`: the GPUs are hidden from this process and every process it
+# starts, before anything starts CUDA (a 1-GPU machine would otherwise put one rank of each 2-process test on a GPU
+# and the other on a device that does not exist). `gpu` tests hand the GPUs back to the processes they start
+# (tests.helpers.gpu_env). The first conftest to run keeps the machine's setting; xdist workers inherit it.
+os.environ.setdefault("DISTILL_TEST_GPUS", os.environ.get("CUDA_VISIBLE_DEVICES", "all"))
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
 def pytest_collection_modifyitems(items):
     """The modules with the most 2-process tests first (each keeps its order): with two workers, one module per
     worker at a time (README's command), the long modules start early instead of leaving one worker alone at
-    the end."""
+    the end. `gpu` tests skipped where fewer GPUs are visible than they need."""
     weight = collections.Counter(item.module.__name__ for item in items if item.get_closest_marker("multiprocess"))
     first = {}
     for i, item in enumerate(items):
         first.setdefault(item.module.__name__, i)
     items.sort(key=lambda item: (-weight[item.module.__name__], first[item.module.__name__]))
+    needs = {item: (m.args[0] if m.args else 1) for item in items if (m := item.get_closest_marker("gpu"))}
+    if needs:
+        from tests.helpers import machine_gpus
+
+        have = machine_gpus()
+        for item, n in needs.items():
+            if have < n:
+                item.add_marker(pytest.mark.skip(reason=f"needs {n} GPU{'s' if n > 1 else ''}, {have} visible"))
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """Helpers for the test suite: tiny models and data, and launching a script on 2 CPU processes."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -101,7 +102,7 @@ def tiny_recipe(assets: dict[str, str], out: Path, **sections) -> dict:
 def launch(module: str, *args: str, nproc: int = 2, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """`accelerate launch --num_processes N --use_deepspeed -m module args` on CPU, as users run it."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(nproc), "--num_machines", "1",
-           "--use_deepspeed", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_port()),
+           "--use_deepspeed", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
            "-m", module, *args]
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
@@ -121,10 +122,32 @@ def launch_scenarios(module: str, root: Path, out_dir: Path, scenarios: dict[str
     return {name: (read or read_json)(out_dir / name / out) for name in scenarios}
 
 
-def _port() -> int:
-    from distill.launch import _free_port
+def gpu_env() -> dict[str, str]:
+    """This process's environment with the machine's GPUs visible again (tests/conftest.py hides them)."""
+    env = dict(os.environ)
+    machine = env.get("DISTILL_TEST_GPUS", "all")
+    if machine == "all":
+        env.pop("CUDA_VISIBLE_DEVICES", None)
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = machine
+    return env
 
-    return _free_port()
+
+@functools.cache
+def machine_gpus() -> int:
+    """GPUs the machine gives the suite, counted in a process of its own: the suite's keeps CUDA unstarted and hidden."""
+    probe = "import torch; print(torch.cuda.device_count())"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=gpu_env(), timeout=120)
+    return int(out.stdout.strip() or 0)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1, for a launcher's rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def check(proc: subprocess.CompletedProcess) -> None:

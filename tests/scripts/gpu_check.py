@@ -1,0 +1,56 @@
+"""GPU checks run in a process that sees the GPUs (tests/test_gpu.py): `python -m tests.scripts.gpu_check OUT.json CHECK`.
+
+decode: every bucket's decode step captured as a CUDA graph (none fell back to the loop without graphs), with 16 eos
+ids (what a set that large does to `torch.isin` broke captures), gives generate()'s greedy tokens, for the plain
+(`graphs`) and the compiled step."""
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from distill.generation import SamplingSpec, generate_completions
+
+V, PAD = 64, 0
+
+
+def _prompts(n: int, width: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """n left-padded prompts [n, width] of 1..width tokens (no pad id inside)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, V, (n, width), generator=g)
+    mask = torch.ones_like(ids)
+    for b in range(n):
+        pad = int(torch.randint(0, width, (1,), generator=g))
+        ids[b, :pad], mask[b, :pad] = PAD, 0
+    return ids, mask
+
+
+def decode() -> dict:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    out = {}
+    for mode in ("graphs", "compiled"):
+        gpu = LlamaForCausalLM(cfg).cuda().eval()
+        ids, mask = (x.cuda() for x in _prompts(21, 9))
+        spec = SamplingSpec(max_new_tokens=30, temperature=0, eos_token_ids=tuple(range(3, V, 4)), pad_token_id=PAD)
+        want = gpu.generate(input_ids=ids, attention_mask=mask, **spec.generate_kwargs())[:, ids.shape[1]:]
+        got = generate_completions(gpu, ids, mask, spec, decode=mode)
+        engine = gpu.__dict__["_distill_decode"]["engine"]
+        out[mode] = {"graphs": len(engine.graphs), "graphless": engine.graphless, "equal": torch.equal(got.tokens, want)}
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    out, check = (argv or sys.argv[1:])[:2]
+    assert torch.cuda.is_available(), "run with the GPUs visible"
+    result = {"decode": decode}[check]()
+    with open(out, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()
