@@ -6,6 +6,8 @@ import os
 import socket
 import sys
 
+from distill.errors import RecipeError
+
 
 def world_info() -> tuple[int, int]:
     """(rank, world size) as the launcher set them; (0, 1) when run plainly."""
@@ -63,8 +65,6 @@ def visible_gpus() -> int:
 def place_processes(device: str, processes: int, *, apply: bool = True) -> str:
     """Choose where `processes` processes on this machine compute (`launch.device`), hide the GPUs when that is the
     CPU (`apply`), and say so in one line for the roles table. A machine with too few GPUs for `cuda` is refused."""
-    from distill.errors import RecipeError
-
     if launched() and os.environ.get(DEVICE_ENV):
         return os.environ[DEVICE_ENV]  # chosen by the process that launched this one, which set up the GPUs for it
     gpus = visible_gpus()

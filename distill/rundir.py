@@ -189,7 +189,7 @@ class RunDisk:
     commits its machine's copy, which holds its own ranks' shards and the files every rank needs, so that
     `--resume` finds a complete checkpoint on each machine's disk."""
 
-    def __init__(self, shared: bool = True, commits: bool = True):
+    def __init__(self, shared: bool, commits: bool):
         self.shared, self.commits = shared, commits
 
 
@@ -199,7 +199,8 @@ def probe_run_disk(out: Path) -> RunDisk:
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return RunDisk()
+        # No group yet (a script that lets the trainer start it): the machine of rank 0 holds the run directory.
+        return RunDisk(shared=True, commits=int(os.environ.get("RANK", 0)) == 0)
     rank, world = dist.get_rank(), dist.get_world_size()
     token = [uuid.uuid4().hex]
     dist.broadcast_object_list(token, src=0)
