@@ -34,7 +34,7 @@ def test_bradley_terry_and_centering_by_hand_in_value_and_gradient():
     for i in range(4):
         ci, ri, mi = float(c.detach()[i]), float(r.detach()[i]), float(m[i])
         d = ci - ri - mi
-        assert float(loss[i]) == pytest.approx(math.log1p(math.exp(-d)) + coef * (ci + ri) ** 2, rel=1e-12)
+        assert float(loss.detach()[i]) == pytest.approx(math.log1p(math.exp(-d)) + coef * (ci + ri) ** 2, rel=1e-12)
         sig = 1 / (1 + math.exp(d))  # d/dd of -log sigmoid(d) is -sigmoid(-d)
         assert float(c.grad[i]) == pytest.approx(-sig + 2 * coef * (ci + ri), rel=1e-12, abs=1e-15)
         assert float(r.grad[i]) == pytest.approx(sig + 2 * coef * (ci + ri), rel=1e-12, abs=1e-15)
@@ -59,6 +59,7 @@ def test_bad_setups_are_refused_before_any_model_loads(tmp_path):
          "`reward.model_class` must be `sequence_classification`"),
         ({"rm": {"loss": "bradley_terri"}}, "Did you mean 'bradley_terry'"),
         ({"rm": {"center_rewards_coefficient": -0.1}}, "rm.center_rewards_coefficient"),
+        ({"reward": {"config": TINY_LLAMA, "lora": {"r": 4}}}, "`reward.lora`: a reward model trains whole"),
     ]
     for change, said in cases:
         with pytest.raises(RecipeError, match=said):

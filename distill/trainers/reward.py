@@ -52,6 +52,10 @@ class RewardTrainer(RoleTrainer):
         if recipe.reward.model_class != "sequence_classification":
             raise RecipeError("`reward.model_class` must be `sequence_classification`: a reward model gives one score per "
                               "sequence (a causal LM's weights load into one, with a new score head): remove the key")
+        if recipe.reward.lora is not None:
+            # distill's adapters are a causal LM's (peft's CAUSAL_LM task): the new score head would stay frozen at random.
+            raise RecipeError("`reward.lora`: a reward model trains whole here (a LoRA adapter would leave its new score "
+                              "head frozen): remove `reward.lora`")
 
     @classmethod
     def check_plans(cls, recipe, plans) -> None:
