@@ -171,7 +171,7 @@ def test_loss_gradients_and_metrics_match_trl(tmp_path, coef, with_margin):
     spec = RewardSpec(margin_column="gap" if with_margin else None, center_rewards_coefficient=coef)
     out = reward_loss_step(model, ours_batch, torch.tensor(len(pairs)), spec)
     out["loss"].backward()
-    assert float(out["loss"]) == pytest.approx(float(trl_loss), rel=1e-6)
+    assert float(out["loss"].detach()) == pytest.approx(float(trl_loss.detach()), rel=1e-6)
     for (name, p), q in zip(model.named_parameters(), theirs.parameters()):
         assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-8), name
     assert float(out["accuracy"]) == pytest.approx(t._metrics["train"]["accuracy"][0], abs=1e-7)
@@ -183,7 +183,7 @@ def test_loss_gradients_and_metrics_match_trl(tmp_path, coef, with_margin):
         for h, s in zip(halves, (slice(0, 2), slice(2, None))):
             h["gap"] = torch.tensor(margins[s])
         total = sum(reward_loss_step(model, h, torch.tensor(len(pairs)), spec)["loss"] for h in halves)
-    assert float(total) == pytest.approx(float(trl_loss), rel=1e-5)
+    assert float(total) == pytest.approx(float(trl_loss.detach()), rel=1e-5)
 
 
 # -- 2 processes ---------------------------------------------------------------------------------------
