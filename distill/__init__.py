@@ -3,8 +3,8 @@ from distill.errors import RecipeError
 from distill.recipe import Role
 from distill.roles import RoleManager, RoleModel
 from distill.trainer import RoleTrainer
-from distill.trainers import DistillTrainer, DPOTrainer, GRPOTrainer, LMTrainer, load_recipe, register_trainer
+from distill.trainers import DistillTrainer, DPOTrainer, GRPOTrainer, LMTrainer, RewardTrainer, load_recipe, register_trainer
 
-__all__ = ["DPOTrainer", "DistillTrainer", "GRPOTrainer", "LMTrainer", "RecipeError", "Role", "RoleManager", "RoleModel", "RoleTrainer",
-           "load_recipe", "register_trainer"]
+__all__ = ["DPOTrainer", "DistillTrainer", "GRPOTrainer", "LMTrainer", "RecipeError", "RewardTrainer", "Role", "RoleManager", "RoleModel",
+           "RoleTrainer", "load_recipe", "register_trainer"]
 __version__ = "0.1.0"

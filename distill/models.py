@@ -6,6 +6,7 @@ default; a sequence classifier for a reward model), so a new kind of role is a n
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -72,10 +73,13 @@ def count_params(model_config, model_class: str = "causal_lm") -> int:
 def build_model(spec: Role, model_config) -> torch.nn.Module:
     """The role's model in its precision: `from_pretrained` weights, or a random init from `model_config`.
 
-    Under a ZeRO-3 plugin made active by the caller (RoleManager.build), transformers builds it sharded."""
+    Under a ZeRO-3 plugin made active by the caller (RoleManager.build), transformers builds it sharded.
+    `model_config` is the plan's, also for `from_pretrained`: a trainer may have set keys of it (a reward model's
+    `num_labels: 1` on a causal LM's checkpoint)."""
     cls, dtype = auto_class(spec), DTYPES[spec.precision]
     if spec.from_pretrained:
-        return cls.from_pretrained(spec.from_pretrained, dtype=dtype, trust_remote_code=spec.trust_remote_code)
+        return cls.from_pretrained(spec.from_pretrained, config=copy.deepcopy(model_config), dtype=dtype,
+                                   trust_remote_code=spec.trust_remote_code)
     return cls.from_config(model_config, dtype=dtype)
 
 

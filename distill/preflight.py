@@ -83,12 +83,17 @@ def preflight(recipe, trainer_cls, *, world_size: int, dry_run: bool = False, ow
     return tokenizer, plans
 
 
+def reads_run_tokens(spec: Role) -> bool:
+    """Whether a role reads the run's token ids: a causal LM, or a trainable sequence classifier (a reward model in
+    training). A frozen classifier (GRPO's reward role) may bring its own tokenizer: its trainer gives it text."""
+    return spec.model_class == "causal_lm" or spec.trainable
+
+
 def _load_tokenizer(recipe, roles: dict[str, Role]):
-    """The data tokenizer; every pretrained causal LM role that ships a tokenizer must tokenize sample texts as it
-    does. A sequence classifier (a reward model) may bring its own: its trainer gives it text to tokenize (GRPO's
-    reward role)."""
-    causal = [n for n in roles if getattr(recipe, n).model_class == "causal_lm"]
-    sources = [getattr(recipe, n).from_pretrained for n in causal if getattr(recipe, n).from_pretrained]
+    """The data tokenizer; every pretrained role that reads the run's tokens (`reads_run_tokens`) and ships a
+    tokenizer must tokenize sample texts as it does."""
+    readers = [n for n in roles if reads_run_tokens(getattr(recipe, n))]
+    sources = [getattr(recipe, n).from_pretrained for n in readers if getattr(recipe, n).from_pretrained]
     # A local model directory without tokenizer files (a student saved from a config) is passed over.
     shipped = [s for s in sources if not looks_like_path(s) or _has_tokenizer(s)]
     path = recipe.data.tokenizer or (shipped or sources or [None])[0]
@@ -103,7 +108,7 @@ def _load_tokenizer(recipe, roles: dict[str, Role]):
     except (OSError, ValueError) as e:
         raise RecipeError(f"`{key}`: no tokenizer could be loaded from `{path}` ({e.__class__.__name__}); "
                           "set `data.tokenizer` to a tokenizer directory") from None
-    for name in causal:
+    for name in readers:
         src = getattr(recipe, name).from_pretrained
         if src and src != path and _has_tokenizer(src):
             other = AutoTokenizer.from_pretrained(src)
@@ -146,12 +151,12 @@ def _strings(value) -> list[str]:
 
 def check_sizes(recipe, plans, tokenizer) -> None:
     """Sizes that pass every other check and then fail on every rank at the first forward (an IndexError deep in
-    an embedding): a vocabulary smaller than the tokenizer's, `data.max_length` past a model's positions. Causal LM
-    roles only: a sequence classifier tokenizes with its own tokenizer."""
+    an embedding): a vocabulary smaller than the tokenizer's, `data.max_length` past a model's positions. Roles that
+    read the run's tokens only (`reads_run_tokens`)."""
     n_tokens = len(tokenizer)
     for name, plan in plans.items():
         spec, cfg = plan.spec, plan.model_config
-        if spec.model_class != "causal_lm":
+        if not reads_run_tokens(spec):
             continue
         where = f"`{name}.from_pretrained` ({spec.from_pretrained}/config.json)" if spec.from_pretrained else f"`{name}.config`"
         vocab = getattr(cfg, "vocab_size", None)

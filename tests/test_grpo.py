@@ -147,17 +147,20 @@ class _Accelerator:
 
 
 @pytest.mark.trl
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
-def test_model_loss_and_gradient_match_trl(loss_type):
+@pytest.mark.parametrize("loss_type,level", [("grpo", "token"), ("bnpo", "token"), ("dr_grpo", "token"), ("dapo", "token"),
+                                            ("grpo", "sequence")])
+def test_model_loss_and_gradient_match_trl(loss_type, level):
     """One fixed batch through a tiny Llama: our loss step against TRL's `_compute_loss` (its own log-prob path,
-    the fused LM head at the sampling temperature): the loss, every parameter's gradient, KL, entropy, clipping."""
+    the fused LM head at the sampling temperature): the loss, every parameter's gradient, KL, entropy, clipping;
+    with GSPO's ratio per completion too (`importance_sampling_level: sequence`)."""
     pytest.importorskip("trl")
     from collections import defaultdict
 
     from trl import GRPOTrainer as TRLGRPOTrainer
     from trl.trainer.utils import add_fused_lm_head
 
-    settings = dict(beta=0.05, epsilon=0.2, epsilon_high=0.28, temperature=0.7, max_completion_length=5, loss_type=loss_type)
+    settings = dict(beta=0.05, epsilon=0.2, epsilon_high=0.28, temperature=0.7, max_completion_length=5, loss_type=loss_type,
+                    importance_sampling_level=level)
     b = _layout_batch()
     g = torch.Generator().manual_seed(3)
     model = _tiny_policy()
@@ -171,7 +174,7 @@ def test_model_loss_and_gradient_match_trl(loss_type):
     add_fused_lm_head(theirs, temperature=settings["temperature"], outputs=("log_probs", "entropy"))
     t = object.__new__(TRLGRPOTrainer)
     t.__dict__.update(accelerator=_Accelerator(), model=theirs, top_entropy_quantile=1.0, off_policy_mask_threshold=None,
-                      importance_sampling_level="token", use_vllm=False, _entropy_bonus_enabled=False, aux_loss_enabled=False,
+                      importance_sampling_level=level, use_vllm=False, _entropy_bonus_enabled=False, aux_loss_enabled=False,
                       _metrics={"train": defaultdict(list), "eval": defaultdict(list)}, beta=settings["beta"],
                       loss_type=loss_type, epsilon_low=0.2, epsilon_high=0.28, max_completion_length=5,
                       current_gradient_accumulation_steps=1,
@@ -194,7 +197,8 @@ def test_model_loss_and_gradient_match_trl(loss_type):
     m = t._metrics["train"]
     assert float(out["kl"]) == pytest.approx(m["kl"][0], rel=1e-5)
     assert float(out["entropy"]) == pytest.approx(m["entropy"][0], rel=1e-5)
-    assert float(out["clip_ratio/region_mean"]) == pytest.approx(m["clip_ratio/region_mean"][0], rel=1e-5, abs=1e-7)
+    if level == "token":  # at the sequence level TRL counts clipped completions, we count their tokens
+        assert float(out["clip_ratio/region_mean"]) == pytest.approx(m["clip_ratio/region_mean"][0], rel=1e-5, abs=1e-7)
 
 
 # -- the reward model --------------------------------------------------------------------------------

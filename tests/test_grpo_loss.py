@@ -214,11 +214,13 @@ SETTINGS = [
 
 
 @pytest.mark.trl
+@pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 @pytest.mark.parametrize("setting", range(len(SETTINGS)))
-def test_loss_and_gradient_match_trl(loss_type, setting):
+def test_loss_and_gradient_match_trl(loss_type, setting, level):
     """Two micro-batches of one step (gradient accumulation 2): the sum of the micro-batch losses and the
-    gradient with respect to the policy's per-token log-probs, ours against TRL's `_compute_loss`."""
+    gradient with respect to the policy's per-token log-probs, ours against TRL's `_compute_loss`, with a ratio
+    per token and per completion (GSPO: TRL's importance_sampling_level="sequence")."""
     pytest.importorskip("trl")
     from trl import GRPOTrainer
 
@@ -230,7 +232,7 @@ def test_loss_and_gradient_match_trl(loss_type, setting):
     theirs = logps.clone().requires_grad_()
     trl_total = 0.0
     for h in halves:
-        t = _bare_trl_trainer(beta=s["beta"], loss_type=loss_type, epsilon_low=s["epsilon"],
+        t = _bare_trl_trainer(beta=s["beta"], loss_type=loss_type, epsilon_low=s["epsilon"], importance_sampling_level=level,
                               epsilon_high=s["epsilon_high"] if s["epsilon_high"] is not None else s["epsilon"],
                               max_completion_length=C, current_gradient_accumulation_steps=2,
                               args=SimpleNamespace(use_bias_correction_kl=s["kl_bias_correction"], delta=s["delta"],
@@ -253,7 +255,7 @@ def test_loss_and_gradient_match_trl(loss_type, setting):
     for h in halves:
         terms = token_loss(ours[h], adv[h], old_logps=old[h] if s["old"] else None, ref_logps=ref[h], beta=s["beta"],
                            epsilon=s["epsilon"], epsilon_high=s["epsilon_high"], delta=s["delta"],
-                           kl_bias_correction=s["kl_bias_correction"])
+                           kl_bias_correction=s["kl_bias_correction"], mask=mask[h], importance_sampling_level=level)
         loss = grpo_loss(loss_type, terms.loss, mask[h], max_completion_length=C, normaliser=n)
         loss.backward()
         our_total += float(loss.detach())

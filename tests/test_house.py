@@ -19,10 +19,11 @@ from tests.helpers import TINY_LLAMA, check, launch
 
 
 def test_the_trainers_and_roles_import_from_the_top():
-    from distill import DistillTrainer, DPOTrainer, LMTrainer, RoleTrainer
+    from distill import DistillTrainer, DPOTrainer, GRPOTrainer, LMTrainer, RewardTrainer, RoleTrainer
 
-    assert all(issubclass(c, RoleTrainer) for c in (DistillTrainer, DPOTrainer, LMTrainer))
-    assert {DistillTrainer.name, DPOTrainer.name, LMTrainer.name} == {"distill", "dpo", "lm"}
+    trainers = (DistillTrainer, DPOTrainer, GRPOTrainer, LMTrainer, RewardTrainer)
+    assert all(issubclass(c, RoleTrainer) for c in trainers)
+    assert {c.name for c in trainers} == {"distill", "dpo", "grpo", "lm", "reward"}
     assert distill.Role is Role and distill.load_recipe is load_recipe
 
 

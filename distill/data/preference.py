@@ -11,6 +11,7 @@ Two record formats, detected per dataset from the type of the ``chosen`` column:
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from pathlib import Path
@@ -94,7 +95,7 @@ def _bad(source: str, i: int, field: str, problem: str) -> None:
 
 def tokenize_preferences(
     ds: Any, tokenizer: Any, *, max_length: int, max_prompt_length: int | None = None,
-    num_proc: int | None = None,
+    num_proc: int | None = None, keep: tuple[str, ...] = (),
 ) -> tuple[Any, dict[str, int]]:
     """Tokenise pairs into ``prompt_ids``, ``chosen_ids`` and ``rejected_ids`` (lists of int).
 
@@ -110,7 +111,7 @@ def tokenize_preferences(
     2. each response keeps its FIRST ``max_length - len(prompt)`` tokens (losing its eos);
     3. a pair left with an empty response (only if ``max_prompt_length == max_length``)
        is dropped.
-    All original columns are dropped. Returns ``(dataset, stats)``; stats counts pairs:
+    All original columns but those named in ``keep`` are dropped. Returns ``(dataset, stats)``; stats counts pairs:
     ``n`` (kept), ``prompt_truncated`` and ``response_truncated`` (chosen or rejected
     cut) among the kept ones, ``dropped``, and ``max_tokens`` (longest untruncated
     prompt + response).
@@ -163,8 +164,11 @@ def tokenize_preferences(
                 "_prompt_cut": prompt_cut and budget > 0, "_response_cut": 0 < budget < max(len(c), len(r)),
                 "_drop": budget <= 0, "_longest": longest}
 
-    out = ds.map(encode, with_indices=True, num_proc=num_proc, remove_columns=ds.column_names,
-                 desc="tokenize preference pairs")
+    missing = [c for c in keep if c not in ds.column_names]
+    if missing:
+        raise ValueError(f"no column {missing[0]!r} in the preference records (columns: {ds.column_names})")
+    out = ds.map(encode, with_indices=True, num_proc=num_proc, desc="tokenize preference pairs",
+                 remove_columns=[c for c in ds.column_names if c not in keep])
     # Counted after map so it stays correct with num_proc workers.
     drop = list(out["_drop"])
     stats = {"n": len(drop) - sum(drop), "prompt_truncated": sum(out["_prompt_cut"]),
@@ -200,23 +204,27 @@ class PreferenceCollator:
 
 
 class IndexedCollator:
-    """The preference collator, plus each pair's index (for cached reference log-probs)."""
+    """The preference collator, plus each pair's index (for cached reference log-probs) and the `columns` of
+    the records as float tensors [B]."""
 
-    def __init__(self, inner):
-        self.inner = inner
+    def __init__(self, inner, columns: tuple[str, ...] = ()):
+        self.inner, self.columns = inner, columns
 
     def __call__(self, examples):
-        return {**self.inner(examples), "index": torch.tensor([ex["index"] for ex in examples])}
+        return {**self.inner(examples), "index": torch.tensor([ex["index"] for ex in examples]),
+                **{c: torch.tensor([float(ex[c]) for ex in examples]) for c in self.columns}}
 
 
 def build_preference_data(recipe, tokenizer, rank: int, world_size: int, *, max_prompt_length: int | None,
-                          compiled: bool = False, log=print) -> DataBundle:
+                          compiled: bool = False, log=print, columns: tuple[str, ...] = ()) -> DataBundle:
     """Preference pairs of `data.train` / `data.eval` as per-rank batches: chosen rows then rejected rows, each
-    pair with an `index` unique over both splits (one table of cached reference log-probs serves both)."""
+    pair with an `index` unique over both splits (one table of cached reference log-probs serves both), and
+    the numeric `columns` of the records (e.g. a margin), each a float tensor [B] under its own name."""
     d = recipe.data
     splits = {"eval": None}
     for key, ds, stats in tokenized_splits(d, lambda src, opts: tokenize_preferences(
-            load_preference_dataset(src, **opts), tokenizer, max_length=d.max_length, max_prompt_length=max_prompt_length)):
+            _numeric(load_preference_dataset(src, **opts), columns, src), tokenizer, max_length=d.max_length,
+            max_prompt_length=max_prompt_length, keep=columns)):
         if rank == 0 and any(stats.get(k) for k in ("prompt_truncated", "response_truncated", "dropped")):
             log(f"data.{key}: of {stats['n']} pairs, {stats.get('prompt_truncated', 0)} prompts left-truncated, "
                 f"{stats.get('response_truncated', 0)} responses cut at data.max_length={d.max_length}, "
@@ -224,10 +232,21 @@ def build_preference_data(recipe, tokenizer, rank: int, world_size: int, *, max_
         offset = len(splits["train"]) if key == "eval" else 0
         splits[key] = ds.add_column("index", list(range(offset, offset + len(ds))))
     pad = pad_id(tokenizer)
-    collator = IndexedCollator(PreferenceCollator(pad, **collator_padding(d.max_length, compiled)))
-    pad_example = {"prompt_ids": [pad], "chosen_ids": [], "rejected_ids": [], "index": -1}
+    collator = IndexedCollator(PreferenceCollator(pad, **collator_padding(d.max_length, compiled)), columns)
+    pad_example = {"prompt_ids": [pad], "chosen_ids": [], "rejected_ids": [], "index": -1, **{c: 0.0 for c in columns}}
     return DataBundle(splits["train"], splits["eval"], collator, recipe.train.micro_batch_size, rank, world_size,
                       recipe.seed, pad, grad_accum=recipe.train.grad_accum, pad_example=pad_example)
+
+
+def _numeric(ds: Any, columns: tuple[str, ...], source: str) -> Any:
+    """`ds`, after refusing a missing column of `columns` or a record whose value there is not a finite number."""
+    for c in columns:
+        if c not in ds.column_names:
+            raise ValueError(f"{source}: the records have no column {c!r} (columns: {ds.column_names})")
+        for i, v in enumerate(ds[c]):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                _bad(source, i, c, f"must be a finite number, got {v!r}")
+    return ds
 
 
 def write_preference_dataset(

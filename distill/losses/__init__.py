@@ -8,6 +8,7 @@ from .preference import (
     register_preference_loss,
     rewards,
 )
+from .reward import REWARD_LOSSES, centering, get_reward_loss, register_reward_loss
 from .kd import (
     IGNORE_INDEX,
     KD_LOSSES,
@@ -26,6 +27,10 @@ from .kd import (
 )
 
 __all__ = [
+    "REWARD_LOSSES",
+    "centering",
+    "get_reward_loss",
+    "register_reward_loss",
     "PREFERENCE_LOSSES",
     "get_preference_loss",
     "preference_loss",

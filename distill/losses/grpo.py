@@ -3,10 +3,13 @@
 Three pieces, each usable on its own:
 
 * :func:`group_advantages`: rewards of ``G`` completions per prompt -> advantages, normalised within
-  each group (``scale_rewards``: ``group``, ``batch`` or ``none``, TRL's names and formulas).
+  each group (``scale_rewards``: ``group``, ``batch`` or ``none``, TRL's names and formulas); the other
+  estimators (RLOO, REINFORCE++) are in distill/losses/advantages.py.
 * :func:`token_loss`: the per-token clipped surrogate with ``epsilon`` / ``epsilon_high`` (DAPO's
   clip-higher) and the optional two-sided bound ``delta``, plus ``beta`` times the k3 estimate of
   KL(policy || reference), optionally weighted by the importance ratio (TRL's ``use_bias_correction_kl``).
+  The ratio is per token or per completion, by registered name (``IMPORTANCE_LEVELS``: ``token``,
+  ``sequence`` for GSPO, ``sequence_sum`` for TRL's RLOOTrainer).
 * an aggregation, by registered name (``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``): how per-token losses
   become the step's loss. Each is split in two so the shared loop can accumulate micro-batches:
   ``count(mask)`` is one micro-batch's share of the step's normaliser (the loop sums it over every
@@ -75,6 +78,11 @@ def group_advantages(rewards: Tensor, num_generations: int, scale_rewards: str =
     return torch.nan_to_num(advantages, nan=0.0), std
 
 
+def group_std(rewards: Tensor, num_generations: int) -> Tensor:
+    """[N / G] the std of each group's scored rewards (NaN for fewer than 2), rewards [N] in groups of G."""
+    return _nanstd(_upcast(rewards).view(-1, num_generations), dim=1)
+
+
 def _global_nanstd(r: Tensor, all_reduce) -> Tensor:
     """The std of the rewards of every rank (two passes, as one gathered tensor would give it)."""
     if all_reduce is None:
@@ -98,16 +106,58 @@ class TokenTerms(NamedTuple):
     """[B, C] bool: ratio above 1 + epsilon_high with a positive advantage."""
 
 
+# -- importance sampling levels: the ratio of the clipped surrogate ------------------------------------
+class UnknownImportanceLevelError(UnknownNameError):
+    """Raised by :func:`get_importance_level`; catchable as either ``ValueError`` or ``KeyError``."""
+
+
+IMPORTANCE_LEVELS: Registry = Registry("importance sampling level", UnknownImportanceLevelError)
+"""name -> fn(log_ratio [B, C], mask [B, C] or None) -> log of the ratio, [B, C] (per token) or [B, 1] (per completion)."""
+get_importance_level = IMPORTANCE_LEVELS.lookup
+register_importance_level = IMPORTANCE_LEVELS.register
+
+
+def _need_mask(mask: Tensor | None, level: str) -> Tensor:
+    if mask is None:
+        raise ValueError(f"importance_sampling_level {level!r} takes the completion mask [B, C]")
+    return mask
+
+
+@register_importance_level("token")
+def _token_level(log_ratio: Tensor, mask: Tensor | None) -> Tensor:
+    """Each token its own ratio pi / pi_old (GRPO, PPO)."""
+    return log_ratio
+
+
+@register_importance_level("sequence")
+def _sequence_level(log_ratio: Tensor, mask: Tensor | None) -> Tensor:
+    """One ratio per completion, the geometric mean of its tokens' (GSPO, Zheng et al. 2025, arXiv 2507.18071;
+    TRL's ``importance_sampling_level="sequence"``)."""
+    m = _need_mask(mask, "sequence").to(log_ratio.dtype)
+    return ((log_ratio * m).sum(-1) / m.sum(-1).clamp(min=1.0)).unsqueeze(-1)  # [B, 1]
+
+
+@register_importance_level("sequence_sum")
+def _sequence_sum_level(log_ratio: Tensor, mask: Tensor | None) -> Tensor:
+    """One ratio per completion, of its whole probability: pi(y) / pi_old(y) (TRL's ``RLOOTrainer``)."""
+    m = _need_mask(mask, "sequence_sum").to(log_ratio.dtype)
+    return (log_ratio * m).sum(-1, keepdim=True)  # [B, 1]
+
+
 def token_loss(logps: Tensor, advantages: Tensor, *, old_logps: Tensor | None = None, ref_logps: Tensor | None = None,
                beta: float = 0.0, epsilon: float = 0.2, epsilon_high: float | None = None, delta: float | None = None,
-               kl_bias_correction: bool = True) -> TokenTerms:
+               kl_bias_correction: bool = True, mask: Tensor | None = None,
+               importance_sampling_level: str = "token") -> TokenTerms:
     """The per-token GRPO loss of completions under the policy being trained.
 
     logps [B, C]: log p(token) under the policy (with gradient); advantages [B] (or [B, C]);
     old_logps [B, C]: under the policy that generated them (None: ``logps`` detached, the first
-    update of a generation batch); ref_logps [B, C]: under the reference (needed when ``beta`` != 0).
+    update of a generation batch); ref_logps [B, C]: under the reference (needed when ``beta`` != 0);
+    mask [B, C]: the completion tokens (needed by the sequence levels).
 
-    ``ratio = exp(logps - old_logps)``; ``loss = -min(ratio * A, clip(ratio, 1 - epsilon, 1 + epsilon_high) * A)``,
+    ``ratio = exp(logps - old_logps)`` per token, or one per completion by ``importance_sampling_level``
+    (``IMPORTANCE_LEVELS``: ``token``, ``sequence``, ``sequence_sum``), broadcast over its tokens;
+    ``loss = -min(ratio * A, clip(ratio, 1 - epsilon, 1 + epsilon_high) * A)``,
     with ``ratio`` first capped at ``delta`` when given (INTELLECT-2's two-sided clip); plus
     ``beta * kl`` where ``kl = exp(ref - logp) - (ref - logp) - 1`` (k3, Schulman 2020), multiplied
     by ``ratio`` when ``kl_bias_correction`` (TRL's default: it changes the KL's gradient even where
@@ -118,7 +168,7 @@ def token_loss(logps: Tensor, advantages: Tensor, *, old_logps: Tensor | None = 
     adv = _upcast(advantages)
     adv = adv.unsqueeze(1) if adv.dim() == 1 else adv  # [B, 1] or [B, C]
     eps_low, eps_high = epsilon, epsilon if epsilon_high is None else epsilon_high
-    ratio = torch.exp(logps - old)  # [B, C]
+    ratio = torch.exp(get_importance_level(importance_sampling_level)(logps - old, mask))  # [B, C] or [B, 1]
     clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
     capped = ratio if delta is None else torch.clamp(ratio, max=delta)
     loss = -torch.min(capped * adv, clipped * adv)
@@ -131,7 +181,9 @@ def token_loss(logps: Tensor, advantages: Tensor, *, old_logps: Tensor | None = 
         if kl_bias_correction:
             kl = kl * ratio
         loss = loss + beta * kl
-    return TokenTerms(loss, kl, (ratio < 1 - eps_low) & (adv < 0), (ratio > 1 + eps_high) & (adv > 0))
+    shape = logps.shape  # a completion's ratio, and its loss, on each of its tokens
+    return TokenTerms(loss.expand(shape), kl, ((ratio < 1 - eps_low) & (adv < 0)).expand(shape),
+                      ((ratio > 1 + eps_high) & (adv > 0)).expand(shape))
 
 
 # -- aggregations -----------------------------------------------------------------------------------

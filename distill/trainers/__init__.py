@@ -9,9 +9,10 @@ from distill.trainers.distill import DistillTrainer
 from distill.trainers.dpo import DPOTrainer
 from distill.trainers.grpo import GRPOTrainer
 from distill.trainers.lm import LMTrainer
+from distill.trainers.reward import RewardTrainer
 from distill.trainer import TRAINERS, get_trainer, register_trainer
 
-__all__ = ["DPOTrainer", "DistillTrainer", "GRPOTrainer", "LMTrainer", "TRAINERS", "get_trainer", "load_recipe", "register_trainer"]
+__all__ = ["DPOTrainer", "DistillTrainer", "GRPOTrainer", "LMTrainer", "RewardTrainer", "TRAINERS", "get_trainer", "load_recipe", "register_trainer"]
 
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None):

@@ -3,26 +3,31 @@
 Each optimizer step (`grpo.num_iterations` steps, when that is above 1) starts with a generation batch:
 the step's prompts on this rank, `num_generations` completions each, sampled from the policy. Rewards
 come from reward functions (`module:function`, distill/rewards.py) and/or a `reward` role, a frozen
-sequence classifier; advantages are normalised within each prompt's group (distill/losses/grpo.py).
-The reference's log-probs (and, when batches are reused, the generating policy's) are taken once,
-here. The shared loop then trains on the batch in `train.grad_accum` micro-batches of
-`train.micro_batch_size` completions, with TRL's clipped surrogate, k3 KL and loss aggregation.
+sequence classifier; advantages come from the rewards by a registered estimator (`grpo.advantage`:
+GRPO's group normalisation, RLOO's leave-one-out baseline, REINFORCE++'s global normalisation;
+distill/losses/advantages.py). The reference's log-probs (and, when batches are reused or the KL is a
+reward penalty, the generating policy's) are taken once, here. The shared loop then trains on the batch
+in `train.grad_accum` micro-batches of `train.micro_batch_size` completions, with TRL's clipped
+surrogate (a ratio per token, or per completion: `grpo.importance_sampling_level`), k3 KL and loss
+aggregation.
 
 Groups stay on the rank that generated them: advantages need no collective (TRL spreads a group
-over ranks and gathers every reward); `scale_rewards: batch` all-reduces the std.
+over ranks and gathers every reward); statistics of the whole step (`scale_rewards: batch`,
+REINFORCE++) all-reduce.
 """
 from __future__ import annotations
 
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from distill.data.loading import DataBundle, collator_padding, pad_id, tokenized_splits
 from distill.data.prompts import PromptCollator, load_prompt_dataset, tokenize_prompts
 from distill.data.reward_task import write_reward_task
 from distill.errors import RecipeError
-from distill.losses.grpo import get_grpo_loss, group_advantages, token_loss
+from distill.losses.advantages import advantages, get_advantage, sequence_kl
+from distill.losses.grpo import get_grpo_loss, get_importance_level, group_std, token_loss
 from distill.losses.logps import token_entropy, token_logps
 from distill.monitor import before_after_table
 from distill.recipe import Role, Section
@@ -54,8 +59,22 @@ class GRPOSpec(Section):
     """One weight per reward function, in order (default 1 each); the reward is the weighted sum."""
     reward_model_weight: float = 1.0
     """Weight of the `reward` role's score in the reward, when the recipe gives that role a model."""
-    scale_rewards: Literal["group", "batch", "none"] = "group"
-    """Divide advantages by the std of the group's rewards, of the whole step's (all ranks), or not at all (Dr. GRPO)."""
+    advantage: str = "group"
+    """How advantages come from the rewards, by registered name (distill/losses/advantages.py): `group` (GRPO: against
+    the group's mean), `rloo` (against the mean of the prompt's other completions; TRL's RLOOTrainer), `reinforce_pp`
+    (REINFORCE++: normalised by the mean and std of the whole step's rewards on all ranks)."""
+    scale_rewards: Literal["group", "batch", "none"] | None = None
+    """Divide advantages by the std of the group's rewards (`group`), of the whole step's on all ranks (`batch`; with
+    `rloo`, TRL's normalize_advantages), or not at all (`none`, Dr. GRPO). null: the estimator's own: `group` for
+    `group`, `none` for `rloo`, `batch` for `reinforce_pp` (its only one)."""
+    importance_sampling_level: str = "token"
+    """The probability ratio of the clipped surrogate, by registered name: `token` (one per token: GRPO, PPO),
+    `sequence` (one per completion, the geometric mean of its tokens' ratios: GSPO, TRL's
+    importance_sampling_level="sequence"), `sequence_sum` (one per completion, of its whole probability: TRL's RLOOTrainer)."""
+    kl_penalty: Literal["loss", "reward"] = "loss"
+    """Where `beta`'s KL to the reference enters: `loss`, beta x k3 on every token of the loss (GRPO); `reward`, beta x
+    sum over the completion's tokens of log pi_old - log pi_ref subtracted from its reward before the advantage
+    (RLOO, as TRL's RLOOTrainer)."""
     loss_type: str = "dapo"
     """How token losses are aggregated, by registered name: grpo, bnpo, dr_grpo, dapo (see docs/grpo-trainer.md)."""
     epsilon: float = Field(0.2, gt=0, lt=1)
@@ -80,6 +99,28 @@ class GRPOSpec(Section):
     def _known(cls, v: str) -> str:
         get_grpo_loss(v)
         return v
+
+    @field_validator("advantage")
+    @classmethod
+    def _known_estimator(cls, v: str) -> str:
+        get_advantage(v)
+        return v
+
+    @field_validator("importance_sampling_level")
+    @classmethod
+    def _known_level(cls, v: str) -> str:
+        get_importance_level(v)
+        return v
+
+    @model_validator(mode="after")
+    def _scaling(self) -> "GRPOSpec":
+        takes = get_advantage(self.advantage).scalings
+        if self.scale_rewards is None:
+            self.scale_rewards = takes[0]
+        elif self.scale_rewards not in takes:
+            raise ValueError(f"`scale_rewards: {self.scale_rewards}` does not apply to `advantage: {self.advantage}`, which "
+                             f"takes {' or '.join(takes)}: set one of them, or remove scale_rewards for its default ({takes[0]})")
+        return self
 
 
 @register_trainer
@@ -179,20 +220,33 @@ class GRPOTrainer(RoleTrainer):
         return self._batch
 
     def _generate_and_score(self, prompts: dict, *, seed: int) -> list[dict]:
+        """The step's micro-batches, each with its completions' `advantages` [B] and the `rewards` [B] they came from
+        (with `kl_penalty: reward`, less beta times the `kl` [B] also kept)."""
         g, t = self.recipe.grpo, self.recipe.train
         batch = self._rollout(prompts, seed)
         per_function = self._rewards(batch)  # [N, F]
-        rewards = weighted_reward(per_function, self._reward_weights.to(per_function.device))  # [N]
-        advantages, std = group_advantages(rewards, g.num_generations, g.scale_rewards, all_reduce=self._sum)
-        batch["advantages"] = advantages
-        self._record(batch, per_function, rewards, std)
+        scored = weighted_reward(per_function, self._reward_weights.to(per_function.device))  # [N]
         micro = split_rows(batch, t.grad_accum)
+        kl_in_reward = g.beta != 0 and g.kl_penalty == "reward"
         with torch.no_grad():
             for mb in micro:
-                if g.num_iterations > 1:
+                if g.num_iterations > 1 or kl_in_reward:
                     mb["old_logps"] = self._token_logps(self.policy, mb)
                 if g.beta != 0:
                     mb["ref_logps"] = self._reference_logps(mb)
+        rewards, kl = scored, None
+        if kl_in_reward:
+            kl = torch.cat([sequence_kl(mb["old_logps"], mb["ref_logps"], mb["loss_mask"]) for mb in micro])  # [N]
+            rewards = scored - g.beta * kl
+            for mb, k in zip(micro, kl.chunk(t.grad_accum)):  # the loss has no KL term; a first update's ratio is 1
+                mb["kl"] = k
+                del mb["ref_logps"]
+                if g.num_iterations == 1:
+                    del mb["old_logps"]
+        adv = advantages(g.advantage, rewards, g.num_generations, g.scale_rewards, all_reduce=self._sum)  # [N]
+        for mb, a, r in zip(micro, adv.chunk(t.grad_accum), rewards.chunk(t.grad_accum)):
+            mb["advantages"], mb["rewards"] = a, r
+        self._record(batch, per_function, scored, rewards, kl)
         return micro
 
     def _rollout(self, prompts: dict, seed: int) -> dict:
@@ -285,13 +339,15 @@ class GRPOTrainer(RoleTrainer):
             out[f"rewards/{name}"] = total(col)
         return out
 
-    def _record(self, batch, per_function, rewards, std) -> None:
-        """Global statistics of a generation batch (two all-reduces), averaged over the batches of each metrics line."""
+    def _record(self, batch, per_function, rewards, penalised, kl) -> None:
+        """Global statistics of a generation batch (two all-reduces), averaged over the batches of each metrics line:
+        `rewards` [N] as scored, `penalised` [N] the rewards the advantages came from (less the KL penalty, with
+        `kl_penalty: reward`), `kl` [N] that penalty's sequence KL (or None)."""
         g, f = self.recipe.grpo, per_function.shape[1]
         scored = ~torch.isnan(rewards)
-        first_of_group = std.view(-1, g.num_generations)[:, 0]
+        std = group_std(penalised, g.num_generations)  # [N / G]
         parts = [torch.nansum(rewards), scored.sum(), batch["completion_mask"].sum(), rewards.numel(), batch["truncated"].sum(),
-                 (first_of_group < 1e-6).sum(), first_of_group.numel(), batch["loss_mask"].sum()]
+                 (std < 1e-6).sum(), std.numel(), batch["loss_mask"].sum(), 0 if kl is None else kl.sum()]
         sums = self._sum(torch.cat([torch.stack([torch.as_tensor(p, device=self.device).float() for p in parts]),
                                     torch.nansum(per_function, 0).float(), (~torch.isnan(per_function)).sum(0).float()]))
         s = sums.tolist()
@@ -300,7 +356,9 @@ class GRPOTrainer(RoleTrainer):
         self._loss_tokens = sums[7].clamp(min=1)
         stats = {"reward": mean, "reward_std": (sq / max(s[1] - 1, 1)) ** 0.5, "completions/mean_length": s[2] / s[3],
                  "completions/clipped_ratio": s[4] / s[3], "frac_reward_zero_std": s[5] / s[6],
-                 **{f"rewards/{n}": s[8 + i] / max(s[8 + f + i], 1) for i, n in enumerate(self._reward_names)}}
+                 **{f"rewards/{n}": s[9 + i] / max(s[9 + f + i], 1) for i, n in enumerate(self._reward_names)}}
+        if kl is not None:  # the penalty's KL per loss token, as TRL's RLOOTrainer logs it
+            stats["kl"] = s[8] / max(s[7], 1)
         acc = self.__dict__.setdefault("_stats", {})
         for k, v in stats.items():
             acc.setdefault(k, []).append(v)
@@ -369,8 +427,9 @@ def grpo_loss_step(model, batch: dict, num_tokens: torch.Tensor, g: GRPOSpec, *,
     logits = completion_logits(model, batch, g.temperature)  # [B, C, V]
     logps = token_logps(logits, _labels(batch))  # [B, C]
     terms = token_loss(logps, batch["advantages"], old_logps=batch.get("old_logps"), ref_logps=batch.get("ref_logps"),
-                       beta=g.beta, epsilon=g.epsilon, epsilon_high=g.epsilon_high, delta=g.delta,
-                       kl_bias_correction=g.kl_bias_correction)
+                       beta=g.beta if g.kl_penalty == "loss" else 0.0, epsilon=g.epsilon, epsilon_high=g.epsilon_high,
+                       delta=g.delta, kl_bias_correction=g.kl_bias_correction, mask=mask,
+                       importance_sampling_level=g.importance_sampling_level)
     loss = get_grpo_loss(g.loss_type).reduce(terms.loss, mask, num_tokens.float(), g.max_completion_length)
 
     def mean(x):
