@@ -111,7 +111,8 @@ def hide_gpus() -> None:
     # CUDA had been started in this process before the variable was set: only a fresh interpreter sees it. A
     # `distill.train` process starts afresh (exec keeps the process id, so an outside launcher still watches the
     # same rank); any other program (a notebook, your script) is told, not replaced.
-    if sys.orig_argv[1:3] != ["-m", "distill.train"] and not any(a.endswith("distill/train.py") for a in sys.orig_argv[1:2]):
+    argv = sys.orig_argv
+    if not any(a == "-m" and b == "distill.train" for a, b in zip(argv, argv[1:])):
         raise RecipeError("`launch.device`: the run is to use the CPU, but CUDA already started in this process; "
                           "start it with CUDA_VISIBLE_DEVICES= set, or set launch.device=cuda")
     sys.stdout.flush()
