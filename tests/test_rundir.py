@@ -93,6 +93,10 @@ def test_prune_keeps_the_newest_by_step_and_drops_a_left_timeline(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["step_00000009", "step_00000010", "step_00000030"]
     (root / "latest").write_text("../../elsewhere")
     assert latest_checkpoint(tmp_path) is None  # `latest` names a checkpoint beside it, nothing else
+    (root / "latest").write_text("step_00000010")
+    assert latest_checkpoint(tmp_path) == root / "step_00000010"
+    (root / "latest").write_text("step_00000030")
+    assert latest_checkpoint(tmp_path) is None  # no trainer_state.json (written last): not complete
 
 
 def test_metrics_keep_one_timeline_across_a_resume(tmp_path):
