@@ -13,11 +13,16 @@ import yaml
 from tests.helpers import check, tiny_recipe
 
 pytestmark = pytest.mark.multiprocess
+WARMING_UP = {"name": "constant", "warmup_steps": 1000}
 
 
 def _recipe(tmp_path, assets, name, **sections):
     raw = tiny_recipe(assets, tmp_path / name, **sections)
-    raw["student"]["scheduler"] = {"name": "constant"}  # the same schedule whether a run is 3 or 6 steps long
+    # The rate rises every step and never reaches its peak, the same whether a run is 4 or 400 steps long: a resumed
+    # run that restarted its schedule would differ. Dropout draws from the torch RNG every step: one that restarted
+    # its RNG would too.
+    raw["student"]["scheduler"] = WARMING_UP
+    raw["student"]["config"] = {**raw["student"]["config"], "attention_dropout": 0.1}
     raw["data"]["eval"] = None
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -94,7 +99,7 @@ def _start(path, *args):
                             text=True, start_new_session=True)
 
 
-def _wait_for_step(run, step, proc, timeout=120):
+def _wait_for_step(run, step, proc, timeout=300):
     deadline = time.time() + timeout
     while time.time() < deadline:
         if (run / "metrics.jsonl").exists() and _steps(run) and _steps(run)[-1] >= step:
@@ -147,14 +152,15 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_equals_an_uninterrupted_
 
 
 def test_killed_rank_ends_the_job_and_the_run_resumes(assets, tmp_path):
-    path = _recipe(tmp_path, assets, "run", launch={"num_processes": 2, "timeout_s": 20})
+    path = _recipe(tmp_path, assets, "run", launch={"num_processes": 2, "timeout_s": 900})
     run = tmp_path / "run"
     proc = _start(path, "train.max_steps=400", "train.save_every=2")
     _wait_for_step(run, 3, proc)
     os.kill(max(_workers(proc)), signal.SIGKILL)
-    t0 = time.time()
-    proc.wait(timeout=120)  # the job ends instead of hanging
-    assert proc.returncode != 0 and time.time() - t0 < 90
+    # The job ends instead of hanging until the collective timeout (900 s): within seconds, where the limit here is
+    # one a loaded machine cannot reach.
+    proc.wait(timeout=300)
+    assert proc.returncode != 0
     # A checkpoint written half-way would not be `latest`; the last complete one resumes.
     (run / "checkpoints" / ".partial-step_99999999").mkdir(exist_ok=True)
     latest = (run / "checkpoints" / "latest").read_text().strip()

@@ -242,10 +242,12 @@ def test_forward_kl_fast_path_argument_errors():
 
 @pytest.mark.parametrize("loss", ["forward_kl", "generalized_jsd"])
 def test_bf16_multi_chunk_weight_grad_accumulates_in_fp32(small_steps, loss):
-    """bf16 weights, many chunks: grads are as close to the fp32 computation as one bf16 rounding."""
-    h_s, w_s, h_t, w_t, labels, _ = make(n=64, dtype=torch.float32, seed=2)
+    """bf16 weights, 1024 chunks of one token: the weight gradient is as close to the fp32 computation as about
+    one bf16 rounding of its largest entry: 1.2e-3 to 3.2e-3 of it over seeds 0-9, where a sum in bf16, chunk after
+    chunk, is off by 2e-2 to 1e-1."""
+    h_s, w_s, h_t, w_t, labels, _ = make(n=1024, dtype=torch.float32, seed=2)
     bf = [t.detach().bfloat16().requires_grad_(t.requires_grad) for t in (h_s, w_s, h_t, w_t)]
-    total, _ = chunked_kd_loss(*bf, labels, loss=loss, alpha_ce=0.5, chunk_size=4)
+    total, _ = chunked_kd_loss(*bf, labels, loss=loss, alpha_ce=0.5, chunk_size=1)
     g_h, g_w = grads(total, bf[0], bf[1])
     assert g_h.dtype == g_w.dtype == torch.bfloat16
     # Reference: the same bf16-rounded logits, everything after them in fp32.
@@ -255,7 +257,7 @@ def test_bf16_multi_chunk_weight_grad_accumulates_in_fp32(small_steps, loss):
     want = 0.5 * cross_entropy(s_logits, labels) + 0.5 * get_kd_loss(loss)(s_logits, t_logits, labels)
     w_h, w_w = grads(want, ref[0], ref[1])
     torch.testing.assert_close(total, want, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(g_w.float(), w_w, rtol=2e-2, atol=1e-4)
+    assert (g_w.float() - w_w).abs().max() <= 2**-7 * w_w.abs().max()  # bf16 keeps 8 bits: 2^-9 per rounding
     torch.testing.assert_close(g_h.float(), w_h, rtol=2e-2, atol=1e-4)
 
 

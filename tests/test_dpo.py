@@ -24,6 +24,8 @@ def test_dpo_step_matches_whole_reference(live_and_cached):
     assert first["rewards/chosen"] != 0.0  # policy != reference: the check is not trivial
     # No role's forward kept a KV cache (all 20 layers' keys and values, for a no_grad reference).
     assert [run["kv_caches"] for run in live_and_cached.values()] == [[], [], []]
+    # dpo_check compared the trained run's reference with its source, bit for bit (the cached run freed it).
+    assert [run["reference_checked"] for run in live_and_cached.values()] == [True, False, True]
 
 
 @pytest.mark.multiprocess

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -310,17 +311,34 @@ def test_a_reward_function_failing_on_one_rank_stops_every_rank_with_one_message
 def test_zero3_reward_model_with_reused_batches(tmp_path):
     """A config-built sequence-classification reward role at ZeRO-3 beside a reward function, 2 updates per
     generation batch (old log-probs kept), batch-scaled advantages, the grpo loss type, truncated completions
-    masked: the run finishes and logs both rewards, once per generation batch. The reference, sharded (ZeRO-3)
-    and built from the policy's config, starts as the whole (ZeRO-2) policy does: the first KL is 0."""
-    raw = _raw(tmp_path, num_iterations=2, scale_rewards="batch", loss_type="grpo", mask_truncated_completions=True, beta=0.04)
+    masked: the run finishes and logs both rewards, once per generation batch. Each rank's advantages are those of
+    the whole batch, both ranks' rewards together (tests/scripts/grpo_record.py writes them). The second use of a
+    batch is scored against the policy that generated it: with a clip range of 1e-4, one update moves the ratio
+    past it. The reference, sharded (ZeRO-3) and built from the policy's config, starts as the whole (ZeRO-2)
+    policy does: the first KL is 0."""
+    from distill.losses.grpo import group_advantages
+
+    raw = _raw(tmp_path, num_iterations=2, scale_rewards="batch", loss_type="grpo", mask_truncated_completions=True, beta=0.04,
+               epsilon=1e-4)
+    raw["trainer"] = "tests.scripts.grpo_record:RecordingGRPO"
     raw["reward"] = {"config": {**TINY_LLAMA, "num_labels": 1}, "deepspeed": "zero3"}
     raw["reference"] = {"deepspeed": "zero3", "placement": "sharded"}
     raw["train"].update(max_steps=4, log_every=1)
     raw["launch"] = {"num_processes": 2, "timeout_s": 120}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
-    check(_train([str(tmp_path / "r.yaml")]))
+    check(_train([str(tmp_path / "r.yaml")], env={"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}))
     lines = [m for m in _metrics(tmp_path / "run") if "loss" in m]
     assert [("rewards/reward_model" in m, "rewards/end_mark" in m) for m in lines] == [(True, True), (False, False)] * 2
-    assert all(m["loss"] == m["loss"] for m in lines)  # finite
-    assert lines[1]["clip_ratio/region_mean"] >= 0 and lines[0]["clip_ratio/region_mean"] == 0  # ratio 1 on the first use
+    assert all(math.isfinite(m["loss"]) for m in lines)
+    assert lines[0]["clip_ratio/region_mean"] == 0 < lines[1]["clip_ratio/region_mean"]  # ratio 1 on the first use only
     assert lines[0]["kl"] < 1e-7 < lines[-1]["kl"], [m["kl"] for m in lines]
+    ranks = [[json.loads(line) for line in (tmp_path / "run" / f"generation_batches_rank{r}.jsonl").read_text().splitlines()]
+             for r in (0, 1)]
+    assert [[b["step"] for b in batches] for batches in ranks] == [[1, 3], [1, 3]]
+    for first, second in zip(*ranks):
+        rewards = torch.tensor(first["rewards"] + second["rewards"])  # [16]: both ranks' rows
+        whole, _ = group_advantages(rewards, 4, "batch")  # one process holding every row
+        got = torch.tensor(first["advantages"] + second["advantages"])
+        torch.testing.assert_close(got, whole, rtol=1e-5, atol=1e-6, equal_nan=True)
+        alone, _ = group_advantages(rewards[:8], 4, "batch")  # rank 0 by itself: other advantages, so the check bites
+        assert not torch.allclose(alone, whole[:8], rtol=1e-3, equal_nan=True)

@@ -88,7 +88,8 @@ def test_dpo_reference_without_adapter_can_be_precomputed(dpo_runs):
 
 # -- resume and export through the CLI ------------------------------------------------------------
 def _recipe(tmp_path, assets, name):
-    raw = tiny_recipe(assets, tmp_path / name, student={"lora": LORA, "scheduler": {"name": "constant"}})
+    # A warm-up longer than the run: the rate differs at every step, so a resumed run must restore its schedule.
+    raw = tiny_recipe(assets, tmp_path / name, student={"lora": LORA, "scheduler": {"name": "constant", "warmup_steps": 1000}})
     raw["data"]["eval"] = None
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))

@@ -17,7 +17,9 @@ def test_roles_switch_shard_logits_save_and_uneven_eval(assets, tmp_path):
     check(launch("tests.scripts.roles_check", str(assets["root"]), str(out)))
     result = json.loads(out.read_text())
     assert result["local_fraction"] == pytest.approx(0.5, abs=0.02)
-    assert result["switch_us"] < 1000  # accelerate's select_deepspeed_plugin costs ~1.6 ms here
+    # Ours about 3 us, accelerate's select_deepspeed_plugin (a copy of the config) about 1.5 ms on 2 CPU cores
+    # (docs/performance.md): a ratio a loaded machine does not change, both measured in turns in one process.
+    assert result["switch_us"] * 20 < result["accelerate_switch_us"], result
 
 
 TRAIN = {

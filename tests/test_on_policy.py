@@ -219,7 +219,8 @@ def test_resumed_on_policy_run_samples_and_trains_like_an_uninterrupted_one(prom
 
     def recipe(name):
         raw = _raw(prompts, tmp_path / name, on_policy={"lmbda": 0.5, "seq_kd": True})
-        raw["student"]["scheduler"] = {"name": "constant"}  # the same schedule for a 2- or 4-step run
+        # A warm-up longer than the run: the same schedule for a 2- or 4-step run, a rate that differs at every step.
+        raw["student"]["scheduler"] = {"name": "constant", "warmup_steps": 1000}
         raw["data"]["eval"] = None
         return raw
 

@@ -1,5 +1,6 @@
 """`train.report_to`: accelerate's trackers get the metrics of metrics.jsonl, step for step."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -15,7 +16,9 @@ from tests.helpers import check, tiny_recipe
 
 def _write(tmp_path, assets, name="run", **sections):
     raw = tiny_recipe(assets, tmp_path / name, **sections)
-    raw["student"]["scheduler"] = {"name": "constant"}  # one schedule whether the run is 3 or 5 steps long
+    # One schedule whether the run is 3 or 5 steps long, and a rate that differs at every step (a warm-up longer than
+    # the run): the logged `lr` shows a resumed run that restarted its schedule.
+    raw["student"]["scheduler"] = {"name": "constant", "warmup_steps": 1000}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -28,6 +31,12 @@ def _train(path, *args, env=None):
 
 def _metrics(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _plottable(line):
+    """What a tracker should get of a metrics.jsonl line, written out here rather than through `tracking.numeric`
+    (the filter under test): every number but the step, booleans and NaN/Inf left out."""
+    return {k: v for k, v in line.items() if k != "step" and type(v) in (int, float) and math.isfinite(v)}
 
 
 @pytest.mark.multiprocess
@@ -44,9 +53,11 @@ def test_tensorboard_scalars_equal_metrics_jsonl_across_a_resume(assets, tmp_pat
     events.Reload()
     expected: dict[str, list] = {}
     for line in _metrics(run):
-        for k, v in tracking.numeric(line).items():
+        for k, v in _plottable(line).items():
             expected.setdefault(k, []).append((line["step"], v))
     assert [s for s, _ in expected["loss"]] == [1, 2, 3, 4, 5]
+    # Step k (from 1) of the warm-up runs at lr * k / 1001, resumed or not.
+    assert [v for _, v in expected["lr"]] == pytest.approx([3e-3 * k / 1001 for k in range(1, 6)], rel=1e-9)
     assert [s for s, _ in expected["eval/ce"]] == [0, 2, 3, 4, 5]  # 0: the eval before training, not repeated on resume
     assert set(events.Tags()["scalars"]) == set(expected)
     for tag, points in expected.items():
@@ -144,7 +155,7 @@ def test_wandb_offline_run_holds_the_metrics_of_metrics_jsonl(assets, tmp_path):
             logged.setdefault(row["_step"], {}).update({k: v for k, v in row.items() if not k.startswith("_")})
     expected: dict[int, dict] = {}
     for line in _metrics(run):  # wandb merges the lines of one step into one row
-        expected.setdefault(line["step"], {}).update(tracking.numeric(line))
+        expected.setdefault(line["step"], {}).update(_plottable(line))
     assert sorted(expected) == [0, 1, 2] and "eval/ce" in expected[0] and "eval/ce" in expected[2]
     # The generation samples of each evaluation go to wandb as text, beside the numbers.
     samples = {step: row.pop("samples") for step, row in logged.items() if "samples" in row}

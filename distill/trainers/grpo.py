@@ -214,7 +214,8 @@ class GRPOTrainer(RoleTrainer):
     # -- a generation batch ------------------------------------------------------------------------
     def prepare_step(self, step, micro_batches):
         """Generate and score once per `num_iterations` steps (every rank together: the reference and reward
-        roles may be ZeRO-3); the steps in between train on the same batch again."""
+        roles may be ZeRO-3); the steps in between train on the same batch again. Each micro-batch holds its
+        rows' prompt | completion ids and masks, `rewards` (NaN: unscored) and `advantages` [rows]."""
         if self.__dict__.get("_batch") is None or (step - 1) % self.recipe.grpo.num_iterations == 0:
             self._batch = self._generate_and_score(micro_batches[0], seed=hash((self.recipe.seed, step, self.rank)) % 2**63)
         return self._batch

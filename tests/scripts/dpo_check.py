@@ -5,7 +5,8 @@
 The policy starts from one tiny model and the reference is another, so rewards are non-zero from
 the first step. Checks: the step-1 gradient norm equals that of the same loss computed whole in
 plain torch over every rank's micro-batches (pairs normalised over the whole step); the reference
-does not change; ranks see disjoint pairs.
+does not change (after training, its gathered weights are still those of the directory it was loaded from,
+bit for bit); ranks see disjoint pairs.
 """
 from __future__ import annotations
 
@@ -101,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
             lambda m, args, out, name=name: caches.add(name) if getattr(out, "past_key_values", None) is not None else None)
     policy0 = {k: v.detach().clone() for k, v in t.policy.state_dict().items()}
     history = t.train()
+    reference_after = t.reference.state_dict() if "reference" in t.models else None  # collective; freed when precomputed
     all_seen, all_first = [None] * t.world_size, [None] * t.world_size
     dist.all_gather_object(all_seen, seen)
     dist.all_gather_object(all_first, first_step)
@@ -109,13 +111,20 @@ def main(argv: list[str] | None = None) -> None:
         metrics = [json.loads(line) for line in (Path(recipe.output_dir) / "metrics.jsonl").read_text().splitlines()]
         train = [m for m in metrics if "loss" in m and "rewards/accuracy" in m]
         unset_hf_deepspeed_config()
+        if reference_after is not None:
+            from transformers import AutoModelForCausalLM
+
+            source = AutoModelForCausalLM.from_pretrained(assets["teacher"]).state_dict()
+            assert reference_after.keys() == source.keys()
+            for k, v in source.items():
+                assert torch.equal(reference_after[k], v), f"the reference's {k} changed in training"
         ref_norm, ref_loss = reference_grad_norm(policy0, assets["teacher"], t.plans["policy"].model_config,
                                                  [b for per_rank in all_first for b in per_rank], recipe.dpo)
         assert abs(train[0]["grad_norm"] - ref_norm) <= 1e-4 * ref_norm, (train[0]["grad_norm"], ref_norm)
         assert abs(train[0]["loss"] - ref_loss) <= 1e-5, (train[0]["loss"], ref_loss)
         out_json.write_text(json.dumps({"first": train[0], "last": train[-1], "history": history,
                                         "reference_grad_norm": ref_norm, "reference_threads": sorted(ref_threads),
-                                        "kv_caches": sorted(caches),
+                                        "kv_caches": sorted(caches), "reference_checked": reference_after is not None,
                                         "policy_heads": heads.count("policy"),
                                         "policy_head_before_reference_done": any(
                                             cur == "policy" and prev != "reference" for prev, cur in zip([None] + heads, heads))}))

@@ -1,0 +1,316 @@
+"""Hand-picked mutations: each breaks one claim of the docs in a copy of the checkout, and the tests that claim to
+guard it must then fail. A mutation that survives names a test that would let a wrong product pass.
+
+    python tests/mutations.py                      # every mutation (tens of minutes: some guards launch 2 processes)
+    python tests/mutations.py NAME [NAME ...]      # these (a name ending in * selects by prefix: 'checkpoint-*')
+    python tests/mutations.py --list               # names, files and guarding tests, nothing run
+    python tests/mutations.py --baseline NAME      # first run the guards on the unmutated copy: they must pass
+    python tests/mutations.py --each NAME          # every guard runs, and each one must fail
+
+For each mutation: the checkout is copied to a temporary directory (the working tree is never edited), `old` is
+replaced by `new` in `file` (`old` must occur there exactly once), and the guarding tests run in the copy
+(`pytest -x`, `PYTHONPATH` set to the copy, so processes the tests launch import the mutated package too).
+Result: `caught` (a guard failed; with `--each`, every guard failed), `partly` (`--each`: some guards passed),
+`survived` (every guard passed), `timeout`, or `error` (the text does not occur exactly once, the mutated file does
+not compile, or pytest ran no test). The exit status is 0 when every mutation was caught.
+
+Run the mutations of the parts you change before you commit (docs/reliability.md, "Tests that fail when the code is
+wrong"); add one when you add a claim. The list is not run in CI.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import fnmatch
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+IGNORED = shutil.ignore_patterns(".git", "__pycache__", ".pytest_cache", "*.egg-info", ".venv", "venv", "runs", "build")
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    file: str
+    """Path from the checkout's root."""
+    old: str
+    """Text that occurs exactly once in `file`."""
+    new: str
+    tests: tuple[str, ...]
+    """pytest node ids, from the checkout's root, that must fail."""
+    claim: str
+    """What the mutation breaks, in the docs' words."""
+
+
+def M(name: str, file: str, old: str, new: str, tests: list[str], claim: str) -> Mutation:
+    return Mutation(name, file, old, new, tuple(tests), claim)
+
+
+T = "tests/"
+RESUME = T + "test_checkpoint.py::test_sigterm_saves_a_checkpoint_and_the_resumed_run_equals_an_uninterrupted_one_bitwise"
+ROLES = T + "test_multiprocess.py::test_roles_switch_shard_logits_save_and_uneven_eval"
+DISTILL_2RANKS = T + "test_multiprocess.py::test_distill_run_matches_whole_reference"
+REUSED_GRPO = T + "test_grpo.py::test_zero3_reward_model_with_reused_batches"
+GENERATION = T + "test_generation.py::"
+MUTATIONS: list[Mutation] = [
+    # -- checkpoints and resume ------------------------------------------------------------------------------
+    M("checkpoint-scheduler", "distill/checkpoint.py",
+      "        role.scheduler.load_state_dict(json.loads((path / role.name / \"scheduler.json\").read_text()))\n", "",
+      [T + "test_tracking.py::test_tensorboard_scalars_equal_metrics_jsonl_across_a_resume",
+       T + "test_lora.py::test_lora_resume_equals_uninterrupted_and_export_gives_the_merged_model",
+       T + "test_on_policy.py::test_resumed_on_policy_run_samples_and_trains_like_an_uninterrupted_one", RESUME],
+      "a resumed run has the learning rate of the step it resumes at"),
+    M("checkpoint-torch-rng", "distill/checkpoint.py", "    torch.set_rng_state(rng[\"torch\"])\n", "", [RESUME],
+      "a resumed run draws what the uninterrupted run draws (dropout)"),
+    M("data-loader-draws-from-the-global-rng", "distill/data/loading.py",
+      "drop_last=True, generator=torch.Generator().manual_seed(self.seed + epoch))", "drop_last=True)", [RESUME],
+      "making a data iterator leaves the global RNG alone, so a resumed run's dropout masks are the uninterrupted run's"),
+    M("checkpoint-latest-without-state-file", "distill/checkpoint.py",
+      "    return path if (path / STATE_FILE).is_file() else None", "    return path",
+      [T + "test_rundir.py::test_prune_keeps_the_newest_by_step_and_drops_a_left_timeline"],
+      "only a complete checkpoint (trainer_state.json, written last) is resumed from"),
+    M("checkpoint-prune-keeps-a-left-timeline", "distill/checkpoint.py",
+      "    for old in later + kept[:-keep]:", "    for old in kept[:-keep]:",
+      [T + "test_rundir.py::test_prune_keeps_the_newest_by_step_and_drops_a_left_timeline"],
+      "checkpoints of a timeline the run left are deleted"),
+    # -- roles and ranks ------------------------------------------------------------------------------------
+    M("role-switch-does-not-restore", "distill/roles.py",
+      "        try:\n            yield\n        finally:\n            self._activate(previous)\n\n    @contextlib.contextmanager\n"
+      "    def no_plugin",
+      "        yield\n\n    @contextlib.contextmanager\n    def no_plugin", [ROLES],
+      "the previous role's plugin comes back after a block, also on errors"),
+    M("role-switch-copies-the-config", "distill/roles.py",
+      "        set_hf_deepspeed_config(self.slots[name].hf_config)\n        self._active = name",
+      "        self.state.select_deepspeed_plugin(name)\n        self._active = name", [ROLES],
+      "a role switch costs microseconds, not accelerate's copy of the DeepSpeed config"),
+    M("zero3-not-born-sharded", "distill/roles.py", "            model = load_model(plan)\n",
+      "            with self.no_plugin():  # built whole, sharded when prepared\n                model = load_model(plan)\n",
+      [ROLES],
+      "a ZeRO-3 role is built under zero.Init: born sharded, never whole in one process"),
+    M("watchdog-misses-a-lost-launcher", "distill/ranks.py",
+      "        if self._parent is not None and os.getppid() != self._parent:", "        if False:",
+      [T + "test_rundir.py::test_a_second_run_is_refused_and_a_killed_launcher_takes_its_ranks_with_it"],
+      "the ranks of a killed launcher stop instead of training on"),
+    # -- the step ---------------------------------------------------------------------------------------------
+    M("loss-local-token-count", "distill/trainer.py",
+      "        num_tokens = self.all_reduce(sum(self.count_tokens(b) for b in micro))",
+      "        num_tokens = sum(self.count_tokens(b) for b in micro)", [DISTILL_2RANKS],
+      "losses are summed over tokens and divided by the step's count of valid tokens on all ranks"),
+    M("loss-not-scaled-for-deepspeeds-mean", "distill/trainer.py",
+      "self.trainable.backward(losses[\"loss\"] * self.world_size,", "self.trainable.backward(losses[\"loss\"],",
+      [DISTILL_2RANKS], "the step's gradient is that of the global mean (DeepSpeed averages over ranks)"),
+    M("nan-step-not-agreed", "distill/trainer.py", "(~torch.isfinite(totals[\"loss\"])).float()", "torch.zeros(())",
+      [T + "test_multiprocess.py::test_nan_losses_in_a_row_stop_every_rank_together"],
+      "every rank learns that a rank's loss was NaN/Inf; max_bad_steps in a row stop the run"),
+    M("grad-clip-null-clips-at-1", "distill/dsconfig.py", "float(grad_clip or 0.0)", "float(grad_clip or 1.0)",
+      [T + "test_multiprocess.py::test_grad_clip_matches_a_reference_optimizer_step"],
+      "`train.grad_clip: null` does not clip (DeepSpeed clips at 1.0 when its key is absent)"),
+    # -- KD -----------------------------------------------------------------------------------------------------
+    M("kd-forward-kl-direction", "distill/losses/kd.py", "    per_token = _kl(t.log_softmax(-1), s.log_softmax(-1))",
+      "    per_token = _kl(s.log_softmax(-1), t.log_softmax(-1))", [T + "test_losses.py::test_matches_reference"],
+      "forward_kl is KL(teacher || student)"),
+    M("kd-temperature-not-squared", "distill/losses/kd.py",
+      "    return total * (temperature**2) / _denominator(mask, num_valid_tokens, total)",
+      "    return total / _denominator(mask, num_valid_tokens, total)", [T + "test_losses.py::test_matches_reference"],
+      "KD losses at temperature T are scaled by T^2 (Hinton et al.), as TRL's"),
+    M("kd-chunked-bf16-weight-grad-accumulation", "distill/losses/chunked.py",
+      "        acc_dtype = torch.promote_types(weight.dtype, torch.float32)", "        acc_dtype = weight.dtype",
+      [T + f"test_chunked_loss.py::test_bf16_multi_chunk_weight_grad_accumulates_in_fp32[{loss}]"
+       for loss in ("generalized_jsd", "forward_kl")],
+      "the chunked KD loss accumulates a bf16 weight gradient in fp32"),
+    # -- DPO ------------------------------------------------------------------------------------------------------
+    M("dpo-loss-without-beta", "distill/losses/preference.py", "    loss = -F.logsigmoid(beta * h)",
+      "    loss = -F.logsigmoid(h)",
+      [T + "test_preference_losses.py::test_matches_reference", T + "test_trl_parity.py::test_first_dpo_steps_match_trl"],
+      "the sigmoid DPO loss is TRL's, -log sigmoid(beta * margin)"),
+    M("dpo-reference-decays", "distill/trainers/dpo.py",
+      "    # -- the reference ---", "    def prepare_step(self, step, micro_batches):\n"
+      "        if step > 1 and 'reference' in self.models:  # a weight decay that reaches the frozen role\n"
+      "            import deepspeed\n\n"
+      "            for p in self.reference.module.parameters():\n"
+      "                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):\n"
+      "                    p.data.mul_(1 - 1e-4)\n"
+      "        return micro_batches\n\n    # -- the reference ---",
+      [T + "test_dpo.py::test_dpo_step_matches_whole_reference"], "the DPO reference never changes"),
+    # -- GRPO -----------------------------------------------------------------------------------------------------
+    M("grpo-reuse-without-old-logps", "distill/trainers/grpo.py",
+      "                    mb[\"old_logps\"] = self._token_logps(self.policy, mb)\n", "                    pass\n",
+      [REUSED_GRPO], "a reused generation batch is scored against the policy that generated it (num_iterations > 1)"),
+    M("grpo-batch-std-per-rank", "distill/trainers/grpo.py",
+      "g.scale_rewards, all_reduce=self._sum)", "g.scale_rewards, all_reduce=None)", [REUSED_GRPO],
+      "`scale_rewards: batch` divides by the std of the whole step's rewards, all ranks"),
+    M("grpo-clip-high-ignored", "distill/losses/grpo.py",
+      "eps_low, eps_high = epsilon, epsilon if epsilon_high is None else epsilon_high", "eps_low, eps_high = epsilon, epsilon",
+      [T + "test_grpo_loss.py::test_loss_and_gradient_match_trl"], "GRPO's loss and gradient are TRL's (epsilon_high)"),
+    # -- generation ---------------------------------------------------------------------------------------------
+    M("generation-finished-rows-go-on", "distill/decode.py",
+      "        nxt = torch.where(done, sampling.pad_token_id, nxt)", "        nxt = nxt",
+      [GENERATION + "test_greedy_equals_generate_token_for_token"],
+      "a row ends at its first eos: pad after it, as generate()"),
+    M("generation-length-without-eos", "distill/sampling.py",
+      "first + 1, tokens.shape[1]) if tokens.shape[1] else first", "first, tokens.shape[1]) if tokens.shape[1] else first",
+      [GENERATION + "test_sampling_is_seeded_and_bounded_by_min_and_max_new_tokens"],
+      "a completion's length counts its tokens up to and including the first eos"),
+    M("generation-temperature-ignored", "distill/sampling.py", "    x = x / spec.temperature", "    x = x",
+      [GENERATION + "test_sampled_tokens_follow_the_processed_softmax"],
+      "tokens are drawn from the softmax processed as generate() does (temperature)"),
+    M("generation-top-p-ignored", "distill/sampling.py", "    if spec.top_p < 1:", "    if False:",
+      [GENERATION + "test_sampled_tokens_follow_the_processed_softmax"],
+      "tokens are drawn from the softmax processed as generate() does (top-p)"),
+    M("generation-unseeded", "distill/generation.py", "            torch.manual_seed(seed)", "            pass",
+      [GENERATION + "test_sampling_is_seeded_and_bounded_by_min_and_max_new_tokens"],
+      "every generation call is seeded: the same seed, the same completions"),
+    # -- what is reported -----------------------------------------------------------------------------------------
+    M("tracking-drops-a-metric", "distill/tracking.py", 'if k != "step" and isinstance(v, (int, float))',
+      'if k not in ("step", "lr") and isinstance(v, (int, float))',
+      [T + "test_tracking.py::test_tensorboard_scalars_equal_metrics_jsonl_across_a_resume"],
+      "TensorBoard gets every number of metrics.jsonl, step for step"),
+    M("benchmark-step-time-per-token", "benchmarks/distill_throughput.py", "    step_s = elapsed / a.steps",
+      "    step_s = elapsed / (a.steps * mb * a.seq_len)",
+      [T + "test_benchmarks.py::test_distill_throughput_tiny_on_one_cpu_process"],
+      "the throughput benchmark's step time, tokens/s and MFU are those of a step"),
+    M("benchmark-build-timer-starts-late", "benchmarks/build_time.py",
+      "    start = time.perf_counter()\n    with torch.device(where):\n"
+      "        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)\n",
+      "    with torch.device(where):\n        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)\n"
+      "    start = time.perf_counter()\n",
+      [T + "test_benchmarks.py::test_build_time_reports_the_cpu_build_of_the_pairs_teacher"],
+      "build_time.py times the model's build"),
+]
+
+
+# -- running ----------------------------------------------------------------------------------------------------
+def select(names: list[str], mutations: list[Mutation] = MUTATIONS) -> list[Mutation]:
+    if not names:
+        return list(mutations)
+    chosen = [m for m in mutations if any(fnmatch.fnmatchcase(m.name, n) for n in names)]
+    unknown = [n for n in names if not any(fnmatch.fnmatchcase(m.name, n) for m in mutations)]
+    if unknown:
+        raise SystemExit(f"no mutation named {', '.join(unknown)}; --list shows them")
+    return chosen
+
+
+def copy_checkout(root: Path, into: Path) -> Path:
+    dest = into / root.name
+    shutil.copytree(root, dest, symlinks=True, ignore=IGNORED)
+    return dest
+
+
+def apply(m: Mutation, copy: Path) -> str | None:
+    """Apply `m` in `copy`; the reason when it cannot be applied, else None."""
+    path = copy / m.file
+    if not path.is_file():
+        return f"{m.file} does not exist"
+    text = path.read_text()
+    n = text.count(m.old)
+    if n != 1:
+        return f"the text to replace occurs {n} times in {m.file}, not once"
+    text = text.replace(m.old, m.new)
+    if path.suffix == ".py":
+        try:
+            ast.parse(text)
+        except SyntaxError as e:
+            return f"{m.file} does not compile once mutated: {e}"
+    path.write_text(text)
+    return None
+
+
+def run_tests(copy: Path, tests: tuple[str, ...], timeout: float, each: bool = False) -> tuple[str, str]:
+    """(result, detail) of the tests in `copy`: passed, failed, timeout or error. `each`: every test runs (no -x),
+    and `failed` means each of them failed (a parametrized one in at least one case), else `partly`."""
+    env = {**os.environ, "PYTHONPATH": str(copy)}  # the copy only, never the checkout it came from
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", "-p", "no:randomly", *tests]
+    if not each:
+        cmd.insert(3, "-x")
+    # Its own process group: on a timeout, the runs the tests launched end with pytest.
+    proc = subprocess.Popen(cmd, cwd=copy, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return "timeout", f"still running after {timeout:.0f} s"
+    failed = re.findall(r"^(?:FAILED|ERROR) (.+)$", out, flags=re.M)
+    if proc.returncode == 0:
+        return "passed", ""
+    if proc.returncode == 1 and failed:
+        if each:
+            passed = [t for t in tests if not any(f.split(" ")[0].startswith(t) for f in failed)]
+            if passed:
+                return "partly", "these guards passed: " + ", ".join(passed)
+        return "failed", failed[0][:240]
+    return "error", f"pytest exit {proc.returncode}: " + " | ".join(out.strip().splitlines()[-3:])
+
+
+def run_mutation(m: Mutation, root: Path = REPO, *, baseline: bool = False, timeout: float = 1200,
+                 keep: bool = False, each: bool = False) -> dict:
+    """Copy `root`, run `m`'s guards there (unmutated first with `baseline`), mutate, run them again."""
+    start = time.time()
+    tmp = Path(tempfile.mkdtemp(prefix=f"distill-mutant-{m.name}-"))
+    try:
+        copy = copy_checkout(root, tmp)
+        if baseline:
+            result, detail = run_tests(copy, m.tests, timeout)
+            if result != "passed":
+                return {"name": m.name, "result": "error", "seconds": round(time.time() - start),
+                        "detail": f"the unmutated guards do not pass ({result}: {detail})"}
+        why = apply(m, copy)
+        if why is not None:
+            return {"name": m.name, "result": "error", "seconds": round(time.time() - start), "detail": why}
+        result, detail = run_tests(copy, m.tests, timeout, each)
+        result = {"failed": "caught", "passed": "survived"}.get(result, result)
+        return {"name": m.name, "result": result, "seconds": round(time.time() - start), "detail": detail}
+    finally:
+        if keep:
+            print(f"  kept {tmp}", flush=True)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("names", nargs="*", help="mutations to run (default: all); NAME* selects by prefix")
+    p.add_argument("--list", action="store_true", help="list the mutations and their guards, run nothing")
+    p.add_argument("--baseline", action="store_true", help="run each mutation's guards unmutated first")
+    p.add_argument("--timeout", type=float, default=1200, help="seconds for one mutation's tests (default 1200)")
+    p.add_argument("--each", action="store_true", help="run every guard (no -x): caught only when each one fails")
+    p.add_argument("--keep", action="store_true", help="keep each mutated copy (its path is printed)")
+    p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--root", type=Path, default=REPO, help="the checkout to copy (default: this one), e.g. to see "
+                   "which mutations an older checkout's tests let through")
+    a = p.parse_args(argv)
+    chosen = select(a.names)
+    if a.list:
+        for m in chosen:
+            print(f"{m.name}  ({m.file}): {m.claim}\n    " + "\n    ".join(m.tests))
+        return 0
+    rows = []
+    for m in chosen:
+        print(f"{m.name} ...", flush=True)
+        row = run_mutation(m, a.root, baseline=a.baseline, timeout=a.timeout, keep=a.keep, each=a.each)
+        rows.append(row)
+        print(f"  {row['result']} in {row['seconds']} s{': ' + row['detail'] if row['detail'] else ''}", flush=True)
+    width = max(len(r["name"]) for r in rows)
+    print(f"\n{'mutation':<{width}}  result    seconds  detail")
+    for r in rows:
+        print(f"{r['name']:<{width}}  {r['result']:<8}  {r['seconds']:>7}  {r['detail']}")
+    counts = {k: sum(r["result"] == k for r in rows) for k in ("caught", "partly", "survived", "timeout", "error")}
+    print(", ".join(f"{v} {k}" for k, v in counts.items() if v))
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=2))
+    return 0 if counts["caught"] == len(rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
