@@ -44,6 +44,9 @@ class CacheSpec(Section):
     outside the stored tokens (needs `kd.temperature: 1`)."""
     rows_per_shard: int = Field(1024, ge=1)
     """Writing: rows of the data per shard file, the unit of work of one rank and of resuming after a kill."""
+    overwrite: bool = False
+    """Writing: delete a cache in `dir` that was written from other settings, teacher or data, and write this one
+    (otherwise it is refused, naming the difference). An unfinished cache of the same ones is always resumed."""
 
     @field_validator("values")
     @classmethod

@@ -222,42 +222,42 @@ def _seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
 
 
-def _prepare_dir(recipe, manifest: dict, target: Path, tokenizer, log) -> dict | None:
-    """Rank 0: start, resume or refuse. Returns the manifest to write into, or None when the cache is complete."""
+def verdict(recipe, manifest: dict, target: Path) -> str:
+    """What to do with `target`: `write` (nothing there, or a cache to overwrite), `resume` (an unfinished cache of
+    this identity), `done` (a complete one); a cache of another identity without `overwrite` is refused."""
     old = read_manifest(target)
-    if old is not None:
-        why = first_difference({k: old.get(k) for k in IDENTITY}, {k: manifest[k] for k in IDENTITY})
-        if why is None:
-            if old.get("complete"):
-                log(f"teacher cache: {target} is complete already, written from this recipe's teacher and data; nothing to do")
-                return None
-            log(f"teacher cache: resuming the unfinished cache in {target}")
-            return old
-        if not recipe.overwrite:
-            raise RecipeError(f"`kd.cache.dir`: {target} holds a teacher cache written from other settings or data "
-                              f"({why}); choose another directory, or set overwrite=true to delete it and write this one")
-        for name in OURS:
-            path = target / name
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-        log(f"teacher cache: overwrite: deleted the earlier cache in {target} ({why})")
+    if old is None:
+        return "write"
+    why = first_difference({k: old.get(k) for k in IDENTITY}, {k: manifest[k] for k in IDENTITY})
+    if why is None:
+        return "done" if old.get("complete") else "resume"
+    if not recipe.kd.cache.overwrite:
+        raise RecipeError(f"`kd.cache.dir`: {target} holds a teacher cache written from other settings or data "
+                          f"({why}); choose another directory, or set kd.cache.overwrite=true to delete it and write "
+                          "this one")
+    return "write"
+
+
+def start_dir(target: Path, manifest: dict, tokenizer) -> None:
+    """A fresh cache directory: an earlier cache's files deleted, the tokenizer and the unfinished manifest written."""
+    for name in OURS:
+        path = target / name
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     target.mkdir(parents=True, exist_ok=True)
     save_tokenizer(tokenizer, target / "tokenizer")
     write_manifest(target, manifest)
-    return manifest
 
 
 def write_cache(recipe, *, log=print) -> dict:
-    """Write the recipe's teacher cache on every process of the launch; returns the finished manifest."""
+    """Write the recipe's teacher cache on every process of the launch; returns the finished manifest. Everything is
+    checked, the data tokenised and the cache directory judged (`verdict`) before the teacher loads."""
     from distill.roles import RoleManager
     from distill.trainer import apply_role_options
 
     t0 = time.perf_counter()
-    tokenizer, plan = writer_preflight(recipe, world_size=world_info()[1])
-    manager = RoleManager({"teacher": plan}, timeout_s=recipe.launch.timeout_s)
-    acc = manager.accelerator
-    rank, world = acc.process_index, acc.num_processes
+    rank, world = world_info()
     say = log if rank == 0 else (lambda *_: None)
-    say(format_plan({"teacher": plan}, world))
+    tokenizer, plan = writer_preflight(recipe, world_size=world)
     data = kd_data(recipe, tokenizer, rank, world, compiled=plan.compile, log=say)
     splits = {s: ds for s, ds in (("train", data.train), ("eval", data.eval)) if ds is not None}
     vocab = cache_vocab(recipe, plan, tokenizer)
@@ -266,20 +266,20 @@ def write_cache(recipe, *, log=print) -> dict:
     key = identity(recipe, tokenizer, data, plan, vocab)
     manifest = {**key, "complete": False, "command": command_line(), "layout": {
         s: {"codec": c.settings(), "record_bytes": c.record_bytes, "fields": c.fields} for s, c in layouts.items()}}
-    verdict = [None]
-    if rank == 0:
-        try:
-            verdict = [("write", _prepare_dir(recipe, manifest, target, tokenizer, say))]
-        except RecipeError as e:
-            verdict = [("refuse", str(e))]
-    if world > 1:
-        torch.distributed.broadcast_object_list(verdict, src=0)
-    kind, value = verdict[0]
-    if kind == "refuse":
-        raise RecipeError(value)
-    if value is None:
+    todo = verdict(recipe, manifest, target)  # every rank judges the same files alike
+    if todo == "done":
+        say(f"teacher cache: {target} is complete already, written from this recipe's teacher and data; nothing to do")
         return read_manifest(target)
+    if rank == 0:
+        if todo == "write":
+            start_dir(target, manifest, tokenizer)
+        else:
+            say(f"teacher cache: resuming the unfinished cache in {target}")
 
+    manager = RoleManager({"teacher": plan}, timeout_s=recipe.launch.timeout_s)
+    acc = manager.accelerator
+    acc.wait_for_everyone()  # the directory is ready
+    say(format_plan({"teacher": plan}, world))
     torch.manual_seed(recipe.seed)
     teacher = manager.build("teacher", lambda p: apply_role_options(p, build_model(p.spec, p.model_config)))
     device = acc.device
