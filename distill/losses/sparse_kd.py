@@ -102,8 +102,10 @@ class Columns:
 
 
 def prepare(student_logits: Tensor, teacher: SparseTeacher, labels: Tensor, *, temperature: float = 1.0,
-            top_k: int | None = None, tail: str = "renormalize", ignore_index: int = IGNORE_INDEX) -> Columns:
-    """Flatten, upcast, apply top-k, temperature and the tail rule: the classes every loss compares."""
+            top_k: int | None = None, tail: str = "renormalize", ignore_index: int = IGNORE_INDEX,
+            outside: bool = True) -> Columns:
+    """Flatten, upcast, apply top-k, temperature and the tail rule: the classes every loss compares. `outside`: the
+    loss needs the student's mass outside the entries (two more passes over the logits; always with the bucket)."""
     if student_logits.shape[:-1] != teacher.shape or teacher.shape != labels.shape:
         raise ValueError(f"shape mismatch: student {tuple(student_logits.shape)}, teacher entries "
                          f"{tuple(teacher.ids.shape)}, labels {tuple(labels.shape)}")
@@ -134,9 +136,12 @@ def prepare(student_logits: Tensor, teacher: SparseTeacher, labels: Tensor, *, t
     empty = torch.isneginf(a)  # [N, m]
     logq = s.log_softmax(-1)  # [N, V]
     b = logq.gather(-1, ids).masked_fill(empty, float("-inf"))  # [N, m]
-    # The student's mass outside the entries, exactly: the logits that are no entry, not 1 - sum (which rounds).
-    hits = torch.zeros_like(s, dtype=torch.int32).scatter_add_(-1, ids, (~empty).int())  # [N, V]
-    s_out = torch.logsumexp(s.masked_fill(hits > 0, float("-inf")), -1) - torch.logsumexp(s, -1)  # [N]
+    if outside or tail == "bucket":
+        # The student's mass outside the entries, exactly: the logits that are no entry, not 1 - sum (which rounds).
+        hits = torch.zeros_like(s, dtype=torch.int32).scatter_add_(-1, ids, (~empty).int())  # [N, V]
+        s_out = torch.logsumexp(s.masked_fill(hits > 0, float("-inf")), -1) - torch.logsumexp(s, -1)  # [N]
+    else:
+        s_out = torch.full_like(a_tail, float("nan"))  # not used
     if tail == "bucket":
         t = torch.cat([a, a_tail[:, None]], -1)
         t = t - torch.logsumexp(t, -1, keepdim=True)  # stored values may not sum to 1 exactly
@@ -162,7 +167,7 @@ def _common(temperature, top_k, tail, ignore_index) -> dict:
 def forward_kl(student_logits, teacher, labels, *, temperature=1.0, top_k=None, tail="renormalize",
                num_valid_tokens=None, ignore_index=IGNORE_INDEX) -> Tensor:
     """KL(p_T ‖ p_S) over the teacher's classes (0 · log 0 = 0 elsewhere, as in kd.forward_kl)."""
-    c = prepare(student_logits, teacher, labels, **_common(temperature, top_k, tail, ignore_index))
+    c = prepare(student_logits, teacher, labels, **_common(temperature, top_k, tail, ignore_index), outside=False)
     return _reduce(_kl(c.t, c.s), c.mask, num_valid_tokens, temperature)
 
 
@@ -170,7 +175,7 @@ def forward_kl(student_logits, teacher, labels, *, temperature=1.0, top_k=None, 
 def reverse_kl(student_logits, teacher, labels, *, temperature=1.0, top_k=None, tail="renormalize",
                num_valid_tokens=None, ignore_index=IGNORE_INDEX) -> Tensor:
     """KL(p_S ‖ p_T) with the student renormalised over the teacher's classes, as kd.reverse_kl under top-k."""
-    c = prepare(student_logits, teacher, labels, **_common(temperature, top_k, tail, ignore_index))
+    c = prepare(student_logits, teacher, labels, **_common(temperature, top_k, tail, ignore_index), outside=False)
     return _reduce(_kl(_restricted(c.s, c.t), c.t), c.mask, num_valid_tokens, temperature)
 
 
@@ -199,7 +204,7 @@ def skew_forward_kl(student_logits, teacher, labels, *, alpha=0.1, temperature=1
     if alpha == 0:
         return forward_kl(student_logits, teacher, labels, num_valid_tokens=num_valid_tokens,
                           **_common(temperature, top_k, tail, ignore_index))
-    c = prepare(student_logits, teacher, labels, **_common(temperature, top_k, tail, ignore_index))
+    c = prepare(student_logits, teacher, labels, **_common(temperature, top_k, tail, ignore_index), outside=False)
     return _reduce(_kl(c.t, _log_mix(c.t, c.s, alpha)), c.mask, num_valid_tokens, temperature)
 
 

@@ -17,7 +17,7 @@ import torch
 from distill.errors import RecipeError
 from distill.losses.sparse_kd import SPARSE_KD_LOSSES
 from distill.teacher_cache.store import (FORMAT_VERSION, CacheReader, dataset_fingerprint, file_hashes, num_shards,
-                                         read_manifest, row_hash, shard_done, teacher_config_sha256)
+                                         read_manifest, row_hashes, shard_done, teacher_config_sha256)
 
 ROW_COLUMNS = {"train": "_cache_train_row", "eval": "_cache_eval_row"}
 """The column each split's rows carry their index in, to find their records."""
@@ -171,19 +171,22 @@ class CacheCollator:
         batch = self.inner([{k: v for k, v in ex.items() if k not in ROW_COLUMNS.values()} for ex in examples])
         split = next((s for s, _ in keys if s is not None), "eval")  # only eval batches hold rows that even out ranks
         valid = batch["labels"] != -100  # [B, T]
+        rows = [self.reader.row(s, row) if s is not None else None for s, row in keys]
+        cached = torch.tensor([0 if r is None else r[0].shape[0] for r in rows])  # [B]
+        stored = torch.tensor([r[1] if r is not None else 0 for r in rows], dtype=torch.int64)  # [B]
+        read = torch.tensor([r is not None for r in rows])
+        hashes = row_hashes(batch["input_ids"], batch["attention_mask"], batch["labels"])  # [B]
+        wrong = (cached != valid.sum(-1)) | (read & (hashes != stored))
+        if wrong.any():
+            b = int(wrong.nonzero()[0])
+            if keys[b][0] is None:
+                raise ValueError("an example without a cache row predicts tokens")
+            raise RecipeError(f"row {keys[b][1]} of data.{keys[b][0]} is not the row the teacher cache in "
+                              f"{self.reader.root} holds for it ({int(valid[b].sum())} predicted tokens, {int(cached[b])} "
+                              "cached): the cache was written from other rows")
         out = torch.zeros(*valid.shape, self.reader.codecs[split].record_bytes, dtype=torch.uint8)  # [B, T, R]
-        for b, (s, row) in enumerate(keys):
-            if s is None:
-                if valid[b].any():
-                    raise ValueError("an example without a cache row predicts tokens")
-                continue
-            records, stored = self.reader.row(s, row)
-            if records.shape[0] != int(valid[b].sum()) or stored != row_hash(batch["input_ids"][b],
-                                                                             batch["attention_mask"][b], batch["labels"][b]):
-                raise RecipeError(f"row {row} of data.{s} is not the row the teacher cache in {self.reader.root} holds "
-                                  f"for it ({int(valid[b].sum())} predicted tokens, {records.shape[0]} cached): the cache "
-                                  "was written from other rows")
-            out[b][valid[b]] = records
+        if read.any():
+            out[valid] = torch.cat([r[0] for r in rows if r is not None])  # rows in order, positions in order
         batch["teacher_records"] = out
         return batch
 

@@ -109,14 +109,38 @@ def teacher_config_sha256(spec) -> str:
     return hashlib.sha256(json.dumps(spec.config, sort_keys=True).encode()).hexdigest()
 
 
-def row_hash(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> int:
-    """A 64-bit hash of one collated row [T]: its tokens and labels where the attention mask is 1 (so padding,
-    left or right, and the batch's width do not matter)."""
+_HASH_MODULI = (2**31 - 1, 2**31 - 19)  # primes: every product of two residues fits in int64
+_HASH_BASES = (1_000_003, 999_983)
+_powers: dict[int, torch.Tensor] = {}
+
+
+def _hash_powers(n: int) -> torch.Tensor:
+    """[2, n] int64: base**i mod modulus, for each of the two (base, modulus)."""
+    if n not in _powers:
+        rows = []
+        for base, mod in zip(_HASH_BASES, _HASH_MODULI):
+            x, row = 1, []
+            for _ in range(n):
+                row.append(x)
+                x = x * base % mod
+            rows.append(row)
+        _powers[n] = torch.tensor(rows, dtype=torch.int64)
+    return _powers[n]
+
+
+def row_hashes(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """A 62-bit hash [B] of each collated row [B, T]: its tokens and labels where the attention mask is 1, in order (so
+    padding, left or right, and the batch's width do not matter). Two polynomials modulo primes, vectorised: cheap
+    enough to check every row a training run reads (not meant to resist anyone forging rows)."""
     keep = attention_mask.bool()
-    h = hashlib.blake2b(digest_size=8)
-    h.update(input_ids[keep].to(torch.int64).numpy().tobytes())
-    h.update(labels[keep].to(torch.int64).numpy().tobytes())
-    return int.from_bytes(h.digest(), "little", signed=True)
+    rank = (keep.long().cumsum(-1) - 1).clamp(min=0)  # [B, T] each kept position's place in its row
+    powers = _hash_powers(input_ids.shape[1])  # [2, T]
+    value = input_ids.long() * 4099 + labels.long() + 101  # [B, T]; labels may be -100
+    out = torch.zeros(input_ids.shape[0], dtype=torch.int64)
+    for i, mod in enumerate(_HASH_MODULI):
+        term = value.remainder(mod) * powers[i][rank] % mod
+        out = out * (1 << 31) + torch.where(keep, term, torch.zeros_like(term)).sum(-1) % mod
+    return out
 
 
 def dataset_fingerprint(ds) -> str:
@@ -173,6 +197,24 @@ def file_hashes(source: str | None, *, content: bool = True) -> list[dict]:
     return out
 
 
+def _map_shard(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A shard's tensors, `records` mapped from the file (read as rows are asked for), the small ones read whole.
+    The safetensors layout: an 8-byte little-endian header length, the JSON header, then the tensors' bytes."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    base = 8 + n
+    dtypes = {"U8": np.uint8, "I64": np.int64}
+
+    def tensor(name: str, mode: str = "r"):
+        info = header[name]
+        a, b = info["data_offsets"]
+        return np.memmap(path, dtype=dtypes[info["dtype"]], mode=mode, offset=base + a, shape=tuple(info["shape"]))
+
+    records = tensor("records") if header["records"]["shape"][0] else np.zeros(header["records"]["shape"], np.uint8)
+    return records, np.array(tensor("row_offsets")), np.array(tensor("row_hash"))
+
+
 class CacheReader:
     """The records of a complete cache, row by row, read lazily from its shards."""
 
@@ -184,32 +226,26 @@ class CacheReader:
                               f"with `python -m distill.teacher_cache RECIPE`")
         self.codecs = {split: Codec(**layout["codec"]) for split, layout in self.manifest["layout"].items()}
         self.rows_per_shard = self.manifest["cache"]["rows_per_shard"]
-        self._open: OrderedDict[tuple[str, int], Any] = OrderedDict()
-        self._index: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._open: OrderedDict[tuple[str, int], tuple] = OrderedDict()
 
     def splits(self) -> list[str]:
         return list(self.manifest["layout"])
 
     def _shard(self, split: str, shard: int):
-        from safetensors import safe_open
-
+        """(records [P, record_bytes] uint8 mapped from the file, row offsets [rows + 1], row hashes [rows])."""
         key = (split, shard)
         if key not in self._open:
-            handle = safe_open(str(shard_path(self.root, split, shard)), framework="pt")
-            self._index[key] = (handle.get_tensor("row_offsets"), handle.get_tensor("row_hash"))
-            self._open[key] = handle
-            if len(self._open) > 64:  # a bounded number of open files
-                old, _ = self._open.popitem(last=False)
-                self._index.pop(old)
+            self._open[key] = _map_shard(shard_path(self.root, split, shard))
+            if len(self._open) > 64:  # a bounded number of mapped files
+                self._open.popitem(last=False)
         self._open.move_to_end(key)
-        return self._open[key], self._index[key]
+        return self._open[key]
 
     def row(self, split: str, row: int) -> tuple[torch.Tensor, int]:
         """(records [positions, record_bytes] uint8, row hash) of one row of `split`."""
         shard, i = divmod(row, self.rows_per_shard)
-        handle, (offsets, hashes) = self._shard(split, shard)
-        a, b = int(offsets[i]), int(offsets[i + 1])
-        return handle.get_slice("records")[a:b], int(hashes[i])
+        records, offsets, hashes = self._shard(split, shard)
+        return torch.from_numpy(records[offsets[i]:offsets[i + 1]].copy()), int(hashes[i])
 
     def verify(self) -> list[str]:
         """Every shard's sha256 against the manifest; the files that differ (slow: reads the whole cache)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -26,11 +27,12 @@ from distill.losses.logps import logit_transform
 from distill.models import build_model, check_model_source, count_params, load_model_config
 from distill.placement import choose_placement, device_memory, frozen_zero3_settings
 from distill.plan import RolePlan, estimate_memory, format_plan, resolve_compile
+from distill.presets import shipped_recipes
 from distill.preflight import check_data, check_packing_attention, check_sizes, load_tokenizer, sample_texts
 from distill.recipe import read_recipe, validate_recipe
 from distill.teacher_cache.codec import Codec
 from distill.teacher_cache.store import (FORMAT_VERSION, SPLITS, dataset_fingerprint, file_hashes, num_shards,
-                                         read_manifest, row_hash, shard_done, sidecar_path, teacher_config_sha256,
+                                         read_manifest, row_hashes, shard_done, sidecar_path, teacher_config_sha256,
                                          write_manifest, write_shard)
 from distill.tokenizer_files import save_tokenizer
 from distill.trainers.distill import DistillTrainer, kd_data
@@ -61,6 +63,10 @@ class CacheWriterRoles(DistillTrainer):
 
 
 def load_writer_recipe(path, overrides: list[str] | None = None):
+    """A recipe file (or a shipped recipe's name) with overrides, validated as the cache writer reads it."""
+    shipped = shipped_recipes()
+    if not os.path.exists(path) and str(path) in shipped:
+        path = shipped[str(path)]
     return validate_recipe(read_recipe(path, overrides), CacheWriterRoles)
 
 
@@ -306,7 +312,7 @@ def write_cache(recipe, *, log=print) -> dict:
             if s is None:
                 continue
             counts = (batch["labels"] != -100).sum(-1).tolist()
-            hashes = [row_hash(batch["input_ids"][b], batch["attention_mask"][b], batch["labels"][b]) for b in range(len(members))]
+            hashes = row_hashes(batch["input_ids"], batch["attention_mask"], batch["labels"]).tolist()
             pending.setdefault(s, []).append((records, counts, hashes))
             tokens += records.shape[0]
             if i + 1 == len(work) or work[i + 1][0] != s:

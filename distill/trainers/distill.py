@@ -142,8 +142,6 @@ class DistillTrainer(RoleTrainer):
         if self.recipe.kd.cache is not None:
             manifest = teacher_cache.complete_manifest(self.recipe)
             data, self.cached_teacher = teacher_cache.attach(self.recipe, data, self.tokenizer, manifest)
-            if self.rank == 0:
-                self.log(teacher_cache.describe(manifest))
         ev = data.eval
         self._eval_has_completions = ev is None or "completion_ids" not in ev.column_names or any(ev["completion_ids"])
         return data
