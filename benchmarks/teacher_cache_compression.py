@@ -146,7 +146,7 @@ def errors(logp, student, codec, tail: str, seeds: int) -> dict:
         s = student.clone().requires_grad_()
         loss = (get_kd_loss("forward_kl")(s, logp, labels) if teacher is None else
                 get_sparse_kd_loss("forward_kl")(s, teacher, labels, tail=tail))
-        return float(loss), torch.autograd.grad(loss, s)[0]
+        return float(loss.detach()), torch.autograd.grad(loss, s)[0]
 
     exact, g = loss_and_grad(None)
     draws = []

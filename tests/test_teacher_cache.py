@@ -352,3 +352,41 @@ def test_the_writer_refuses_to_replace_another_cache_and_verifies_shards(quickst
     data[-5] ^= 1
     shard.write_bytes(bytes(data))
     assert main(["--verify", str(copy)]) == 1 and f"sha256 differs: {shard}" in capsys.readouterr().out
+
+
+# -- the benchmarks -------------------------------------------------------------------------------------------------
+def test_the_compression_benchmark_separates_bias_from_noise(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import teacher_cache_compression as bench
+
+    res = bench.main(["--source", "zipf", "--positions", "48", "--vocab", "600", "--seeds", "2", "--out",
+                      str(tmp_path / "c.json"), "--options", "top128_fp32_int32", "top32_sqrt8", "sampled32",
+                      "top16_sqrt8+sampled32"])
+    rows = {(r["option"], r["tail"]): r for r in res["sources"]["zipf"]["rows"]}
+    assert rows[("top128_fp32_int32", "renormalize")]["bytes_per_token"] == 1028
+    assert rows[("top32_sqrt8", "bucket")]["bytes_per_token"] == 32 * 10 // 8 + 32 + 2  # 10-bit ids at 600 tokens, 8-bit values, fp16 tail
+    assert rows[("sampled32", "renormalize")]["grad_bias"] < 1e-5 < rows[("sampled32", "renormalize")]["grad_noise"]
+    for option in ("top128_fp32_int32", "top32_sqrt8"):  # the tail as one class: less bias; a top-k has no noise
+        assert rows[(option, "bucket")]["grad_bias"] < 0.5 * rows[(option, "renormalize")]["grad_bias"]
+        assert rows[(option, "bucket")]["grad_noise"] == 0
+    assert rows[("top128_fp32_int32", "renormalize")]["grad_bias"] > rows[("top32_sqrt8", "bucket")]["grad_bias"]
+    assert "top32_sqrt8 (bucket)" in res["sources"]["zipf"]["verdict"]["no_more_bias_than_reference_renormalize"]
+    assert json.loads((tmp_path / "c.json").read_text())["budget_bytes"] == 150
+
+
+@pytest.mark.multiprocess
+def test_the_throughput_benchmark_times_every_mode_on_cpu(tmp_path):
+    out = tmp_path / "t.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks/teacher_cache_throughput.py"), "--pair", "tiny",
+                           "--device", "cpu", "--warmup", "1", "--steps", "1", "--micro-batch", "2", "--options",
+                           "top32_sqrt8", "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    res = json.loads(out.read_text())
+    modes = {(r["part"], r["mode"]): r for r in res["results"]}
+    assert set(modes) == {("student", "live"), ("student", "cache:top32_sqrt8"), ("student", "hard"), ("write", "forward"),
+                          ("write", "records:top32_sqrt8"), ("write", "records+disk:top32_sqrt8")}
+    assert modes[("student", "live")]["built"] == ["student", "teacher"]
+    assert modes[("student", "cache:top32_sqrt8")]["built"] == modes[("student", "hard")]["built"] == ["student"]
+    assert all(r["tokens_per_s_per_gpu"] > 0 for r in res["results"])
+    assert set(res["summary"]) == {"cache:top32_sqrt8_over_live", "hard_over_live", "records:top32_sqrt8_over_forward",
+                                   "records+disk:top32_sqrt8_over_forward"}

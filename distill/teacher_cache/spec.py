@@ -14,7 +14,7 @@ another."""
 
 
 class CacheSpec(Section):
-    """The teacher as a cache of its distributions on disk (docs/distill-trainer.md#offline-distillation-from-a-teacher-cache):
+    """The teacher as a cache of its distributions on disk (docs/distill-trainer.md#offline-distillation-from-a-teacher-cache-kdcache):
     `python -m distill.teacher_cache RECIPE` runs the recipe's teacher over its data and writes the cache; a training
     run whose recipe has `kd.cache` loads no teacher and reads it."""
 
