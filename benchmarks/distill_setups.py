@@ -55,7 +55,8 @@ def make_batches(a, mb: int, n: int, device) -> list[dict]:
     return out
 
 
-def recipe_for(a, mode: str, mb: int):
+def recipe_for(a, mode: str, mb: int, extra: dict | None = None):
+    """The DistillTrainer recipe of a mode (teacher placement), `extra` merged in before it is validated."""
     from distill.presets import deepspeed_presets
     from distill.recipe import deep_merge, parse_overrides, validate_recipe
     from distill.trainers.distill import DistillTrainer
@@ -88,7 +89,7 @@ def recipe_for(a, mode: str, mb: int):
     raw["student"]["compile"] = raw["teacher"]["compile"] = False
     if mode != "naive":
         raw = deep_merge(raw, parse_overrides(a.set))
-    return validate_recipe(raw, DistillTrainer)
+    return validate_recipe(deep_merge(raw, extra or {}), DistillTrainer)
 
 
 def load_fn(device):

@@ -83,6 +83,14 @@ ARMS = {  # name: the `kd` overrides of the arm
     "gkd_jsd_mix": [*JSD, "kd.alpha=0", ON_POLICY, "kd.on_policy.lmbda=0.5"],
     "gkd_fkl_t05": ["kd.loss=forward_kl", "kd.alpha=0", ON_POLICY, "kd.on_policy.temperature=0.5"],
 }
+CACHES = {  # an arm trained from a teacher cache: what `python -m distill.teacher_cache` stores for it (`kd.cache`)
+    "cache_top32": {"format": "topk", "k": 32, "values": "sqrt8"},
+    "cache_hybrid": {"format": "sampled", "k": 24, "samples": 32, "values": "sqrt12"},
+}
+ARMS.update({  # offline forward KL from the caches: no teacher loaded; written once per invocation, before the arm
+    "cache_top32": ["kd.loss=forward_kl", "kd.alpha=0", "kd.cache.tail=bucket"],
+    "cache_hybrid": ["kd.loss=forward_kl", "kd.alpha=0"],
+})
 DEFAULT_ARMS = ["hard", "forward_kl", "reverse_kl", "jsd", "gkd"]
 BUDGETS = {"full": 1, "quarter": 4}  # documents per step divided by
 
@@ -131,6 +139,20 @@ def train(recipe: str, overrides: list[str], log) -> float:
     t0 = time.perf_counter()
     try:
         trainer_cls(recipe, log=log).train()
+    finally:
+        reset_between_modes()
+    return time.perf_counter() - t0
+
+
+def write_teacher_cache(recipe: str, overrides: list[str], settings: dict, where: Path, log) -> float:
+    """The teacher cache of `settings` for the runs' data in `where` (kept if it is there already); its wall time."""
+    from distill.teacher_cache.write import load_writer_recipe, write_cache
+    from distill_setups import reset_between_modes
+
+    t0 = time.perf_counter()
+    sets = [f"kd.cache.{k}={v}" for k, v in settings.items()] + [f"kd.cache.dir={where}", "kd.cache.overwrite=true"]
+    try:
+        write_cache(load_writer_recipe(recipe, overrides + sets), log=log)
     finally:
         reset_between_modes()
     return time.perf_counter() - t0
@@ -350,6 +372,12 @@ def main(argv=None) -> dict:
                     *ARMS[arm]]
                 print(f"== {name}: {' '.join(ARMS[arm])}", flush=True)
                 try:
+                    if arm in CACHES:  # written once for every budget and seed: the rows do not depend on them
+                        where = out / f"teacher_{arm}"
+                        secs = write_teacher_cache(size["recipe"], [o.replace("RUN", name) for o in base], CACHES[arm],
+                                                   where, log=print)
+                        result.setdefault("caches", {}).setdefault(arm, {"settings": CACHES[arm], "write_s": secs})
+                        overrides.append(f"kd.cache.dir={where}")
                     wall = train(size["recipe"], overrides, log=print)
                     student = load(str(run_dir / "final" / "student"))
                     ev = scores(student, teacher, data, tokenizer, lang, size["samples"], seed=seed)
@@ -359,6 +387,9 @@ def main(argv=None) -> dict:
                     continue
                 pts = curve(run_dir)
                 logged = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if "elapsed_s" in x]
+                if arm in CACHES:
+                    manifest = json.loads((out / f"teacher_{arm}" / "manifest.json").read_text())
+                    result["caches"][arm]["bytes_per_token"] = manifest["splits"]["train"]["bytes_per_token"]
                 result["runs"].append({"arm": arm, "budget": budget, "seed": seed, "steps": n, "micro_batch": mb_b,
                                        "documents": n * mb_b, "kd": ARMS[arm], "wall_s": wall,
                                        "train_s": logged[-1]["elapsed_s"], "train_tokens": pts[-1][1],

@@ -4,13 +4,15 @@ from __future__ import annotations
 import importlib
 import sys
 
-COMMANDS = {"train": "distill.train", "export": "distill.export", "report": "distill.report", "recipes": "distill.catalog"}
-USAGE = """usage: distill {train,export,report,recipes} ...
+COMMANDS = {"train": "distill.train", "export": "distill.export", "report": "distill.report", "recipes": "distill.catalog",
+            "teacher_cache": "distill.teacher_cache.__main__"}
+USAGE = """usage: distill {train,export,report,recipes,teacher_cache} ...
 
   distill train RECIPE.yaml [key.sub=value ...] [--resume] [--dry-run]   train (a file, or a shipped recipe's name)
   distill recipes [copy NAME [DEST]]                                     the shipped recipes; copy one out to edit
   distill export RUN_DIR OUT_DIR [--step N]                              a checkpoint's roles as plain HF models
-  distill report RUN_DIR                                                 plots and a summary of a run's metrics"""
+  distill report RUN_DIR                                                 plots and a summary of a run's metrics
+  distill teacher_cache RECIPE.yaml [key.sub=value ...] [--verify DIR]   write a recipe's teacher cache (offline KD)"""
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,20 +51,12 @@ def preflight(recipe, trainer_cls, *, world_size: int, dry_run: bool = False, ow
             raise RecipeError(f"`resume`: {ckpt} is at step {state['step']}, past this run's last step "
                               f"(train.max_steps={last}): export it (`python -m distill.export`), or resume with more steps")
     check_installed(recipe.train.report_to)
-    ensure_synthetic(recipe, trainer_cls.write_synthetic)
-    d = recipe.data
-    for key, path in (("data.train", d.train), ("data.eval", d.eval)):
-        if path and looks_like_path(path) and not Path(path).expanduser().exists():
-            raise RecipeError(f"`{key}`: `{path}` does not exist: point it at your data, or set `data.synthetic_seed: 0` "
-                              f"to have the `{recipe.trainer}` trainer write its synthetic data to {Path(path).parent} "
-                              "(only when that directory does not exist)")
-        if dry_run or not launched():  # once per run: the ranks read the data through `datasets`, which says it too
-            check_jsonl(key, path)
+    check_data(recipe, trainer_cls, dry_run=dry_run)
     for name in trainer_cls.roles:  # before the tokenizer, which defaults to a role's directory
         check_model_source(name, getattr(recipe, name))
     for name in trainer_cls.built_roles(recipe):
         check_model_files(name, getattr(recipe, name))
-    tokenizer = _load_tokenizer(recipe, trainer_cls.roles)
+    tokenizer = load_tokenizer(recipe, trainer_cls.roles)
     if recipe.data.packing:
         check_packing_attention({n: getattr(recipe, n) for n in trainer_cls.built_roles(recipe)}, len(tokenizer))
     plans = plan_roles(recipe, trainer_cls, world_size=world_size, vocab_size=len(tokenizer))
@@ -89,7 +81,21 @@ def reads_run_tokens(spec: Role) -> bool:
     return spec.model_class == "causal_lm" or spec.trainable
 
 
-def _load_tokenizer(recipe, roles: dict[str, Role]):
+def check_data(recipe, trainer_cls, *, dry_run: bool = False) -> None:
+    """The synthetic data written if the recipe asks for it (`data.synthetic_seed`), and `data.train` / `data.eval`
+    there; their lines parse (once per run)."""
+    ensure_synthetic(recipe, trainer_cls.write_synthetic)
+    d = recipe.data
+    for key, path in (("data.train", d.train), ("data.eval", d.eval)):
+        if path and looks_like_path(path) and not Path(path).expanduser().exists():
+            raise RecipeError(f"`{key}`: `{path}` does not exist: point it at your data, or set `data.synthetic_seed: 0` "
+                              f"to have the `{recipe.trainer}` trainer write its synthetic data to {Path(path).parent} "
+                              "(only when that directory does not exist)")
+        if dry_run or not launched():  # once per run: the ranks read the data through `datasets`, which says it too
+            check_jsonl(key, path)
+
+
+def load_tokenizer(recipe, roles: dict[str, Role]):
     """The data tokenizer; every pretrained role that reads the run's tokens (`reads_run_tokens`) and ships a
     tokenizer must tokenize sample texts as it does."""
     readers = [n for n in roles if reads_run_tokens(getattr(recipe, n))]

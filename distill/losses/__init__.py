@@ -1,4 +1,5 @@
-"""Distillation losses: a registry of token-level KD divergences and a chunked fused loss."""
+"""Distillation losses: a registry of token-level KD divergences, the same against a sparse (cached) teacher, and
+a chunked fused loss."""
 
 from .chunked import chunked_kd_loss
 from .preference import (
@@ -25,6 +26,14 @@ from .kd import (
     skew_reverse_kl,
     tvd,
 )
+from .sparse_kd import (
+    SPARSE_KD_LOSSES,
+    SparseTeacher,
+    chunked_sparse_kd_loss,
+    get_sparse_kd_loss,
+    register_sparse_kd_loss,
+    sparse_kd_loss,
+)
 
 __all__ = [
     "REWARD_LOSSES",
@@ -38,17 +47,23 @@ __all__ = [
     "rewards",
     "IGNORE_INDEX",
     "KD_LOSSES",
+    "SPARSE_KD_LOSSES",
+    "SparseTeacher",
     "UnknownKDLossError",
     "chunked_kd_loss",
+    "chunked_sparse_kd_loss",
     "count_valid",
     "cross_entropy",
     "forward_kl",
     "generalized_jsd",
     "get_kd_loss",
+    "get_sparse_kd_loss",
     "kd_loss",
     "register_kd_loss",
+    "register_sparse_kd_loss",
     "reverse_kl",
     "skew_forward_kl",
     "skew_reverse_kl",
+    "sparse_kd_loss",
     "tvd",
 ]

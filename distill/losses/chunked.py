@@ -28,6 +28,7 @@ user-registered loss works unchanged.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -249,7 +250,8 @@ class _ChunkedKD(torch.autograd.Function):
                      if s_bias is not None and need_grad[2] else None)
         ce_acc = torch.zeros((), dtype=cdt, device=device)
         kd_acc = torch.zeros((), dtype=cdt, device=device)
-        rows_per_step = max(1, _SUB_ELEMS // max(s_weight.shape[0], t_weight.shape[0], 1))
+        t_vocab = 0 if t_weight is None else t_weight.shape[0]
+        rows_per_step = max(1, _SUB_ELEMS // max(s_weight.shape[0], t_vocab, 1))
 
         # The chunk count depends on positions only, never on how many labels are valid,
         # so ranks with equal N run the same kernels (and, under ZeRO-3, the same
@@ -259,7 +261,8 @@ class _ChunkedKD(torch.autograd.Function):
             h_s = s_hidden[start:end]
             # Matmuls in the model's dtype (as its lm_head would); fp32 only row by row below.
             logits = F.linear(h_s, s_weight, s_bias)
-            t_logits = F.linear(t_hidden[start:end], t_weight, t_bias)
+            # No teacher weight: the teacher is given per token already (a sparse teacher's entries).
+            t_logits = t_hidden[start:end] if t_weight is None else F.linear(t_hidden[start:end], t_weight, t_bias)
             for r0 in range(0, end - start, rows_per_step):
                 r = slice(r0, min(r0 + rows_per_step, end - start))
                 lab = labels[start + r.start:start + r.stop]
@@ -312,10 +315,10 @@ def chunked_kd_loss(
     student_hidden: Tensor,
     student_weight: Tensor,
     teacher_hidden: Tensor,
-    teacher_weight: Tensor,
+    teacher_weight: Tensor | None,
     labels: Tensor,
     *,
-    loss: str = "forward_kl",
+    loss: str | Callable[..., Tensor] = "forward_kl",
     alpha_ce: float = 0.0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     num_valid_tokens: int | Tensor | None = None,
@@ -332,9 +335,11 @@ def chunked_kd_loss(
         student_hidden: [N, H_s] or [B, T, H_s], final hidden states (requires grad).
         student_weight: [V_s, H_s], the student's lm_head weight (requires grad).
         teacher_hidden: [N, H_t] or [B, T, H_t], no grad.
-        teacher_weight: [V_t, H_t], no grad; already gathered by the caller under ZeRO-3.
+        teacher_weight: [V_t, H_t], no grad; already gathered by the caller under ZeRO-3. None: ``teacher_hidden``
+            is the teacher itself per token, sliced by rows and passed to ``loss`` as it is (a sparse teacher:
+            `distill.losses.sparse_kd.chunked_sparse_kd_loss`).
         labels: [N] or [B, T], pre-shifted, ``ignore_index`` for ignored positions.
-        loss: name of a registered KD loss (see ``KD_LOSSES``); ``loss_kwargs`` go to it.
+        loss: name of a registered KD loss (see ``KD_LOSSES``), or the loss function; ``loss_kwargs`` go to it.
         num_valid_tokens: the denominator of both terms. Pass the global count (all
             ranks, whole accumulated step) so micro-batch losses sum to the full-batch
             loss; default is the local valid count.
@@ -356,9 +361,9 @@ def chunked_kd_loss(
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     if not 0.0 <= alpha_ce <= 1.0:
         raise ValueError(f"alpha_ce must be in [0, 1], got {alpha_ce}")
-    kd_fn = get_kd_loss(loss)
+    kd_fn = loss if callable(loss) else get_kd_loss(loss)
     s_hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
-    t_hidden = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()
+    t_hidden = teacher_hidden if teacher_weight is None else teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()
     labels = labels.reshape(-1).long()
     if not (s_hidden.shape[0] == t_hidden.shape[0] == labels.shape[0]):
         raise ValueError(
@@ -374,7 +379,7 @@ def chunked_kd_loss(
         grad_on and student_bias is not None and student_bias.requires_grad,
     )
     total, ce, kd = _ChunkedKD.apply(
-        s_hidden, student_weight, student_bias, t_hidden, teacher_weight.detach(),
+        s_hidden, student_weight, student_bias, t_hidden, None if teacher_weight is None else teacher_weight.detach(),
         None if teacher_bias is None else teacher_bias.detach(), labels,
         kd_fn, kd_kwargs, float(alpha_ce), int(chunk_size), num_valid_tokens, need_grad,
     )

@@ -11,11 +11,13 @@ from distill.data.packing import model_inputs
 from distill.data.prompts import build_prompt_data, is_prompt_dataset, write_prompt_dataset
 from distill.data.text import load_dataset_source
 from distill.errors import RecipeError
-from distill.losses import cross_entropy, get_kd_loss
+from distill.losses import chunked_sparse_kd_loss, cross_entropy, get_kd_loss, get_sparse_kd_loss
 from distill.losses.chunked import chunked_kd_loss
 from distill.losses.logps import logit_transform
 from distill.monitor import before_after_table
 from distill.recipe import Role, Section
+from distill.teacher_cache import read as teacher_cache
+from distill.teacher_cache.spec import CacheSpec
 from distill.trainer import RoleTrainer, register_trainer
 from distill.trainers.on_policy import CompletionSampler, OnPolicySpec, completion_source, generation_plan
 
@@ -39,6 +41,9 @@ class KDSpec(Section):
     """Tokens per chunk of the chunked loss."""
     on_policy: OnPolicySpec | None = None
     """Train on completions generated during training (needs prompt data); null: offline on the data's text."""
+    cache: CacheSpec | None = None
+    """The teacher as distributions written to disk once (`python -m distill.teacher_cache RECIPE`): training reads
+    them and loads no teacher model. null: the teacher runs beside the student."""
 
     @field_validator("loss")
     @classmethod
@@ -74,7 +79,13 @@ class DistillTrainer(RoleTrainer):
     supports_packing = True  # offline text only: check_recipe and build_data refuse prompts
 
     @classmethod
+    def built_roles(cls, recipe) -> list[str]:
+        return ["student"] if recipe.kd.cache is not None else list(cls.roles)
+
+    @classmethod
     def check_plans(cls, recipe, plans) -> None:
+        if recipe.kd.cache is not None:
+            teacher_cache.check_cache(recipe, getattr(plans["student"].model_config, "vocab_size", None))
         if not recipe.kd.chunked:
             return
         for name, plan in plans.items():
@@ -84,6 +95,8 @@ class DistillTrainer(RoleTrainer):
 
     @classmethod
     def plan_notes(cls, recipe, plans, world_size: int) -> list[str]:
+        if recipe.kd.cache is not None:
+            return [teacher_cache.describe(teacher_cache.complete_manifest(recipe))]
         op = recipe.kd.on_policy
         if op is None:
             return []
@@ -99,6 +112,14 @@ class DistillTrainer(RoleTrainer):
     @classmethod
     def check_recipe(cls, recipe) -> None:
         op = recipe.kd.on_policy
+        if recipe.kd.cache is not None:
+            if op is not None:
+                raise RecipeError("`kd.on_policy` scores completions the student generates as it trains, which needs the "
+                                  "live teacher; `kd.cache` holds the teacher on the data's text: remove one of them")
+            where = teacher_cache.cache_dir(recipe)  # training reads a cache: it must be named
+            if not (recipe.data.tokenizer or recipe.student.from_pretrained or recipe.teacher.from_pretrained):
+                raise RecipeError(f"`data.tokenizer`: name the tokenizer of the data; the teacher cache keeps the one it "
+                                  f"was written with in {where / 'tokenizer'}")
         if op is not None and recipe.data.packing:
             raise RecipeError("`data.packing: true` packs text documents; `kd.on_policy` trains on prompts and "
                               "generated completions: set `data.packing: false` or `kd.on_policy: null`")
@@ -118,6 +139,9 @@ class DistillTrainer(RoleTrainer):
     # -- data: text, or prompts whose completions may be generated ---------------------------------
     def build_data(self) -> DataBundle:
         data = kd_data(self.recipe, self.tokenizer, self.rank, self.world_size, compiled=self.compiled, log=self.log)
+        if self.recipe.kd.cache is not None:
+            manifest = teacher_cache.complete_manifest(self.recipe)
+            data, self.cached_teacher = teacher_cache.attach(self.recipe, data, self.tokenizer, manifest)
         ev = data.eval
         self._eval_has_completions = ev is None or "completion_ids" not in ev.column_names or any(ev["completion_ids"])
         return data
@@ -158,6 +182,8 @@ class DistillTrainer(RoleTrainer):
         alpha = 0.0 if batch.get("source") == "student" else kd.alpha
         if alpha == 1:
             return self._ce_step(batch, num_tokens)
+        if kd.cache is not None:
+            return self._cached_loss_step(batch, num_tokens, alpha)
         if kd.chunked:
             return self._chunked_loss_step(batch, num_tokens, alpha)
         inputs = model_inputs(batch)
@@ -181,6 +207,23 @@ class DistillTrainer(RoleTrainer):
         total, parts = chunked_kd_loss(hidden, head, hidden.detach(), head.detach(), batch["labels"], loss="forward_kl",
                                        alpha_ce=1.0, chunk_size=self.recipe.kd.chunk_size, num_valid_tokens=num_tokens)
         return {"loss": total, "ce": parts["ce"]}
+
+    def _cached_loss_step(self, batch, num_tokens, alpha):
+        """The loss against the teacher's distributions read from the cache (`kd.cache`), decoded on the device."""
+        kd = self.recipe.kd
+        teacher, _ = self.cached_teacher.codecs["train"].decode(batch["teacher_records"])  # [B, T, slots]
+        inputs, labels = model_inputs(batch), batch["labels"]
+        common = dict(temperature=kd.temperature, top_k=kd.top_k, tail=kd.cache.tail, num_valid_tokens=num_tokens)
+        if kd.chunked:
+            hidden = self.student.last_hidden(**inputs)  # [B, T, H]
+            total, parts = chunked_sparse_kd_loss(hidden, self.student.module.get_output_embeddings().weight, teacher,
+                                                  labels, loss=kd.loss, alpha_ce=alpha, chunk_size=kd.chunk_size,
+                                                  loss_kwargs=kd.params, **common)
+            return {"loss": total, **parts}
+        logits = self.student(**inputs).logits  # [B, T, V]
+        ce = cross_entropy(logits, labels, num_valid_tokens=num_tokens)
+        div = get_sparse_kd_loss(kd.loss)(logits, teacher, labels, **common, **kd.params)
+        return {"loss": alpha * ce + (1 - alpha) * div, "ce": ce, "kd": div}
 
     def _chunked_loss_step(self, batch, num_tokens, alpha):
         kd = self.recipe.kd
@@ -220,6 +263,8 @@ class DistillTrainer(RoleTrainer):
     def _offline_eval(self, batch):
         inputs = model_inputs(batch)
         labels, one = batch["labels"], torch.ones((), device=batch["labels"].device)
+        if self.recipe.kd.cache is not None:
+            return self._cached_eval(batch, inputs, labels, one)
         teacher_logits, logits = self.alongside(self.teacher, lambda: self.teacher(**inputs).logits,
                                                 lambda: self.student(**inputs).logits)
         kd = self.recipe.kd
@@ -229,6 +274,23 @@ class DistillTrainer(RoleTrainer):
             "kl_to_teacher": get_kd_loss("forward_kl")(logits, teacher_logits, labels, num_valid_tokens=one),
             "kd": get_kd_loss(kd.loss)(logits, teacher_logits, labels, temperature=kd.temperature, top_k=kd.top_k,
                                        num_valid_tokens=one, **kd.params),
+            "tokens": self.count_tokens(batch),
+        }
+
+    def _cached_eval(self, batch, inputs, labels, one):
+        """`_offline_eval` against the cache: the teacher's CE from its stored log-probability of each label;
+        `kl_to_teacher` with the tail as one class (a lower bound of the full KL; exact when the cache holds whole
+        distributions)."""
+        kd = self.recipe.kd
+        teacher, label_logp = self.cached_teacher.codecs["eval"].decode(batch["teacher_records"])  # [B, T, slots], [B, T]
+        logits = self.student(**inputs).logits
+        valid = labels != -100
+        return {
+            "ce": cross_entropy(logits, labels, num_valid_tokens=one),
+            "teacher_ce": -torch.where(valid, label_logp, torch.zeros_like(label_logp)).sum(),
+            "kl_to_teacher": get_sparse_kd_loss("forward_kl")(logits, teacher, labels, tail="bucket", num_valid_tokens=one),
+            "kd": get_sparse_kd_loss(kd.loss)(logits, teacher, labels, temperature=kd.temperature, top_k=kd.top_k,
+                                              tail=kd.cache.tail, num_valid_tokens=one, **kd.params),
             "tokens": self.count_tokens(batch),
         }
 
