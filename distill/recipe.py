@@ -104,6 +104,9 @@ class Role(Section):
     """Trainable roles only; defaults to AdamW."""
     scheduler: SchedulerSpec | None = None
     """Trainable roles only; defaults to cosine without warmup."""
+    grad_clip: float | None = Field(None, ge=0)
+    """Trainable roles only: clip this role's global gradient norm to this value; 0: no clipping; null:
+    `train.grad_clip`. Each trainable role clips its own gradients, over its own parameters."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward (trainable roles)."""
     compile: bool | None = None
@@ -132,8 +135,8 @@ class Role(Section):
         if self.trainable:
             self.optimizer = self.optimizer or OptimizerSpec()
             self.scheduler = self.scheduler or SchedulerSpec()
-        elif self.optimizer is not None or self.scheduler is not None:
-            raise ValueError("a frozen role has no optimizer or scheduler: remove them, or set `trainable: true`")
+        elif self.optimizer is not None or self.scheduler is not None or self.grad_clip is not None:
+            raise ValueError("a frozen role has no optimizer, scheduler or grad_clip: remove them, or set `trainable: true`")
         if self.lora is not None and not self.trainable:
             raise ValueError("`lora` adapts a role that trains; this role is frozen: remove `lora`, or set `trainable: true`")
         if self.trainable and self.placement != "auto":
@@ -150,6 +153,13 @@ class Role(Section):
     @property
     def zero_stage(self) -> int:
         return int(resolve_deepspeed(self.deepspeed)["zero_optimization"].get("stage", 0))
+
+
+def role_grad_clip(role: Role, train: "TrainSpec") -> float | None:
+    """The clipping norm a trainable role runs with: its own `grad_clip` (0: none), else `train.grad_clip`."""
+    if role.grad_clip is not None:
+        return role.grad_clip or None
+    return train.grad_clip
 
 
 class DataSpec(Section):
@@ -202,7 +212,8 @@ class TrainSpec(Section):
     epochs: int = Field(1, ge=1)
     """Passes over the training data when `max_steps` is not set."""
     grad_clip: float | None = Field(1.0, gt=0)
-    """Clip the global gradient norm to this value; null disables clipping."""
+    """Clip the global gradient norm to this value; null disables clipping. A trainable role's own `grad_clip`
+    overrides it for that role."""
     log_every: int = Field(10, ge=1)
     """Steps between metric lines."""
     eval_every: int | None = Field(None, ge=1)
@@ -398,7 +409,7 @@ def validate_recipe(raw: dict, trainer_cls) -> RecipeBase:
         # A dry build of the DeepSpeed config catches impossible setups now.
         t = recipe.train
         role_ds_config(name, role, micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum, world_size=1,
-                       grad_clip=t.grad_clip, hidden_size=1)
+                       grad_clip=role_grad_clip(role, t), hidden_size=1)
     checkpointed = [n for n in trainer_cls.roles if getattr(recipe, n).trainable and getattr(recipe, n).gradient_checkpointing]
     if recipe.train.overlap_frozen and checkpointed:
         # The recomputed attention of a checkpointed layer can differ from its forward when a frozen role's
