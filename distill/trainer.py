@@ -198,6 +198,19 @@ class RoleTrainer:
         self.trainables: dict[str, RoleModel] = {n: m for n, m in self.models.items() if m.trainable}
         self.trainable = next(iter(self.trainables.values()))  # the first; plan_roles checked there is one
 
+    @classmethod
+    def from_recipe(cls, recipe, *overrides: str, log: Callable[[str], None] = print, **keys) -> "RoleTrainer":
+        """This trainer, built from a recipe as `distill.run` takes it (a file, a shipped recipe's name, a mapping;
+        `keys` and dotted `overrides` over it: `distill.trainers.load_recipe`): checked, data read, roles loaded.
+        `.train()` runs it in this process. Called on a subclass, the subclass trains whatever `trainer` the recipe
+        names; on `RoleTrainer`, the recipe's trainer."""
+        from distill.trainers import load_recipe  # which imports this module
+
+        if cls is not RoleTrainer:
+            keys["trainer"] = cls
+        validated, trainer_cls = load_recipe(recipe, *overrides, **keys)
+        return trainer_cls(validated, log=log)
+
     def build_data(self) -> DataBundle:
         """The run's batches: text from `data.train` / `data.eval` (distill/data/); trainers with other
         records (prompts, preference pairs) return their own bundle."""

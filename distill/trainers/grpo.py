@@ -13,10 +13,10 @@ over ranks and gathers every reward); `scale_rewards: batch` all-reduces the std
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Callable, Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_serializer, field_validator
 
 from distill.data.loading import DataBundle, collator_padding, pad_id, tokenized_splits
 from distill.data.prompts import PromptCollator, load_prompt_dataset, tokenize_prompts
@@ -26,7 +26,8 @@ from distill.losses.grpo import get_grpo_loss, group_advantages, token_loss
 from distill.losses.logps import token_entropy, token_logps
 from distill.monitor import before_after_table
 from distill.recipe import Role, Section
-from distill.rewards import RewardError, agree_on_error, call_reward_function, load_reward_functions, weighted_reward
+from distill.rewards import (RewardError, agree_on_error, call_reward_function, callable_name, load_reward_functions,
+                             weighted_reward)
 from distill.trainer import RoleTrainer, register_trainer
 from distill.trainers.grpo_batch import RepeatedData, completion_masks, pad_columns, padded_width, split_rows
 from distill.trainers.grpo_reward import RewardModelScorer
@@ -48,8 +49,9 @@ class GRPOSpec(Section):
     decode: Literal["auto", "compiled", "graphs", "static", "generate"] = "auto"
     """How tokens are decoded, as `kd.on_policy.decode` (docs/distill-trainer.md): `auto` is the static KV cache
     with a compiled, graph-replayed decode step on GPUs and the static-cache loop on CPU."""
-    reward_funcs: list[str] = []
-    """Reward functions as `module:function`, called with (prompts, completions, completion_ids, **dataset columns)."""
+    reward_funcs: list[str | Callable[..., Any]] = []
+    """Reward functions as `module:function`, called with (prompts, completions, completion_ids, **dataset columns).
+    From Python (`distill.run`), also the functions themselves."""
     reward_weights: list[float] | None = None
     """One weight per reward function, in order (default 1 each); the reward is the weighted sum."""
     reward_model_weight: float = 1.0
@@ -80,6 +82,10 @@ class GRPOSpec(Section):
     def _known(cls, v: str) -> str:
         get_grpo_loss(v)
         return v
+
+    @field_serializer("reward_funcs", when_used="json")
+    def _names(self, v: list) -> list[str]:
+        return [f if isinstance(f, str) else callable_name(f) for f in v]
 
 
 @register_trainer
@@ -185,10 +191,11 @@ class GRPOTrainer(RoleTrainer):
         rewards = weighted_reward(per_function, self._reward_weights.to(per_function.device))  # [N]
         advantages, std = group_advantages(rewards, g.num_generations, g.scale_rewards, all_reduce=self._sum)
         batch["advantages"] = advantages
-        self._record(batch, per_function, rewards, std)
+        loss_tokens = self._record(batch, per_function, rewards, std)
         micro = split_rows(batch, t.grad_accum)
         with torch.no_grad():
             for mb in micro:
+                mb["loss_tokens"] = loss_tokens  # the metrics' denominator: every loss token of the step on all ranks
                 if g.num_iterations > 1:
                     mb["old_logps"] = self._token_logps(self.policy, mb)
                 if g.beta != 0:
@@ -242,7 +249,8 @@ class GRPOTrainer(RoleTrainer):
         completion_ids, mask = batch["completion_ids"].cpu(), batch["completion_mask"].cpu().bool()  # one copy, not one per row
         ids = [completion_ids[i][mask[i]].tolist() for i in rows]
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
-        prompts = [self._records[batch["index"][i]]["prompt"] if batch["index"][i] >= 0 else "" for i in rows]
+        prompts = [self._records[batch["index"][i]]["prompt"] if batch["index"][i] >= 0 else [] if self._chat else ""
+                   for i in rows]
         if self._chat:
             texts = [[{"role": "assistant", "content": c}] for c in texts]
         return prompts, texts, ids
@@ -253,8 +261,7 @@ class GRPOTrainer(RoleTrainer):
         return get_grpo_loss(self.recipe.grpo.loss_type).count(batch["loss_mask"])
 
     def loss_step(self, batch, num_tokens):
-        # self._loss_tokens: every loss token of the step on all ranks, the metrics' denominator (prepare_step)
-        return grpo_loss_step(self.policy, batch, num_tokens, self.recipe.grpo, metric_tokens=self._loss_tokens)
+        return grpo_loss_step(self.policy, batch, num_tokens, self.recipe.grpo, metric_tokens=batch["loss_tokens"])
 
     def _token_logps(self, role, batch) -> torch.Tensor:
         return completion_logps(role, batch, self.recipe.grpo.temperature)  # [B, C]
@@ -285,8 +292,9 @@ class GRPOTrainer(RoleTrainer):
             out[f"rewards/{name}"] = total(col)
         return out
 
-    def _record(self, batch, per_function, rewards, std) -> None:
-        """Global statistics of a generation batch (two all-reduces), averaged over the batches of each metrics line."""
+    def _record(self, batch, per_function, rewards, std) -> torch.Tensor:
+        """Global statistics of a generation batch (two all-reduces), averaged over the batches of each metrics line;
+        returns the batch's loss tokens on all ranks (at least 1)."""
         g, f = self.recipe.grpo, per_function.shape[1]
         scored = ~torch.isnan(rewards)
         first_of_group = std.view(-1, g.num_generations)[:, 0]
@@ -297,13 +305,13 @@ class GRPOTrainer(RoleTrainer):
         s = sums.tolist()
         mean = s[0] / max(s[1], 1)
         sq = float(self._sum(torch.where(scored, (rewards - mean) ** 2, 0).sum()))
-        self._loss_tokens = sums[7].clamp(min=1)
         stats = {"reward": mean, "reward_std": (sq / max(s[1] - 1, 1)) ** 0.5, "completions/mean_length": s[2] / s[3],
                  "completions/clipped_ratio": s[4] / s[3], "frac_reward_zero_std": s[5] / s[6],
                  **{f"rewards/{n}": s[8 + i] / max(s[8 + f + i], 1) for i, n in enumerate(self._reward_names)}}
         acc = self.__dict__.setdefault("_stats", {})
         for k, v in stats.items():
             acc.setdefault(k, []).append(v)
+        return sums[7].clamp(min=1)
 
     def step_metrics(self):
         out = {k: sum(v) / len(v) for k, v in self.__dict__.pop("_stats", {}).items()}
@@ -331,7 +339,10 @@ class GRPOTrainer(RoleTrainer):
     @property
     def reward_model(self) -> RewardModelScorer | None:
         if "_scorer" not in self.__dict__:
-            self._scorer = RewardModelScorer(self) if "reward" in self.models else None
+            self._scorer = None if "reward" not in self.models else RewardModelScorer(
+                self.reward, source=self.recipe.reward.from_pretrained, tokenizer=self.tokenizer,
+                batch_size=self.recipe.train.micro_batch_size, chat_texts=self.texts if self._chat else None,
+                log=self.log if self.rank == 0 else None)
         return self._scorer
 
     @property
