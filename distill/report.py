@@ -18,14 +18,21 @@ from pathlib import Path
 _REWARDS = ("reward", "reward_std", "frac_reward_zero_std")  # GRPO's, beside its per-function rewards/<name>
 _POLICY = ("kl", "entropy", "clip_ratio/", "completions/")  # GRPO: how far and how the policy moves, what it writes
 _THROUGHPUT = ("tokens_per_s", "max_memory_gb", "gen_tokens_per_s", "gen_time_share")
+_OPTIMIZER = ("lr", "grad_norm")  # each trainable role's, `<role>/lr` when several train
+
+
+def _optimizer(k: str) -> bool:
+    return k.rpartition("/")[2] in _OPTIMIZER and not k.startswith("eval/")
+
+
 GROUPS = {
-    "loss": lambda k: not k.startswith(("eval/", "rewards/", "logps/") + _POLICY) and k not in
-    ("lr", "grad_norm", "elapsed_s") + _THROUGHPUT + _REWARDS,
+    "loss": lambda k: not k.startswith(("eval/", "rewards/", "logps/") + _POLICY) and not _optimizer(k) and k not in
+    ("elapsed_s",) + _THROUGHPUT + _REWARDS,
     "eval": lambda k: k.startswith("eval/"),
     "rewards": lambda k: k.startswith(("rewards/", "logps/")) or k in _REWARDS,
     "policy": lambda k: k.startswith(_POLICY),
     "throughput": lambda k: k in _THROUGHPUT,
-    "lr": lambda k: k in ("lr", "grad_norm"),
+    "lr": _optimizer,
 }
 
 

@@ -24,6 +24,12 @@ distill.run("quickstart", output_dir="runs/texts_from_files", data={"train": "te
             "eval": "texts/eval.jsonl", "synthetic_seed": None}, train={"max_steps": 10}, launch={"num_processes": 1})
 a, b = (st.load_file(f"runs/{run}/final/student/model.safetensors") for run in ("texts_from_python", "texts_from_files"))
 print("same weights:", a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a))
+# A trainer built from a run's recipe.yaml, not trained; a subclass builds itself whatever the recipe names.
+t = distill.RoleTrainer.from_recipe("runs/texts_from_files/recipe.yaml", output_dir="runs/built", log=lambda s: None)
+distill.roles.forget_roles()  # as `distill.run` does after a run: another trainer may be built in this process
+class Mine(distill.DistillTrainer): pass
+m = Mine.from_recipe("runs/texts_from_files/recipe.yaml", output_dir="runs/built_mine", log=lambda s: None)
+print("from_recipe:", type(t).__name__, list(t.trainables), type(m).__name__)
 '''
 
 
@@ -35,7 +41,7 @@ def test_the_python_page_runs_and_a_dataset_trains_as_its_files_do(tmp_path):
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     check(proc)
     lines = proc.stdout.strip().splitlines()
-    assert lines[-1] == "same weights: True"
+    assert lines[-2:] == ["same weights: True", "from_recipe: DistillTrainer ['student'] Mine"]
     texts = tmp_path / "runs" / "texts_from_python"
     ce = json.loads((texts / "summary.json").read_text())
     assert f"student eval CE {ce['before']['ce']:.3f} -> {ce['after']['ce']:.3f}" in lines
