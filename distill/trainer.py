@@ -370,10 +370,12 @@ class RoleTrainer:
 
     def _backward(self, losses: dict[str, torch.Tensor], *, boundary: bool) -> None:
         """Each trainable role's backward of its loss in one micro-batch's `losses`."""
-        for name, key in self.loss_keys.items():
-            if key not in losses:
-                raise KeyError(f"{type(self).__name__}.loss_step returned {sorted(losses)}, without `{key}`: the loss of "
-                               f"the trainable role `{name}`; return one loss per trainable role ({list(self.loss_keys.values())})")
+        keys = self.loss_keys
+        missing = [f"`{key}` (of `{name}`)" for name, key in keys.items() if key not in losses]
+        if missing:  # before any backward: no role has half a step
+            raise ValueError(f"{type(self).__name__}.loss_step returned {sorted(losses)}, without {', '.join(missing)}: "
+                             f"return the loss of every trainable role, keyed as `loss_keys` says ({list(keys.values())})")
+        for name, key in keys.items():
             # DeepSpeed averages gradients over ranks; the losses are already global means.
             self.trainables[name].backward(losses[key] * self.world_size, boundary=boundary)
 

@@ -127,3 +127,7 @@ def test_two_trainable_roles_step_as_their_references_and_resume_bitwise(assets,
     # far above train.grad_clip, which neither role uses.
     assert min(result["roles"]["student_a"]["grad_norms"]) > SETTINGS["student_a"]["grad_clip"]
     assert min(result["roles"]["student_b"]["grad_norms"]) > 10 * TRAIN_CLIP
+    nan = result["nan_step"]  # one role's NaN loss skips that role's update alone
+    assert not nan["finite"] and nan["roles_finite"] == {"student_a": True, "student_b": False}
+    assert nan["changed"] == {"student_a": True, "student_b": False} and nan["lr_moved"] == nan["changed"]
+    assert "returned ['loss'], without `student_a/loss` (of `student_a`), `student_b/loss` (of `student_b`)" in result["missing_loss"]

@@ -9,7 +9,9 @@ settings, warm-up, clipping norm and ZeRO stage. Checks, on rank 0:
   (AdamW, the warm-up lr, `clip_grad_norm_` at the role's own norm) on every rank's micro-batches; each step's
   logged `<role>/grad_norm` and `<role>/lr` are the reference's;
 - a run resumed from the checkpoint of step 2 ends with exactly the weights of the uninterrupted run. The warm-up
-  outlasts the run, so a scheduler that restarted at resume would give other weights.
+  outlasts the run, so a scheduler that restarted at resume would give other weights;
+- one more step with student_b's loss NaN skips student_b's update (and its schedule) while student_a steps, and a
+  `loss_step` without a role's loss is refused, naming it.
 """
 from __future__ import annotations
 
@@ -93,6 +95,33 @@ def reference(initial: dict, config, teacher, steps: list[list[dict]], spec: dic
     return {k: v.detach() for k, v in model.state_dict().items()}, norms, lrs
 
 
+def one_role_nan(t) -> dict:
+    """One more step of a trained `t` whose student_b loss is NaN: student_b skips its update and its scheduler's
+    step, student_a steps. Collective."""
+    before = {n: t.models[n].state_dict() for n in SETTINGS}
+    lrs = {n: t.models[n].lr() for n in SETTINGS}
+    losses = t.loss_step
+    t.loss_step = lambda batch, n: {k: v * float("nan") if k == "student_b/loss" else v for k, v in losses(batch, n).items()}
+    out = t.train_step(STEPS + 1, next(t.data.train_batches(start_step=STEPS)))
+    del t.loss_step
+    after = {n: t.models[n].state_dict() for n in SETTINGS}
+    changed = {n: any(not torch.equal(after[n][k], before[n][k]) for k in before[n]) for n in SETTINGS} if t.rank == 0 else {}
+    return {"finite": out["finite"], "roles_finite": {n: r["finite"] for n, r in out["roles"].items()}, "changed": changed,
+            "lr_moved": {n: t.models[n].lr() != lrs[n] for n in SETTINGS}}
+
+
+def missing_loss(t) -> str:
+    """The error of a step whose `loss_step` leaves out a trainable role's loss."""
+    t.loss_step = lambda batch, n: {"loss": torch.zeros(())}
+    try:
+        t.train_step(STEPS + 2, next(t.data.train_batches(start_step=STEPS)))
+    except ValueError as e:
+        return str(e)
+    finally:
+        del t.loss_step
+    return ""
+
+
 def _weights(run: Path, role: str) -> dict:
     from safetensors.torch import load_file
 
@@ -137,8 +166,10 @@ def main(argv: list[str] | None = None) -> None:
         shutil.copytree(whole / "checkpoints" / "step_00000002", resumed / "checkpoints" / "step_00000002")
         (resumed / "checkpoints" / "latest").write_text("step_00000002")
     dist.barrier()
-    TwoStudents(validate_recipe({**recipe(assets, resumed, save_every=2), "resume": True, "overwrite": False},
-                                TwoStudents), log=lambda s: None).train()
+    again = TwoStudents(validate_recipe({**recipe(assets, resumed, save_every=2), "resume": True, "overwrite": False},
+                                        TwoStudents), log=lambda s: None)
+    again.train()
+    after_nan, refused = one_role_nan(again), missing_loss(again)
 
     if dist.get_rank() == 0:
         unset_hf_deepspeed_config()  # the references are plain torch, whole
@@ -155,6 +186,7 @@ def main(argv: list[str] | None = None) -> None:
                 "lrs": [m[f"{name}/lr"] for m in metrics], "reference_lrs": lrs,
                 "resumed_equal": got.keys() == again.keys() and all(torch.equal(got[k], again[k]) for k in got)}
         out["steps"] = [m["step"] for m in metrics]
+        out["nan_step"], out["missing_loss"] = after_nan, refused
         out["resumed_steps"] = [m["step"] for m in _metrics(resumed)]
         out_json.write_text(json.dumps(out))
     end_of_script()
