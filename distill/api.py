@@ -40,7 +40,7 @@ def run(recipe: str | os.PathLike | Mapping[str, Any], *overrides: str, log: Cal
 
     `recipe`: a recipe file, a shipped recipe's name (`quickstart`) or the recipe's keys as a mapping; `keys`:
     top-level keys merged over it (`train={"max_steps": 10}`, `trainer=MyTrainer`); `overrides`: dotted strings as on
-    the command line (`"train.max_steps=10"`). See `distill.trainers.load_recipe`. Raises RecipeError, before any
+    the command line (`"train.max_steps=10"`). See `distill.load_recipe`. Raises RecipeError, before any
     model loads, for a recipe that cannot run."""
     recipe, trainer_cls = load_recipe(recipe, *overrides, **keys)
     if recipe.launch.num_processes > 1 and _PLAIN:

@@ -383,7 +383,7 @@ def _describe(err: dict, model: type[BaseModel], raw: dict) -> str:
 
 def read_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> dict:
     """A recipe file as a mapping, dotted overrides merged in; not validated (that needs its trainer, which
-    `distill.trainers.load_recipe` resolves)."""
+    `distill.trainer.load_recipe` resolves)."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file `{path}` does not exist; shipped recipes, to run by name or copy out with "

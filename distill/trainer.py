@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Mapping
 
 import importlib
 
@@ -33,7 +34,8 @@ from distill.overlap import Overlap, compile_reporter
 from distill.plan import RolePlan, format_plan
 from distill.preflight import preflight
 from distill.errors import RecipeError
-from distill.recipe import Role, Section
+from distill.presets import shipped_recipes
+from distill.recipe import RecipeBase, Role, Section, deep_merge, parse_overrides, read_recipe, validate_recipe
 from distill.registry import Registry, UnknownNameError
 from distill import samples
 from distill.roles import RoleManager, RoleModel, copy_weights
@@ -201,11 +203,9 @@ class RoleTrainer:
     @classmethod
     def from_recipe(cls, recipe, *overrides: str, log: Callable[[str], None] = print, **keys) -> "RoleTrainer":
         """This trainer, built from a recipe as `distill.run` takes it (a file, a shipped recipe's name, a mapping;
-        `keys` and dotted `overrides` over it: `distill.trainers.load_recipe`): checked, data read, roles loaded.
+        `keys` and dotted `overrides` over it: `load_recipe`): checked, data read, roles loaded.
         `.train()` runs it in this process. Called on a subclass, the subclass trains whatever `trainer` the recipe
         names; on `RoleTrainer`, the recipe's trainer."""
-        from distill.trainers import load_recipe  # which imports this module
-
         if cls is not RoleTrainer:
             keys["trainer"] = cls
         validated, trainer_cls = load_recipe(recipe, *overrides, **keys)
@@ -529,6 +529,38 @@ def role_metrics(roles: dict[str, dict[str, Any]]) -> dict[str, float | None]:
         out[f"{key}lr"] = r["lr"]
         out[f"{key}grad_norm"] = r["grad_norm"] if math.isfinite(r["grad_norm"]) else None
     return out
+
+
+def load_recipe(recipe: str | os.PathLike | Mapping[str, Any] | RecipeBase, *overrides: str | list[str], **keys):
+    """A validated recipe and its trainer class; loads no model. Returns (recipe, trainer class).
+
+    `recipe`: a recipe file, a shipped recipe's name (`quickstart`), or the recipe's keys as a mapping (what the
+    YAML file would hold; from Python, values may also be objects where the recipe takes them: `trainer` a
+    RoleTrainer subclass, `data.train` / `data.eval` a `datasets.Dataset`, reward functions callables) or a
+    validated recipe. `keys`: top-level recipe keys merged over it, mappings key by key (`train={"max_steps": 10}`);
+    `overrides`: dotted `key.sub=value` strings (or lists of them), as on the command line, applied last."""
+    dotted = [o for item in overrides for o in ([item] if isinstance(item, str) else item)]
+    if isinstance(recipe, RecipeBase):
+        recipe = recipe.model_dump(exclude_unset=True)
+    if isinstance(recipe, Mapping):
+        raw, where = dict(recipe), "the recipe"
+    else:
+        shipped = shipped_recipes()
+        path = shipped[str(recipe)] if not os.path.exists(recipe) and str(recipe) in shipped else recipe
+        raw, where = read_recipe(path), f"recipe `{path}`"
+    raw = deep_merge(deep_merge(raw, keys), parse_overrides(dotted))
+    if "trainer" not in raw:
+        raise RecipeError(f"{where} has no `trainer:` key; add e.g. `trainer: distill`")
+    trainer_cls = raw["trainer"] if isinstance(raw["trainer"], type) else get_trainer(raw["trainer"])
+    if not issubclass(trainer_cls, RoleTrainer):
+        raise RecipeError(f"`trainer: {trainer_cls!r}` is not a RoleTrainer subclass")
+    raw["trainer"] = trainer_name(trainer_cls)
+    return validate_recipe(raw, trainer_cls), trainer_cls
+
+
+def trainer_name(cls: type[RoleTrainer]) -> str:
+    """How a recipe names a trainer class: its registered name, else `module:Class`."""
+    return cls.name if cls.name and TRAINERS.get(cls.name) is cls else f"{cls.__module__}:{cls.__qualname__}"
 
 
 def _init_key(spec: Role) -> str | None:
