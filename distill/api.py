@@ -69,7 +69,10 @@ def _launched(recipe, trainer_cls) -> dict[str, Any]:
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [*sys.path, saved or ""] if p and os.path.isdir(p))
         code = relaunch(n, "distill.train", [path])
     finally:
-        os.environ.pop("PYTHONPATH") if saved is None else os.environ.update(PYTHONPATH=saved)
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
         os.unlink(path)
         release_run_dir(out)
     if code != 0:

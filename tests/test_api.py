@@ -111,3 +111,20 @@ def test_load_recipe_takes_a_file_a_name_or_a_mapping_with_keys_and_overrides(tm
         distill.load_recipe({"output_dir": "x", "data": {"train": "x.jsonl"}})
     with pytest.raises(distill.RecipeError, match="unknown key `train.max_step`"):
         distill.load_recipe("quickstart", train={"max_step": 3})
+
+
+def test_a_resumed_run_must_be_given_the_same_dataset(tmp_path):
+    """recipe.yaml names a Dataset by its fingerprint: the same records match, other records are another run's."""
+    from distill.rundir import check_resume_identity
+
+    def recipe(texts):
+        lm = _lm_recipe(tmp_path) | {"launch": {"num_processes": 1}}
+        lm["data"]["train"] = datasets.Dataset.from_list([{"text": t} for t in texts])
+        return distill.load_recipe(lm)[0]
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "recipe.yaml").write_text(yaml.safe_dump(recipe(["a b", "c d"]).model_dump(mode="json")))
+    check_resume_identity(ckpt, recipe(["a b", "c d"]))  # built again from the same records
+    with pytest.raises(distill.RecipeError, match=r"data.train: \"<datasets.Dataset \w+: 2 rows.*\" -> \"<datasets.Dataset \w+"):
+        check_resume_identity(ckpt, recipe(["a b", "c e"]))
