@@ -1,5 +1,5 @@
-"""`distill.run` from Python: docs/python.md's blocks run as written, a `datasets.Dataset` trains exactly as the same
-records in files do, and values another process cannot read are refused by key before anything starts."""
+"""`distill.run` from Python: docs/python.md's blocks run as written, a `datasets.Dataset` gives the batches the same
+records give from a file, and values another process cannot read are refused by key before anything starts."""
 import json
 import os
 import subprocess
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import datasets
 import pytest
+import torch
 import yaml
 
 import distill
@@ -15,33 +16,24 @@ from tests.doc_blocks import blocks
 from tests.helpers import REPO, TINY_LLAMA, check
 
 DOC = REPO / "docs" / "python.md"
-SAME_FROM_FILES = '''
-# The quickstart of the first block again, on the same records written to files.
-import safetensors.torch as st
-
-splits["train"].to_json("texts/train.jsonl"), splits["test"].to_json("texts/eval.jsonl")
-distill.run("quickstart", output_dir="runs/texts_from_files", data={"train": "texts/train.jsonl",
-            "eval": "texts/eval.jsonl", "synthetic_seed": None}, train={"max_steps": 10}, launch={"num_processes": 1})
-a, b = (st.load_file(f"runs/{run}/final/student/model.safetensors") for run in ("texts_from_python", "texts_from_files"))
-print("same weights:", a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a))
-# A trainer built from a run's recipe.yaml, not trained; a subclass builds itself whatever the recipe names.
-t = distill.RoleTrainer.from_recipe("runs/texts_from_files/recipe.yaml", output_dir="runs/built", log=lambda s: None)
-distill.roles.forget_roles()  # as `distill.run` does after a run: another trainer may be built in this process
+BUILT = '''
+# A trainer subclass built from the run's recipe.yaml, not trained: the subclass, whatever the recipe names.
 class Mine(distill.DistillTrainer): pass
-m = Mine.from_recipe("runs/texts_from_files/recipe.yaml", output_dir="runs/built_mine", log=lambda s: None)
-print("from_recipe:", type(t).__name__, list(t.trainables), type(m).__name__)
+m = Mine.from_recipe("runs/texts_from_python/recipe.yaml", data={"train": splits, "eval": splits}, output_dir="runs/built",
+                     log=lambda s: None)
+print("from_recipe:", type(m).__name__, list(m.trainables), len(m.data.train))
 '''
 
 
 @pytest.mark.multiprocess
-def test_the_python_page_runs_and_a_dataset_trains_as_its_files_do(tmp_path):
+def test_the_python_page_runs(tmp_path):
     code = "".join(b.text for b in blocks(DOC) if b.lang == "python")
-    (tmp_path / "page.py").write_text(code + SAME_FROM_FILES)
+    (tmp_path / "page.py").write_text(code + BUILT)
     proc = subprocess.run([sys.executable, "page.py"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     check(proc)
     lines = proc.stdout.strip().splitlines()
-    assert lines[-2:] == ["same weights: True", "from_recipe: DistillTrainer ['student'] Mine"]
+    assert lines[-1] == "from_recipe: Mine ['student'] 256"  # the Dataset's train split
     texts = tmp_path / "runs" / "texts_from_python"
     ce = json.loads((texts / "summary.json").read_text())
     assert f"student eval CE {ce['before']['ce']:.3f} -> {ce['after']['ce']:.3f}" in lines
@@ -52,6 +44,27 @@ def test_the_python_page_runs_and_a_dataset_trains_as_its_files_do(tmp_path):
     assert yaml.safe_load((grpo / "recipe.yaml").read_text())["grpo"]["reward_funcs"] == ["__main__:ends_with_bang"]
     logged = [json.loads(line) for line in (grpo / "metrics.jsonl").read_text().splitlines()]
     assert any("rewards/ends_with_bang" in m for m in logged) and "eval/rewards/ends_with_bang" in logged[0]
+
+
+def test_a_dataset_gives_the_batches_its_records_give_from_a_file(assets, tmp_path):
+    from transformers import AutoTokenizer
+
+    from distill.data.loading import build_text_data
+    from tests.helpers import tiny_recipe
+
+    rows = [json.loads(line) for line in Path(assets["train"]).read_text().splitlines()[:40]]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tokenizer = AutoTokenizer.from_pretrained(assets["tokenizer"])
+
+    def batches(train):
+        recipe, _ = distill.load_recipe(tiny_recipe(assets, tmp_path / "run", data={"train": train, "eval": None}))
+        return [b for step in zip(range(3), build_text_data(recipe, tokenizer, 0, 1).train_batches()) for b in step[1]]
+
+    from_file = batches(str(tmp_path / "train.jsonl"))
+    for given in (datasets.Dataset.from_list(rows), datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)})):
+        got = batches(given)
+        assert len(got) == len(from_file) == 6  # 3 steps of 2 micro-batches
+        assert all(a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) for a, b in zip(got, from_file))
 
 
 def _lm_recipe(tmp_path, **data) -> dict:
