@@ -1,8 +1,8 @@
 """A role's model: its transformers config and class, read and built as its recipe block says.
 
 The one place that names a transformers Auto class: a role's `model_class` picks it (a causal LM by
-default; a sequence classifier for a reward model), so a new kind of role is a new entry in
-`MODEL_CLASSES`, not another branch in the loaders.
+default; a sequence classifier for a reward model; a token classifier for a critic's per-token values), so a
+new kind of role is a new entry in `MODEL_CLASSES`, not another branch in the loaders.
 """
 from __future__ import annotations
 
@@ -10,13 +10,15 @@ import copy
 from pathlib import Path
 
 import torch
-from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import (CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
+                          AutoModelForTokenClassification)
 
 from distill.data.text import looks_like_path
 from distill.errors import RecipeError
 from distill.recipe import Role
 
-MODEL_CLASSES = {"causal_lm": AutoModelForCausalLM, "sequence_classification": AutoModelForSequenceClassification}
+MODEL_CLASSES = {"causal_lm": AutoModelForCausalLM, "sequence_classification": AutoModelForSequenceClassification,
+                 "token_classification": AutoModelForTokenClassification}
 """`Role.model_class` -> the transformers Auto class that builds it."""
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 """`Role.precision` -> the dtype of the role's weights."""
@@ -29,7 +31,8 @@ def auto_class(spec: Role):
 def class_of_saved(config):
     """The Auto class of a saved model, from the architecture its config names (a causal LM when it names none)."""
     names = getattr(config, "architectures", None) or []
-    kind = "sequence_classification" if any(n.endswith("ForSequenceClassification") for n in names) else "causal_lm"
+    kinds = {"ForSequenceClassification": "sequence_classification", "ForTokenClassification": "token_classification"}
+    kind = next((k for suffix, k in kinds.items() if any(n.endswith(suffix) for n in names)), "causal_lm")
     return MODEL_CLASSES[kind]
 
 

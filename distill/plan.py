@@ -15,7 +15,7 @@ from distill.errors import RecipeError
 from distill.lora import lora_param_counts
 from distill.models import count_params, load_model_config
 from distill.placement import choose_placement, device_memory, frozen_zero3_settings
-from distill.recipe import Role
+from distill.recipe import Role, role_grad_clip
 
 @dataclass
 class RolePlan:
@@ -52,8 +52,9 @@ class RolePlan:
 
 
 def plan_roles(recipe, trainer_cls, *, world_size: int, vocab_size: int | None) -> dict[str, RolePlan]:
-    """Every role the run builds (`trainer_cls.built_roles`), trainable roles first (the first one owns the
-    primary Accelerator)."""
+    """Every role the run builds (`trainer_cls.built_roles`), trainable roles first, in the order the trainer declares
+    them (the first one owns the primary Accelerator). Any number of roles may be trainable; each steps its own
+    optimizer (distill/trainer.py)."""
     plans: dict[str, RolePlan] = {}
     t = recipe.train
     mem = dict(world_size=world_size, micro_batch_size=t.micro_batch_size, seq_len=recipe.data.max_length)
@@ -65,7 +66,7 @@ def plan_roles(recipe, trainer_cls, *, world_size: int, vocab_size: int | None) 
         else:
             n, trained = count_params(mcfg), None
         kw = dict(micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum, world_size=world_size,
-                  grad_clip=t.grad_clip, hidden_size=getattr(mcfg, "hidden_size", None),
+                  grad_clip=role_grad_clip(spec, t), hidden_size=getattr(mcfg, "hidden_size", None),
                   frozen_zero3=None if spec.trainable else frozen_zero3_settings(mcfg, n))
         placement, why = requested_placement(spec), "set by the recipe"
         if not spec.trainable and placement is None:
@@ -77,12 +78,8 @@ def plan_roles(recipe, trainer_cls, *, world_size: int, vocab_size: int | None) 
         ds = role_ds_config(name, spec, placement=placement, **kw)
         plans[name] = RolePlan(name, spec, ds, mcfg, n, trained, placement, "" if spec.trainable else why)
         plans[name].compile = resolve_compile(plans[name])
-    trainable = [n for n, p in plans.items() if p.spec.trainable]
-    if not trainable:
+    if not any(p.spec.trainable for p in plans.values()):
         raise RecipeError(f"no role is trainable: set `trainable: true` on one of {list(plans)}")
-    if len(trainable) > 1:
-        raise RecipeError(f"roles {trainable} are all trainable; the shared loop steps one role: set `trainable: false` "
-                          "on all but one, or override `train` in your trainer to step several")
     return plans
 
 

@@ -16,7 +16,7 @@ from distill.checkpoint import latest_checkpoint
 from distill.checks import check_checkpoint_shapes, check_jsonl, check_model_files, check_output_dir
 from distill.data.loading import ensure_synthetic
 from distill.data.packing import PACKING_ATTENTION
-from distill.data.text import looks_like_path
+from distill.data.text import load_dataset_source, looks_like_path
 from distill.errors import RecipeError
 from distill.launch import launched, world_info
 from distill.models import check_model_source, load_model_config
@@ -135,8 +135,15 @@ def _has_tokenizer(directory: str) -> bool:
 
 
 def sample_texts(data, limit: int = 32) -> list[str]:
-    """`PROBE_TEXTS` and the strings of the first records of `data.train` when it is a local .jsonl file."""
+    """`PROBE_TEXTS` and the strings of the first records of `data.train` when it is a local .jsonl file or a
+    `datasets.Dataset`."""
     texts = list(PROBE_TEXTS)
+    if not isinstance(data.train, str):  # a dataset given from Python
+        try:
+            ds = load_dataset_source(data.train, split=data.train_split)
+        except ValueError:  # said with its key where the data is read
+            return texts
+        return texts + [s for row in ds.select(range(min(limit, len(ds)))) for s in _strings(row)]
     path = Path(data.train).expanduser()
     if path.suffix.lower() == ".jsonl" and path.is_file():
         with open(path, encoding="utf-8", errors="replace") as f:

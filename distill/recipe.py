@@ -11,8 +11,10 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
+import datasets
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, create_model, field_serializer, field_validator,
+                      model_validator)
 
 from distill.dsconfig import role_ds_config
 from distill.errors import RecipeError
@@ -80,9 +82,10 @@ class Role(Section):
     from_pretrained: str | None = None
     """A local directory (or hub name) loaded with `from_pretrained` of the `model_class`; `distill:assets/teacher`
     is the small teacher the package ships."""
-    model_class: Literal["causal_lm", "sequence_classification"] = "causal_lm"
-    """What the role's model is: a causal LM (`AutoModelForCausalLM`), or a sequence classifier
-    (`AutoModelForSequenceClassification`, e.g. a reward model with `num_labels: 1`)."""
+    model_class: Literal["causal_lm", "sequence_classification", "token_classification"] = "causal_lm"
+    """What the role's model is: a causal LM (`AutoModelForCausalLM`), a sequence classifier
+    (`AutoModelForSequenceClassification`, e.g. a reward model with `num_labels: 1`), or a token classifier
+    (`AutoModelForTokenClassification`, e.g. a critic with `num_labels: 1`: one value per token)."""
     config: dict[str, Any] | None = None
     """A transformers config (with `model_type`) for a randomly initialised model; `vocab_size`
     defaults to the tokenizer's length."""
@@ -104,6 +107,9 @@ class Role(Section):
     """Trainable roles only; defaults to AdamW."""
     scheduler: SchedulerSpec | None = None
     """Trainable roles only; defaults to cosine without warmup."""
+    grad_clip: float | None = Field(None, ge=0)
+    """Trainable roles only: clip this role's global gradient norm to this value; 0: no clipping; null:
+    `train.grad_clip`. Each trainable role clips its own gradients, over its own parameters."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward (trainable roles)."""
     compile: bool | None = None
@@ -132,8 +138,8 @@ class Role(Section):
         if self.trainable:
             self.optimizer = self.optimizer or OptimizerSpec()
             self.scheduler = self.scheduler or SchedulerSpec()
-        elif self.optimizer is not None or self.scheduler is not None:
-            raise ValueError("a frozen role has no optimizer or scheduler: remove them, or set `trainable: true`")
+        elif self.optimizer is not None or self.scheduler is not None or self.grad_clip is not None:
+            raise ValueError("a frozen role has no optimizer, scheduler or grad_clip: remove them, or set `trainable: true`")
         if self.lora is not None and not self.trainable:
             raise ValueError("`lora` adapts a role that trains; this role is frozen: remove `lora`, or set `trainable: true`")
         if self.trainable and self.placement != "auto":
@@ -152,11 +158,29 @@ class Role(Section):
         return int(resolve_deepspeed(self.deepspeed)["zero_optimization"].get("stage", 0))
 
 
+def dataset_label(ds: Any) -> str:
+    """How a recipe written to disk (recipe.yaml, a checkpoint's) names a dataset given as an object: by its
+    fingerprint, which `datasets` derives from the data, so a resumed run given the same data matches."""
+    if isinstance(ds, datasets.DatasetDict):
+        return "<datasets.DatasetDict " + ", ".join(f"{k}: {v._fingerprint}" for k, v in ds.items()) + ">"
+    return f"<datasets.Dataset {ds._fingerprint}: {len(ds)} rows, columns {ds.column_names}>"
+
+
+def role_grad_clip(role: Role, train: "TrainSpec") -> float | None:
+    """The clipping norm a trainable role runs with: its own `grad_clip` (0: none), else `train.grad_clip`."""
+    if role.grad_clip is not None:
+        return role.grad_clip or None
+    return train.grad_clip
+
+
 class DataSpec(Section):
-    train: str
+    model_config = ConfigDict(arbitrary_types_allowed=True)  # a `datasets.Dataset` given from Python
+
+    train: str | datasets.Dataset | datasets.DatasetDict
     """Training data: a local .jsonl/.json/.parquet/.txt file, a directory of them, a directory written by
-    `datasets`' `save_to_disk`, or a hub name."""
-    eval: str | None = None
+    `datasets`' `save_to_disk`, or a hub name. From Python (`distill.run`), also a `datasets.Dataset` (or a
+    `DatasetDict`, read at `train_split`), with the columns a file would have."""
+    eval: str | datasets.Dataset | datasets.DatasetDict | None = None
     """Evaluation data, same forms as `train`; a directory, saved DatasetDict or hub name gives its `eval_split`."""
     train_split: str = "train"
     """The split of `data.train` when it is a directory (files `<split>*.jsonl`, ...), a saved DatasetDict or a hub
@@ -184,6 +208,10 @@ class DataSpec(Section):
     the directory of `train`, as `train.jsonl`, `eval.jsonl` and `tokenizer/`, when that directory does not exist yet.
     Existing files are never written: a directory that holds the data is used as it is, and one that holds other
     files is refused."""
+    @field_serializer("train", "eval", when_used="json")
+    def _name_datasets(self, v: Any) -> Any:
+        return v if v is None or isinstance(v, str) else dataset_label(v)
+
     packing: bool = False
     """Concatenate whole tokenized documents into rows of exactly `max_length` tokens (greedy, in dataset order;
     a document that does not fit starts the next row, none is split), with position_ids restarting at every
@@ -202,7 +230,8 @@ class TrainSpec(Section):
     epochs: int = Field(1, ge=1)
     """Passes over the training data when `max_steps` is not set."""
     grad_clip: float | None = Field(1.0, gt=0)
-    """Clip the global gradient norm to this value; null disables clipping."""
+    """Clip the global gradient norm to this value; null disables clipping. A trainable role's own `grad_clip`
+    overrides it for that role."""
     log_every: int = Field(10, ge=1)
     """Steps between metric lines."""
     eval_every: int | None = Field(None, ge=1)
@@ -362,7 +391,8 @@ def _describe(err: dict, model: type[BaseModel], raw: dict) -> str:
 
 
 def read_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> dict:
-    """A recipe file as a mapping, dotted overrides merged in; not validated (that needs its trainer)."""
+    """A recipe file as a mapping, dotted overrides merged in; not validated (that needs its trainer, which
+    `distill.trainer.load_recipe` resolves)."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file `{path}` does not exist; shipped recipes, to run by name or copy out with "
@@ -373,10 +403,7 @@ def read_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         raise RecipeError(f"recipe `{path}` is not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"recipe `{path}` must be a mapping of keys, got {type(raw).__name__}")
-    raw = deep_merge(raw, parse_overrides(overrides or []))
-    if "trainer" not in raw:
-        raise RecipeError(f"recipe `{path}` has no `trainer:` key; add e.g. `trainer: distill`")
-    return raw
+    return deep_merge(raw, parse_overrides(overrides or []))
 
 
 def validate_recipe(raw: dict, trainer_cls) -> RecipeBase:
@@ -407,7 +434,7 @@ def validate_recipe(raw: dict, trainer_cls) -> RecipeBase:
         # A dry build of the DeepSpeed config catches impossible setups now.
         t = recipe.train
         role_ds_config(name, role, micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum, world_size=1,
-                       grad_clip=t.grad_clip, hidden_size=1)
+                       grad_clip=role_grad_clip(role, t), hidden_size=1)
     checkpointed = [n for n in trainer_cls.roles if getattr(recipe, n).trainable and getattr(recipe, n).gradient_checkpointing]
     if recipe.train.overlap_frozen and checkpointed:
         # The recomputed attention of a checkpointed layer can differ from its forward when a frozen role's

@@ -19,14 +19,21 @@ _REWARDS = ("reward", "reward_std", "frac_reward_zero_std")  # GRPO's, beside it
 _POLICY = ("kl", "entropy", "clip_ratio/", "completions/")  # GRPO: how far and how the policy moves, what it writes
 _THROUGHPUT = ("tokens_per_s", "max_memory_gb", "gen_tokens_per_s", "gen_time_share")
 _STARTUP = ("startup_s", "first_step_s")  # once per launch, in the first log line: not a series to plot
+_OPTIMIZER = ("lr", "grad_norm")  # each trainable role's, `<role>/lr` when several train
+
+
+def _optimizer(k: str) -> bool:
+    return k.rpartition("/")[2] in _OPTIMIZER and not k.startswith("eval/")
+
+
 GROUPS = {
-    "loss": lambda k: not k.startswith(("eval/", "rewards/", "logps/") + _POLICY) and k not in
-    ("lr", "grad_norm", "elapsed_s") + _THROUGHPUT + _REWARDS + _STARTUP,
+    "loss": lambda k: not k.startswith(("eval/", "rewards/", "logps/") + _POLICY) and not _optimizer(k) and k not in
+    ("elapsed_s",) + _THROUGHPUT + _REWARDS + _STARTUP,
     "eval": lambda k: k.startswith("eval/"),
     "rewards": lambda k: k.startswith(("rewards/", "logps/")) or k in _REWARDS,
     "policy": lambda k: k.startswith(_POLICY),
     "throughput": lambda k: k in _THROUGHPUT,
-    "lr": lambda k: k in ("lr", "grad_norm"),
+    "lr": _optimizer,
 }
 
 

@@ -1,4 +1,5 @@
-"""Reward functions named in a recipe as `module:function`, and how their outputs are checked.
+"""Reward functions named in a recipe as `module:function` (or given from Python as callables), and how their
+outputs are checked.
 
 A reward function is what TRL's `GRPOTrainer` calls one: a plain Python callable
 
@@ -35,7 +36,7 @@ class RewardError(RuntimeError):
 @dataclass
 class RewardFunction:
     spec: str
-    """`module:function`, as the recipe names it."""
+    """`module:function`, as the recipe names it (for a callable given from Python, where it was defined)."""
     fn: Callable[..., Any]
     weight: float = 1.0
 
@@ -64,13 +65,32 @@ def load_reward_function(spec: str, *, key: str = "grpo.reward_funcs") -> Callab
     return obj
 
 
-def load_reward_functions(specs: list[str], weights: list[float] | None = None, *,
+def callable_name(fn: Callable[..., Any]) -> str:
+    """`module:qualname` of a callable, as a recipe written to disk names a reward function given from Python."""
+    return f"{getattr(fn, '__module__', None) or '?'}:{getattr(fn, '__qualname__', None) or type(fn).__qualname__}"
+
+
+def importable(fn: Callable[..., Any]) -> str | None:
+    """`module:qualname` when importing it in another process gives this very callable, else None (a lambda, a
+    function of `__main__` or of a notebook, a closure, a bound method of an object made at run time)."""
+    name = callable_name(fn)
+    if name.startswith("__main__:") or "<" in name:
+        return None
+    try:
+        return name if load_reward_function(name) is fn else None
+    except RecipeError:
+        return None
+
+
+def load_reward_functions(specs: list[str | Callable[..., Any]], weights: list[float] | None = None, *,
                           key: str = "grpo.reward_funcs") -> list[RewardFunction]:
-    """The recipe's reward functions with their weights (default 1 each)."""
+    """The recipe's reward functions (`module:function` names, or callables given from Python) with their weights
+    (default 1 each)."""
     if weights is not None and len(weights) != len(specs):
         raise RecipeError(f"`grpo.reward_weights` has {len(weights)} weights for {len(specs)} reward functions in `{key}`: "
                           "give one weight per function, in the same order")
-    out = [RewardFunction(s, load_reward_function(s, key=key), 1.0 if weights is None else float(w))
+    out = [RewardFunction(s, load_reward_function(s, key=key), 1.0 if weights is None else float(w)) if isinstance(s, str)
+           else RewardFunction(callable_name(s), s, 1.0 if weights is None else float(w))
            for s, w in zip(specs, weights or [None] * len(specs))]
     names = [f.name for f in out]
     if len(set(names)) != len(names):

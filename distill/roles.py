@@ -164,7 +164,8 @@ class RoleModel:
         return box["value"]
 
     def backward(self, loss: torch.Tensor, *, boundary: bool) -> None:
-        """Backward of one micro-batch; steps the optimizer at the accumulation boundary.
+        """Backward of one micro-batch; at the accumulation `boundary` the gradients are reduced over ranks,
+        ready for `step`.
 
         We drive the engine rather than `Accelerator.backward`: that one also steps the engine and
         divides by the accumulation count, while our losses are already normalised by the tokens
@@ -173,10 +174,14 @@ class RoleModel:
         with self.manager.use(self.name):
             self.engine.set_gradient_accumulation_boundary(boundary)
             self.engine.backward(loss, scale_wrt_gas=False)
-            if boundary:
-                self.engine.step()
-                if self.scheduler is not None and self.engine.was_step_applied():  # not on a skipped step
-                    self.scheduler.step()
+
+    def step(self) -> None:
+        """The optimizer step after the boundary's backward (clipped at the role's `grad_clip`; skipped by DeepSpeed
+        when the gradient norm is NaN/Inf), then the role's scheduler, unless the step was skipped."""
+        with self.manager.use(self.name):
+            self.engine.step()
+            if self.scheduler is not None and self.engine.was_step_applied():
+                self.scheduler.step()
 
     def grad_norm(self) -> torch.Tensor | float | None:
         """The global gradient norm of the last optimizer step, as DeepSpeed keeps it (a device tensor or a float;

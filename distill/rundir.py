@@ -133,10 +133,12 @@ def _covered(key: str, patterns) -> bool:
 
 def recipe_changes(saved: dict, current: dict, allow: list[str]) -> dict[str, tuple]:
     """Keys whose values differ between a checkpoint's recipe and this one and change the result, minus
-    those in `allow`: key -> (checkpoint's value, this recipe's value). `<absent>` marks a missing key."""
+    those in `allow`: key -> (checkpoint's value, this recipe's value). `<absent>` marks a missing key; a key
+    the checkpoint's recipe lacks and this one leaves null is no change (a key added since, at its default)."""
     a, b = _flat(saved), _flat(current)
     return {k: (a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(set(a) | set(b))
-            if a.get(k, "<absent>") != b.get(k, "<absent>") and not _covered(k, NO_EFFECT) and not _covered(k, allow)}
+            if a.get(k, "<absent>") != b.get(k, "<absent>") and not (k not in a and b[k] is None)
+            and not _covered(k, NO_EFFECT) and not _covered(k, allow)}
 
 
 def check_resume_identity(ckpt: Path, recipe) -> None:

@@ -1,4 +1,4 @@
-"""Generation samples at each evaluation: the trainable role continues a few eval prompts greedily.
+"""Generation samples at each evaluation: the (first) trainable causal LM continues a few eval prompts greedily.
 
 What a loss curve does not show: whether the model writes sensible text and stops. At every evaluation
 (before the first step, every `train.eval_every` steps, after the last) the trainable role continues the
@@ -69,7 +69,10 @@ def log_samples(trainer, step: int) -> None:
     new_tokens = min(t.eval_sample_tokens, min(limits) - max(len(p) for p in prompts))
     if new_tokens < 1:
         return
-    rows = generate_samples(trainer.trainable, trainer.tokenizer, prompts, max_new_tokens=new_tokens, device=trainer.device)
+    writer = next((m for m in trainer.trainables.values() if m.plan.spec.model_class == "causal_lm"), None)
+    if writer is None:  # e.g. a trainer that trains a reward model alone
+        return
+    rows = generate_samples(writer, trainer.tokenizer, prompts, max_new_tokens=new_tokens, device=trainer.device)
     if trainer.accelerator.is_main_process:
         write_samples(trainer.out, step, rows)
         trainer.log(format_samples(step, rows))

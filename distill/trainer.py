@@ -13,7 +13,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Mapping
 
 import importlib
 
@@ -36,7 +36,8 @@ from distill.overlap import Overlap, compile_reporter
 from distill.plan import RolePlan, format_plan
 from distill.preflight import preflight
 from distill.errors import RecipeError
-from distill.recipe import Role, Section
+from distill.presets import shipped_recipes
+from distill.recipe import RecipeBase, Role, Section, deep_merge, parse_overrides, read_recipe, validate_recipe
 from distill.registry import Registry, UnknownNameError
 from distill import samples
 from distill.roles import RoleManager, RoleModel, copy_weights
@@ -96,8 +97,18 @@ class RoleTrainer:
     # -- the algorithm -----------------------------------------------------------------------
     def loss_step(self, batch: dict[str, torch.Tensor], num_tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         """Losses of one micro-batch, each a sum over its tokens divided by `num_tokens` (the valid
-        tokens of the whole accumulated step on all ranks). `loss` is what backward sees."""
+        tokens of the whole accumulated step on all ranks). Each trainable role's backward sees the key
+        `loss_keys` names for it: `loss` when one role trains, `<role>/loss` for each when several do;
+        the other keys are logged."""
         raise NotImplementedError
+
+    @property
+    def loss_keys(self) -> dict[str, str]:
+        """Trainable role -> the key of `loss_step`'s result its backward sees: `loss` when one role trains,
+        `<role>/loss` for each when several do. A role's loss must reach no other trainable role's parameters
+        (detach what one role's loss takes from another's forward): each role runs its own backward."""
+        names = list(self.trainables)
+        return {names[0]: "loss"} if len(names) == 1 else {n: f"{n}/loss" for n in names}
 
     def eval_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Sums over the batch's valid tokens, keyed by metric; `tokens` is the count they divide by."""
@@ -125,7 +136,8 @@ class RoleTrainer:
                                                             for m in self.models.values())
             self._overlap = Overlap(self.device, on, compiled=self.compiled)
         concurrent = not frozen_role.trainable and frozen_role.plan.zero_stage != 3
-        said = compile_reporter(self.log, self.rank, frozen_role.name, self.trainable.name)
+        label = self.trainable.name if len(self.trainables) == 1 else "trainable role"
+        said = compile_reporter(self.log, self.rank, frozen_role.name, label)
         return self._overlap.run(frozen, trainable, concurrent=concurrent, on_compile=said)
 
     def count_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -194,7 +206,19 @@ class RoleTrainer:
         self.data = self.build_data()
         self.data.check()
         self.models: dict[str, RoleModel] = self.build_roles()
-        self.trainable = next(m for m in self.models.values() if m.trainable)  # plan_roles checked there is one
+        self.trainables: dict[str, RoleModel] = {n: m for n, m in self.models.items() if m.trainable}
+        self.trainable = next(iter(self.trainables.values()))  # the first; plan_roles checked there is one
+
+    @classmethod
+    def from_recipe(cls, recipe, *overrides: str, log: Callable[[str], None] = print, **keys) -> "RoleTrainer":
+        """This trainer, built from a recipe as `distill.run` takes it (a file, a shipped recipe's name, a mapping;
+        `keys` and dotted `overrides` over it: `load_recipe`): checked, data read, roles loaded.
+        `.train()` runs it in this process. Called on a subclass, the subclass trains whatever `trainer` the recipe
+        names; on `RoleTrainer`, the recipe's trainer."""
+        if cls is not RoleTrainer:
+            keys["trainer"] = cls
+        validated, trainer_cls = load_recipe(recipe, *overrides, **keys)
+        return trainer_cls(validated, log=log)
 
     def build_data(self) -> DataBundle:
         """The run's batches: text from `data.train` / `data.eval` (distill/data/); trainers with other
@@ -320,48 +344,78 @@ class RoleTrainer:
         return {"before": before}
 
     def train_step(self, step: int, micro_batches: list[dict], *, stop_requested: bool = False) -> dict[str, Any]:
-        """One optimizer step over the step's `grad_accum` micro-batches: `prepare_step`, then `loss_step` and
-        backward for each, the optimizer step at the last.
+        """One optimizer step of every trainable role over the step's `grad_accum` micro-batches: `prepare_step`,
+        then `loss_step` and each role's backward of its loss (`loss_keys`) for each, each role's optimizer step
+        at the last.
 
         Returns the step's results over all ranks: `losses` (each component summed over the micro-batches),
-        `lr`, `grad_norm`, `tokens_seen`, `finite` (False when a loss was NaN/Inf on any rank: DeepSpeed then
-        skips the update, its gradient norm not being finite) and `stop_votes` (ranks that were asked to stop).
-        All of it comes back in one all-reduce and one wait on the device: the step's only host sync."""
+        `roles` (per trainable role: its `lr`, `grad_norm` and `finite`, False when its loss was NaN/Inf on any
+        rank: DeepSpeed then skips its update, its gradient norm not being finite), `tokens_seen`, `finite`
+        (every role's), `stop_votes` (ranks that were asked to stop), and with one trainable role its `lr` and
+        `grad_norm`. All of it comes back in one all-reduce and one wait on the device: the step's only host sync."""
         micro = self.prepare_step(step, [self.to_device(b) for b in micro_batches])
-        lr = self.trainable.lr()  # the rate this step uses; the scheduler moves on at its end
+        roles, keys = self.trainables, self.loss_keys
+        lrs = {n: role.lr() for n, role in roles.items()}  # the rates this step uses; the schedulers move on at its end
         num_tokens = self.all_reduce(sum(self.count_tokens(b) for b in micro))
         totals: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(micro):
             losses = self.loss_step(batch, num_tokens)
-            # DeepSpeed averages gradients over ranks; the losses are already global means.
-            self.trainable.backward(losses["loss"] * self.world_size, boundary=i == len(micro) - 1)
+            self._backward(losses, boundary=i == len(micro) - 1)
             for k, v in losses.items():
                 totals[k] = totals.get(k, 0) + v.detach().float()
-        norm = self.trainable.grad_norm()  # global already: the same on every rank
+        for role in roles.values():
+            role.step()
+        norms = [role.grad_norm() for role in roles.values()]  # global already: the same on every rank
         local = torch.stack([sum(b["attention_mask"].sum() for b in micro).to(self.device).float(),
-                             (~torch.isfinite(totals["loss"])).float(), torch.tensor(float(stop_requested), device=self.device),
-                             torch.as_tensor(float("nan") if norm is None else norm, device=self.device).float(),
+                             torch.tensor(float(stop_requested), device=self.device),
+                             *((~torch.isfinite(totals[keys[n]])).float().to(self.device) for n in roles),
+                             *(torch.as_tensor(float("nan") if x is None else x, device=self.device).float() for x in norms),
                              *(v.to(self.device) for v in totals.values())])
-        seen, bad, votes, norm_sum, *sums = self.all_reduce(local).tolist()
-        return {"losses": dict(zip(totals, sums)), "lr": lr, "grad_norm": norm_sum / self.world_size,
-                "tokens_seen": int(seen), "finite": bad == 0, "stop_votes": int(votes)}
+        seen, votes, *rest = self.all_reduce(local).tolist()
+        bad, norm_sums, sums = rest[:len(roles)], rest[len(roles):2 * len(roles)], rest[2 * len(roles):]
+        per_role = {n: {"lr": lrs[n], "grad_norm": norm / self.world_size, "finite": b == 0}
+                    for n, b, norm in zip(roles, bad, norm_sums)}
+        out = {"losses": dict(zip(totals, sums)), "roles": per_role, "tokens_seen": int(seen),
+               "finite": not any(bad), "stop_votes": int(votes)}
+        if len(roles) == 1:
+            out.update({k: v for k, v in next(iter(per_role.values())).items() if k != "finite"})
+        return out
+
+    def _backward(self, losses: dict[str, torch.Tensor], *, boundary: bool) -> None:
+        """Each trainable role's backward of its loss in one micro-batch's `losses`."""
+        keys = self.loss_keys
+        missing = [f"`{key}` (of `{name}`)" for name, key in keys.items() if key not in losses]
+        if missing:  # before any backward: no role has half a step
+            raise ValueError(f"{type(self).__name__}.loss_step returned {sorted(losses)}, without {', '.join(missing)}: "
+                             f"return the loss of every trainable role, keyed as `loss_keys` says ({list(keys.values())})")
+        for name, key in keys.items():
+            # DeepSpeed averages gradients over ranks; the losses are already global means.
+            self.trainables[name].backward(losses[key] * self.world_size, boundary=boundary)
 
     def _log_step(self, step: int, out: dict[str, Any], meter: Throughput, bar) -> None:
         if not out["finite"]:
-            self.write_metrics({"step": step, "skipped": "non-finite loss"})
-            if self.accelerator.is_main_process:
-                self.log(f"warning: step {step} had a NaN/Inf loss; its update was skipped")
+            self._log_skipped(step, out)
         elif step % self.recipe.train.log_every == 0 or step == self.total_steps:
-            grad_norm = out["grad_norm"] if math.isfinite(out["grad_norm"]) else None
-            metrics = {**out["losses"], "step": step, "lr": out["lr"], "grad_norm": grad_norm,
+            metrics = {**out["losses"], "step": step, **role_metrics(out["roles"]),
                        "tokens_per_s": meter.window_rate(), "elapsed_s": meter.elapsed(), **meter.take_startup(),
                        **self.step_metrics()}
             if torch.cuda.is_available():
                 metrics["max_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
             self.write_metrics(metrics)
+            losses = {k.replace("/", "_"): f"{metrics[k]:.4f}" for k in self.loss_keys.values()}
             rate = metrics["tokens_per_s"]
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", **({"tok_s": f"{rate:.0f}"} if rate is not None else {}))
+            bar.set_postfix(**losses, **({"tok_s": f"{rate:.0f}"} if rate is not None else {}))
         bar.update(1)
+
+    def _log_skipped(self, step: int, out: dict[str, Any]) -> None:
+        """A step whose loss was NaN/Inf: DeepSpeed skipped the update of each role whose loss it was."""
+        skipped = [n for n, r in out["roles"].items() if not r["finite"]]
+        several = len(out["roles"]) > 1
+        self.write_metrics({"step": step, "skipped": "non-finite loss", **({"skipped_roles": skipped} if several else {})})
+        if self.accelerator.is_main_process:
+            whose = f" of {', '.join(skipped)}" if several else ""
+            self.log(f"warning: step {step} had a NaN/Inf loss{whose}; "
+                     f"{'their updates were' if len(skipped) > 1 else 'its update was'} skipped")
 
     def report(self, history: dict[str, Any]) -> None:
         """Print what the run achieved (main process); `history` holds the eval before and after."""
@@ -372,12 +426,14 @@ class RoleTrainer:
 
         `eval_step` returns sums and their normalisers: `tokens`, and `<group>/tokens` for the
         metrics named `<group>/...` (e.g. metrics over sampled completions)."""
-        self.trainable.engine.eval()
+        for role in self.trainables.values():
+            role.engine.eval()
         sums: dict[str, torch.Tensor] = {}
         for batch in self.data.eval_batches(self.recipe.train.eval_batches):
             for k, v in self.eval_step(self.to_device(batch)).items():
                 sums[k] = sums.get(k, 0) + v.double()
-        self.trainable.engine.train()
+        for role in self.trainables.values():
+            role.engine.train()
         sums = {k: self.all_reduce(v) for k, v in sums.items()}
         counts = {k: sums.pop(k).clamp(min=1) for k in list(sums) if k == "tokens" or k.endswith("/tokens")}
 
@@ -388,7 +444,7 @@ class RoleTrainer:
         return {k: float(v / count(k)) for k, v in sums.items()}
 
     def log_samples(self, step: int) -> None:
-        """Greedy continuations of the first `train.eval_samples` eval prompts by the trainable role: printed,
+        """Greedy continuations of the first `train.eval_samples` eval prompts by the first trainable causal LM: printed,
         appended to samples.jsonl and sent to the trackers as text (distill/samples.py). Collective."""
         samples.log_samples(self, step)
 
@@ -476,6 +532,50 @@ def _import_trainer(path: str) -> type[RoleTrainer]:
     if not (isinstance(cls, type) and issubclass(cls, RoleTrainer)):
         raise RecipeError(f"`trainer: {path}` is not a RoleTrainer subclass")
     return cls
+
+
+def role_metrics(roles: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    """The metrics of `train_step`'s `roles`: `lr` and `grad_norm` with one trainable role, `<role>/lr` and
+    `<role>/grad_norm` with several (a norm that is not finite is logged as null)."""
+    prefix = len(roles) > 1
+    out: dict[str, float | None] = {}
+    for name, r in roles.items():
+        key = f"{name}/" if prefix else ""
+        out[f"{key}lr"] = r["lr"]
+        out[f"{key}grad_norm"] = r["grad_norm"] if math.isfinite(r["grad_norm"]) else None
+    return out
+
+
+def load_recipe(recipe: str | os.PathLike | Mapping[str, Any] | RecipeBase, *overrides: str | list[str], **keys):
+    """A validated recipe and its trainer class; loads no model. Returns (recipe, trainer class).
+
+    `recipe`: a recipe file, a shipped recipe's name (`quickstart`), or the recipe's keys as a mapping (what the
+    YAML file would hold; from Python, values may also be objects where the recipe takes them: `trainer` a
+    RoleTrainer subclass, `data.train` / `data.eval` a `datasets.Dataset`, reward functions callables) or a
+    validated recipe. `keys`: top-level recipe keys merged over it, mappings key by key (`train={"max_steps": 10}`);
+    `overrides`: dotted `key.sub=value` strings (or lists of them), as on the command line, applied last."""
+    dotted = [o for item in overrides for o in ([item] if isinstance(item, str) else item)]
+    if isinstance(recipe, RecipeBase):
+        recipe = recipe.model_dump(exclude_unset=True)
+    if isinstance(recipe, Mapping):
+        raw, where = dict(recipe), "the recipe"
+    else:
+        shipped = shipped_recipes()
+        path = shipped[str(recipe)] if not os.path.exists(recipe) and str(recipe) in shipped else recipe
+        raw, where = read_recipe(path), f"recipe `{path}`"
+    raw = deep_merge(deep_merge(raw, keys), parse_overrides(dotted))
+    if "trainer" not in raw:
+        raise RecipeError(f"{where} has no `trainer:` key; add e.g. `trainer: distill`")
+    trainer_cls = raw["trainer"] if isinstance(raw["trainer"], type) else get_trainer(raw["trainer"])
+    if not issubclass(trainer_cls, RoleTrainer):
+        raise RecipeError(f"`trainer: {trainer_cls!r}` is not a RoleTrainer subclass")
+    raw["trainer"] = trainer_name(trainer_cls)
+    return validate_recipe(raw, trainer_cls), trainer_cls
+
+
+def trainer_name(cls: type[RoleTrainer]) -> str:
+    """How a recipe names a trainer class: its registered name, else `module:Class`."""
+    return cls.name if cls.name and TRAINERS.get(cls.name) is cls else f"{cls.__module__}:{cls.__qualname__}"
 
 
 def _init_key(spec: Role) -> str | None:

@@ -237,24 +237,30 @@ def test_reward_model_reads_ids_or_retokenized_text(tmp_path):
     cid = torch.tensor([c + [PAD] * (C - len(c)) for c in comps])
     batch = {"input_ids": torch.cat([pid, cid], 1), "attention_mask": torch.cat([(pid != PAD).long(), (cid != PAD).long()], 1)}
 
-    def trainer(source):
-        return SimpleNamespace(reward=SimpleNamespace(module=rm), tokenizer=tok, rank=1, log=print, _chat=False,
-                               recipe=SimpleNamespace(reward=SimpleNamespace(from_pretrained=source),
-                                                      train=SimpleNamespace(micro_batch_size=2)))
+    def scorer(source):
+        return RewardModelScorer(_Called(rm), source=source, tokenizer=tok, batch_size=2)
 
     scores = {}
     for source in (None, str(tmp_path / "rm")):
-        scorer = RewardModelScorer(trainer(source))
-        scorer.role = lambda **kw: rm(**kw)
         with torch.no_grad():
-            scores[source] = scorer.score(batch)
-    assert RewardModelScorer(trainer(str(tmp_path / "rm"))).tokenizer is not None  # the text path was taken
+            scores[source] = scorer(source).score(batch)
+    assert scorer(str(tmp_path / "rm")).tokenizer is not None  # the text path was taken
     with torch.no_grad():  # by hand: each text alone through the reward model's own tokenizer
         hand = [float(rm(**other(p + " " + c, return_tensors="pt")).logits[0, 0]) for p, c in texts]
         ids_hand = [float(rm(input_ids=torch.tensor([p + c])).logits[0, 0]) for p, c in zip(prompts, comps)]
     assert scores[str(tmp_path / "rm")].tolist() == pytest.approx(hand, abs=1e-5)
     assert scores[None].tolist() == pytest.approx(ids_hand, abs=1e-5)
     assert ids_hand != pytest.approx(hand, abs=1e-3)  # the two tokenizers really give other ids
+
+
+class _Called:
+    """A plain model where the scorer expects a role: called for logits, `module` for its config."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, **kw):
+        return self.module(**kw)
 
 
 # -- 2 processes ---------------------------------------------------------------------------------------

@@ -76,6 +76,10 @@ def test_a_role_loads_the_model_class_it_declares():
     ids = torch.tensor([[3, 4, 5]])
     assert scorer_model(input_ids=ids).logits.shape == (1, 1)  # one score per sequence
     assert count_params(config, "sequence_classification") < count_params(config, "causal_lm")  # a 1-row head
+    critic = build_model(Role(config=cfg, model_class="token_classification"),
+                         AutoConfig.for_model(**{**cfg, "vocab_size": 50, "num_labels": 1}))
+    assert type(critic).__name__ == "LlamaForTokenClassification"
+    assert critic(input_ids=ids).logits.shape == (1, 3, 1)  # one value per token
     with pytest.raises(ValueError, match="model_class"):
         Role(config=cfg, model_class="value_head")
 

@@ -108,3 +108,28 @@ def test_replicated_teacher_matches_sharded_and_sharded_gathers_whole_layers(ass
             assert s[when].keys() == other[when].keys()
             for k in s[when]:
                 assert other[when][k] == pytest.approx(s[when][k], rel=1e-5, abs=1e-6), (when, k)
+
+
+def test_two_trainable_roles_step_as_their_references_and_resume_bitwise(assets, tmp_path):
+    """Two students, ZeRO-2 and ZeRO-3, each with its own optimizer, warm-up and clipping norm, trained by the one
+    loop: each ends with the weights of a plain-torch run of its own (and logs its reference's gradient norm and lr at
+    every step); resumed from step 2, the run ends bitwise where the uninterrupted one did."""
+    from tests.scripts.two_roles_check import SETTINGS, TRAIN_CLIP
+
+    out = tmp_path / "two.json"
+    check(launch("tests.scripts.two_roles_check", str(assets["root"]), str(out)))
+    result = json.loads(out.read_text())
+    assert result["steps"] == [1, 2, 3, 4] and result["resumed_steps"] == [3, 4]
+    for name, role in result["roles"].items():
+        assert role["max_diff"] < 1e-6 < 1e-4 < role["moved"], (name, role)
+        assert role["grad_norms"] == pytest.approx(role["reference_norms"], rel=1e-5)
+        assert role["lrs"] == pytest.approx(role["reference_lrs"], rel=1e-9)
+        assert role["resumed_equal"], name
+    # Clipping at each role's own norm shows: student_a's gradients are clipped, student_b's (clipping off) are
+    # far above train.grad_clip, which neither role uses.
+    assert min(result["roles"]["student_a"]["grad_norms"]) > SETTINGS["student_a"]["grad_clip"]
+    assert min(result["roles"]["student_b"]["grad_norms"]) > 10 * TRAIN_CLIP
+    nan = result["nan_step"]  # one role's NaN loss skips that role's update alone
+    assert not nan["finite"] and nan["roles_finite"] == {"student_a": True, "student_b": False}
+    assert nan["changed"] == {"student_a": True, "student_b": False} and nan["lr_moved"] == nan["changed"]
+    assert "returned ['loss'], without `student_a/loss` (of `student_a`), `student_b/loss` (of `student_b`)" in result["missing_loss"]

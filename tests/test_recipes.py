@@ -13,6 +13,7 @@ from distill.errors import RecipeError
 from distill.trainers import load_recipe
 from tests.helpers import tiny_recipe
 from distill.trainers.distill import DistillTrainer
+from distill.trainer import RoleTrainer
 
 RECIPES = sorted(Path(__file__).resolve().parents[1].joinpath("recipes").glob("*.yaml"))
 
@@ -191,11 +192,28 @@ def test_kd_params_are_checked_at_load(raw):
     assert "do not fit" in _error(raw)
 
 
-def test_two_trainable_roles_are_refused_before_loading(raw):
+def test_each_trainable_role_gets_its_own_clipping_and_accumulation(raw):
+    """Any number of roles may train; each one's DeepSpeed config clips at its own `grad_clip` (0: none), else at
+    `train.grad_clip`. A frozen role has no `grad_clip`."""
     raw["teacher"].update(trainable=True)
-    recipe = validate_recipe(raw, DistillTrainer)
-    with pytest.raises(RecipeError, match="all trainable"):
-        plan_roles(recipe, DistillTrainer, world_size=1, vocab_size=53)
+    raw["student"]["grad_clip"] = 0.3
+    raw["train"].update(grad_clip=0.7, grad_accum=3)
+    plans = plan_roles(validate_recipe(raw, DistillTrainer), DistillTrainer, world_size=1, vocab_size=53)
+    assert list(plans) == ["student", "teacher"]  # trainable roles in the order the trainer declares them
+    assert [(p.ds_config["gradient_clipping"], p.ds_config["gradient_accumulation_steps"]) for p in plans.values()] == [
+        (0.3, 3), (0.7, 3)]
+    raw["student"]["grad_clip"] = 0
+    plans = plan_roles(validate_recipe(raw, DistillTrainer), DistillTrainer, world_size=1, vocab_size=53)
+    assert plans["student"].ds_config["gradient_clipping"] == 0.0  # DeepSpeed's "off"
+    raw["teacher"].update(trainable=False, grad_clip=0.5)
+    assert "a frozen role has no optimizer, scheduler or grad_clip" in _error(raw)
+
+    class FrozenOnly(RoleTrainer):
+        roles = {"teacher": Role()}
+
+    frozen = {k: raw[k] for k in ("trainer", "output_dir", "data", "train")} | {"teacher": {"config": raw["student"]["config"]}}
+    with pytest.raises(RecipeError, match="no role is trainable: set `trainable: true` on one of"):
+        plan_roles(validate_recipe(frozen, FrozenOnly), FrozenOnly, world_size=1, vocab_size=53)
 
 
 def test_missing_teacher_is_named_before_the_tokenizer(raw, tmp_path):

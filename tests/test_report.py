@@ -68,3 +68,14 @@ def test_eval_curves_start_at_the_eval_before_training_and_samples_are_listed(tm
     # A run that logged its step-0 eval keeps it as it is.
     logged = [{"step": 0, "eval/ce": 3.8}, {"step": 4, "eval/ce": 2.5}]
     assert _with_before(run, logged) == logged
+
+
+def test_each_roles_lr_and_grad_norm_plot_with_the_optimizer_group():
+    from distill.report import GROUPS
+
+    def group(key):
+        return [name for name, member in GROUPS.items() if member(key)]
+
+    assert [group(k) for k in ("small/lr", "large/grad_norm", "lr", "grad_norm")] == [["lr"]] * 4
+    assert [group(k) for k in ("small/loss", "large/kd", "loss")] == [["loss"]] * 3
+    assert group("eval/small/loss") == ["eval"]

@@ -69,8 +69,12 @@ def test_recipe_changes_name_what_changes_the_result():
     assert recipe_changes(saved, now, []) == {"student.optimizer.lr": (3e-3, 1e-3), "train.max_steps": (30, 12)}
     assert recipe_changes(saved, now, ["train.max_steps", "student.optimizer"]) == {}
     now["student"]["config"]["num_hidden_layers"] = 3
+    now["student"]["grad_clip"] = None  # a key the checkpoint's distill did not have yet, at its default: no change
     assert recipe_changes(saved, now, ["train"]) == {"student.optimizer.lr": (3e-3, 1e-3),
                                                      "student.config.num_hidden_layers": ("<absent>", 3)}
+    now["student"]["grad_clip"] = 0.5
+    assert recipe_changes(saved, now, ["train", "student.optimizer", "student.config"]) == {
+        "student.grad_clip": ("<absent>", 0.5)}
 
 
 def test_resume_allow_must_name_recipe_keys(assets, tmp_path):

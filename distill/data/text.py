@@ -21,10 +21,11 @@ def _builder_for(path: str) -> str | None:
     return _BUILDERS.get(os.path.splitext(path)[1].lower())
 
 
-def looks_like_path(source: str) -> bool:
+def looks_like_path(source: Any) -> bool:
     # Hub ids are "name" or "owner/name"; anything else with a separator, a
     # relative/absolute/home prefix or a data-file extension is meant locally.
-    return (
+    # (A dataset given as an object is no path.)
+    return isinstance(source, str) and (
         source.startswith(("/", ".", "~"))
         or _builder_for(source) is not None
         or source.count("/") >= 2
@@ -84,6 +85,8 @@ def load_dataset_source(
     """
     import datasets
 
+    if isinstance(source, (datasets.Dataset, datasets.DatasetDict)):
+        return _given(source, split)
     path = os.path.expanduser(source)
     if data_files is not None:
         ds = datasets.load_dataset(source, data_files=data_files, split=split or EVAL_SPLITS[0])
@@ -102,6 +105,18 @@ def load_dataset_source(
         ds = _pick_split(ds, split, source)
     if len(ds) == 0:
         raise ValueError(f"dataset {source!r} (split {split!r}) is empty")
+    return ds
+
+
+def _given(ds: Any, split: str | None) -> Any:
+    """A dataset passed as an object (from Python): a `Dataset` as it is, a `DatasetDict`'s split."""
+    import datasets
+
+    what = f"the {type(ds).__name__} given"
+    if isinstance(ds, datasets.DatasetDict):
+        ds = _pick_split(ds, split, what)
+    if len(ds) == 0:
+        raise ValueError(f"{what} is empty")
     return ds
 
 

@@ -102,13 +102,29 @@ class DPOTrainer(RoleTrainer):
         half = batch["labels"].shape[0] // 2
         return (batch["labels"][:half] != -100).any(-1)  # [B]
 
+    reference_table: torch.Tensor | None = None
+    """[pairs, 2] the reference's log-probs of every pair's chosen and rejected response, by the pair's index, once
+    `dpo.precompute_reference` has scored the data (`train`); the batches then carry theirs as `ref_logps`."""
+
+    def prepare_step(self, step, micro_batches):
+        return [self._with_table(b) for b in micro_batches]
+
+    def eval_step(self, batch):
+        return super().eval_step(self._with_table(batch))
+
+    def _with_table(self, batch: dict) -> dict:
+        """`batch` with `ref_logps` [2B] (chosen rows, then rejected) from `reference_table`, when there is one."""
+        if self.reference_table is None:
+            return batch
+        idx = batch["index"].clamp(min=0).cpu()  # padding pairs carry -1; their loss is masked
+        return {**batch, "ref_logps": torch.cat([self.reference_table[idx, 0], self.reference_table[idx, 1]]).to(self.device)}
+
     def loss_step(self, batch, num_tokens):
         spec = self.recipe.dpo
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         labels = batch["labels"]
-        if getattr(self, "_ref_cache", None) is not None:
-            idx = batch["index"].clamp(min=0).cpu()
-            ref = torch.cat([self._ref_cache[idx, 0], self._ref_cache[idx, 1]]).to(self.device)  # [2B]
+        if "ref_logps" in batch:
+            ref = batch["ref_logps"]  # [2B]
             logps = self._logps(self.policy, inputs, labels)  # [2B]: chosen rows, then rejected
         else:
             ref_role = self.policy if spec.reference == "policy_without_adapter" else self.reference
@@ -194,7 +210,7 @@ class DPOTrainer(RoleTrainer):
         if self.accelerator.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             save_file({"logps": table}, str(self.out / "reference_logps.safetensors"))
-        self._ref_cache = table
+        self.reference_table = table
         if "reference" not in self.models:  # the policy without its adapter scored the pairs; nothing to free
             return
         ref = self.models.pop("reference")

@@ -17,10 +17,10 @@ REINFORCE++) all-reduce.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Callable, Literal
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_serializer, field_validator, model_validator
 
 from distill.data.loading import DataBundle, collator_padding, pad_id, tokenized_splits
 from distill.data.prompts import PromptCollator, load_prompt_dataset, tokenize_prompts
@@ -31,7 +31,8 @@ from distill.losses.grpo import get_grpo_loss, get_importance_level, group_std, 
 from distill.losses.logps import token_entropy, token_logps
 from distill.monitor import before_after_table
 from distill.recipe import Role, Section
-from distill.rewards import RewardError, agree_on_error, call_reward_function, load_reward_functions, weighted_reward
+from distill.rewards import (RewardError, agree_on_error, call_reward_function, callable_name, load_reward_functions,
+                             weighted_reward)
 from distill.trainer import RoleTrainer, register_trainer
 from distill.trainers.grpo_batch import RepeatedData, completion_masks, pad_columns, padded_width, split_rows
 from distill.trainers.grpo_reward import RewardModelScorer
@@ -53,8 +54,9 @@ class GRPOSpec(Section):
     decode: Literal["auto", "compiled", "graphs", "static", "generate"] = "auto"
     """How tokens are decoded, as `kd.on_policy.decode` (docs/distill-trainer.md): `auto` is the static KV cache
     with a compiled, graph-replayed decode step on GPUs and the static-cache loop on CPU."""
-    reward_funcs: list[str] = []
-    """Reward functions as `module:function`, called with (prompts, completions, completion_ids, **dataset columns)."""
+    reward_funcs: list[str | Callable[..., Any]] = []
+    """Reward functions as `module:function`, called with (prompts, completions, completion_ids, **dataset columns).
+    From Python (`distill.run`), also the functions themselves."""
     reward_weights: list[float] | None = None
     """One weight per reward function, in order (default 1 each); the reward is the weighted sum."""
     reward_model_weight: float = 1.0
@@ -121,6 +123,10 @@ class GRPOSpec(Section):
             raise ValueError(f"`scale_rewards: {self.scale_rewards}` does not apply to `advantage: {self.advantage}`, which "
                              f"takes {' or '.join(takes)}: set one of them, or remove scale_rewards for its default ({takes[0]})")
         return self
+
+    @field_serializer("reward_funcs", when_used="json")
+    def _names(self, v: list) -> list[str]:
+        return [f if isinstance(f, str) else callable_name(f) for f in v]
 
 
 @register_trainer
@@ -247,7 +253,9 @@ class GRPOTrainer(RoleTrainer):
         adv = advantages(g.advantage, rewards, g.num_generations, g.scale_rewards, all_reduce=self._sum)  # [N]
         for mb, a, r in zip(micro, adv.chunk(t.grad_accum), rewards.chunk(t.grad_accum)):
             mb["advantages"], mb["rewards"] = a, r
-        self._record(batch, per_function, scored, rewards, kl)
+        loss_tokens = self._record(batch, per_function, scored, rewards, kl)
+        for mb in micro:
+            mb["loss_tokens"] = loss_tokens  # the metrics' denominator: every loss token of the step on all ranks
         return micro
 
     def _rollout(self, prompts: dict, seed: int) -> dict:
@@ -297,7 +305,8 @@ class GRPOTrainer(RoleTrainer):
         completion_ids, mask = batch["completion_ids"].cpu(), batch["completion_mask"].cpu().bool()  # one copy, not one per row
         ids = [completion_ids[i][mask[i]].tolist() for i in rows]
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
-        prompts = [self._records[batch["index"][i]]["prompt"] if batch["index"][i] >= 0 else "" for i in rows]
+        prompts = [self._records[batch["index"][i]]["prompt"] if batch["index"][i] >= 0 else [] if self._chat else ""
+                   for i in rows]
         if self._chat:
             texts = [[{"role": "assistant", "content": c}] for c in texts]
         return prompts, texts, ids
@@ -308,8 +317,7 @@ class GRPOTrainer(RoleTrainer):
         return get_grpo_loss(self.recipe.grpo.loss_type).count(batch["loss_mask"])
 
     def loss_step(self, batch, num_tokens):
-        # self._loss_tokens: every loss token of the step on all ranks, the metrics' denominator (prepare_step)
-        return grpo_loss_step(self.policy, batch, num_tokens, self.recipe.grpo, metric_tokens=self._loss_tokens)
+        return grpo_loss_step(self.policy, batch, num_tokens, self.recipe.grpo, metric_tokens=batch["loss_tokens"])
 
     def _token_logps(self, role, batch) -> torch.Tensor:
         return completion_logps(role, batch, self.recipe.grpo.temperature)  # [B, C]
@@ -340,10 +348,11 @@ class GRPOTrainer(RoleTrainer):
             out[f"rewards/{name}"] = total(col)
         return out
 
-    def _record(self, batch, per_function, rewards, penalised, kl) -> None:
+    def _record(self, batch, per_function, rewards, penalised, kl) -> torch.Tensor:
         """Global statistics of a generation batch (two all-reduces), averaged over the batches of each metrics line:
         `rewards` [N] as scored, `penalised` [N] the rewards the advantages came from (less the KL penalty, with
-        `kl_penalty: reward`), `kl` [N] that penalty's sequence KL (or None)."""
+        `kl_penalty: reward`), `kl` [N] that penalty's sequence KL (or None). Returns the batch's loss tokens on all
+        ranks (at least 1)."""
         g, f = self.recipe.grpo, per_function.shape[1]
         scored = ~torch.isnan(rewards)
         std = group_std(penalised, g.num_generations)  # [N / G]
@@ -354,7 +363,6 @@ class GRPOTrainer(RoleTrainer):
         s = sums.tolist()
         mean = s[0] / max(s[1], 1)
         sq = float(self._sum(torch.where(scored, (rewards - mean) ** 2, 0).sum()))
-        self._loss_tokens = sums[7].clamp(min=1)
         stats = {"reward": mean, "reward_std": (sq / max(s[1] - 1, 1)) ** 0.5, "completions/mean_length": s[2] / s[3],
                  "completions/clipped_ratio": s[4] / s[3], "frac_reward_zero_std": s[5] / s[6],
                  **{f"rewards/{n}": s[9 + i] / max(s[9 + f + i], 1) for i, n in enumerate(self._reward_names)}}
@@ -363,6 +371,7 @@ class GRPOTrainer(RoleTrainer):
         acc = self.__dict__.setdefault("_stats", {})
         for k, v in stats.items():
             acc.setdefault(k, []).append(v)
+        return sums[7].clamp(min=1)
 
     def step_metrics(self):
         out = {k: sum(v) / len(v) for k, v in self.__dict__.pop("_stats", {}).items()}
@@ -390,7 +399,10 @@ class GRPOTrainer(RoleTrainer):
     @property
     def reward_model(self) -> RewardModelScorer | None:
         if "_scorer" not in self.__dict__:
-            self._scorer = RewardModelScorer(self) if "reward" in self.models else None
+            self._scorer = None if "reward" not in self.models else RewardModelScorer(
+                self.reward, source=self.recipe.reward.from_pretrained, tokenizer=self.tokenizer,
+                batch_size=self.recipe.train.micro_batch_size, chat_texts=self.texts if self._chat else None,
+                log=self.log if self.rank == 0 else None)
         return self._scorer
 
     @property

@@ -8,6 +8,7 @@ its own) reads the policy's token ids directly.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 from transformers import AutoTokenizer
@@ -25,24 +26,29 @@ def own_tokenizer(source: str | None):
 
 
 class RewardModelScorer:
-    """Scores a generation batch with the trainer's `reward` role."""
+    """Scores prompt + completion rows with a frozen sequence classifier (GRPO's `reward` role)."""
 
-    def __init__(self, trainer):
-        self.trainer, self.role = trainer, trainer.reward
-        tok = own_tokenizer(trainer.recipe.reward.from_pretrained)
-        self.tokenizer = None if tok is None or tok.get_vocab() == trainer.tokenizer.get_vocab() else tok
-        config = self.role.module.config
+    def __init__(self, role, *, source: str | None, tokenizer, batch_size: int,
+                 chat_texts: Callable[[dict], tuple[list, list, list]] | None = None, log: Callable[[str], None] | None = None):
+        """`role`: the classifier (a RoleModel, or any callable returning `.logits` [b, 1]); `source`: the directory it
+        was loaded from, whose own tokenizer, if it has one, reads the text; `tokenizer`: the policy's, which wrote the
+        batch; `batch_size`: rows per forward. `chat_texts(batch)` -> (prompt messages, completion messages, ids) of
+        every row, for chat records (None: plain prompts, decoded from the ids). `log`: where to say which path it takes."""
+        self.role, self.policy_tokenizer, self.batch_size, self.chat_texts = role, tokenizer, batch_size, chat_texts
+        tok = own_tokenizer(source)
+        self.tokenizer = None if tok is None or tok.get_vocab() == tokenizer.get_vocab() else tok
+        config = role.module.config
         if config.pad_token_id is None:  # a classifier reads the last token that is not padding; it must know padding
-            config.pad_token_id = pad_id(self.tokenizer or trainer.tokenizer)
+            config.pad_token_id = pad_id(self.tokenizer or tokenizer)
         self.pad = config.pad_token_id
         if self.tokenizer is not None:
             self.tokenizer.truncation_side = "left"  # the score is read at the end: keep the completion
             if self.tokenizer.pad_token is None:
                 self.tokenizer.pad_token = self.tokenizer.eos_token
         self.max_length = getattr(config, "max_position_embeddings", None)
-        if trainer.rank == 0:
+        if log is not None:
             how = "re-tokenizes the text with its own tokenizer" if self.tokenizer else "reads the policy's token ids"
-            trainer.log(f"grpo: the reward model {how}")
+            log(f"grpo: the reward model {how}")
 
     @classmethod
     def check(cls, recipe, plans) -> None:
@@ -68,7 +74,7 @@ class RewardModelScorer:
         """[N] scores of the batch's prompt + completion rows, `train.micro_batch_size` rows per forward (the same
         number of forwards on every rank: a ZeRO-3 reward model gathers its weights in each)."""
         ids, mask = self._inputs(batch)
-        step, out = self.trainer.recipe.train.micro_batch_size, []
+        step, out = self.batch_size, []
         for s in range(0, ids.shape[0], step):
             logits = self.role(input_ids=ids[s:s + step], attention_mask=mask[s:s + step]).logits  # [b, 1]
             out.append(logits[:, 0].float())
@@ -78,8 +84,8 @@ class RewardModelScorer:
         device = batch["input_ids"].device
         if self.tokenizer is None:
             return batch["input_ids"].masked_fill(batch["attention_mask"] == 0, self.pad), batch["attention_mask"]
-        if self.trainer._chat:
-            prompts, completions, _ = self.trainer.texts(batch)
+        if self.chat_texts is not None:
+            prompts, completions, _ = self.chat_texts(batch)
             if not getattr(self.tokenizer, "chat_template", None):
                 raise RewardError("the reward model's tokenizer has no chat template to render the chat records with: "
                                   "give it one, or use plain-text prompts")
@@ -87,7 +93,7 @@ class RewardModelScorer:
             special = False  # the template writes them
         else:
             seqs = [row[m.bool()].tolist() for row, m in zip(batch["input_ids"].cpu(), batch["attention_mask"].cpu())]
-            texts = self.trainer.tokenizer.batch_decode(seqs, skip_special_tokens=True)
+            texts = self.policy_tokenizer.batch_decode(seqs, skip_special_tokens=True)
             special = True
         enc = self.tokenizer(texts, padding=True, truncation=self.max_length is not None, max_length=self.max_length,
                              add_special_tokens=special, return_tensors="pt")
