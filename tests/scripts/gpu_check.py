@@ -12,19 +12,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from distill.generation import SamplingSpec, generate_completions
+from tests.test_generation import PAD, V, _prompts  # the CPU tests' prompts and vocabulary
 
-V, PAD = 64, 0
-
-
-def _prompts(n: int, width: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """n left-padded prompts [n, width] of 1..width tokens (no pad id inside)."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, V, (n, width), generator=g)
-    mask = torch.ones_like(ids)
-    for b in range(n):
-        pad = int(torch.randint(0, width, (1,), generator=g))
-        ids[b, :pad], mask[b, :pad] = PAD, 0
-    return ids, mask
 
 
 def decode() -> dict:
