@@ -15,7 +15,6 @@ from distill.generation import SamplingSpec, generate_completions
 from tests.test_generation import PAD, V, _prompts  # the CPU tests' prompts and vocabulary
 
 
-
 def decode() -> dict:
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
