@@ -107,9 +107,10 @@ MUTATIONS: list[Mutation] = [
       "        num_tokens = sum(self.count_tokens(b) for b in micro)", [DISTILL_2RANKS],
       "losses are summed over tokens and divided by the step's count of valid tokens on all ranks"),
     M("loss-not-scaled-for-deepspeeds-mean", "distill/trainer.py",
-      "self.trainable.backward(losses[\"loss\"] * self.world_size,", "self.trainable.backward(losses[\"loss\"],",
+      "backward(losses[key] * self.world_size, boundary=boundary)", "backward(losses[key], boundary=boundary)",
       [DISTILL_2RANKS], "the step's gradient is that of the global mean (DeepSpeed averages over ranks)"),
-    M("nan-step-not-agreed", "distill/trainer.py", "(~torch.isfinite(totals[\"loss\"])).float()", "torch.zeros(())",
+    M("nan-step-not-agreed", "distill/trainer.py", "*((~torch.isfinite(totals[keys[n]])).float().to(self.device) for n in roles)",
+      "*(torch.zeros((), device=self.device) for n in roles)",
       [T + "test_multiprocess.py::test_nan_losses_in_a_row_stop_every_rank_together"],
       "every rank learns that a rank's loss was NaN/Inf; max_bad_steps in a row stop the run"),
     M("grad-clip-null-clips-at-1", "distill/dsconfig.py", "float(grad_clip or 0.0)", "float(grad_clip or 1.0)",
@@ -241,6 +242,9 @@ def run_tests(copy: Path, tests: tuple[str, ...], timeout: float, each: bool = F
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         return "timeout", f"still running after {timeout:.0f} s"
+    except BaseException:  # Ctrl-C or SIGTERM to the tool: its tests stop too
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
     failed = re.findall(r"^(?:FAILED|ERROR) (.+)$", out, flags=re.M)
     if proc.returncode == 0:
         return "passed", ""
@@ -290,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--root", type=Path, default=REPO, help="the checkout to copy (default: this one), e.g. to see "
                    "which mutations an older checkout's tests let through")
     a = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # cleans up as Ctrl-C does
     chosen = select(a.names)
     if a.list:
         for m in chosen:
