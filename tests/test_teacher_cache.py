@@ -321,8 +321,10 @@ def test_each_row_read_is_checked_against_the_rows_hash(quickstart, monkeypatch)
     assert batch["teacher_records"].shape == (*valid.shape, 46)
     assert torch.equal(batch["teacher_records"][0][valid[0]], reader.row("train", 5)[0])
     assert not batch["teacher_records"][~valid].any()
-    rows[1] = {**rows[1], "_cache_train_row": 7}
-    with pytest.raises(RecipeError, match="row 7 of data.train is not the row the teacher cache .* holds"):
+    # Another row with as many predicted tokens: only its hash tells them apart.
+    same = next(j for j in range(7, len(data.train)) if reader.row("train", j)[0].shape[0] == int(valid[1].sum()))
+    rows[1] = {**rows[1], "_cache_train_row": same}
+    with pytest.raises(RecipeError, match=f"row {same} of data.train is not the row the teacher cache .* holds"):
         data.collator(rows)
 
 
