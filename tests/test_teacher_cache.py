@@ -139,13 +139,14 @@ def test_a_cache_of_whole_distributions_trains_the_student_the_live_teacher_trai
 
 @pytest.mark.multiprocess
 def test_a_top_k_cache_gives_the_live_top_k_loss_packed_chunked_and_resumed(cache_runs):
-    """The teacher's top 8 in fp32, packed rows, the chunked loss (JSD): the same steps as `kd.top_k: 8` against the live
-    teacher; stopped at step 3 and resumed, the run ends bit for bit where an uninterrupted one does."""
+    """The teacher's top 12 in fp32 read with `kd.top_k: 8`, packed rows, the chunked loss (JSD): the same steps as
+    `kd.top_k: 8` against the live teacher; stopped at step 3 and resumed, the run ends bit for bit where an
+    uninterrupted one does."""
     r = cache_runs["top_k"]
     _steps_agree(r, 1e-6)
     assert r["max_weight_diff"] < 3e-5
     assert r["history"]["cache"]["after"]["kd"] == pytest.approx(r["history"]["live"]["after"]["kd"], rel=1e-6)
-    assert r["bytes_per_token"] == 8 * 4 + 8 * 4 + 4
+    assert r["bytes_per_token"] == 12 * 4 + 12 * 4 + 4
     assert r["resumed_steps"] == list(range(1, 7)) and r["resumed_equal"]
 
 
@@ -320,8 +321,10 @@ def test_each_row_read_is_checked_against_the_rows_hash(quickstart, monkeypatch)
     assert batch["teacher_records"].shape == (*valid.shape, 46)
     assert torch.equal(batch["teacher_records"][0][valid[0]], reader.row("train", 5)[0])
     assert not batch["teacher_records"][~valid].any()
-    rows[1] = {**rows[1], "_cache_train_row": 7}
-    with pytest.raises(RecipeError, match="row 7 of data.train is not the row the teacher cache .* holds"):
+    # Another row with as many predicted tokens: only its hash tells them apart.
+    same = next(j for j in range(7, len(data.train)) if reader.row("train", j)[0].shape[0] == int(valid[1].sum()))
+    rows[1] = {**rows[1], "_cache_train_row": same}
+    with pytest.raises(RecipeError, match=f"row {same} of data.train is not the row the teacher cache .* holds"):
         data.collator(rows)
 
 

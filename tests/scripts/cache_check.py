@@ -4,9 +4,10 @@
 
 MODE `whole`: the cache holds every token's fp32 log-probability (k = vocabulary); a student trained from it and one
 trained against the live ZeRO-3 teacher log the same losses, gradient norms and evaluation. MODE `top_k`: packed rows,
-the teacher's top 8 in fp32, the chunked loss, against the live loss with `kd.top_k: 8`; a run from the cache stopped at
-step 3 and resumed ends with the weights of an uninterrupted one. Both modes then delete shards (and leave a temporary
-file, as a killed writer would) and write again: only the missing shards are written, byte for byte the same.
+the teacher's top 12 in fp32 read as `kd.top_k: 8`, the chunked loss, against the live loss with `kd.top_k: 8`; a run
+from the cache stopped at step 3 and resumed ends with the weights of an uninterrupted one. Both modes then delete
+shards (and leave a temporary file, as a killed writer would) and write again: only the missing shards are written,
+byte for byte the same.
 """
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         kd = {"loss": "forward_kl", "alpha": 0.5}
         extra = {}
     else:
-        cache.update(k=8, values="fp32", ids="int32")
+        cache.update(k=12, values="fp32", ids="int32")  # kd.top_k: 8 reads the first 8 of them
         kd = {"loss": "generalized_jsd", "params": {"beta": 0.3}, "alpha": 0.2, "top_k": 8, "chunked": True, "chunk_size": 16}
         extra = {"data": {"packing": True}}
     base = deep_merge(tiny_recipe(assets, here / "run", overwrite=True, **extra), parse_overrides(overrides))
