@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from distill_setups import PAIRS, _NoData, load_fn, make_batches, model_configs, recipe_for, reset_between_modes  # noqa: E402
+from distill_setups import PAIRS, _NoData, load_fn, make_batches, recipe_for, reset_between_modes  # noqa: E402
 from teacher_cache_compression import OPTIONS  # noqa: E402
 
 

@@ -8,7 +8,6 @@ import math
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -55,6 +54,16 @@ def test_whole_distributions_in_fp32_round_trip_exactly():
     assert torch.equal(dense(teacher, 53), logp.double().exp())
     assert torch.isneginf(teacher.log_tail).all() and torch.equal(label, logp.gather(-1, labels[:, None]).squeeze(-1))
     assert torch.equal(teacher.ids[:, 0], logp.argmax(-1))  # most likely first
+
+
+def test_one_record_decodes_whatever_its_fields_offsets():
+    """3 packed 6-bit ids put the fp32 values at byte 3: a record read alone (a one-token row) still decodes."""
+    logp = teacher_logp(n=1, v=53)
+    c = Codec("topk", 3, 0, "fp32", "packed", 53, label=True)
+    assert c.fields["values"] == (3, 12)
+    teacher, label = c.decode(c.encode(logp, torch.tensor([4]))[0])
+    assert teacher.logp.shape == (3,) and torch.equal(teacher.logp, logp[0].topk(3).values)
+    assert label == logp[0, 4]
 
 
 @pytest.mark.parametrize("values", ["bf16", "fp16", "log8", "log12", "sqrt8", "sqrt12"])

@@ -193,22 +193,22 @@ class Codec:
         f = self.fields
         field = lambda name: r[:, f[name][0]:f[name][0] + f[name][1]]  # noqa: E731
         if self.ids == "int32":
-            ids = field("ids").contiguous().view(torch.int32).long()
+            ids = _as(field("ids"), torch.int32).long()
         else:
             ids = unpack_bits(field("ids"), self.slots, id_bits(self.vocab_size))  # [M, slots]
         logp = self._decode_values(field("values")) if self.k else r.new_zeros(r.shape[0], 0, dtype=torch.float32)
-        log_tail = (field("tail").contiguous().view(self.tail_dtype).float().squeeze(-1) if self.tail_dtype is not None
+        log_tail = (_as(field("tail"), self.tail_dtype).float().squeeze(-1) if self.tail_dtype is not None
                     else r.new_zeros(r.shape[0], dtype=torch.float32))
         if self.format == "sampled":
             logp = torch.cat([logp, _counted(ids[:, self.k:], log_tail, self.samples)], -1)
             log_tail = torch.full_like(log_tail, float("-inf"))
-        label = field("label").contiguous().view(torch.float32).squeeze(-1).reshape(lead) if self.label else None
+        label = _as(field("label"), torch.float32).squeeze(-1).reshape(lead) if self.label else None
         teacher = SparseTeacher(ids.reshape(*lead, self.slots), logp.reshape(*lead, self.slots), log_tail.reshape(lead))
         return teacher, label
 
     def _decode_values(self, data: Tensor) -> Tensor:
         if self.values in FLOAT_VALUES:
-            return data.contiguous().view(FLOAT_VALUES[self.values]).float()
+            return _as(data, FLOAT_VALUES[self.values]).float()
         kind, bits = QUANTISED.fullmatch(self.values).groups()
         top = (1 << int(bits)) - 1
         q = unpack_bits(data, self.k, int(bits)).float()  # [M, k]
@@ -220,6 +220,12 @@ class Codec:
 def _bytes(x: Tensor) -> Tensor:
     """[P, ...] of any dtype -> [P, bytes] uint8 (the machine's byte order: little-endian on x86 and ARM)."""
     return x.reshape(x.shape[0], -1).contiguous().view(torch.uint8)
+
+
+def _as(data: Tensor, dtype: torch.dtype) -> Tensor:
+    """Bytes [M, n] read as `dtype` [M, n / itemsize], from a fresh copy: a field's columns need not start at an
+    offset `view` accepts."""
+    return torch.empty(data.shape, dtype=torch.uint8, device=data.device).copy_(data).view(dtype)
 
 
 def _counted(ids: Tensor, log_tail: Tensor, n: int) -> Tensor:

@@ -8,7 +8,6 @@ says), the order the writer wrote them in: the same data, tokenizer and data set
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
@@ -200,5 +199,5 @@ def describe(manifest: dict) -> str:
     c = manifest["cache"]
     what = (f"top {c['k']}" if c["format"] == "topk" else f"top {c['k']} + {c['samples']} sampled") + \
            f" of {c['vocab_size']} tokens, values {c['values']}, ids {c['ids']}"
-    return (f"teacher cache: {what}; {bytes_per_token(manifest)}; teacher "
-            f"{manifest['teacher']['from_pretrained'] or 'from a config'} ({json.dumps(manifest['teacher']['precision'])})")
+    t = manifest["teacher"]
+    return f"teacher cache: {what}; {bytes_per_token(manifest)}; teacher {t['from_pretrained'] or 'from a config'} ({t['precision']})"

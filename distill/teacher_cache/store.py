@@ -30,7 +30,6 @@ import os
 import socket
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch

@@ -155,8 +155,10 @@ def teacher_identity(recipe, plan: RolePlan) -> dict:
             "weights": weights, "precision": spec.precision, "vocab_size": plan.model_config.vocab_size}
 
 
-def identity(recipe, tokenizer, data, plan: RolePlan, vocab: int) -> dict:
-    """What a cache is written from and how: a resumed write must find the same, a training run checks it."""
+def identity(recipe, tokenizer, data, plan: RolePlan, vocab: int, *, file_sha256: bool = True) -> dict:
+    """What a cache is written from and how: a resumed write must find the same, a training run checks it.
+    `file_sha256`: hash the data files' contents too (the process that writes the manifest; the others compare
+    without, as a resumed write does: the rows' fingerprint already tells other contents apart)."""
     c = recipe.kd.cache
     splits = {"train": data.train, "eval": data.eval}
     return {
@@ -167,7 +169,8 @@ def identity(recipe, tokenizer, data, plan: RolePlan, vocab: int) -> dict:
         "tokenizer": tokenizer_identity(tokenizer, recipe),
         "data": {"settings": data_settings(recipe),
                  **{split: None if ds is None else {
-                     "source": getattr(recipe.data, split), "files": file_hashes(getattr(recipe.data, split)),
+                     "source": getattr(recipe.data, split),
+                     "files": file_hashes(getattr(recipe.data, split), content=file_sha256),
                      "rows": len(ds), "fingerprint": dataset_fingerprint(ds)} for split, ds in splits.items()}},
     }
 
@@ -234,7 +237,9 @@ def verdict(recipe, manifest: dict, target: Path) -> str:
     old = read_manifest(target)
     if old is None:
         return "write"
-    why = first_difference({k: old.get(k) for k in IDENTITY}, {k: manifest[k] for k in IDENTITY})
+    # Without the data files' sha256, which one process computes (`identity`): the rows' fingerprint tells contents apart.
+    why = first_difference(_without("sha256", {k: old.get(k) for k in IDENTITY}),
+                           _without("sha256", {k: manifest[k] for k in IDENTITY}))
     if why is None:
         return "done" if old.get("complete") else "resume"
     if not recipe.kd.cache.overwrite:
@@ -269,7 +274,7 @@ def write_cache(recipe, *, log=print) -> dict:
     vocab = cache_vocab(recipe, plan, tokenizer)
     layouts = codecs(recipe, vocab, splits)
     target = target_dir(recipe)
-    key = identity(recipe, tokenizer, data, plan, vocab)
+    key = identity(recipe, tokenizer, data, plan, vocab, file_sha256=rank == 0)
     manifest = {**key, "complete": False, "command": command_line(), "layout": {
         s: {"codec": c.settings(), "record_bytes": c.record_bytes, "fields": c.fields} for s, c in layouts.items()}}
     todo = verdict(recipe, manifest, target)  # every rank judges the same files alike
@@ -290,7 +295,8 @@ def write_cache(recipe, *, log=print) -> dict:
     teacher = manager.build("teacher", lambda p: apply_role_options(p, build_model(p.spec, p.model_config)))
     device = acc.device
     dummy = data.pad_example or {"input_ids": [data.pad_id, data.pad_id], "prompt_length": 2}
-    identity_hash = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    # The same on every rank (only rank 0 hashed the files), so a shard is the same bytes whichever rank writes it.
+    identity_hash = hashlib.sha256(json.dumps(_without("sha256", key), sort_keys=True).encode()).hexdigest()[:16]
     tokens = 0
     for split, ds in splits.items():
         codec, rows = layouts[split], recipe.kd.cache.rows_per_shard
@@ -326,6 +332,15 @@ def write_cache(recipe, *, log=print) -> dict:
             f"{s} {m['positions']} tokens, {m['bytes_per_token']:.1f} bytes/token" for s, m in manifest["splits"].items()))
     acc.wait_for_everyone()
     return read_manifest(target)
+
+
+def _without(name: str, value):
+    """A JSON value with every `name` key removed."""
+    if isinstance(value, dict):
+        return {k: _without(name, v) for k, v in value.items() if k != name}
+    if isinstance(value, list):
+        return [_without(name, v) for v in value]
+    return value
 
 
 def _flush(target: Path, split: str, shard: int, parts: list, identity_hash: str) -> None:
