@@ -17,6 +17,9 @@ import torch.distributed as dist
 from distill import ranks
 from distill.errors import RecipeError
 from distill.launch import launched, leave, relaunch, world_info
+from distill.teacher_cache.store import CacheReader
+from distill.teacher_cache.write import load_writer_recipe, write_cache, writer_preflight
+from distill.plan import format_plan
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -34,8 +37,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from distill.teacher_cache.store import CacheReader
-    from distill.teacher_cache.write import load_writer_recipe, write_cache, writer_preflight
 
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -48,7 +49,6 @@ def main(argv: list[str] | None = None) -> int:
         recipe = load_writer_recipe(args.recipe, args.overrides)
         n = world_info()[1] if launched() else recipe.launch.num_processes
         if args.dry_run:
-            from distill.plan import format_plan
 
             print(format_plan({"teacher": writer_preflight(recipe, world_size=n, dry_run=True)[1]}, n))
             return 0

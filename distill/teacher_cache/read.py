@@ -15,8 +15,10 @@ import torch
 
 from distill.errors import RecipeError
 from distill.losses.sparse_kd import SPARSE_KD_LOSSES
+from distill.preflight import sample_texts
 from distill.teacher_cache.store import (FORMAT_VERSION, CacheReader, dataset_fingerprint, file_hashes, num_shards,
                                          read_manifest, row_hashes, shard_done, teacher_config_sha256)
+from distill.tokenizer_files import tokenizer_difference
 
 ROW_COLUMNS = {"train": "_cache_train_row", "eval": "_cache_eval_row"}
 """The column each split's rows carry their index in, to find their records."""
@@ -117,8 +119,6 @@ def check_rows(recipe, tokenizer, data, manifest: dict) -> None:
     """The recipe's tokenizer and tokenized rows are the ones the cache was written from."""
     from transformers import AutoTokenizer
 
-    from distill.preflight import sample_texts
-    from distill.tokenizer_files import tokenizer_difference
 
     root = cache_dir(recipe)
     cached = AutoTokenizer.from_pretrained(root / "tokenizer")

@@ -36,6 +36,7 @@ import torch
 
 from distill.errors import RecipeError
 from distill.teacher_cache.codec import Codec
+from distill.data.text import looks_like_path
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -166,7 +167,6 @@ def dataset_fingerprint(ds) -> str:
 
 def source_files(source: str | None) -> list[Path]:
     """The local files a data source reads: the file, or every file under the directory; [] for a hub name."""
-    from distill.data.text import looks_like_path
 
     if source is None:
         return []

@@ -36,6 +36,8 @@ from distill.teacher_cache.store import (FORMAT_VERSION, SPLITS, dataset_fingerp
                                          write_manifest, write_shard)
 from distill.tokenizer_files import save_tokenizer
 from distill.trainers.distill import DistillTrainer, kd_data
+from distill.roles import RoleManager
+from distill.trainer import apply_role_options
 
 CHUNK_TOKENS = 2048
 """Predicted tokens whose [tokens, vocab] logits are made and encoded at once."""
@@ -262,8 +264,6 @@ def start_dir(target: Path, manifest: dict, tokenizer) -> None:
 def write_cache(recipe, *, log=print) -> dict:
     """Write the recipe's teacher cache on every process of the launch; returns the finished manifest. Everything is
     checked, the data tokenised and the cache directory judged (`verdict`) before the teacher loads."""
-    from distill.roles import RoleManager
-    from distill.trainer import apply_role_options
 
     t0 = time.perf_counter()
     rank, world = world_info()
