@@ -20,7 +20,7 @@ import datasets
 import yaml
 
 from distill.errors import RecipeError
-from distill.launch import launched, relaunch
+from distill.launch import launched, place_processes, relaunch
 from distill.preflight import preflight
 from distill.rewards import importable
 from distill.roles import forget_roles
@@ -44,7 +44,11 @@ def run(recipe: str | os.PathLike | Mapping[str, Any], *overrides: str, log: Cal
     model loads, for a recipe that cannot run."""
     recipe, trainer_cls = load_recipe(recipe, *overrides, **keys)
     if recipe.launch.num_processes > 1 and _PLAIN:
+        # Too few GPUs for `launch.device: cuda` is refused here; the ranks hide the GPUs themselves when on the CPU.
+        place_processes(recipe.launch.device, recipe.launch.num_processes, apply=False)
         return _launched(recipe, trainer_cls)
+    if _PLAIN:
+        place_processes(recipe.launch.device, 1)
     trainer = trainer_cls(recipe, log=log)
     try:
         return trainer.train()

@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+import distill
 import distill.launch as launch
 from distill.errors import RecipeError
 from distill.train import main
@@ -64,3 +65,11 @@ def test_the_dry_run_shows_the_choice_and_a_refusal_without_hiding_anything(gpus
     assert "CUDA_VISIBLE_DEVICES" not in os.environ
     assert main(["quickstart", "launch.device=cuda", "--dry-run"]) == 0
     assert "device refused on this machine: `launch.device: cuda` needs one GPU per process" in capsys.readouterr().out
+
+
+def test_distill_run_from_python_refuses_too_few_gpus_before_starting_processes(gpus, tmp_path, monkeypatch):
+    gpus(1)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RecipeError, match="`launch.num_processes` is 2, and 1 GPU visible"):
+        distill.run("quickstart", "launch.device=cuda", "output_dir=run")
+    assert list(tmp_path.iterdir()) == []
