@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 """The checkout: launched test scripts import `tests.scripts.*` from it."""
 TINY_LLAMA = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -187,3 +189,23 @@ def peak_cpu_bytes(fn) -> int:
         now += e.nbytes()
         peak = max(peak, now)
     return peak
+
+
+
+class OneProcessAccelerator:
+    """What TRL's trainers read of their Accelerator, for one process on the CPU: the parity tests build TRL's
+    trainers without __init__ and call their loss code directly."""
+    num_processes, process_index, device, sync_gradients = 1, 0, torch.device("cpu"), True
+
+    def gather(self, x):
+        return x
+
+    def reduce(self, x, reduction="sum"):
+        return x
+
+    gather_for_metrics = gather
+
+
+class TrainedModelStub(torch.nn.Module):
+    """The model attribute TRL's loss code checks (gradient checkpointing), and nothing else."""
+    is_gradient_checkpointing = False

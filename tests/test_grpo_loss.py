@@ -37,6 +37,7 @@ def _batch(seed=0, B=8, C=7):
 
 
 # -- our functions on their own ----------------------------------------------------------------------
+from tests.helpers import OneProcessAccelerator, TrainedModelStub
 def test_group_advantages_by_hand():
     r = torch.tensor([1.0, 0.0, 2.0, 5.0, 5.0, 5.0])
     adv, std = group_advantages(r, 3, "group")
@@ -177,28 +178,12 @@ def test_synthetic_task_rewards():
 
 
 # -- parity with TRL ---------------------------------------------------------------------------------
-class _Accelerator:
-    num_processes, process_index, device, sync_gradients = 1, 0, torch.device("cpu"), True
-
-    def gather(self, x):
-        return x
-
-    def reduce(self, x, reduction="sum"):
-        return x
-
-    gather_for_metrics = gather
-
-
-class _Model(torch.nn.Module):
-    is_gradient_checkpointing = False
-
-
 def _bare_trl_trainer(**attrs):
     """A GRPOTrainer without __init__: only what `_compute_loss` / `_generate_and_score_completions` read."""
     from trl import GRPOTrainer
 
     t = object.__new__(GRPOTrainer)
-    t.__dict__.update(accelerator=_Accelerator(), model=_Model(), top_entropy_quantile=1.0, off_policy_mask_threshold=None,
+    t.__dict__.update(accelerator=OneProcessAccelerator(), model=TrainedModelStub(), top_entropy_quantile=1.0, off_policy_mask_threshold=None,
                       importance_sampling_level="token", use_vllm=False, _entropy_bonus_enabled=False,
                       aux_loss_enabled=False, _metrics={"train": defaultdict(list), "eval": defaultdict(list)})
     t.__dict__.update(attrs)

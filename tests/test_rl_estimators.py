@@ -23,7 +23,7 @@ from distill.losses.grpo import grpo_loss, token_loss
 from distill.recipe import validate_recipe
 from distill.rewards import weighted_reward
 from distill.trainers.grpo import GRPOSpec, GRPOTrainer
-from tests.helpers import TINY_LLAMA
+from tests.helpers import TINY_LLAMA, OneProcessAccelerator, TrainedModelStub
 
 NAN = math.nan
 
@@ -126,28 +126,12 @@ def test_estimator_names_and_their_scalings(tmp_path):
 
 
 # -- parity with TRL's RLOOTrainer -------------------------------------------------------------------
-class _Accelerator:
-    num_processes, process_index, device, sync_gradients = 1, 0, torch.device("cpu"), True
-
-    def gather(self, x):
-        return x
-
-    def reduce(self, x, reduction="sum"):
-        return x
-
-    gather_for_metrics = gather
-
-
-class _Model(torch.nn.Module):
-    is_gradient_checkpointing = False
-
-
 def _bare_rloo(**attrs):
     """An RLOOTrainer without __init__: only what `_generate_and_score_completions` / `_compute_loss` read."""
     from trl import RLOOTrainer
 
     t = object.__new__(RLOOTrainer)
-    t.__dict__.update(accelerator=_Accelerator(), model=_Model(), aux_loss_enabled=False, epsilon_low=0.2, epsilon_high=0.2,
+    t.__dict__.update(accelerator=OneProcessAccelerator(), model=TrainedModelStub(), aux_loss_enabled=False, epsilon_low=0.2, epsilon_high=0.2,
                       _metrics={"train": defaultdict(list), "eval": defaultdict(list)})
     t.__dict__.update(attrs)
     return t
