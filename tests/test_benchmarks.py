@@ -1,6 +1,7 @@
 """The distillation throughput benchmark runs end to end on CPU and reports every field it promises."""
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -46,11 +47,13 @@ def test_distill_throughput_tiny_on_one_cpu_process(tmp_path):
     stage = {r["mode"]: r["teacher_zero_stage"] for r in rows}
     assert stage == {"naive": 3, "sharded": 3, "replicated": 0}
     # The step time against what the test and the phase split measure on their own: the timed steps fit in the
-    # benchmark's wall time, and a step takes about as long as its phases timed one by one (within 8x either way:
-    # the machine may be loaded between the two passes; a time per token or per ms would be 60 to 1000 times off).
+    # benchmark's wall time, and a step takes about as long as its phases timed one by one. The median over the six
+    # rows, within 8x either way: one step on a loaded machine can stall for a second (25x its phases, seen on a
+    # 2-core CI machine), while a time per token or per ms would put every row 60 to 1000 times off.
     assert sum(r["step_s"] for r in rows) * 2 < wall
+    ratios = sorted(r["step_s"] / sum(r["split_s"].values()) for r in rows)
+    assert 1 / 8 < statistics.median(ratios) < 8, ratios
     for r in rows:
-        assert 1 / 8 < r["step_s"] / sum(r["split_s"].values()) < 8, r
         assert r["tokens_per_s_per_gpu"] == pytest.approx(r["micro_batch"] * S / r["step_s"])
         assert r["mfu"] == pytest.approx(r["tokens_per_s_per_gpu"] * fpt / 0.5e12)
         assert set(r["split_s"]) == set(bench.PHASES) and all(v >= 0 for v in r["split_s"].values())
