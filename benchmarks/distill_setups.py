@@ -32,7 +32,7 @@ def model_configs(a) -> tuple[dict, dict]:
 
 def reset_between_modes():
     """Drop the previous mode's Accelerator state (the process group stays) and free its memory."""
-    from distill.roles import forget_roles
+    from distill.runtime.roles import forget_roles
 
     forget_roles()
 
@@ -57,8 +57,8 @@ def make_batches(a, mb: int, n: int, device) -> list[dict]:
 
 def recipe_for(a, mode: str, mb: int, extra: dict | None = None):
     """The DistillTrainer recipe of a mode (teacher placement), `extra` merged in before it is validated."""
-    from distill.presets import deepspeed_presets
-    from distill.recipe import deep_merge, parse_overrides, validate_recipe
+    from distill.config.presets import deepspeed_presets
+    from distill.config.recipe import deep_merge, parse_overrides, validate_recipe
     from distill.trainers.distill import DistillTrainer
 
     s, t = model_configs(a)
@@ -96,7 +96,7 @@ def load_fn(device):
     def load(plan):
         from transformers import AutoModelForCausalLM
 
-        from distill.trainer import apply_role_options
+        from distill.loop.build import apply_role_options
 
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[plan.spec.precision]
         if plan.zero_stage == 3:  # built under zero.Init (the role's plugin is active): born sharded
@@ -116,8 +116,8 @@ class Naive:
         from accelerate import Accelerator
         from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
-        from distill.launch import single_process_env
-        from distill.roles import _skip_cpu_shm_op
+        from distill.runtime.launch import single_process_env
+        from distill.runtime.roles import _skip_cpu_shm_op
 
         single_process_env()
         if device.type == "cpu":
@@ -181,7 +181,7 @@ class Ours:
     """DistillTrainer's step on RoleManager roles, without data files (batches come from the benchmark)."""
 
     def __init__(self, a, plans, recipe, device, mode):
-        import distill.roles
+        import distill.runtime.roles
         from distill.trainers.distill import DistillTrainer
 
         class Bench(DistillTrainer):  # the trainer through its public hooks: models built on the device, no data files
@@ -191,13 +191,13 @@ class Ours:
             def load_model(self, plan):
                 return load_fn(device)(plan)
 
-        keep = distill.roles.set_leaf_modules
+        keep = distill.runtime.roles.set_leaf_modules
         if mode in ("sharded_untuned", "sharded_noleaf"):
-            distill.roles.set_leaf_modules = lambda model: []  # the ablation: each module gathered on its own
+            distill.runtime.roles.set_leaf_modules = lambda model: []  # the ablation: each module gathered on its own
         try:
             self.t = Bench(recipe, plans=plans)
         finally:
-            distill.roles.set_leaf_modules = keep
+            distill.runtime.roles.set_leaf_modules = keep
         self.manager, self.world, self.n = self.t.manager, self.t.world_size, 0
 
     def step(self, batch):

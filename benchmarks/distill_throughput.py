@@ -227,7 +227,7 @@ def gpu_busy(prof, steps: int) -> str:
 
 def main(argv=None) -> dict:
     a = parse_args(argv)
-    from distill.plan import plan_roles
+    from distill.plan.planner import plan_roles
     from distill.trainers.distill import DistillTrainer
 
     world = int(os.environ.get("WORLD_SIZE", 1))

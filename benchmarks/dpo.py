@@ -155,7 +155,7 @@ def _write_inputs(a, world: int, d: Path) -> None:
 # -- one side --------------------------------------------------------------------------------
 def run_distill(a, d: Path, world: int) -> tuple[list[float], list[float]]:
     """(per-step wall clock at step end, per-step loss) of distill's DPOTrainer."""
-    from distill.recipe import deep_merge, parse_overrides, validate_recipe
+    from distill.config.recipe import deep_merge, parse_overrides, validate_recipe
     from distill.trainers.dpo import DPOTrainer
 
     total = a.warmup + a.steps
@@ -311,7 +311,7 @@ def _versions() -> dict:
 
 # -- the driver: both sides, then the table ---------------------------------------------------
 def driver(a, argv: list[str]) -> None:
-    from distill.launch import _free_port
+    from distill.runtime.launch import _free_port
 
     prepare(a, a.num_processes)  # once, before either launch
     out = Path(a.out or Path(a.workdir) / "results.json")

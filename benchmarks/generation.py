@@ -11,7 +11,7 @@ would start after --budget-s seconds is recorded as skipped):
   against transformers' eager `generate()`: equal token for token, or the first position where they differ.
 * `throughput`: the --model's random-init weights in bf16, --batch prompts of --prompt-len tokens (left-padded
   to random lengths between half and all of it), --new-tokens sampled at temperature 1 (no eos: every row runs to
-  the end). Candidates: ours (`compiled`, `graphs`, `static`: distill.decode) and `generate` (eager, dynamic cache);
+  the end). Candidates: ours (`compiled`, `graphs`, `static`: distill.generation.decode) and `generate` (eager, dynamic cache);
   the parts `generate_static` (`cache_implementation="static"`: transformers compiles the forward itself) and
   `generate_batch` (transformers' continuous batching, paged attention) measure those two on the same model. Per candidate and batch: the first call
   (compile and graph capture included) and the mean of --repeats timed calls; tokens/s counts generated tokens.
@@ -35,7 +35,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from distill.generation import SamplingSpec, generate_completions  # noqa: E402
+from distill.generation.generate import SamplingSpec, generate_completions  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OURS = ("compiled", "graphs", "static")
@@ -113,7 +113,7 @@ def run_candidate(name: str, model, ids, mask, spec: SamplingSpec, seed: int, *,
     if name in OURS or name == "compiled_top_p":
         mode = "compiled" if name == "compiled_top_p" else name
         if not compact:
-            from distill.decode import DecodeEngine
+            from distill.generation.decode import DecodeEngine
 
             held = model.__dict__.setdefault("_distill_decode", {})
             e = held.get("engine")
@@ -126,7 +126,7 @@ def run_candidate(name: str, model, ids, mask, spec: SamplingSpec, seed: int, *,
         return out.tokens, int(out.lengths.sum())
     from transformers import GenerationConfig
 
-    from distill.generation import completion_lengths
+    from distill.generation.generate import completion_lengths
 
     kw = spec.generate_kwargs()
     kw["eos_token_id"] = list(spec.eos_token_ids) or None

@@ -146,7 +146,7 @@ def train(recipe: str, overrides: list[str], log) -> float:
 
 def write_teacher_cache(recipe: str, overrides: list[str], settings: dict, where: Path, log) -> float:
     """The teacher cache of `settings` for the runs' data in `where` (kept if it is there already); its wall time."""
-    from distill.teacher_cache.write import load_writer_recipe, write_cache
+    from distill.trainers.cache_writer import load_writer_recipe, write_cache
     from distill_setups import reset_between_modes
 
     t0 = time.perf_counter()
@@ -210,7 +210,7 @@ def load(path: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from distill.presets import resolve_shipped
+    from distill.config.presets import resolve_shipped
 
     model = AutoModelForCausalLM.from_pretrained(resolve_shipped(path))
     return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()

@@ -19,10 +19,10 @@ def main() -> None:
     from transformers import LlamaConfig
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    from distill.dsconfig import role_ds_config
-    from distill.plan import RolePlan
-    from distill.recipe import Role
-    from distill.roles import RoleManager
+    from distill.config.deepspeed import role_ds_config
+    from distill.plan.planner import RolePlan
+    from distill.config.schema import Role
+    from distill.runtime.roles import RoleManager
 
     def plan(name, trainable, stage):
         spec = Role(trainable=trainable, config={"model_type": "llama"}, deepspeed=stage)

@@ -99,7 +99,7 @@ def model_logp(teacher: str, data: str | None, n: int, device: str) -> torch.Ten
     """The teacher's log-probabilities at the first n predicted positions of the texts."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from distill.presets import resolve_shipped
+    from distill.config.presets import resolve_shipped
 
     path = resolve_shipped(teacher)
     model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()

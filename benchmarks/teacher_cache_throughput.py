@@ -15,7 +15,7 @@ and models of the pair's configs (benchmarks/distill_setups.py), random init:
   not change the work), decoded on the device in the step; `hard`: no teacher, `kd.alpha: 1` (cross-entropy alone).
   The loss is 0.5 CE + 0.5 forward KL (the cache's tail rule: --tail).
 * `write` part, the teacher alone (placed as the cache writer plans it): `forward`: its forward with logits, as a
-  live teacher runs in training; `records`: `distill.teacher_cache.write.teacher_records` (final hidden states, the head
+  live teacher runs in training; `records`: `distill.trainers.cache_writer.teacher_records` (final hidden states, the head
   chunk by chunk, log-softmax and encoding) for each option; `records+disk`: the same, copied to the host and written
   to shards in a temporary directory, as the writer does.
 
@@ -146,7 +146,7 @@ def with_records(batches, codec, vocab, seed):
 
 
 def student_part(a, device, world) -> list[dict]:
-    from distill.plan import plan_roles
+    from distill.plan.planner import plan_roles
     from distill.trainers.distill import DistillTrainer
 
     batches = make_batches(a, a.micro_batch, max(a.steps, a.warmup), device)
@@ -180,9 +180,9 @@ def student_part(a, device, world) -> list[dict]:
 
 
 def write_part(a, device, world) -> list[dict]:
-    from distill.roles import RoleManager
+    from distill.runtime.roles import RoleManager
     from distill.teacher_cache.store import write_shard
-    from distill.teacher_cache.write import plan_teacher, teacher_records
+    from distill.trainers.cache_writer import plan_teacher, teacher_records
 
     recipe = recipe_for(a, "auto", a.micro_batch, {"kd": {"cache": cache_section(a.options[0], a.tail)},
                                                    "data": {"tokenizer": "unused"}, "teacher": {"placement": "auto"}})

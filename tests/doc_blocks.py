@@ -146,7 +146,7 @@ def _module_of(tokens: list[str], b: Block, text: str) -> tuple[str | None, list
     if head in ("python", "python3") and len(tokens) > 2 and tokens[1] == "-m":
         return tokens[2], tokens[3:]
     if head == "distill" and len(tokens) > 1:
-        from distill.__main__ import COMMANDS
+        from distill.cli.main import COMMANDS
 
         return COMMANDS.get(tokens[1]), tokens[2:]
     if head in ("accelerate", "torchrun", "deepspeed"):

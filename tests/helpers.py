@@ -87,7 +87,7 @@ def tiny_model_dir(out: Path, model_type: str, vocab_size: int, *, seed: int = 0
 
 def tiny_recipe(assets: dict[str, str], out: Path, **sections) -> dict:
     """A 2-process distillation recipe on the tiny assets; `sections` are deep-merged on top."""
-    from distill.recipe import deep_merge
+    from distill.config.recipe import deep_merge
 
     base = {
         "trainer": "distill", "output_dir": str(out), "seed": 0,
@@ -165,10 +165,10 @@ def read_json(path: Path) -> dict:
 def end_of_script() -> None:
     """The end of a multi-process test script: every rank waits, then the process group is torn down
     (as `distill.train` does), so no rank exits while the others' collectives still need it. Then the
-    process leaves as `distill.train` does, without interpreter finalization (`distill.launch.leave`)."""
+    process leaves as `distill.train` does, without interpreter finalization (`distill.runtime.launch.leave`)."""
     import torch.distributed as dist
 
-    from distill.launch import leave
+    from distill.runtime.launch import leave
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -96,9 +96,9 @@ def test_objects_that_other_processes_cannot_read_are_refused_by_key(tmp_path):
 
 
 def test_reward_functions_given_as_callables_are_the_functions_named():
-    from distill.api import portable
+    from distill.cli.api import portable
     from distill.data.reward_task import end_mark, whole_sentences
-    from distill.rewards import load_reward_functions
+    from distill.rl.rewards import load_reward_functions
 
     recipe, _ = distill.load_recipe("grpo_quickstart", grpo={"reward_funcs": [end_mark, "distill.data.reward_task:whole_sentences"]})
     funcs = load_reward_functions(recipe.grpo.reward_funcs, recipe.grpo.reward_weights)
@@ -128,7 +128,7 @@ def test_load_recipe_takes_a_file_a_name_or_a_mapping_with_keys_and_overrides(tm
 
 def test_a_resumed_run_must_be_given_the_same_dataset(tmp_path):
     """recipe.yaml names a Dataset by its fingerprint: the same records match, other records are another run's."""
-    from distill.rundir import check_resume_identity
+    from distill.loop.rundir import check_resume_identity
 
     def recipe(texts):
         lm = _lm_recipe(tmp_path) | {"launch": {"num_processes": 1}}

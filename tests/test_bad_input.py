@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from distill.train import main
+from distill.cli.train import main
 from tests.helpers import tiny_recipe
 
 
@@ -119,8 +119,8 @@ def test_a_tampered_checkpoint_file_is_not_unpickled(tmp_path):
     code on unpickling is refused, naming the file; DeepSpeed's checkpoint records are allowed."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
 
-    from distill.checkpoint import safe_torch_load
-    from distill.errors import RecipeError
+    from distill.loop.checkpoint import safe_torch_load
+    from distill.config.errors import RecipeError
 
     marker = tmp_path / "ran"
 

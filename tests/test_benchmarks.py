@@ -67,7 +67,7 @@ def test_distill_throughput_tiny_on_one_cpu_process(tmp_path):
                                            "naive_teacher_forward_over_replicated", "sharded_teacher_forward_over_replicated"}
     assert "tok/s/GPU" in log.read_text()
     # --cprofile: where the host spent our steps, per mode and micro-batch
-    assert "distill/trainer.py" in (tmp_path / "cp.replicated.2.txt").read_text()
+    assert "distill/loop/trainer.py" in (tmp_path / "cp.replicated.2.txt").read_text()
     assert "by cumulative" in (tmp_path / "cp.naive.3.txt").read_text()
 
 

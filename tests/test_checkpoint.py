@@ -51,8 +51,8 @@ def test_export_matches_the_runs_own_save_and_resume_refusals(assets, tmp_path, 
     run is not overwritten without `overwrite` (refusals in this process: they happen before anything launches)."""
     from transformers import AutoModelForCausalLM
 
-    from distill.export import main as export
-    from distill.train import main as train
+    from distill.cli.export import main as export
+    from distill.cli.train import main as train
 
     path = _recipe(tmp_path, assets, "run")
     if zero == "zero2":
@@ -120,7 +120,7 @@ def _workers(proc):
 def test_sigterm_saves_a_checkpoint_and_the_resumed_run_equals_an_uninterrupted_one_bitwise(assets, tmp_path, capsys):
     """SIGTERM to the whole job: a checkpoint at the step it stops at, exit 0. Resuming with other settings is refused
     by name; resumed with more steps (allowed), the run ends with exactly the weights of a run never stopped."""
-    from distill.train import main
+    from distill.cli.train import main
 
     path = _recipe(tmp_path, assets, "parts")
     run = tmp_path / "parts"

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from distill.launch import _free_port
+from distill.runtime.launch import _free_port
 from tests.helpers import check, tiny_recipe
 
 pytestmark = pytest.mark.multiprocess
@@ -79,7 +79,7 @@ def test_torchrun_launch(assets, tmp_path):
 
 def test_bad_recipe_exits_2_with_one_message_and_keeps_existing_run(assets, tmp_path, capsys):
     """Refused by the command before it launches anything (so in this process): exit 2, one message."""
-    from distill.train import main
+    from distill.cli.train import main
 
     path, _ = _write(tmp_path, assets)
     run = tmp_path / "run"
@@ -125,14 +125,14 @@ def test_accelerate_config_with_deepspeed_fields_is_overridden_by_the_recipe(ass
 
 
 def test_deepspeed_launcher_local_rank_argument_is_accepted():
-    from distill.train import parse_args
+    from distill.cli.train import parse_args
 
     args = parse_args(["--local_rank=1", "recipes/quickstart.yaml", "train.max_steps=3"])
     assert args.recipe == "recipes/quickstart.yaml" and args.overrides == ["train.max_steps=3"]
 
 
 def test_help_lists_every_shipped_recipe_and_the_commands():
-    from distill.presets import shipped_recipes
+    from distill.config.presets import shipped_recipes
 
     proc = subprocess.run([sys.executable, "-m", "distill", "train", "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0
@@ -179,7 +179,7 @@ def test_a_rank_exits_with_its_code_and_without_finalization(tmp_path, launched)
     """A rank of a finished run must not reach interpreter finalization, where gloo's and DeepSpeed's
     threads now and then abort it ("terminate called without an active exception") and fail the run."""
     marker = tmp_path / "finalized"
-    code = ("import atexit, pathlib, sys; from distill.launch import leave; "
+    code = ("import atexit, pathlib, sys; from distill.runtime.launch import leave; "
             f"atexit.register(lambda: pathlib.Path({str(marker)!r}).write_text('x')); print('out', end=''); leave(3)")
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "LOCAL_RANK", "RANK")}
     if launched:
@@ -192,7 +192,7 @@ def test_a_rank_exits_with_its_code_and_without_finalization(tmp_path, launched)
 MISSING_ON_ONE_MACHINE = """
 import os
 
-from distill.errors import RecipeError
+from distill.config.errors import RecipeError
 from distill.trainers.distill import DistillTrainer
 
 

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from distill.samples import format_samples, sample_prompts
+from distill.loop.samples import format_samples, sample_prompts
 from tests.helpers import TINY_LLAMA
 
 
@@ -49,7 +49,7 @@ def test_kd_alpha_one_trains_on_the_labels_without_running_the_teacher(chunked):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from distill.losses import cross_entropy
-    from distill.recipe import validate_recipe
+    from distill.config.recipe import validate_recipe
     from distill.trainers.distill import DistillTrainer
 
     cfg = {k: v for k, v in TINY_LLAMA.items() if k != "model_type"}

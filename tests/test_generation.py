@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from distill.data.prompts import PromptCollator
-from distill.generation import SamplingSpec, completion_lengths, generate_completions, processed_logits
+from distill.generation.generate import SamplingSpec, completion_lengths, generate_completions, processed_logits
 
 V, PAD = 64, 0
 
@@ -133,7 +133,7 @@ def test_one_generation_phase_per_step_and_the_loss_masks_the_generated_tokens(m
     predecessor."""
     from distill.trainers import on_policy
     from distill.trainers.distill import DistillTrainer
-    from distill.trainers.on_policy import CompletionSampler, OnPolicySpec
+    from distill.generation.completions import CompletionSampler, OnPolicySpec
 
     calls = []
 

@@ -18,11 +18,11 @@ import torch
 import yaml
 
 from distill.losses.grpo import GRPO_LOSSES
-from distill.errors import RecipeError
-from distill.recipe import validate_recipe
+from distill.config.errors import RecipeError
+from distill.config.recipe import validate_recipe
 from tests.helpers import REPO, TINY_LLAMA, check
 from distill.trainers.grpo import GRPOSpec, GRPOTrainer, completion_logps, grpo_loss_step
-from distill.trainers.grpo_batch import RepeatedData, completion_masks, padded_width
+from distill.rl.batch import RepeatedData, completion_masks, padded_width
 
 REWARD = "distill.data.reward_task:end_mark"
 PAD, EOS = 0, 2
@@ -208,7 +208,7 @@ def test_reward_model_reads_ids_or_retokenized_text(tmp_path):
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     from distill.data.synthetic import SyntheticLanguage, build_tokenizer
-    from distill.trainers.grpo_reward import RewardModelScorer
+    from distill.rl.reward_model import RewardModelScorer
 
     tok = build_tokenizer(SyntheticLanguage(0))
     # The reward model's own tokenizer: the same words, other ids (the vocabulary reversed after the specials).

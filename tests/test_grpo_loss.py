@@ -1,4 +1,4 @@
-"""GRPO's pure functions (distill/losses/grpo.py, distill/rewards.py), and their parity with TRL.
+"""GRPO's pure functions (distill/losses/grpo.py, distill/rl/rewards.py), and their parity with TRL.
 
 The parity tests run TRL's own `GRPOTrainer` code on fixed tensors: `_compute_loss` for the loss and
 its gradient with respect to the policy's per-token log-probs, `_generate_and_score_completions` for
@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from distill.losses.grpo import GRPO_LOSSES, group_advantages, grpo_loss, token_loss
-from distill.errors import RecipeError
-from distill.rewards import (RewardError, RewardFunction, call_reward_function, load_reward_functions,
+from distill.config.errors import RecipeError
+from distill.rl.rewards import (RewardError, RewardFunction, call_reward_function, load_reward_functions,
                              weighted_reward)
 
 LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo"]
@@ -280,7 +280,7 @@ def test_advantages_and_truncation_mask_match_trl(scale_rewards):
     assert torch.allclose(ours, out["advantages"], rtol=1e-6, atol=1e-7), (ours, out["advantages"])
     assert t._metrics["train"]["reward"][0] == pytest.approx(float(weighted_reward(per_function, weights).nanmean()))
 
-    from distill.trainers.grpo_batch import completion_masks
+    from distill.rl.batch import completion_masks
 
     padded = torch.tensor([ids + [0] * (3 - len(ids)) for ids in completion_ids])
     _, mask, truncated = completion_masks(padded, eos_id=2, mask_truncated=True)

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import distill
-from distill.errors import RecipeError
-from distill.presets import deepspeed_presets, package_path, resolve_shipped, shipped_recipes
-from distill.recipe import Role
+from distill.config.errors import RecipeError
+from distill.config.presets import deepspeed_presets, package_path, resolve_shipped, shipped_recipes
+from distill.config.schema import Role
 from distill.trainers import load_recipe
 from tests.helpers import TINY_LLAMA, check, launch
 
@@ -63,7 +63,7 @@ def test_recipes_list_copy_and_run_by_name_from_another_directory(tmp_path, monk
 def test_a_role_loads_the_model_class_it_declares():
     from transformers import AutoConfig
 
-    from distill.models import build_model, count_params
+    from distill.models.build import build_model, count_params
 
     cfg = {k: v for k, v in TINY_LLAMA.items()}
     lm = Role(config=cfg)

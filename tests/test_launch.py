@@ -6,9 +6,9 @@ import os
 import pytest
 
 import distill
-import distill.launch as launch
-from distill.errors import RecipeError
-from distill.train import main
+import distill.runtime.launch as launch
+from distill.config.errors import RecipeError
+from distill.cli.train import main
 
 
 @pytest.fixture

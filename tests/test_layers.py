@@ -1,87 +1,146 @@
-"""The package's imports run one way (docs/concepts.md, "Layers"): no circle, and each layer imports only below it."""
+"""The package's layout (docs/concepts.md, "Layers"): subpackages by concern, imports one way from the bottom up,
+no circle at all (`TYPE_CHECKING` imports and imports inside functions included)."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
-DISTILL = Path(__file__).resolve().parents[1] / "distill"
+import pytest
 
-# Each module (or package, by prefix) and the distill modules it may import at all.
-LAYERS = {
-    "distill.errors": set(),
-    "distill.registry": set(),
-    "distill.presets": {"distill.errors"},
-    "distill.dsconfig": {"distill.errors", "distill.presets"},
-    "distill.recipe": {"distill.errors", "distill.presets", "distill.dsconfig"},
-    "distill.losses": {"distill.errors", "distill.registry", "distill.losses"},
-    "distill.data": {"distill.errors", "distill.recipe", "distill.data"},
-}
+ROOT = Path(__file__).resolve().parents[1]
+DISTILL = ROOT / "distill"
+
+PACKAGES = ["config", "data", "losses", "models", "plan", "runtime", "generation", "teacher_cache", "rl", "loop",
+            "trainers", "cli"]
+"""Bottom to top: a module may import its own package and the packages before it, never one after it."""
+ENTRY_POINTS = {"distill", "distill.__main__", "distill.train", "distill.export", "distill.report", "distill.recipe_doc",
+                "distill.teacher_cache.__main__"}
+"""Above every package: `import distill` and the `python -m` names kept as thin shims over `cli/`."""
 
 
-def _module_name(path: Path) -> str:
-    parts = path.relative_to(DISTILL.parent).with_suffix("").parts
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _imports(path: Path) -> tuple[set[str], set[str]]:
-    """(distill modules imported at module level, ones imported inside a function); `if TYPE_CHECKING:` ones skipped."""
-    tree = ast.parse(path.read_text())
-    top, inner = set(), set()
-    for node in ast.walk(tree):
+def _exists(name: str) -> bool:
+    base = ROOT / name.replace(".", "/")
+    return base.with_suffix(".py").exists() or (base / "__init__.py").exists()
+
+
+def imports_of(source: str, module: str, is_package: bool = False) -> set[str]:
+    """Every distill module `source` imports: at module level, inside functions and under `if TYPE_CHECKING:`."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
         names = []
-        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level:
-            pkg = _module_name(path).split(".")[: None if path.name == "__init__.py" else -1]
-            base = ".".join(pkg[: len(pkg) - node.level + 1] + ([node.module] if node.module else []))
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                pkg = module.split(".")[: None if is_package else -1]
+                base = ".".join(pkg[: len(pkg) - node.level + 1] + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
             names = [base] + [f"{base}.{a.name}" for a in node.names]
         elif isinstance(node, ast.Import):
             names = [a.name for a in node.names]
-        found = {n for n in names if n.startswith("distill.") and (DISTILL.parent / (n.replace(".", "/") + ".py")).exists()
-                 or (DISTILL.parent / n.replace(".", "/") / "__init__.py").exists() and n.startswith("distill.")}
-        if found and not _under_type_checking(tree, node):  # type hints only: no import at run time
-            (top if node in tree.body else inner).update(found)
-    return top, inner
+        found |= {n for n in names if n.startswith("distill.") and _exists(n)}
+    return found
 
 
-def _under_type_checking(tree: ast.Module, node: ast.AST) -> bool:
-    return any(isinstance(n, ast.If) and getattr(n.test, "id", "") == "TYPE_CHECKING" and node in ast.walk(n)
-               for n in tree.body)
+def build_graph() -> dict[str, set[str]]:
+    return {module_name(p): imports_of(p.read_text(), module_name(p), p.name == "__init__.py") for p in DISTILL.rglob("*.py")}
 
 
-GRAPH = {_module_name(p): _imports(p) for p in DISTILL.rglob("*.py")}
+def rank(module: str) -> int:
+    """The module's place in the package order; entry points are above every package."""
+    if module in ENTRY_POINTS:
+        return len(PACKAGES)
+    return PACKAGES.index(module.split(".")[1])
+
+
+def order_violations(graph: dict[str, set[str]]) -> list[str]:
+    return [f"{m} imports {n}: `{n.split('.')[1]}/` is above `{m.split('.')[1]}/` in the package order ({' < '.join(PACKAGES)})"
+            for m, imported in sorted(graph.items()) for n in sorted(imported) if rank(n) > rank(m)]
+
+
+def find_circle(graph: dict[str, set[str]]) -> list[str] | None:
+    # A package that holds the importing module is initialised before it anyway: no edge to it.
+    edges = {m: sorted(n for n in imported if n in graph and n != m and not m.startswith(n + ".")) for m, imported in graph.items()}
+    done, path = set(), []
+
+    def visit(m):
+        if m in path:
+            return path[path.index(m):] + [m]
+        if m in done:
+            return None
+        path.append(m)
+        for n in edges[m]:
+            if circle := visit(n):
+                return circle
+        path.pop()
+        done.add(m)
+        return None
+
+    for m in sorted(edges):
+        if circle := visit(m):
+            return circle
+    return None
+
+
+GRAPH = build_graph()
+
+
+def test_every_module_belongs_to_a_declared_package():
+    loose = sorted(m for m in GRAPH if m not in ENTRY_POINTS and m.split(".")[1] not in PACKAGES)
+    assert not loose, f"modules outside the declared packages {PACKAGES}: {loose}; move them into the package of their concern"
+    assert {m.split(".")[1] for m in GRAPH if m not in ENTRY_POINTS} == set(PACKAGES)
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_each_package_states_its_purpose_in_one_line_and_in_readme(package):
+    doc = ast.get_docstring(ast.parse((DISTILL / package / "__init__.py").read_text()))
+    assert doc and "\n" not in doc, f"distill/{package}/__init__.py must start with a one-line docstring: its purpose"
+    row = re.search(rf"^\| `distill/{package}/` \| (.*) \|$", (ROOT / "README.md").read_text(), re.M)
+    assert row and row.group(1) == doc, f"README's layout table needs the row | `distill/{package}/` | {doc} |"
+
+
+def test_entry_points_are_thin_shims():
+    for name in ENTRY_POINTS - {"distill"}:
+        path = ROOT / (name.replace(".", "/") + ".py")
+        assert len(path.read_text().splitlines()) <= 8, f"{path} is an entry-point name only: its code belongs in distill/cli/"
+
+
+def test_imports_follow_the_package_order():
+    bad = order_violations(GRAPH)
+    assert not bad, "\n".join(bad)
 
 
 def test_no_import_circle():
-    # A package that holds the importing module is initialised before it anyway: no edge to it.
-    edges = {m: {n for n in top if n in GRAPH and n != m and not m.startswith(n + ".")} for m, (top, _) in GRAPH.items()}
-    seen, on_path = set(), []
-
-    def visit(m):
-        if m in on_path:
-            raise AssertionError("import circle: " + " -> ".join(on_path[on_path.index(m):] + [m]))
-        if m in seen:
-            return
-        on_path.append(m)
-        for n in sorted(edges[m]):
-            visit(n)
-        on_path.pop()
-        seen.add(m)
-
-    for m in sorted(edges):
-        visit(m)
+    circle = find_circle(GRAPH)
+    assert circle is None, "import circle: " + " -> ".join(circle)
 
 
-def test_lower_layers_import_only_below_them():
-    for module, (top, inner) in GRAPH.items():
-        layer = next((k for k in sorted(LAYERS, key=len, reverse=True) if module == k or module.startswith(k + ".")), None)
-        if layer is None:
-            continue
-        allowed = LAYERS[layer]
-        bad = {n for n in top | inner if not any(n == a or n.startswith(a + ".") for a in allowed)}
-        assert not bad, f"{module} imports {sorted(bad)}; its layer may import only {sorted(allowed)}"
+def test_a_back_import_fails_the_checks():
+    # What the recipe once did: a type-checking import of a higher layer, and a circle through it.
+    hint = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from distill.loop.trainer import RoleTrainer\n"
+    graph = {**GRAPH, "distill.config.schema": GRAPH["distill.config.schema"] | imports_of(hint, "distill.config.schema")}
+    assert order_violations(graph) == ["distill.config.schema imports distill.loop.trainer: `loop/` is above `config/` in the "
+                                       f"package order ({' < '.join(PACKAGES)})"]
+    assert find_circle(graph) is not None  # the loop imports the schema
+    inner = "def role():\n    from distill.config.recipe import validate_recipe\n"
+    graph = {**GRAPH, "distill.config.deepspeed": GRAPH["distill.config.deepspeed"] | imports_of(inner, "distill.config.deepspeed")}
+    assert not order_violations(graph)  # same package: allowed by the order ...
+    assert find_circle(graph)[0] == "distill.config.deepspeed"  # ... but a circle, even from inside a function
 
 
 def test_no_distill_import_hides_inside_a_function():
-    hidden = {m: sorted(inner) for m, (_, inner) in GRAPH.items() if inner and m != "distill.data"}
+    hidden = {}
+    for path in DISTILL.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        top = {n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))}
+        inner = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) and n not in top
+                 and imports_of(ast.unparse(n), module_name(path), path.name == "__init__.py")
+                 and not any(isinstance(b, ast.If) and n in ast.walk(b) for b in tree.body)]
+        if inner and module_name(path) != "distill.data":  # its lazy exports keep `python -m distill.data.x` light
+            hidden[module_name(path)] = [ast.unparse(n) for n in inner]
     assert not hidden, f"imports inside functions (move them to the top; a circle is no reason): {hidden}"

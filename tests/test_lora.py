@@ -119,7 +119,7 @@ def test_lora_resume_equals_uninterrupted_and_export_gives_the_merged_model(asse
     for f in ("model.safetensors", "adapter/adapter_model.safetensors"):
         a, b = _tensors(tmp_path / "whole" / "final" / "student" / f), _tensors(tmp_path / "parts" / "final" / "student" / f)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
-    from distill.export import main as export
+    from distill.cli.export import main as export
 
     out = tmp_path / "export"
     assert export([str(tmp_path / "whole"), str(out)]) == 0
@@ -143,9 +143,9 @@ def test_dpo_lora_quickstart_learns_the_preferences(tmp_path):
 
 # -- recipe errors, before any model loads ----------------------------------------------------------
 def _error(raw, trainer, plan=False) -> str:
-    from distill.preflight import preflight
-    from distill.recipe import validate_recipe
-    from distill.errors import RecipeError
+    from distill.loop.preflight import preflight
+    from distill.config.recipe import validate_recipe
+    from distill.config.errors import RecipeError
 
     with pytest.raises(RecipeError) as e:
         recipe = validate_recipe(raw, trainer)
@@ -193,10 +193,10 @@ def test_target_modules_that_match_nothing_are_refused_at_plan_time(raw):
 
 
 def test_plan_shows_the_adapter_as_what_trains(raw):
-    from distill.models import count_params
-    from distill.plan import estimate_memory, format_plan
-    from distill.preflight import preflight
-    from distill.recipe import validate_recipe
+    from distill.models.build import count_params
+    from distill.plan.planner import estimate_memory, format_plan
+    from distill.loop.preflight import preflight
+    from distill.config.recipe import validate_recipe
     from distill.trainers.distill import DistillTrainer
 
     recipe = validate_recipe(raw, DistillTrainer)

@@ -15,12 +15,12 @@ import yaml
 
 from distill.data.prompts import PromptCollator, load_prompt_dataset, tokenize_prompts, with_completions, write_prompt_dataset
 from distill.data.synthetic import SyntheticLanguage, build_tokenizer
-from distill.recipe import validate_recipe
-from distill.errors import RecipeError
+from distill.config.recipe import validate_recipe
+from distill.config.errors import RecipeError
 from tests.helpers import REPO
 from tests.helpers import TINY_LLAMA, check, launch_scenarios
 from distill.trainers.distill import DistillTrainer, kd_data
-from distill.trainers.on_policy import OnPolicySpec, completion_source
+from distill.generation.completions import OnPolicySpec, completion_source
 
 PAD, EOS = 0, 2
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['content'] }} {% endfor %}"

@@ -7,15 +7,15 @@ import time
 import pytest
 import torch
 
-from distill.overlap import Overlap
-from distill.recipe import validate_recipe
-from distill.errors import RecipeError
+from distill.runtime.overlap import Overlap
+from distill.config.recipe import validate_recipe
+from distill.config.errors import RecipeError
 from tests.helpers import TINY_LLAMA
 from distill.trainers.distill import DistillTrainer
 
 
 def _raw(**sections):
-    from distill.recipe import deep_merge
+    from distill.config.recipe import deep_merge
 
     base = {"trainer": "distill", "output_dir": "/tmp/unused", "data": {"train": "unused.jsonl"},
             "student": {"config": TINY_LLAMA}, "teacher": {"config": TINY_LLAMA}}
@@ -95,7 +95,7 @@ def test_overlap_with_gradient_checkpointing_is_refused_and_off_by_default():
 
 
 def test_trainer_passes_the_fused_choice_to_the_optimizer():
-    from distill.trainer import build_optimizer
+    from distill.loop.build import build_optimizer
 
     model = torch.nn.Linear(3, 2)
     for fused, device, expect in ((None, "cpu", False), (True, "cpu", True), (False, "cpu", False), (None, "cuda", True)):
@@ -119,7 +119,7 @@ def test_trainer_passes_the_fused_choice_to_the_optimizer():
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
 def test_compiled_layers_compute_what_the_plain_model_computes(checkpointing):
-    from distill.compile import compile_layers
+    from distill.models.compile import compile_layers
 
     torch._dynamo.reset()
     plain, compiled = _tiny_llama_pair()
@@ -142,10 +142,10 @@ def test_compiled_layers_compute_what_the_plain_model_computes(checkpointing):
 
 def test_compiled_layers_keep_one_static_graph_per_batch_shape():
     """Left to itself torch recompiles for symbolic sizes at the second shape, and that graph was the slow one
-    (distill/compile.py); each shape must get its own graph, and the layers must share it."""
+    (distill/models/compile.py); each shape must get its own graph, and the layers must share it."""
     from torch._dynamo.utils import counters
 
-    from distill.compile import compile_layers
+    from distill.models.compile import compile_layers
 
     torch._dynamo.reset()
     counters.clear()
@@ -197,8 +197,8 @@ def test_a_compiled_role_pads_its_batches_to_few_widths(assets, tmp_path):
 
 
 def test_compile_by_default_is_on_gpus_where_the_weights_are_whole(monkeypatch):
-    from distill.plan import format_plan, plan_roles
-    from distill.recipe import deep_merge
+    from distill.plan.planner import format_plan, plan_roles
+    from distill.config.recipe import deep_merge
 
     assert validate_recipe(_raw(), DistillTrainer).student.compile is None  # the default: decided by the plan
 
@@ -226,8 +226,8 @@ def test_a_compiled_role_generates_uncompiled():
 
     from torch._dynamo.utils import counters
 
-    from distill.compile import compile_layers
-    from distill.roles import RoleModel
+    from distill.models.compile import compile_layers
+    from distill.runtime.roles import RoleModel
 
     plain, compiled = _tiny_llama_pair()
     torch._dynamo.reset()
@@ -252,7 +252,7 @@ def test_with_compiled_layers_a_call_that_needs_a_new_graph_runs_again_alone():
     """torch refuses a compiled call from one thread while the other traces a new graph (on 2 GPUs: "Detected
     that you are using FX to symbolically trace a dynamo-optimized function", at a batch without padding after
     a padded one of the same shape). A call that needs a graph must stop, and run again alone."""
-    from distill.compile import compile_layers
+    from distill.models.compile import compile_layers
 
     torch._dynamo.reset()
     plain_teacher, teacher = _tiny_llama_pair()
@@ -290,7 +290,7 @@ def test_with_compiled_layers_a_call_that_needs_a_new_graph_runs_again_alone():
 
 
 def test_a_new_graph_is_said_naming_the_role_on_rank_0_only():
-    from distill.overlap import compile_reporter
+    from distill.runtime.overlap import compile_reporter
 
     said = []
     for rank in (0, 1):
@@ -303,7 +303,7 @@ def test_a_new_graph_is_said_naming_the_role_on_rank_0_only():
 
 def test_a_failed_compile_says_how_to_train_without_it():
     """Compile is on by default on GPUs, so a machine without a working toolchain fails at the first step."""
-    from distill.train import compile_hint
+    from distill.cli.train import compile_hint
 
     def broken_backend(graph, example_inputs):
         raise OSError("no C compiler")
@@ -322,7 +322,7 @@ def test_compile_is_refused_where_zero3_hooks_live():
     with pytest.raises(RecipeError, match="`student.compile` cannot run under ZeRO-3.*student.deepspeed: zero2"):
         validate_recipe(_raw(student={"compile": True, "deepspeed": "zero3"}), DistillTrainer)
     # A frozen role left to the planner: refused once the plan shards it (on CPU the plan is `sharded`).
-    from distill.plan import plan_roles
+    from distill.plan.planner import plan_roles
 
     recipe = validate_recipe(_raw(teacher={"compile": True}), DistillTrainer)
     with pytest.raises(RecipeError, match="`teacher.compile` cannot run under ZeRO-3.*teacher.placement: replicated"):

@@ -8,8 +8,9 @@ import pytest
 
 from distill.data.loading import build_text_data, ensure_synthetic, source_options, tokenized_splits
 from distill.data.text import load_text_dataset
-from distill.preflight import preflight
-from distill.recipe import RecipeError, validate_recipe
+from distill.loop.preflight import preflight
+from distill.config.recipe import validate_recipe
+from distill.config.schema import RecipeError
 from tests.helpers import bpe_tokenizer, tiny_recipe
 from distill.trainers.distill import DistillTrainer
 
@@ -25,7 +26,7 @@ def _jsonl(path: Path, texts: list[str]) -> Path:
 
 
 def test_synthetic_seed_never_writes_over_a_users_files(assets, tmp_path, capsys):
-    from distill.train import main
+    from distill.cli.train import main
 
     mine = tmp_path / "mine"
     _jsonl(mine / "train.jsonl", ["the cat sees the dog ."] * 40)

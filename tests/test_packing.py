@@ -15,9 +15,9 @@ import yaml
 from distill.data.packing import PackedCollator, model_inputs, pack_documents
 from distill.data.text import CausalCollator
 from distill.losses import cross_entropy, get_kd_loss
-from distill.preflight import preflight
-from distill.recipe import validate_recipe
-from distill.errors import RecipeError
+from distill.loop.preflight import preflight
+from distill.config.recipe import validate_recipe
+from distill.config.errors import RecipeError
 from tests.helpers import TINY_LLAMA, tiny_recipe
 from distill.trainers.distill import DistillTrainer
 

@@ -1,11 +1,12 @@
 """Where a frozen role's weights live: the planner's choice, recipe overrides, tuned ZeRO-3 settings."""
 import pytest
 
-from distill.placement import GIB, choose_placement, frozen_zero3_settings, layer_params
-from distill.dsconfig import ZERO2_REDUCE_BUCKET, role_ds_config
-from distill.plan import format_plan, plan_roles
-from distill.recipe import Role, validate_recipe
-from distill.errors import RecipeError
+from distill.plan.placement import GIB, choose_placement, frozen_zero3_settings, layer_params
+from distill.config.deepspeed import ZERO2_REDUCE_BUCKET, role_ds_config
+from distill.plan.planner import format_plan, plan_roles
+from distill.config.recipe import validate_recipe
+from distill.config.schema import Role
+from distill.config.errors import RecipeError
 from tests.helpers import TINY_LLAMA
 from distill.trainers.distill import DistillTrainer
 

@@ -4,7 +4,7 @@ from pathlib import Path
 from pydantic import Field
 
 from distill import recipe_doc
-from distill.recipe import Role, Section
+from distill.config.schema import Role, Section
 
 REFERENCE = Path(__file__).resolve().parents[1] / "docs" / "recipe-reference.md"
 

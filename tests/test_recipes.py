@@ -5,15 +5,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distill.dsconfig import role_ds_config
-from distill.plan import plan_roles
-from distill.presets import resolve_deepspeed
-from distill.recipe import Role, parse_overrides, validate_recipe
-from distill.errors import RecipeError
+from distill.config.deepspeed import role_ds_config
+from distill.plan.planner import plan_roles
+from distill.config.presets import resolve_deepspeed
+from distill.config.recipe import parse_overrides, validate_recipe
+from distill.config.schema import Role
+from distill.config.errors import RecipeError
 from distill.trainers import load_recipe
 from tests.helpers import tiny_recipe
 from distill.trainers.distill import DistillTrainer
-from distill.trainer import RoleTrainer
+from distill.loop.trainer import RoleTrainer
 
 RECIPES = sorted(Path(__file__).resolve().parents[1].joinpath("recipes").glob("*.yaml"))
 
@@ -135,9 +136,9 @@ def test_an_override_can_replace_or_empty_a_mapping():
 
 def test_size_mismatches_are_refused_in_preflight_and_the_dry_run(raw, tmp_path, capsys):
     """Both passed preflight and crashed every rank at the first forward with an IndexError."""
-    from distill.preflight import preflight
+    from distill.loop.preflight import preflight
     from tests.helpers import tiny_model_dir
-    from distill.train import main
+    from distill.cli.train import main
 
     small = tiny_model_dir(tmp_path / "small_vocab", "llama", 20)  # the synthetic tokenizer has 53 tokens
     bad = {**raw, "teacher": {**raw["teacher"], "from_pretrained": str(small)},
@@ -217,7 +218,7 @@ def test_each_trainable_role_gets_its_own_clipping_and_accumulation(raw):
 
 
 def test_missing_teacher_is_named_before_the_tokenizer(raw, tmp_path):
-    from distill.preflight import preflight
+    from distill.loop.preflight import preflight
 
     raw["teacher"]["from_pretrained"] = str(tmp_path / "nope")
     with pytest.raises(RecipeError, match="`teacher.from_pretrained`"):
@@ -225,7 +226,7 @@ def test_missing_teacher_is_named_before_the_tokenizer(raw, tmp_path):
 
 
 def test_missing_data_file_is_named_before_loading(raw, tmp_path):
-    from distill.preflight import preflight
+    from distill.loop.preflight import preflight
 
     raw["data"]["train"] = str(tmp_path / "nope" / "train.jsonl")
     with pytest.raises(RecipeError, match="`data.train`.*does not exist.*`data.synthetic_seed: 0`.*`distill` trainer"):
@@ -235,7 +236,7 @@ def test_missing_data_file_is_named_before_loading(raw, tmp_path):
 def test_memory_estimate_follows_zero_stages():
     from transformers import LlamaConfig
 
-    from distill.plan import RolePlan, estimate_memory
+    from distill.plan.planner import RolePlan, estimate_memory
 
     cfg = LlamaConfig(hidden_size=64, num_hidden_layers=2, vocab_size=100)
     kw = dict(micro_batch_size=1, grad_accum=1, world_size=2, grad_clip=None, hidden_size=64)
@@ -268,7 +269,7 @@ def test_dry_run_prints_the_plan_and_loads_nothing(tmp_path):
 
 
 def test_role_names_that_clash_with_recipe_keys_or_trainer_attributes():
-    from distill.trainer import RoleTrainer
+    from distill.loop.trainer import RoleTrainer
 
     for bad in ("data", "evaluate"):
         cls = type("Bad", (RoleTrainer,), {"name": "bad", "roles": {"student": Role(trainable=True), bad: Role()}})

@@ -3,7 +3,7 @@ import json
 import subprocess
 import sys
 
-from distill.report import main, series
+from distill.cli.report import main, series
 
 
 def _run_dir(tmp_path):
@@ -41,7 +41,7 @@ def test_report_on_a_directory_without_metrics(tmp_path):
 
 
 def test_panels_put_student_teacher_and_train_curves_together():
-    from distill.report import panels
+    from distill.cli.report import panels
 
     data = {"ce": None, "kd": None, "eval/ce": None, "eval/teacher_ce": None, "eval/kd": None,
             "eval/sampled/reverse_kl": None, "eval/sampled/teacher_nll": None}
@@ -53,7 +53,7 @@ def test_panels_put_student_teacher_and_train_curves_together():
 
 
 def test_eval_curves_start_at_the_eval_before_training_and_samples_are_listed(tmp_path):
-    from distill.report import _with_before, read_metrics
+    from distill.cli.report import _with_before, read_metrics
 
     run = _run_dir(tmp_path)  # an older run: its eval before training only in summary.json
     rows = _with_before(run, read_metrics(run))
@@ -71,7 +71,7 @@ def test_eval_curves_start_at_the_eval_before_training_and_samples_are_listed(tm
 
 
 def test_each_roles_lr_and_grad_norm_plot_with_the_optimizer_group():
-    from distill.report import GROUPS
+    from distill.cli.report import GROUPS
 
     def group(key):
         return [name for name, member in GROUPS.items() if member(key)]

@@ -15,10 +15,10 @@ import torch
 import yaml
 
 from distill.data.preference import PreferenceCollator, build_preference_data, tokenize_preferences, write_preference_dataset
-from distill.errors import RecipeError
+from distill.config.errors import RecipeError
 from distill.losses.reward import REWARD_LOSSES, bradley_terry, centering
-from distill.preflight import preflight
-from distill.recipe import validate_recipe
+from distill.loop.preflight import preflight
+from distill.config.recipe import validate_recipe
 from distill.trainers.reward import RewardSpec, RewardTrainer, reward_loss_step
 from tests.helpers import TINY_LLAMA, launch_scenarios
 
@@ -77,7 +77,7 @@ def test_a_causal_lm_checkpoint_becomes_a_one_output_classifier_with_its_tokeniz
     del raw["data"]["tokenizer"]
     tokenizer, plans = preflight(validate_recipe(raw, RewardTrainer), RewardTrainer, world_size=1, dry_run=True)
     assert plans["reward"].model_config.num_labels == 1 and len(tokenizer) == 53
-    from distill.models import build_model
+    from distill.models.build import build_model
 
     model = build_model(plans["reward"].spec, plans["reward"].model_config)
     assert type(model).__name__ == "LlamaForSequenceClassification" and model.score.weight.shape[0] == 1

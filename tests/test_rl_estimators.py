@@ -17,11 +17,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from distill.errors import RecipeError
+from distill.config.errors import RecipeError
 from distill.losses.advantages import ADVANTAGES, advantages, batch_moments, reinforce_pp, rloo, sequence_kl
 from distill.losses.grpo import grpo_loss, token_loss
-from distill.recipe import validate_recipe
-from distill.rewards import weighted_reward
+from distill.config.recipe import validate_recipe
+from distill.rl.rewards import weighted_reward
 from distill.trainers.grpo import GRPOSpec, GRPOTrainer
 from tests.helpers import TINY_LLAMA, OneProcessAccelerator, TrainedModelStub
 
@@ -151,7 +151,7 @@ def test_rloo_advantages_match_trl(beta, normalize):
                                  [3.0, 1.0], [2.0, 0.0], [1.0, NAN], [0.5, 0.5]])
     prompt_ids = [[1, 5]] * 4 + [[1, 6, 7]] * 4
     completion_ids = [[9, 2], [9, 9, 9], [8, 2], [2], [7, 7, 7], [9, 8, 2], [5, 2], [6, 6, 2]]  # eos 2; rows 1, 4 cut
-    from distill.trainers.grpo_batch import completion_masks
+    from distill.rl.batch import completion_masks
 
     padded = torch.tensor([ids + [0] * (3 - len(ids)) for ids in completion_ids])
     _, mask, _ = completion_masks(padded, eos_id=2, mask_truncated=True)

@@ -10,9 +10,9 @@ import pytest
 import torch
 import yaml
 
-from distill.errors import RecipeError
-from distill.rundir import LOCK_FILE, check_resume_identity, lock_run_dir, recipe_changes, release_run_dir
-from distill.train import main
+from distill.config.errors import RecipeError
+from distill.loop.rundir import LOCK_FILE, check_resume_identity, lock_run_dir, recipe_changes, release_run_dir
+from distill.cli.train import main
 from distill.trainers import load_recipe
 from tests.helpers import check, tiny_recipe
 
@@ -86,7 +86,7 @@ def test_resume_allow_must_name_recipe_keys(assets, tmp_path):
 
 
 def test_prune_keeps_the_newest_by_step_and_drops_a_left_timeline(tmp_path):
-    from distill.checkpoint import _prune, latest_checkpoint
+    from distill.loop.checkpoint import _prune, latest_checkpoint
 
     root = tmp_path / "checkpoints"
     for step in (3, 9, 10, 25, 30):
@@ -104,8 +104,8 @@ def test_prune_keeps_the_newest_by_step_and_drops_a_left_timeline(tmp_path):
 
 
 def test_metrics_keep_one_timeline_across_a_resume(tmp_path):
-    from distill.report import read_metrics
-    from distill.rundir import truncate_metrics
+    from distill.cli.report import read_metrics
+    from distill.loop.rundir import truncate_metrics
 
     rows = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5}, {"step": 2, "eval/ce": 2.4}, {"step": 3, "loss": 2.0}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "lo')
@@ -130,7 +130,7 @@ def test_overwrite_over_an_older_longer_run_keeps_only_the_new_run(assets, tmp_p
     as soon as it was written and `latest` named a deleted directory. `overwrite` now clears the older run first."""
     from safetensors.torch import load_file
 
-    from distill.export import main as export_main
+    from distill.cli.export import main as export_main
 
     run = tmp_path / "run"
     raw = tiny_recipe(assets, run, overwrite=True, launch={"num_processes": 1}, data={"eval": None})

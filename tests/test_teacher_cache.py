@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from distill.errors import RecipeError
+from distill.config.errors import RecipeError
 from distill.teacher_cache.codec import LOG_RANGE, Codec, pack_bits, unpack_bits
 from tests.helpers import REPO, bpe_tokenizer, launch_scenarios
 
@@ -343,8 +343,8 @@ def test_on_policy_needs_the_live_teacher(quickstart, monkeypatch):
 
 
 def test_the_writer_refuses_to_replace_another_cache_and_verifies_shards(quickstart, monkeypatch, capsys):
-    from distill.teacher_cache.__main__ import main
-    from distill.teacher_cache.write import load_writer_recipe, write_cache
+    from distill.cli.teacher_cache import main
+    from distill.trainers.cache_writer import load_writer_recipe, write_cache
 
     monkeypatch.chdir(quickstart["cwd"])
     one = ["launch.num_processes=1", "train.micro_batch_size=64"]

@@ -8,8 +8,8 @@ import sys
 import pytest
 import yaml
 
-from distill import tracking
-from distill.errors import RecipeError
+from distill.loop import tracking
+from distill.config.errors import RecipeError
 from distill.trainers import load_recipe
 from tests.helpers import check, tiny_recipe
 
@@ -95,7 +95,7 @@ def test_auto_follows_the_tensorboard_package(monkeypatch):
 
 def test_missing_tracker_package_fails_before_any_model_loads(assets, tmp_path, monkeypatch, capsys):
     """Simulated absence (the package may be installed here): the launching process refuses, once."""
-    from distill.train import main
+    from distill.cli.train import main
 
     monkeypatch.setattr(tracking, "_installed", lambda package: package != "wandb")
     path = _write(tmp_path, assets, train={"report_to": ["tensorboard", "wandb"]})

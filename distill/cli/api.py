@@ -19,12 +19,12 @@ from typing import Any, Callable, Mapping
 import datasets
 import yaml
 
-from distill.errors import RecipeError
-from distill.launch import launched, place_processes, relaunch
-from distill.preflight import preflight
-from distill.rewards import importable
-from distill.roles import forget_roles
-from distill.rundir import release_run_dir
+from distill.config.errors import RecipeError
+from distill.runtime.launch import launched, place_processes, relaunch
+from distill.loop.preflight import preflight
+from distill.rl.rewards import importable
+from distill.runtime.roles import forget_roles
+from distill.loop.rundir import release_run_dir
 from distill.trainers import load_recipe
 
 _PLAIN = not launched()

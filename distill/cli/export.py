@@ -16,11 +16,11 @@ import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from transformers import AutoConfig, PreTrainedTokenizerFast
 
-from distill.checkpoint import checkpoint_dir, latest_checkpoint, safe_torch_load
-from distill.errors import RecipeError
-from distill.lora import read_base, read_spec, save_lora
-from distill.models import class_of_saved
-from distill.tokenizer_files import auto_tokenizer_note, copy_tokenizer_files
+from distill.loop.checkpoint import checkpoint_dir, latest_checkpoint, safe_torch_load
+from distill.config.errors import RecipeError
+from distill.models.lora import read_base, read_spec, save_lora
+from distill.models.build import class_of_saved
+from distill.models.tokenizer_files import auto_tokenizer_note, copy_tokenizer_files
 
 
 def export_checkpoint(ckpt: Path, out: Path, log=print) -> list[str]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-COMMANDS = {"train": "distill.train", "export": "distill.export", "report": "distill.report", "recipes": "distill.catalog",
-            "teacher_cache": "distill.teacher_cache.__main__"}
+COMMANDS = {"train": "distill.cli.train", "export": "distill.cli.export", "report": "distill.cli.report",
+            "recipes": "distill.cli.recipes", "teacher_cache": "distill.cli.teacher_cache"}
 USAGE = """usage: distill {train,export,report,recipes,teacher_cache} ...
 
   distill train RECIPE.yaml [key.sub=value ...] [--resume] [--dry-run]   train (a file, or a shipped recipe's name)

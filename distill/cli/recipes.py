@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from distill.presets import shipped_recipes
+from distill.config.presets import shipped_recipes
 
 
 def summary(path: Path) -> tuple[str, str]:

@@ -10,16 +10,16 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from distill import ranks
-from distill.errors import RecipeError
-from distill.launch import launched, leave, place_processes, relaunch, use_compile_cache, world_info
-from distill.monitor import NonFiniteLoss
-from distill.plan import format_memory, format_plan
-from distill.preflight import preflight
-from distill.rewards import RewardError
-from distill.catalog import recipes_table
-from distill.recipe import LaunchSpec
-from distill.rundir import release_run_dir
+from distill.runtime import ranks
+from distill.config.errors import RecipeError
+from distill.runtime.launch import launched, leave, place_processes, relaunch, use_compile_cache, world_info
+from distill.loop.monitor import NonFiniteLoss
+from distill.plan.planner import format_memory, format_plan
+from distill.loop.preflight import preflight
+from distill.rl.rewards import RewardError
+from distill.cli.recipes import recipes_table
+from distill.config.schema import LaunchSpec
+from distill.loop.rundir import release_run_dir
 from distill.trainers import load_recipe
 
 
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         early = e  # said below, once this rank can tell the others
     if not plain and world_info()[1] > 1 and not args.dry_run:
         # Every rank joins first, a failing one too: from here on a failure on any rank of any machine stops
-        # every other rank within seconds (distill/ranks.py), instead of leaving them waiting for it.
+        # every other rank within seconds (distill/runtime/ranks.py), instead of leaving them waiting for it.
         watch = ranks.join(recipe.launch.timeout_s if recipe is not None else LaunchSpec().timeout_s)
     try:
         if early is not None:

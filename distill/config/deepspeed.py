@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from distill.errors import RecipeError
-from distill.presets import resolve_deepspeed
+from distill.config.errors import RecipeError
+from distill.config.presets import resolve_deepspeed
 
 if TYPE_CHECKING:
-    from distill.recipe import Role
+    from distill.config.schema import Role
 
 ZERO2_REDUCE_BUCKET = 50_000_000
 """Elements per gradient-reduction bucket at ZeRO-1/2 when the config says `auto`: as fast as DeepSpeed's default

@@ -13,7 +13,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from distill.errors import RecipeError
+from distill.config.errors import RecipeError
 
 PREFIX = "distill:"
 """Marks a path inside the installed package in a recipe value."""

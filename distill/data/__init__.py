@@ -1,4 +1,4 @@
-"""Data: the synthetic language with a known distribution, loading, tokenising, collating."""
+"""Datasets: loading, tokenising, packing, collating; prompts, preference pairs; the synthetic language."""
 
 from __future__ import annotations
 

@@ -22,12 +22,12 @@ from pydantic import Field
 
 from distill.data.loading import pad_id
 from distill.data.prompts import with_completions
-from distill.generation import (MEMORY_MARGIN, SamplingSpec, generate_completions, kv_bytes_per_row, resolve_decode,
+from distill.generation.generate import (MEMORY_MARGIN, SamplingSpec, generate_completions, kv_bytes_per_row, resolve_decode,
                                 sampling_bytes_per_row)
-from distill.placement import device_memory
-from distill.plan import estimate_memory
-from distill.recipe import Section
-from distill.roles import RoleModel
+from distill.plan.placement import device_memory
+from distill.plan.planner import estimate_memory
+from distill.config.schema import Section
+from distill.runtime.roles import RoleModel
 
 
 class OnPolicySpec(Section):
@@ -193,7 +193,7 @@ def _free_memory(need_device: torch.device) -> int:
 
 def training_reserve(plans, recipe, world_size: int) -> int:
     """Bytes per GPU the training step allocates beside weights and optimizer state (activations, logits,
-    gradients; `distill.plan.estimate_memory`): kept free of KV caches, which live across steps."""
+    gradients; `distill.plan.planner.estimate_memory`): kept free of KV caches, which live across steps."""
     mem = dict(world_size=world_size, micro_batch_size=recipe.train.micro_batch_size, seq_len=recipe.data.max_length)
     return int(sum(e["activations"] + e["logits"] + e["gradients"] for e in (estimate_memory(p, **mem) for p in plans.values())))
 

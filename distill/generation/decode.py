@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 from transformers.cache_utils import Cache
 
-from distill.sampling import sample_next
+from distill.generation.sampling import sample_next
 
 MIN_ROWS = 8
 """The smallest batch bucket: fewer rows cost the same step on a GPU (the weights are read once per step)."""

@@ -1,13 +1,13 @@
 """Sampling completions of prompts with a role's model: the one generation path of every trainer.
 
-    from distill.generation import SamplingSpec, generate_completions
+    from distill.generation.generate import SamplingSpec, generate_completions
 
     spec = SamplingSpec(max_new_tokens=256, temperature=1.0, top_p=0.95, eos_token_ids=(eos,), pad_token_id=pad)
     out = generate_completions(role_model, prompt_ids, prompt_mask, spec, seed=seed, num_generations=4)
     out.tokens   # [B * 4, N]: prompt b's completions are rows 4b .. 4b+3, pad after each one's first eos
     out.lengths  # [B * 4]: tokens up to and including the first eos (N where none came)
 
-How (`decode`): `compiled` (the default on GPUs) and `graphs` run `distill.decode.DecodeEngine`, a static
+How (`decode`): `compiled` (the default on GPUs) and `graphs` run `distill.generation.decode.DecodeEngine`, a static
 KV cache whose decode step is replayed as CUDA graphs, compiled or not; `static` is the same loop without
 graphs (the default on CPU); `generate` is transformers' `generate()`, which a role that stays sharded
 while it generates (ZeRO-3, synced) always uses. Sampling is the same in all of them: the logits
@@ -21,9 +21,9 @@ from typing import Callable
 
 import torch
 
-from distill.decode import DecodeEngine
-from distill.roles import RoleModel
-from distill.sampling import Completions, SamplingSpec, completion_lengths, processed_logits, sample_next
+from distill.generation.decode import DecodeEngine
+from distill.runtime.roles import RoleModel
+from distill.generation.sampling import Completions, SamplingSpec, completion_lengths, processed_logits, sample_next
 
 __all__ = ["Completions", "SamplingSpec", "completion_lengths", "generate_completions", "processed_logits", "sample_next"]
 

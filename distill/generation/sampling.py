@@ -1,6 +1,6 @@
 """How one token is drawn: the logits processed as transformers' `generate()` processes them, then one draw per row.
 
-Shared by every decode loop (distill/decode.py, distill/generation.py); no host sync, so it runs inside a CUDA graph.
+Shared by every decode loop (distill/generation/decode.py, distill/generation/generate.py); no host sync, so it runs inside a CUDA graph.
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ A checkpoint is written into `.partial-step_N/` and renamed to `step_N/` by rank
 rank has finished writing, so a crash mid-write leaves the previous checkpoint as `latest`. Frozen
 roles are not saved: they are reloaded from their source, which `trainer_state.json` records.
 
-Machines that do not share the run directory (`distill.rundir.RunDisk`) each keep a complete copy of every
+Machines that do not share the run directory (`distill.loop.rundir.RunDisk`) each keep a complete copy of every
 checkpoint on their own disk: their ranks' shards, and the files rank 0 would write. The first rank of each
 machine renames its copy, and `latest` moves on any machine only once every machine has renamed its copy.
 """
@@ -35,9 +35,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from distill.errors import RecipeError
-from distill.lora import write_spec
-from distill.tokenizer_files import save_tokenizer
+from distill.config.errors import RecipeError
+from distill.models.lora import write_spec
+from distill.models.tokenizer_files import save_tokenizer
 
 STATE_FILE = "trainer_state.json"
 

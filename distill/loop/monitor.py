@@ -1,8 +1,10 @@
 """What the training loop watches: throughput, stop signals, NaN/Inf steps, and the before/after table."""
 from __future__ import annotations
 
+import math
 import signal
 import time
+from typing import Any
 
 import psutil
 
@@ -107,3 +109,15 @@ def before_after_table(history: dict, rows: list[tuple[str, str]]) -> str:
     cells = [("", "before", "after")] + [(label, f"{b[k]:.4f}", f"{a[k]:.4f}") for label, k in rows]
     w = [max(len(r[i]) for r in cells) for i in range(3)]
     return "\n".join("  ".join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(r)) for r in cells)
+
+
+def role_metrics(roles: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    """The metrics of `train_step`'s `roles`: `lr` and `grad_norm` with one trainable role, `<role>/lr` and
+    `<role>/grad_norm` with several (a norm that is not finite is logged as null)."""
+    prefix = len(roles) > 1
+    out: dict[str, float | None] = {}
+    for name, r in roles.items():
+        key = f"{name}/" if prefix else ""
+        out[f"{key}lr"] = r["lr"]
+        out[f"{key}grad_norm"] = r["grad_norm"] if math.isfinite(r["grad_norm"]) else None
+    return out

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from distill.errors import RecipeError
+from distill.config.errors import RecipeError
 
 LOCK_FILE = ".distill.lock"
 TOKEN_ENV = "DISTILL_RUN_LOCK"

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from distill.errors import RecipeError
+from distill.config.errors import RecipeError
 
 PROJECT = "distill"
 """The accelerate project name: the wandb project, and the TensorBoard subdirectory of the logging dir."""

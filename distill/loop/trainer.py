@@ -7,7 +7,6 @@ of losses by the valid tokens of the whole accumulated step, logging, evaluation
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import sys
@@ -15,71 +14,32 @@ import time
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping
 
-import importlib
-
 import datasets
 from accelerate.utils import broadcast_object_list
 import torch
 import yaml
 from tqdm.auto import tqdm
 
-import distill.tracking as tracking
-from distill.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from distill.compile import compile_layers
+import distill.loop.tracking as tracking
+from distill.loop.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from distill.data.loading import DataBundle, build_text_data
 from distill.data.synthetic import write_dataset
-from distill.launch import DEVICE_ENV, world_info
-from distill.lora import apply_lora
-from distill.models import build_model
-from distill.monitor import NonFiniteLoss, StopOnSignal, Throughput
-from distill.overlap import Overlap, compile_reporter
-from distill.plan import RolePlan, format_plan
-from distill.preflight import preflight
-from distill.errors import RecipeError
-from distill.presets import shipped_recipes
-from distill.recipe import RecipeBase, Role, Section, deep_merge, parse_overrides, read_recipe, validate_recipe
-from distill.registry import Registry, UnknownNameError
-from distill import samples
-from distill.roles import RoleManager, RoleModel, copy_weights
-from distill.rundir import probe_run_disk, release_run_dir, truncate_metrics
-from distill.tokenizer_files import auto_tokenizer_note
-
-
-def apply_role_options(plan, model: torch.nn.Module) -> torch.nn.Module:
-    """A freshly built model with its role's gradient checkpointing, compiled layers and LoRA adapter, as
-    the recipe block asks; before `RoleManager.build` prepares it (and before the optimizer: LoRA leaves
-    only the adapter trainable)."""
-    if plan.spec.gradient_checkpointing and plan.spec.trainable:
-        model.gradient_checkpointing_enable()
-        if plan.spec.lora is not None:
-            model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need a grad path
-    if plan.compile:
-        compile_layers(model)
-    if plan.spec.lora is not None:
-        model = apply_lora(model, plan.spec.lora, plan.name)
-    return model
-
-
-def build_optimizer(spec: Role, model: torch.nn.Module, *, total_steps: int, device: torch.device):
-    """The optimizer and learning-rate schedule a trainable role's block asks for (`optimizer`, `scheduler`)."""
-    opt_spec, sched = spec.optimizer, spec.scheduler
-    params = [p for p in model.parameters() if p.requires_grad]
-    fused = opt_spec.fused if opt_spec.fused is not None else device.type == "cuda"
-    if opt_spec.name == "adamw":
-        opt = torch.optim.AdamW(params, lr=opt_spec.lr, betas=opt_spec.betas, eps=opt_spec.eps,
-                                weight_decay=opt_spec.weight_decay, fused=fused)
-    else:
-        opt = torch.optim.SGD(params, lr=opt_spec.lr, weight_decay=opt_spec.weight_decay, fused=fused)
-    warm, floor = sched.warmup_steps, sched.min_lr_ratio
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / (warm + 1)
-        progress = min(1.0, (step - warm) / max(1, total_steps - warm))
-        shape = {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress))}[sched.name]
-        return floor + (1 - floor) * shape  # constant: shape 1, so the floor does not matter
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+from distill.runtime.launch import DEVICE_ENV, world_info
+from distill.models.build import build_model
+from distill.loop.monitor import NonFiniteLoss, StopOnSignal, Throughput, role_metrics
+from distill.runtime.overlap import Overlap, compile_reporter
+from distill.plan.planner import RolePlan, format_plan
+from distill.loop.preflight import preflight
+from distill.config.errors import RecipeError
+from distill.config.presets import shipped_recipes
+from distill.config.recipe import deep_merge, parse_overrides, read_recipe, validate_recipe
+from distill.config.schema import RecipeBase, Role, Section
+from distill.loop.build import apply_role_options, build_optimizer, init_key
+from distill.loop.registry import get_trainer, trainer_name
+from distill.loop import samples
+from distill.runtime.roles import RoleManager, RoleModel, copy_weights
+from distill.loop.rundir import probe_run_disk, release_run_dir, truncate_metrics
+from distill.models.tokenizer_files import auto_tokenizer_note
 
 
 class RoleTrainer:
@@ -128,7 +88,7 @@ class RoleTrainer:
     def alongside(self, frozen_role: RoleModel, frozen: Callable[[], Any], trainable: Callable[[], Any]) -> tuple[Any, Any]:
         """(frozen(), trainable()): a call into `frozen_role` (under no_grad) and the trainable role's
         forward, concurrently when `train.overlap_frozen` allows it and the frozen role is replicated
-        (distill/overlap.py), else one after the other."""
+        (distill/runtime/overlap.py), else one after the other."""
         if "_overlap" not in self.__dict__:
             on = self.recipe.train.overlap_frozen
             if on is None:  # the recipe check refuses an explicit true with checkpointing
@@ -169,7 +129,7 @@ class RoleTrainer:
 
     @property
     def compiled(self) -> bool:
-        """Whether any role compiles its layers; the collators then pad to few widths (distill/compile.py)."""
+        """Whether any role compiles its layers; the collators then pad to few widths (distill/models/compile.py)."""
         return any(p.compile for p in self.plans.values())
 
     # -- building: override any of these to change how a piece is made -------------------------
@@ -177,12 +137,12 @@ class RoleTrainer:
                  tokenizer=None):
         """Check the recipe (preflight), start the process group, build the data, then every role.
 
-        `plans` and `tokenizer`: made already (`distill.plan.plan_roles`), e.g. by a benchmark that feeds its
+        `plans` and `tokenizer`: made already (`distill.plan.planner.plan_roles`), e.g. by a benchmark that feeds its
         own batches; preflight is then skipped."""
         self.recipe, self.log = recipe, log
         self.out = Path(recipe.output_dir)
         world = world_info()[1]
-        # Which process commits checkpoints: on a run directory that is not shared, one per machine (distill/rundir.py).
+        # Which process commits checkpoints: on a run directory that is not shared, one per machine (distill/loop/rundir.py).
         self.disk = probe_run_disk(self.out)
         if plans is None:
             tokenizer, plans = preflight(recipe, type(self), world_size=world, owner=self.disk.commits)
@@ -231,7 +191,7 @@ class RoleTrainer:
         models, first = {}, {}
         for name, plan in self.plans.items():
             torch.manual_seed(self.recipe.seed)
-            key, load = _init_key(plan.spec), self.load_model
+            key, load = init_key(plan.spec), self.load_model
             source = first.setdefault(key, name) if key else name
             if source != name:
                 # Two roles built from one config start from one init. The seed alone does not give it: a ZeRO-3
@@ -445,7 +405,7 @@ class RoleTrainer:
 
     def log_samples(self, step: int) -> None:
         """Greedy continuations of the first `train.eval_samples` eval prompts by the first trainable causal LM: printed,
-        appended to samples.jsonl and sent to the trackers as text (distill/samples.py). Collective."""
+        appended to samples.jsonl and sent to the trackers as text (distill/loop/samples.py). Collective."""
         samples.log_samples(self, step)
 
     def _tokenizer_notes(self, out_dir: Path) -> None:
@@ -501,51 +461,6 @@ class RoleTrainer:
                 self.accelerator.log(values, step=metrics["step"])
 
 
-# -- trainers by name, as recipes select them with `trainer: NAME` ---------------------------------
-TRAINERS: Registry = Registry("trainer")
-
-
-def register_trainer(cls):
-    """Class decorator: make a RoleTrainer subclass selectable as `trainer: <cls.name>` in a recipe."""
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} needs a `name` to be registered")
-    return TRAINERS.register(cls.name, override=True)(cls)  # re-importing a trainer module re-registers it
-
-
-def get_trainer(name: str) -> type[RoleTrainer]:
-    """A registered name (`distill`), or `module:Class` for a trainer in your own importable module."""
-    if isinstance(name, str) and ":" in name:
-        return _import_trainer(name)
-    try:
-        return TRAINERS.lookup(name)
-    except UnknownNameError as e:
-        raise RecipeError(f"`trainer: {name}`: {e}; or give `module:Class` of your own RoleTrainer") from None
-
-
-def _import_trainer(path: str) -> type[RoleTrainer]:
-    module, _, attr = path.partition(":")
-    try:
-        cls = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise RecipeError(f"`trainer: {path}`: cannot import it ({e}); the module must be importable from the "
-                          "working directory or PYTHONPATH") from None
-    if not (isinstance(cls, type) and issubclass(cls, RoleTrainer)):
-        raise RecipeError(f"`trainer: {path}` is not a RoleTrainer subclass")
-    return cls
-
-
-def role_metrics(roles: dict[str, dict[str, Any]]) -> dict[str, float | None]:
-    """The metrics of `train_step`'s `roles`: `lr` and `grad_norm` with one trainable role, `<role>/lr` and
-    `<role>/grad_norm` with several (a norm that is not finite is logged as null)."""
-    prefix = len(roles) > 1
-    out: dict[str, float | None] = {}
-    for name, r in roles.items():
-        key = f"{name}/" if prefix else ""
-        out[f"{key}lr"] = r["lr"]
-        out[f"{key}grad_norm"] = r["grad_norm"] if math.isfinite(r["grad_norm"]) else None
-    return out
-
-
 def load_recipe(recipe: str | os.PathLike | Mapping[str, Any] | RecipeBase, *overrides: str | list[str], **keys):
     """A validated recipe and its trainer class; loads no model. Returns (recipe, trainer class).
 
@@ -571,15 +486,3 @@ def load_recipe(recipe: str | os.PathLike | Mapping[str, Any] | RecipeBase, *ove
         raise RecipeError(f"`trainer: {trainer_cls!r}` is not a RoleTrainer subclass")
     raw["trainer"] = trainer_name(trainer_cls)
     return validate_recipe(raw, trainer_cls), trainer_cls
-
-
-def trainer_name(cls: type[RoleTrainer]) -> str:
-    """How a recipe names a trainer class: its registered name, else `module:Class`."""
-    return cls.name if cls.name and TRAINERS.get(cls.name) is cls else f"{cls.__module__}:{cls.__qualname__}"
-
-
-def _init_key(spec: Role) -> str | None:
-    """What makes two random-init roles the same model at step 0 (None: loaded, or adapted by LoRA)."""
-    if spec.from_pretrained is not None or spec.config is None or spec.lora is not None:
-        return None
-    return json.dumps([spec.model_class, spec.config], sort_keys=True, default=str)

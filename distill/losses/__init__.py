@@ -1,5 +1,4 @@
-"""Distillation losses: a registry of token-level KD divergences, the same against a sparse (cached) teacher, and
-a chunked fused loss."""
+"""Losses as pure functions, registered by name: KD (dense, sparse, chunked), preference, reward, policy gradient."""
 
 from .chunked import chunked_kd_loss
 from .preference import (

@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from distill.registry import Registry, UnknownNameError
+from distill.config.registry import Registry, UnknownNameError
 
 from .grpo import ADVANTAGE_EPS, group_advantages
 from .kd import _upcast

@@ -28,7 +28,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from distill.registry import Registry, UnknownNameError
+from distill.config.registry import Registry, UnknownNameError
 
 from .kd import _upcast
 

@@ -27,7 +27,7 @@ from typing import Callable
 import torch.nn.functional as F
 from torch import Tensor
 
-from distill.registry import Registry, UnknownNameError
+from distill.config.registry import Registry, UnknownNameError
 
 from .kd import _upcast
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from distill.registry import Registry, UnknownNameError
+from distill.config.registry import Registry, UnknownNameError
 
 from .chunked import DEFAULT_CHUNK_SIZE, chunked_kd_loss
 from .kd import IGNORE_INDEX, _check_unit, _kl, _log_mix, _reduce, _upcast

@@ -14,8 +14,8 @@ from transformers import (CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, Auto
                           AutoModelForTokenClassification)
 
 from distill.data.text import looks_like_path
-from distill.errors import RecipeError
-from distill.recipe import Role
+from distill.config.errors import RecipeError
+from distill.config.schema import Role
 
 MODEL_CLASSES = {"causal_lm": AutoModelForCausalLM, "sequence_classification": AutoModelForSequenceClassification,
                  "token_classification": AutoModelForTokenClassification}

@@ -12,16 +12,16 @@ shape gets its own graph,
 and the data keeps the shapes few: when a role compiles, the collators pad every batch to one of
 `WIDTHS` lengths up to `data.max_length` (`distill.data.loading.collator_padding`), not to the next multiple of 8.
 Generation does not use these graphs (each decoding step would have another cache length, so another static
-graph): distill.decode compiles its own decode step, with the batch and cache dimensions dynamic. And when the
+graph): distill.generation.decode compiles its own decode step, with the batch and cache dimensions dynamic. And when the
 frozen role's forward runs beside the trainable one's, a call that needs
-a graph not compiled yet stops and runs again alone (distill/overlap.py): torch refuses a compiled call from
+a graph not compiled yet stops and runs again alone (distill/runtime/overlap.py): torch refuses a compiled call from
 one thread while another traces.
 """
 from __future__ import annotations
 
 import torch
 
-from distill.models import leaf_module_classes
+from distill.models.build import leaf_module_classes
 
 SHAPES = 32
 """Static graphs kept per layer (torch's own limit is 8): the widths times the batch sizes a run sees

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from distill.errors import RecipeError
-from distill.recipe import LoRASpec
+from distill.config.errors import RecipeError
+from distill.config.schema import LoRASpec
 
 LORA_FILE = "lora.json"
 

@@ -2,7 +2,7 @@
 parses, weight files whole), JSON-lines data, and a checkpoint's model shapes against the run's. Each failure is
 one RecipeError naming the key or file and the fix. Cheap enough for `--dry-run`: headers and configs are read,
 no tensor is. (Vocabulary and position sizes against the tokenizer and `data.max_length`:
-`distill.preflight.check_sizes`.)
+`distill.plan.tokens.check_sizes`.)
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import torch
 from transformers import AutoConfig
 
 from distill.data.text import looks_like_path
-from distill.errors import RecipeError
-from distill.models import MODEL_CLASSES
+from distill.config.errors import RecipeError
+from distill.models.build import MODEL_CLASSES
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 

@@ -73,7 +73,7 @@ def layer_params(model_config, num_params: int) -> int:
 
 def frozen_zero3_settings(model_config, num_params: int) -> dict[str, Any]:
     """ZeRO-3 settings for a frozen role, scaled to one decoder layer (whole layers are gathered at
-    once: see `distill.roles.leaf_module_classes`).
+    once: see `distill.runtime.roles.leaf_module_classes`).
 
     prefetch: the next two layers are fetched while one computes (large buckets, few collectives);
     live parameters and reuse distance: four layers, so released layers do not pile up;

@@ -10,12 +10,12 @@ from typing import Any
 
 import torch
 
-from distill.dsconfig import requested_placement, role_ds_config
-from distill.errors import RecipeError
-from distill.lora import lora_param_counts
-from distill.models import count_params, load_model_config
-from distill.placement import choose_placement, device_memory, frozen_zero3_settings
-from distill.recipe import Role, role_grad_clip
+from distill.config.deepspeed import requested_placement, role_ds_config
+from distill.config.errors import RecipeError
+from distill.models.lora import lora_param_counts
+from distill.models.build import count_params, load_model_config
+from distill.plan.placement import choose_placement, device_memory, frozen_zero3_settings
+from distill.config.schema import Role, role_grad_clip
 
 @dataclass
 class RolePlan:
@@ -30,7 +30,7 @@ class RolePlan:
     trainable_params: int | None = None
     """Parameters that train: None means all of a trainable role (none of a frozen one); with LoRA, the adapter's."""
     placement: str | None = None
-    """Frozen roles: replicated, sharded or offload (see distill/placement.py)."""
+    """Frozen roles: replicated, sharded or offload (see distill/plan/placement.py)."""
     placement_reason: str = ""
     compile: bool = False
     """Whether its decoder layers are compiled: `compile` as set, or, when null, on GPUs with the weights whole."""
@@ -54,7 +54,7 @@ class RolePlan:
 def plan_roles(recipe, trainer_cls, *, world_size: int, vocab_size: int | None) -> dict[str, RolePlan]:
     """Every role the run builds (`trainer_cls.built_roles`), trainable roles first, in the order the trainer declares
     them (the first one owns the primary Accelerator). Any number of roles may be trainable; each steps its own
-    optimizer (distill/trainer.py)."""
+    optimizer (distill/loop/trainer.py)."""
     plans: dict[str, RolePlan] = {}
     t = recipe.train
     mem = dict(world_size=world_size, micro_batch_size=t.micro_batch_size, seq_len=recipe.data.max_length)
@@ -93,7 +93,7 @@ def resolve_compile(plan: RolePlan) -> bool:
 
 
 def format_plan(plans: dict[str, RolePlan], world_size: int, device: str | None = None) -> str:
-    """The roles table; `device`, where the processes compute and why (`distill.launch.place_processes`)."""
+    """The roles table; `device`, where the processes compute and why (`distill.runtime.launch.place_processes`)."""
     rows = [("role", "trainable", "ZeRO", "offload", "placement", "precision", "compiled", "params", "trained params")]
     for p in plans.values():
         how = "frozen" if not p.spec.trainable else f"LoRA r={p.spec.lora.r}" if p.spec.lora else "yes"

@@ -14,8 +14,8 @@ import torch
 from transformers import AutoTokenizer
 
 from distill.data.loading import pad_id
-from distill.errors import RecipeError
-from distill.rewards import RewardError
+from distill.config.errors import RecipeError
+from distill.rl.rewards import RewardError
 
 
 def own_tokenizer(source: str | None):

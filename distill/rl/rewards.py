@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from distill.errors import RecipeError
+from distill.config.errors import RecipeError
 
 
 class RewardError(RuntimeError):

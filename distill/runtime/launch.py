@@ -6,7 +6,7 @@ import os
 import socket
 import sys
 
-from distill.errors import RecipeError
+from distill.config.errors import RecipeError
 
 
 def world_info() -> tuple[int, int]:

@@ -8,7 +8,7 @@ collective, so no two threads ever issue collectives at once, and it reads no De
 the worker never switches the active one (from another thread, `RoleManager.use` switches nothing
 and refuses ZeRO-3 roles).
 
-With compiled layers (distill/compile.py), torch refuses a compiled call from one thread while the other
+With compiled layers (distill/models/compile.py), torch refuses a compiled call from one thread while the other
 traces a new graph ("Detected that you are using FX to symbolically trace a dynamo-optimized function";
 on 2 GPUs, a batch without padding after a padded one of the same shape did it). So the two calls run under torch's
 `fail_on_recompile` stance: a call that meets a batch it has no graph for stops at once, and runs again

@@ -20,7 +20,7 @@ import threading
 import torch
 import torch.distributed as dist
 
-from distill.launch import launched, record_exit, world_info
+from distill.runtime.launch import launched, record_exit, world_info
 
 FAILED_KEY = "distill/failed"
 POLL_S = 1.0

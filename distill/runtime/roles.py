@@ -25,11 +25,11 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from distill.launch import single_process_env
-from distill.lora import base_model_path, save_lora
-from distill.models import leaf_module_classes
-from distill.plan import RolePlan
-from distill.tokenizer_files import save_tokenizer
+from distill.runtime.launch import single_process_env
+from distill.models.lora import base_model_path, save_lora
+from distill.models.build import leaf_module_classes
+from distill.plan.planner import RolePlan
+from distill.models.tokenizer_files import save_tokenizer
 
 
 def _skip_cpu_shm_op() -> None:
@@ -194,7 +194,7 @@ class RoleModel:
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, gather: bool, **settings) -> torch.Tensor:
         """Continuations [B, N] of left-padded prompts [B, P] by transformers' `generate()` with `settings`
-        (GenerationConfig fields), in eval mode; collective under ZeRO-3. `distill.generation.generate_completions`
+        (GenerationConfig fields), in eval mode; collective under ZeRO-3. `distill.generation.generate.generate_completions`
         is the fast path; this is its reference, and the path of a role that stays sharded.
 
         A ZeRO-3 role either gathers its whole weights once and generates with DeepSpeed's hooks
@@ -264,7 +264,7 @@ class RoleModel:
 
     def save_pretrained(self, out_dir, tokenizer=None) -> None:
         """HF format (safetensors + config [+ tokenizer]) on the main process; every rank must call it.
-        A LoRA role is written merged, with its adapter in out_dir/adapter/ (see distill/lora.py)."""
+        A LoRA role is written merged, with its adapter in out_dir/adapter/ (see distill/models/lora.py)."""
         state = self.state_dict()
         if self.accelerator.is_main_process:
             lora = self.plan.spec.lora
@@ -375,7 +375,7 @@ class RoleManager:
         if name not in self.slots:
             raise KeyError(f"unknown role `{name}`; roles of this run: {list(self.slots)}")
         if threading.get_ident() != self._owner:
-            # distill.overlap's worker: it runs replicated frozen roles only, whose forward reads no plugin.
+            # distill.runtime.overlap's worker: it runs replicated frozen roles only, whose forward reads no plugin.
             if self.plans[name].zero_stage == 3:
                 raise RuntimeError(f"`{name}` is ZeRO-3: it must run in the training thread, not alongside another role")
             yield

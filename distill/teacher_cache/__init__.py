@@ -1,2 +1,1 @@
-"""Offline distillation: the teacher's distributions written to disk once (`python -m distill.teacher_cache RECIPE`)
-and read by any number of training runs, which then load no teacher (`kd.cache` in a recipe)."""
+"""The teacher cache: the teacher's top-k distributions on disk, its format and its reader (offline KD)."""

@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from distill.recipe import Section
+from distill.config.schema import Section
 from distill.teacher_cache.codec import check_values
 
 WRITE_SETTINGS = ("format", "k", "samples", "values", "ids", "vocab_size")

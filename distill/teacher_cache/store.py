@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distill.errors import RecipeError
+from distill.config.errors import RecipeError
 from distill.teacher_cache.codec import Codec
 from distill.data.text import looks_like_path
 

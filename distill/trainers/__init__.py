@@ -1,4 +1,4 @@
-"""The shipped trainers, registered by name, and `load_recipe`: a recipe to a validated recipe and its trainer."""
+"""The algorithms: each a RoleTrainer with its roles, its recipe section and its loss step, registered by name."""
 from __future__ import annotations
 
 from distill.trainers.distill import DistillTrainer
@@ -6,6 +6,7 @@ from distill.trainers.dpo import DPOTrainer
 from distill.trainers.grpo import GRPOTrainer
 from distill.trainers.lm import LMTrainer
 from distill.trainers.reward import RewardTrainer
-from distill.trainer import TRAINERS, get_trainer, load_recipe, register_trainer, trainer_name
+from distill.loop.registry import TRAINERS, get_trainer, register_trainer, trainer_name
+from distill.loop.trainer import load_recipe
 
 __all__ = ["DPOTrainer", "DistillTrainer", "GRPOTrainer", "LMTrainer", "RewardTrainer", "TRAINERS", "get_trainer", "load_recipe", "register_trainer", "trainer_name"]

@@ -18,26 +18,27 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from distill.checks import check_model_files, check_output_dir
+from distill.plan.checks import check_model_files, check_output_dir
 from distill.data.packing import model_inputs
-from distill.dsconfig import requested_placement, role_ds_config
-from distill.errors import RecipeError
-from distill.launch import world_info
+from distill.config.deepspeed import requested_placement, role_ds_config
+from distill.config.errors import RecipeError
+from distill.runtime.launch import world_info
 from distill.losses.logps import logit_transform
-from distill.models import build_model, check_model_source, count_params, load_model_config
-from distill.placement import choose_placement, device_memory, frozen_zero3_settings
-from distill.plan import RolePlan, estimate_memory, format_plan, resolve_compile
-from distill.presets import shipped_recipes
-from distill.preflight import check_data, check_packing_attention, check_sizes, load_tokenizer, sample_texts
-from distill.recipe import read_recipe, validate_recipe
+from distill.models.build import build_model, check_model_source, count_params, load_model_config
+from distill.plan.placement import choose_placement, device_memory, frozen_zero3_settings
+from distill.plan.planner import RolePlan, estimate_memory, format_plan, resolve_compile
+from distill.config.presets import shipped_recipes
+from distill.loop.preflight import check_data
+from distill.plan.tokens import check_packing_attention, check_sizes, load_tokenizer, sample_texts
+from distill.config.recipe import read_recipe, validate_recipe
 from distill.teacher_cache.codec import Codec
 from distill.teacher_cache.store import (FORMAT_VERSION, SPLITS, dataset_fingerprint, file_hashes, num_shards,
                                          read_manifest, row_hashes, shard_done, sidecar_path, teacher_config_sha256,
                                          write_manifest, write_shard)
-from distill.tokenizer_files import save_tokenizer
+from distill.models.tokenizer_files import save_tokenizer
 from distill.trainers.distill import DistillTrainer, kd_data
-from distill.roles import RoleManager
-from distill.trainer import apply_role_options
+from distill.runtime.roles import RoleManager
+from distill.loop.build import apply_role_options
 
 CHUNK_TOKENS = 2048
 """Predicted tokens whose [tokens, vocab] logits are made and encoded at once."""
@@ -77,7 +78,7 @@ def target_dir(recipe) -> Path:
 
 
 def plan_teacher(recipe, *, world_size: int, vocab_size: int) -> RolePlan:
-    """The teacher's plan, alone on the GPUs: its placement as `distill.plan.plan_roles` decides a frozen role's."""
+    """The teacher's plan, alone on the GPUs: its placement as `distill.plan.planner.plan_roles` decides a frozen role's."""
     spec, t = recipe.teacher, recipe.train
     mcfg = load_model_config("teacher", spec, vocab_size)
     n = count_params(mcfg)

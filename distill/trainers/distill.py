@@ -10,16 +10,17 @@ from distill.data.loading import DataBundle, build_text_data, source_options
 from distill.data.packing import model_inputs
 from distill.data.prompts import build_prompt_data, is_prompt_dataset, write_prompt_dataset
 from distill.data.text import load_dataset_source
-from distill.errors import RecipeError
+from distill.config.errors import RecipeError
 from distill.losses import chunked_sparse_kd_loss, cross_entropy, get_kd_loss, get_sparse_kd_loss
 from distill.losses.chunked import chunked_kd_loss
 from distill.losses.logps import logit_transform
-from distill.monitor import before_after_table
-from distill.recipe import Role, Section
+from distill.loop.monitor import before_after_table
+from distill.config.schema import Role, Section
 from distill.teacher_cache import read as teacher_cache
 from distill.teacher_cache.spec import CacheSpec
-from distill.trainer import RoleTrainer, register_trainer
-from distill.trainers.on_policy import CompletionSampler, OnPolicySpec, completion_source, generation_plan
+from distill.loop.registry import register_trainer
+from distill.loop.trainer import RoleTrainer
+from distill.generation.completions import CompletionSampler, OnPolicySpec, completion_source, generation_plan
 
 
 class KDSpec(Section):

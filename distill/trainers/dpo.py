@@ -18,12 +18,13 @@ from safetensors.torch import save_file
 
 from distill.data.loading import DataBundle
 from distill.data.preference import build_preference_data, write_preference_dataset
-from distill.errors import RecipeError
+from distill.config.errors import RecipeError
 from distill.losses.logps import head_sequence_logps, logit_transform, sequence_logps
 from distill.losses.preference import get_preference_loss, rewards
-from distill.monitor import before_after_table
-from distill.recipe import Role, Section
-from distill.trainer import RoleTrainer, register_trainer
+from distill.loop.monitor import before_after_table
+from distill.config.schema import Role, Section
+from distill.loop.registry import register_trainer
+from distill.loop.trainer import RoleTrainer
 
 
 class DPOSpec(Section):

@@ -2,7 +2,7 @@
 
 Each optimizer step (`grpo.num_iterations` steps, when that is above 1) starts with a generation batch:
 the step's prompts on this rank, `num_generations` completions each, sampled from the policy. Rewards
-come from reward functions (`module:function`, distill/rewards.py) and/or a `reward` role, a frozen
+come from reward functions (`module:function`, distill/rl/rewards.py) and/or a `reward` role, a frozen
 sequence classifier; advantages come from the rewards by a registered estimator (`grpo.advantage`:
 GRPO's group normalisation, RLOO's leave-one-out baseline, REINFORCE++'s global normalisation;
 distill/losses/advantages.py). The reference's log-probs (and, when batches are reused or the KL is a
@@ -25,18 +25,19 @@ from pydantic import Field, field_serializer, field_validator, model_validator
 from distill.data.loading import DataBundle, collator_padding, pad_id, tokenized_splits
 from distill.data.prompts import PromptCollator, load_prompt_dataset, tokenize_prompts
 from distill.data.reward_task import write_reward_task
-from distill.errors import RecipeError
+from distill.config.errors import RecipeError
 from distill.losses.advantages import advantages, get_advantage, sequence_kl
 from distill.losses.grpo import get_grpo_loss, get_importance_level, group_std, token_loss
 from distill.losses.logps import token_entropy, token_logps
-from distill.monitor import before_after_table
-from distill.recipe import Role, Section
-from distill.rewards import (RewardError, agree_on_error, call_reward_function, callable_name, load_reward_functions,
+from distill.loop.monitor import before_after_table
+from distill.config.schema import Role, Section
+from distill.rl.rewards import (RewardError, agree_on_error, call_reward_function, callable_name, load_reward_functions,
                              weighted_reward)
-from distill.trainer import RoleTrainer, register_trainer
-from distill.trainers.grpo_batch import RepeatedData, completion_masks, pad_columns, padded_width, split_rows
-from distill.trainers.grpo_reward import RewardModelScorer
-from distill.trainers.on_policy import CompletionSampler, OnPolicySpec, generation_plan
+from distill.loop.registry import register_trainer
+from distill.loop.trainer import RoleTrainer
+from distill.rl.batch import RepeatedData, completion_masks, pad_columns, padded_width, split_rows
+from distill.rl.reward_model import RewardModelScorer
+from distill.generation.completions import CompletionSampler, OnPolicySpec, generation_plan
 
 
 class GRPOSpec(Section):

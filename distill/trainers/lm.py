@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from distill.data.packing import model_inputs
 from distill.losses import cross_entropy
-from distill.monitor import before_after_table
-from distill.recipe import Role
-from distill.trainer import RoleTrainer, register_trainer
+from distill.loop.monitor import before_after_table
+from distill.config.schema import Role
+from distill.loop.registry import register_trainer
+from distill.loop.trainer import RoleTrainer
 
 
 @register_trainer

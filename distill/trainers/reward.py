@@ -13,12 +13,13 @@ from pydantic import Field, field_validator
 
 from distill.data.loading import DataBundle, pad_id
 from distill.data.preference import build_preference_data, write_preference_dataset
-from distill.errors import RecipeError
+from distill.config.errors import RecipeError
 from distill.losses.reward import centering, get_reward_loss
-from distill.models import class_of_saved
-from distill.monitor import before_after_table
-from distill.recipe import Role, Section
-from distill.trainer import RoleTrainer, register_trainer
+from distill.models.build import class_of_saved
+from distill.loop.monitor import before_after_table
+from distill.config.schema import Role, Section
+from distill.loop.registry import register_trainer
+from distill.loop.trainer import RoleTrainer
 
 
 class RewardSpec(Section):

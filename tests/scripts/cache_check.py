@@ -21,8 +21,8 @@ import torch.distributed as dist
 
 def run(raw: dict, log=lambda *a: None):
     """Train one recipe in these processes; (history, metrics lines, student weights on rank 0)."""
-    from distill.recipe import validate_recipe
-    from distill.roles import forget_roles
+    from distill.config.recipe import validate_recipe
+    from distill.runtime.roles import forget_roles
     from distill.trainers.distill import DistillTrainer
 
     t = DistillTrainer(validate_recipe(raw, DistillTrainer), log=log)
@@ -35,9 +35,9 @@ def run(raw: dict, log=lambda *a: None):
 
 
 def write(raw: dict) -> dict:
-    from distill.recipe import validate_recipe
-    from distill.roles import forget_roles
-    from distill.teacher_cache.write import CacheWriterRoles, write_cache
+    from distill.config.recipe import validate_recipe
+    from distill.runtime.roles import forget_roles
+    from distill.trainers.cache_writer import CacheWriterRoles, write_cache
 
     manifest = write_cache(validate_recipe(raw, CacheWriterRoles), log=lambda *a: None)
     forget_roles()
@@ -47,7 +47,7 @@ def write(raw: dict) -> dict:
 def main(argv: list[str] | None = None) -> None:
     from transformers import AutoTokenizer
 
-    from distill.recipe import deep_merge, parse_overrides
+    from distill.config.recipe import deep_merge, parse_overrides
     from distill.teacher_cache.store import shard_path, sidecar_path
     from tests.helpers import end_of_script, tiny_assets, tiny_recipe
 

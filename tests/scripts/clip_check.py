@@ -43,7 +43,7 @@ def reference_step(before, config, micro_batches, lr: float, clip: float | None)
 def main(argv: list[str] | None = None) -> None:
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    from distill.recipe import validate_recipe
+    from distill.config.recipe import validate_recipe
     from distill.trainers.lm import LMTrainer
     from tests.helpers import TINY_LLAMA, end_of_script, tiny_assets
     from tests.scripts.nan_check import snapshot

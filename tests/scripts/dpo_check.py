@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     from distill.data.preference import write_preference_dataset
-    from distill.recipe import deep_merge, parse_overrides, validate_recipe
+    from distill.config.recipe import deep_merge, parse_overrides, validate_recipe
     from tests.helpers import TINY_LLAMA, end_of_script, tiny_assets
     from distill.trainers.dpo import DPOTrainer
 

@@ -11,7 +11,7 @@ import sys
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from distill.generation import SamplingSpec, generate_completions
+from distill.generation.generate import SamplingSpec, generate_completions
 from tests.test_generation import PAD, V, _prompts  # the CPU tests' prompts and vocabulary
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 import distill
-from distill.recipe import validate_recipe
+from distill.config.recipe import validate_recipe
 from distill.trainers.distill import DistillTrainer
 from tests.helpers import end_of_script, tiny_assets, tiny_recipe
 

@@ -5,7 +5,7 @@ group start once, not once per scenario.
         :: ARGS OF SCENARIO 1 :: ARGS OF SCENARIO 2 ...
 
 Between scenarios every rank waits for the others and the last trainer's Accelerator state is dropped
-(`distill.roles.forget_roles`), as when benchmarks compare modes in one launch.
+(`distill.runtime.roles.forget_roles`), as when benchmarks compare modes in one launch.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import sys
 import torch.distributed as dist
 
 import tests.helpers as helpers
-from distill.roles import forget_roles
+from distill.runtime.roles import forget_roles
 
 SEPARATOR = "::"
 

@@ -23,9 +23,9 @@ def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from distill.recipe import deep_merge, parse_overrides, validate_recipe
+    from distill.config.recipe import deep_merge, parse_overrides, validate_recipe
     from tests.helpers import end_of_script, tiny_assets, tiny_recipe
-    from distill.monitor import NonFiniteLoss
+    from distill.loop.monitor import NonFiniteLoss
     from distill.trainers.distill import DistillTrainer
 
     args = argv or sys.argv[1:]

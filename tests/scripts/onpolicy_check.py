@@ -26,9 +26,9 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForCausalLM
 
     from distill.data.prompts import write_prompt_dataset
-    from distill.generation import SamplingSpec, generate_completions
+    from distill.generation.generate import SamplingSpec, generate_completions
     from distill.losses import get_kd_loss
-    from distill.recipe import deep_merge, parse_overrides, validate_recipe
+    from distill.config.recipe import deep_merge, parse_overrides, validate_recipe
     from tests.helpers import REPO
     from tests.helpers import TINY_LLAMA, end_of_script
     from distill.trainers.distill import DistillTrainer

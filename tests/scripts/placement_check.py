@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> None:
     from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as init_cls
     from deepspeed.utils import get_z3_leaf_modules
 
-    from distill.recipe import deep_merge, parse_overrides, validate_recipe
+    from distill.config.recipe import deep_merge, parse_overrides, validate_recipe
     from tests.helpers import end_of_script, tiny_assets, tiny_recipe
     from distill.trainers.distill import DistillTrainer
 

@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForCausalLM
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    from distill.recipe import validate_recipe
+    from distill.config.recipe import validate_recipe
     from tests.helpers import end_of_script, tiny_assets, tiny_recipe
     from distill.trainers.distill import DistillTrainer
 

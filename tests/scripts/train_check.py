@@ -42,7 +42,7 @@ def reference_grad_norm(student_state, teacher_dir, config, micro_batches, kd) -
 def main(argv: list[str] | None = None) -> None:
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    from distill.recipe import parse_overrides, validate_recipe, deep_merge
+    from distill.config.recipe import parse_overrides, validate_recipe, deep_merge
     from tests.helpers import end_of_script, tiny_assets, tiny_recipe
     from distill.trainers.distill import DistillTrainer
 

@@ -136,8 +136,8 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForCausalLM
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    from distill.recipe import validate_recipe
-    from distill.roles import forget_roles
+    from distill.config.recipe import validate_recipe
+    from distill.runtime.roles import forget_roles
     from tests.helpers import end_of_script, tiny_assets
 
     args = argv or sys.argv[1:]

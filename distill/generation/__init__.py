@@ -1,0 +1,1 @@
+"""Sampling and decoding from a role, and CompletionSampler: completions generated during training."""
