@@ -35,7 +35,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from distill.generation.generate import SamplingSpec, generate_completions  # noqa: E402
+from distill.generation.generate import SamplingSpec, decode_cache, generate_completions  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OURS = ("compiled", "graphs", "static")
@@ -115,7 +115,7 @@ def run_candidate(name: str, model, ids, mask, spec: SamplingSpec, seed: int, *,
         if not compact:
             from distill.generation.decode import DecodeEngine
 
-            held = model.__dict__.setdefault("_distill_decode", {})
+            held = decode_cache(model)
             e = held.get("engine")
             if e is None or e.rows != len(ids) or len(e.batches) != 1 or e.mode != mode:
                 held.pop("engine", None)

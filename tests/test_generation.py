@@ -131,7 +131,7 @@ def test_one_generation_phase_per_step_and_the_loss_masks_the_generated_tokens(m
     """Two student-written micro-batches decode in one call; the rebuilt batches predict exactly the generated
     tokens (up to and including the first eos, the tokenizer's or the model's), each at the position after its
     predecessor."""
-    from distill.trainers import on_policy
+    from distill.generation import completions as on_policy
     from distill.trainers.distill import DistillTrainer
     from distill.generation.completions import CompletionSampler, OnPolicySpec
 

@@ -144,3 +144,41 @@ def test_no_distill_import_hides_inside_a_function():
         if inner and module_name(path) != "distill.data":  # its lazy exports keep `python -m distill.data.x` light
             hidden[module_name(path)] = [ast.unparse(n) for n in inner]
     assert not hidden, f"imports inside functions (move them to the top; a circle is no reason): {hidden}"
+
+
+COMPAT = "distill.runtime.compat"
+"""The one module that touches DeepSpeed's and accelerate's private API."""
+OTHER_PRIVATE = {
+    "_dynamo": "torch._dynamo: torch's compiler settings and dynamic-shape marks (decode, compiled layers)",
+    "_compiled_call_impl": "torch.nn.Module: the compiled forward `torch.compile` installs, swapped by the decode engine",
+    "_get_default_store": "torch.distributed: the store the rank watchdog publishes exits through",
+    "_exit": "os._exit: a rank leaves without running atexit hooks that would wait on dead peers",
+    "_fingerprint": "datasets: a Dataset's content hash, the recipe's label for a dataset given from Python",
+}
+"""Private names of other libraries the package reads, and why; every other private attribute it reaches on an object
+not its own is DeepSpeed's or accelerate's, and belongs in `COMPAT`."""
+
+
+def private_uses(source: str) -> list[str]:
+    """Private attributes reached on objects other than `self`/`cls`, and DeepSpeed's internal modules, in `source`."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__") \
+                and ast.unparse(node.value) not in ("self", "cls") and node.attr not in OTHER_PRIVATE:
+            found.append(f"line {node.lineno}: {ast.unparse(node)}")
+        elif isinstance(node, ast.Attribute) and node.attr == "__compatible_ops__":
+            found.append(f"line {node.lineno}: {ast.unparse(node)}")
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            modules = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+            found += [f"line {node.lineno}: import {m}" for m in modules if m.startswith(("deepspeed.runtime", "deepspeed.ops"))]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and "deepspeed.runtime." in node.value:
+            found.append(f"line {node.lineno}: {node.value!r}")
+    return found
+
+
+def test_deepspeed_and_accelerate_internals_are_used_in_compat_only():
+    used = {module_name(p): uses for p in DISTILL.rglob("*.py") if module_name(p) != COMPAT and (uses := private_uses(p.read_text()))}
+    assert not used, f"private API outside distill/runtime/compat.py (move it there, saying why and for which versions): {used}"
+    assert private_uses((DISTILL / "runtime" / "compat.py").read_text()), "the check finds nothing even where the patches are"
+    patched = "import deepspeed.ops\nfor n, slot in slots.items():\n    slot.plugin._set_selected(n == name)\n"
+    assert sorted(private_uses(patched)) == ["line 1: import deepspeed.ops", "line 3: slot.plugin._set_selected"]

@@ -3,7 +3,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from distill import recipe_doc
+from distill.cli import recipe_doc
 from distill.config.schema import Role, Section
 
 REFERENCE = Path(__file__).resolve().parents[1] / "docs" / "recipe-reference.md"

@@ -197,7 +197,7 @@ class PreferenceCollator:
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         if not examples:
             raise ValueError("cannot collate an empty batch")
-        as_list = CausalCollator._as_list
+        as_list = CausalCollator.as_list
         return self._causal([{"input_ids": as_list(ex["prompt_ids"]) + as_list(ex[side]),
                               "prompt_length": len(ex["prompt_ids"])}
                              for side in ("chosen_ids", "rejected_ids") for ex in examples])

@@ -300,13 +300,13 @@ class CausalCollator:
         self.ignore_index = ignore_index
 
     @staticmethod
-    def _as_list(x: Any) -> list[int]:
+    def as_list(x: Any) -> list[int]:
         return x.tolist() if isinstance(x, torch.Tensor) else list(x)
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if not examples:
             raise ValueError("cannot collate an empty batch")
-        seqs = [self._as_list(ex["input_ids"])[: self.max_length] for ex in examples]
+        seqs = [self.as_list(ex["input_ids"])[: self.max_length] for ex in examples]
         if self.fixed_length is not None:
             width = self.fixed_length
         else:
@@ -330,11 +330,11 @@ class CausalCollator:
             # Targets per token (unshifted), then shifted left by one.
             target = ids.clone()  # [n]
             if ex.get("labels") is not None:
-                target = torch.tensor(self._as_list(ex["labels"])[:n], dtype=torch.long)
+                target = torch.tensor(self.as_list(ex["labels"])[:n], dtype=torch.long)
                 if target.numel() != n:
                     raise ValueError(f"example {b}: labels has {target.numel()} entries, input_ids {n}")
             if ex.get("loss_mask") is not None:
-                mask = torch.tensor(self._as_list(ex["loss_mask"])[:n], dtype=torch.bool)
+                mask = torch.tensor(self.as_list(ex["loss_mask"])[:n], dtype=torch.bool)
                 if mask.numel() != n:
                     raise ValueError(f"example {b}: loss_mask has {mask.numel()} entries, input_ids {n}")
                 target[~mask] = self.ignore_index

@@ -75,10 +75,11 @@ def rows_that_fit(per_row: int, *, device: torch.device, reserve_bytes: int = 0)
     return max(1, int(free - reserve_bytes - MEMORY_MARGIN * total) // per_row)
 
 
-def _engines_of(module) -> dict:
-    if not hasattr(module, "_distill_decode"):
-        module._distill_decode = {}  # "engine": the DecodeEngine, "wanted": the rows it was asked for
-    return module._distill_decode
+def decode_cache(module: torch.nn.Module) -> dict:
+    """What `generate_completions` keeps on a model between calls: "engine", its DecodeEngine (static cache, graphs),
+    and "wanted", the rows it was asked for. Kept in the model's `__dict__` (not a registry) so that it goes with the
+    model; a benchmark may set its own engine there, a test read its graphs."""
+    return vars(module).setdefault("distill_decode", {})
 
 
 def generate_completions(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor | None, spec: SamplingSpec, *,
@@ -131,7 +132,7 @@ def _decode_or_fall_back(module, ids, mask, spec: SamplingSpec, *, mode: str, fa
     trace) CUDA graphs of the eager step, else the plain loop; a fall-back is said once and kept for the model."""
     if not fall_back:
         return _decode(module, ids, mask, spec, mode=mode, **kw)
-    held = _engines_of(module)
+    held = decode_cache(module)
     for m in _FASTEST_FIRST[max(_FASTEST_FIRST.index(mode), held.get("fallen", 0)):]:
         try:
             return _decode(module, ids, mask, spec, mode=m, **kw)
@@ -150,7 +151,7 @@ def _decode(module, ids, mask, spec: SamplingSpec, *, mode, batch_size, expected
     rows = len(ids)
     want = max(rows, expected_rows or 0)
     want = min(want, batch_size or want)
-    held = _engines_of(module)
+    held = decode_cache(module)
     e = held.get("engine")
     same = e is not None and e.mode == mode and e.length >= length and e.max_new_tokens == spec.max_new_tokens
     if not same or want > held["wanted"]:

@@ -23,7 +23,6 @@ machine renames its copy, and `latest` moves on any machine only once every mach
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import os
 import pickle
@@ -36,6 +35,7 @@ import torch
 import yaml
 
 from distill.config.errors import RecipeError
+from distill.runtime.compat import deepspeed_checkpoint_classes
 from distill.models.lora import write_spec
 from distill.models.tokenizer_files import save_tokenizer
 
@@ -142,24 +142,12 @@ def load_checkpoint(trainer, path: Path) -> dict:
     return state
 
 
-DEEPSPEED_PICKLED = ("deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
-                     "deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.utils.tensor_fragment.fragment_address")
-"""The classes besides tensors and containers that DeepSpeed pickles into its checkpoint files (ZeRO-1/2/3,
-fp32/bf16/fp16); nothing else is unpickled from them."""
-
-
 @contextlib.contextmanager
 def safe_torch_load():
     """Within the block, every `torch.load` (DeepSpeed's, zero_to_fp32's) reads with `weights_only=True`: tensors,
-    containers and DEEPSPEED_PICKLED only, so a tampered checkpoint file cannot run code. A file holding anything
+    containers and the records DeepSpeed pickles (`compat.DEEPSPEED_PICKLED`) only, so a tampered checkpoint file cannot run code. A file holding anything
     else is refused with a RecipeError naming it."""
-    classes = []
-    for dotted in DEEPSPEED_PICKLED:
-        module, name = dotted.rsplit(".", 1)
-        try:
-            classes.append(getattr(importlib.import_module(module), name))
-        except (ImportError, AttributeError):  # another DeepSpeed version: fewer classes allowed, never more
-            pass
+    classes = deepspeed_checkpoint_classes()
     original = torch.load
 
     def load(f, *args, **kwargs):

@@ -16,31 +16,20 @@ import contextlib
 import datetime
 import gc
 import os
-import sys
 import threading
-import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 
+from distill.runtime.compat import (reset_accelerate_state, restore_torch_linear, select_plugin, skip_cpu_shm_op,
+                                    skip_muon_import, whole_weights)
 from distill.runtime.launch import single_process_env
 from distill.models.lora import base_model_path, save_lora
 from distill.models.build import leaf_module_classes
 from distill.plan.planner import RolePlan
 from distill.models.tokenizer_files import save_tokenizer
-
-
-def _skip_cpu_shm_op() -> None:
-    """Let DeepSpeed all-reduce through gloo on CPU instead of its shared-memory op.
-
-    That op is compiled at the first start; a process killed while compiling leaves a lock file
-    that makes every later start wait forever, and the compile needs a C++ toolchain.
-    """
-    import deepspeed.ops
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def copy_weights(source: torch.nn.Module, target: torch.nn.Module) -> torch.nn.Module:
@@ -59,53 +48,13 @@ def copy_weights(source: torch.nn.Module, target: torch.nn.Module) -> torch.nn.M
 def forget_roles() -> None:
     """Drop the Accelerator state the last trainer's roles left in this process (the process group stays), so that
     another trainer can be built in it: benchmarks comparing modes, tests running several scenarios per launch."""
-    from accelerate.state import AcceleratorState, GradientState
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
+    reset_accelerate_state()
     unset_hf_deepspeed_config()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def _skip_muon_import() -> None:
-    """Spare each CPU process DeepSpeed's import of its Muon optimizer.
-
-    DeepSpeed's ZeRO code imports its Muon modules whatever the optimizer (to check against Muon's class, and in
-    the gradient reduction), and importing them compiles Muon's kernels with `torch.compile`, which imports
-    inductor: 2.3 s per process, in every run on CPU, where no role uses Muon and nothing compiles unless asked.
-    Stand-in modules answer those checks the same ("not Muon"); Muon's update is never called without it.
-    """
-    def unused(*args, **kwargs):
-        raise RuntimeError("DeepSpeed's Muon is not loaded in distill's CPU processes")
-
-    stand_ins = {"deepspeed.runtime.zero.muon.muon_optimizer": {"MuonWithAuxAdam": type("MuonWithAuxAdam", (), {})},
-                 "deepspeed.runtime.zero.muon.original_muon": {"muon_update": unused, "adam_update": unused}}
-    for name, attributes in stand_ins.items():
-        if name not in sys.modules:
-            module = types.ModuleType(name, "distill's stand-in: no role uses DeepSpeed's Muon on CPU")
-            module.__dict__.update(attributes)
-            sys.modules[name] = module
-
-
-def restore_torch_linear() -> bool:
-    """Undo DeepSpeed's process-wide swap of `torch.nn.functional.linear`; True if it was swapped.
-
-    `deepspeed.zero.Init`, which runs when a ZeRO-3 role loads or is prepared, replaces
-    `torch.nn.functional.linear` for the whole process with an autograd Function that can re-gather
-    a ZeRO-3 weight in backward, and leaves it so. Every linear of every role then goes through
-    Python (`Function.apply` binds its arguments with `inspect` on each forward call), a host cost on
-    every step (docs/performance.md).
-    Only a trainable ZeRO-3 role can need it, so RoleManager restores torch's own unless one is present."""
-    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as init_cls
-
-    original = getattr(init_cls, "linear_bk", None)
-    if original is None or torch.nn.functional.linear is original:
-        return False
-    torch.nn.functional.linear = original
-    return True
 
 
 def set_leaf_modules(model: torch.nn.Module) -> list[str]:
@@ -227,7 +176,7 @@ class RoleModel:
             model.gradient_checkpointing_disable()
         model.eval()
         try:
-            with self.manager.use(self.name), _whole_weights(self.engine) if sharded and gather else contextlib.nullcontext():
+            with self.manager.use(self.name), whole_weights(self.engine) if sharded and gather else contextlib.nullcontext():
                 yield
         finally:
             model.train(was_training)
@@ -278,35 +227,6 @@ class RoleModel:
         self.accelerator.wait_for_everyone()
 
 
-@contextlib.contextmanager
-def _whole_weights(engine) -> Iterator[None]:
-    """Every parameter of a ZeRO-3 engine gathered, and its per-module hooks lifted, for the block.
-
-    With the hooks in place, each module's forward would release its parameters and the next
-    forward gather them again: a collective per module per generated token, which hangs as soon
-    as one rank stops generating before the others.
-    """
-    import deepspeed
-
-    offload = getattr(engine.optimizer, "parameter_offload", engine.optimizer)  # trainable vs frozen engines
-    root_id = offload.module.ds_id
-    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
-        for p in engine.module.parameters():
-            p.ds_active_sub_modules.clear()
-        for hook in offload.forward_hooks + offload.backward_hooks:
-            hook.remove()
-        offload.forward_hooks, offload.backward_hooks = [], []
-        try:
-            yield
-        finally:
-            coordinator = offload.param_coordinator
-            if not coordinator.is_invalid_trace():
-                coordinator._invalidate_trace()  # the recorded module order no longer holds
-            # The same module ids as before: numbering on from DeepSpeed's global counter would give
-            # this model ids that another ZeRO-3 role's modules already carry.
-            offload._register_deepspeed_module(offload.module, count=[root_id])
-
-
 @dataclass
 class _Slot:
     plugin: Any
@@ -338,8 +258,8 @@ class RoleManager:
         # On CPU, accelerate only starts a multi-process group under DeepSpeed when told the backend.
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "gloo":
-            _skip_cpu_shm_op()
-            _skip_muon_import()
+            skip_cpu_shm_op()
+            skip_muon_import()
         handler = InitProcessGroupKwargs(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
         names = list(plans)
         project = ProjectConfiguration(logging_dir=str(logging_dir)) if logging_dir else None
@@ -360,8 +280,7 @@ class RoleManager:
         """Make `name` the active plugin: what `select_deepspeed_plugin` does, minus its config copy."""
         from transformers.integrations.deepspeed import set_hf_deepspeed_config
 
-        for n, slot in self.slots.items():
-            slot.plugin._set_selected(n == name)
+        select_plugin({n: slot.plugin for n, slot in self.slots.items()}, name)
         set_hf_deepspeed_config(self.slots[name].hf_config)
         self._active = name
 

@@ -11,7 +11,7 @@ import sys
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from distill.generation.generate import SamplingSpec, generate_completions
+from distill.generation.generate import SamplingSpec, decode_cache, generate_completions
 from tests.test_generation import PAD, V, _prompts  # the CPU tests' prompts and vocabulary
 
 
@@ -27,7 +27,7 @@ def decode() -> dict:
         spec = SamplingSpec(max_new_tokens=30, temperature=0, eos_token_ids=tuple(range(3, V, 4)), pad_token_id=PAD)
         want = gpu.generate(input_ids=ids, attention_mask=mask, **spec.generate_kwargs())[:, ids.shape[1]:]
         got = generate_completions(gpu, ids, mask, spec, decode=mode)
-        engine = gpu.__dict__["_distill_decode"]["engine"]
+        engine = decode_cache(gpu)["engine"]
         out[mode] = {"graphs": len(engine.graphs), "graphless": engine.graphless, "equal": torch.equal(got.tokens, want)}
     return out
 

@@ -1,0 +1,130 @@
+"""Every use of DeepSpeed's and accelerate's private API, in one place: each patch says why, and which versions it
+was written for (DeepSpeed 0.19.8, accelerate 1.16, the pins of pyproject.toml). After an upgrade, this module is
+what to read again; `tests/test_layers.py` keeps the rest of the package off these internals.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import sys
+import types
+from typing import Any, Iterator
+
+import torch
+
+
+def skip_cpu_shm_op() -> None:
+    """Let DeepSpeed all-reduce through gloo on CPU instead of its shared-memory op.
+
+    That op is compiled at the first start; a process killed while compiling leaves a lock file
+    that makes every later start wait forever, and the compile needs a C++ toolchain.
+    DeepSpeed 0.19: `deepspeed.ops.__compatible_ops__` is the table its CPU accelerator consults.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def skip_muon_import() -> None:
+    """Spare each CPU process DeepSpeed's import of its Muon optimizer.
+
+    DeepSpeed's ZeRO code imports its Muon modules whatever the optimizer (to check against Muon's class, and in
+    the gradient reduction), and importing them compiles Muon's kernels with `torch.compile`, which imports
+    inductor: 2.3 s per process, in every run on CPU, where no role uses Muon and nothing compiles unless asked.
+    Stand-in modules answer those checks the same ("not Muon"); Muon's update is never called without it.
+    DeepSpeed 0.19: the two module paths below are the ones its ZeRO code imports.
+    """
+    def unused(*args, **kwargs):
+        raise RuntimeError("DeepSpeed's Muon is not loaded in distill's CPU processes")
+
+    stand_ins = {"deepspeed.runtime.zero.muon.muon_optimizer": {"MuonWithAuxAdam": type("MuonWithAuxAdam", (), {})},
+                 "deepspeed.runtime.zero.muon.original_muon": {"muon_update": unused, "adam_update": unused}}
+    for name, attributes in stand_ins.items():
+        if name not in sys.modules:
+            module = types.ModuleType(name, "distill's stand-in: no role uses DeepSpeed's Muon on CPU")
+            module.__dict__.update(attributes)
+            sys.modules[name] = module
+
+
+def restore_torch_linear() -> bool:
+    """Undo DeepSpeed's process-wide swap of `torch.nn.functional.linear`; True if it was swapped.
+
+    `deepspeed.zero.Init`, which runs when a ZeRO-3 role loads or is prepared, replaces
+    `torch.nn.functional.linear` for the whole process with an autograd Function that can re-gather
+    a ZeRO-3 weight in backward, and leaves it so. Every linear of every role then goes through
+    Python (`Function.apply` binds its arguments with `inspect` on each forward call), a host cost on
+    every step (docs/performance.md).
+    Only a trainable ZeRO-3 role can need it, so RoleManager restores torch's own unless one is present.
+    DeepSpeed 0.19: the original is kept as `InsertPostInitMethodToModuleSubClasses.linear_bk`."""
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as init_cls
+
+    original = getattr(init_cls, "linear_bk", None)
+    if original is None or torch.nn.functional.linear is original:
+        return False
+    torch.nn.functional.linear = original
+    return True
+
+
+def reset_accelerate_state() -> None:
+    """Forget accelerate's process-wide singletons (the process group stays), so that another set of Accelerators
+    can be built in this process. accelerate 1.16: `AcceleratorState._reset_state`, `GradientState._reset_state`."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+
+
+def select_plugin(plugins: dict[str, Any], name: str) -> None:
+    """Mark `name`'s DeepSpeedPlugin the selected one, the others not: what accelerate's `select_deepspeed_plugin`
+    does, minus its copy of the config into the global state, which RoleManager sets itself on every switch.
+    accelerate 1.16: `DeepSpeedPlugin._set_selected`."""
+    for n, plugin in plugins.items():
+        plugin._set_selected(n == name)
+
+
+@contextlib.contextmanager
+def whole_weights(engine) -> Iterator[None]:
+    """Every parameter of a ZeRO-3 engine gathered, and its per-module hooks lifted, for the block.
+
+    With the hooks in place, each module's forward would release its parameters and the next
+    forward gather them again: a collective per module per generated token, which hangs as soon
+    as one rank stops generating before the others.
+    DeepSpeed 0.19: the ZeRO-3 parameter offload's hooks, trace and module registration.
+    """
+    import deepspeed
+
+    offload = getattr(engine.optimizer, "parameter_offload", engine.optimizer)  # trainable vs frozen engines
+    root_id = offload.module.ds_id
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+        for p in engine.module.parameters():
+            p.ds_active_sub_modules.clear()
+        for hook in offload.forward_hooks + offload.backward_hooks:
+            hook.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            yield
+        finally:
+            coordinator = offload.param_coordinator
+            if not coordinator.is_invalid_trace():
+                coordinator._invalidate_trace()  # the recorded module order no longer holds
+            # The same module ids as before: numbering on from DeepSpeed's global counter would give
+            # this model ids that another ZeRO-3 role's modules already carry.
+            offload._register_deepspeed_module(offload.module, count=[root_id])
+
+
+DEEPSPEED_PICKLED = ("deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+                     "deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.utils.tensor_fragment.fragment_address")
+"""The classes besides tensors and containers that DeepSpeed pickles into its checkpoint files (ZeRO-1/2/3,
+fp32/bf16/fp16) of DeepSpeed 0.19; nothing else is unpickled from them."""
+
+
+def deepspeed_checkpoint_classes() -> list[type]:
+    """The classes of `DEEPSPEED_PICKLED` that this DeepSpeed has: what `torch.load(weights_only=True)` may build."""
+    classes = []
+    for dotted in DEEPSPEED_PICKLED:
+        module, name = dotted.rsplit(".", 1)
+        try:
+            classes.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):  # another DeepSpeed version: fewer classes allowed, never more
+            pass
+    return classes
