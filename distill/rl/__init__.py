@@ -1,1 +1,1 @@
-"""Shared by every RL trainer: reward functions, reward-model scoring, the rows of a rollout batch."""
+"""Shared by every RL trainer: rollout batches, their prompt records, reward functions and reward-model scores."""

@@ -30,13 +30,13 @@ from distill.losses.advantages import advantages, get_advantage, sequence_kl
 from distill.losses.grpo import get_grpo_loss, get_importance_level, group_std, token_loss
 from distill.losses.logps import token_entropy, token_logps
 from distill.loop.monitor import before_after_table
-from distill.config.schema import Role, Section
-from distill.rl.rewards import (RewardError, agree_on_error, call_reward_function, callable_name, load_reward_functions,
-                             weighted_reward)
+from distill.config.schema import RecipeBase, Role, Section
+from distill.rl.rewards import callable_name, load_reward_functions, weighted_reward
 from distill.loop.registry import register_trainer
 from distill.loop.trainer import RoleTrainer
 from distill.rl.batch import RepeatedData, completion_masks, pad_columns, padded_width, split_rows
 from distill.rl.reward_model import RewardModelScorer
+from distill.rl.rollout import PromptRecords, score_rollout
 from distill.generation.completions import CompletionSampler, OnPolicySpec, generation_plan
 
 
@@ -130,6 +130,21 @@ class GRPOSpec(Section):
         return [f if isinstance(f, str) else callable_name(f) for f in v]
 
 
+class GRPORecipe(RecipeBase):
+    """A `trainer: grpo` recipe."""
+
+    policy: Role
+    """The model that generates completions and learns from their rewards (ZeRO-2 by default)."""
+    reference: Role
+    """The frozen model of the KL term: the policy's weights at the start (`weights_from: policy`), ZeRO-3;
+    loaded only when `grpo.beta` is not 0 and `grpo.reference` is `model`."""
+    reward: Role
+    """A frozen sequence classifier whose logit scores prompt + completion; loaded only when it names a model
+    (`reward.from_pretrained` or `reward.config`)."""
+    grpo: GRPOSpec = GRPOSpec()
+    """Sampling, rewards, advantages, the clipped loss and its KL term."""
+
+
 @register_trainer
 class GRPOTrainer(RoleTrainer):
     name = "grpo"
@@ -139,6 +154,15 @@ class GRPOTrainer(RoleTrainer):
         "reward": Role(deepspeed="zero3", model_class="sequence_classification"),
     }
     sections = {"grpo": GRPOSpec}
+    recipe_class = GRPORecipe
+
+    def __init__(self, recipe, **kwargs):
+        self.rollout: list[dict] | None = None
+        """The step's generation batch, as `prepare_step` returns it: trained on again for `grpo.num_iterations` steps."""
+        self.rollout_stats: dict[str, list[float]] = {}
+        """Statistics of each generation batch since the last metrics line (`prepare_step` appends them, `step_metrics`
+        averages and clears them)."""
+        super().__init__(recipe, **kwargs)
 
     # -- the recipe --------------------------------------------------------------------------------
     @classmethod
@@ -192,7 +216,7 @@ class GRPOTrainer(RoleTrainer):
     def build_data(self):
         d, g, t = self.recipe.data, self.recipe.grpo, self.recipe.train
         max_prompt = d.max_length - g.max_completion_length
-        self._records: list[dict] = []  # by index: the prompt as the reward functions see it, and its other columns
+        self.records = PromptRecords()  # by index: the prompt as the reward functions see it, and its other columns
 
         def load(source, options):  # -> ((raw records, tokenized prompts), stats)
             raw = load_prompt_dataset(source, **options)
@@ -204,12 +228,7 @@ class GRPOTrainer(RoleTrainer):
             if self.rank == 0 and stats["prompt_truncated"]:
                 self.log(f"data.{key}: {stats['prompt_truncated']} of {stats['n']} prompts left-truncated to {max_prompt} "
                          f"tokens (data.max_length - grpo.max_completion_length)")
-            offset = len(self._records)
-            extra = [c for c in raw.column_names if c not in ("prompt", "completion", "messages")]
-            self._chat = "messages" in raw.column_names
-            self._records += [{"prompt": row["messages"] if self._chat else row["prompt"], **{c: row[c] for c in extra}}
-                              for row in raw]
-            splits[key] = tokenized.add_column("index", list(range(offset, offset + len(tokenized))))
+            splits[key] = tokenized.add_column("index", self.records.add(raw))
         pad = pad_id(self.tokenizer)
         self.padding = collator_padding(d.max_length, self.compiled)
         prompts_per_step = t.micro_batch_size * t.grad_accum // g.num_generations
@@ -223,9 +242,9 @@ class GRPOTrainer(RoleTrainer):
         """Generate and score once per `num_iterations` steps (every rank together: the reference and reward
         roles may be ZeRO-3); the steps in between train on the same batch again. Each micro-batch holds its
         rows' prompt | completion ids and masks, `rewards` (NaN: unscored) and `advantages` [rows]."""
-        if self.__dict__.get("_batch") is None or (step - 1) % self.recipe.grpo.num_iterations == 0:
-            self._batch = self._generate_and_score(micro_batches[0], seed=hash((self.recipe.seed, step, self.rank)) % 2**63)
-        return self._batch
+        if self.rollout is None or (step - 1) % self.recipe.grpo.num_iterations == 0:
+            self.rollout = self._generate_and_score(micro_batches[0], seed=hash((self.recipe.seed, step, self.rank)) % 2**63)
+        return self.rollout
 
     def _generate_and_score(self, prompts: dict, *, seed: int) -> list[dict]:
         """The step's micro-batches, each with its completions' `advantages` [B] and the `rewards` [B] they came from
@@ -276,41 +295,14 @@ class GRPOTrainer(RoleTrainer):
                 "index": prompts["index"].repeat_interleave(g.num_generations, 0).tolist()}
 
     def _rewards(self, batch: dict) -> torch.Tensor:
-        """[N, F] rewards of every function, then the reward model; NaN where a function does not apply.
-
-        Collective: the reward model runs on every rank first, then every rank learns whether any reward
-        function failed on any rank (RewardError everywhere, naming it), so none waits in a collective alone."""
-        n = batch["completion_ids"].shape[0]
-        model_scores = [] if self.reward_model is None else [self.reward_model.score(batch)]
-        real = batch["real"].tolist()
-        rows = [i for i in range(n) if real[i]]
-        prompts, completions, ids = self.texts(batch, rows)
-        records = [self._records[batch["index"][i]] for i in rows]
-        columns = {k: [r[k] for r in records] for k in (records[0] if records else {}) if k != "prompt"}
-        out, error = [], None
-        try:
-            for rf in self._reward_functions:
-                values = torch.full((n,), float("nan"))
-                values[rows] = call_reward_function(rf, prompts, completions, ids, columns)
-                out.append(values.to(self.device))
-        except RewardError as e:
-            error = str(e)
-        agree_on_error(error, self.world_size, self.device)
-        return torch.stack(out + model_scores, 1)  # [N, F]
+        """[N, F] rewards of every function, then the reward model (`distill.rl.rollout.score_rollout`); collective."""
+        return score_rollout(batch, self.records, self.tokenizer, self._reward_functions, self.reward_model,
+                             world_size=self.world_size, device=self.device)
 
     def texts(self, batch: dict, rows: list[int] | None = None) -> tuple[list, list, list[list[int]]]:
-        """(prompts, completions, completion ids) of a generation batch's `rows` (default all), as reward functions
-        take them (TRL's forms): the dataset's prompt (a string, or chat messages), the decoded completion (a string,
-        or `[{"role": "assistant", "content": ...}]` for chat prompts) and its token ids, eos included."""
-        rows = range(batch["completion_ids"].shape[0]) if rows is None else rows
-        completion_ids, mask = batch["completion_ids"].cpu(), batch["completion_mask"].cpu().bool()  # one copy, not one per row
-        ids = [completion_ids[i][mask[i]].tolist() for i in rows]
-        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
-        prompts = [self._records[batch["index"][i]]["prompt"] if batch["index"][i] >= 0 else [] if self._chat else ""
-                   for i in rows]
-        if self._chat:
-            texts = [[{"role": "assistant", "content": c}] for c in texts]
-        return prompts, texts, ids
+        """(prompts, completions, completion ids) of a generation batch's `rows`, as reward functions take them
+        (`PromptRecords.texts`)."""
+        return self.records.texts(batch, self.tokenizer, rows)
 
     # -- the loss ----------------------------------------------------------------------------------
     def count_tokens(self, batch):
@@ -369,13 +361,13 @@ class GRPOTrainer(RoleTrainer):
                  **{f"rewards/{n}": s[9 + i] / max(s[9 + f + i], 1) for i, n in enumerate(self._reward_names)}}
         if kl is not None:  # the penalty's KL per loss token, as TRL's RLOOTrainer logs it
             stats["kl"] = s[8] / max(s[7], 1)
-        acc = self.__dict__.setdefault("_stats", {})
         for k, v in stats.items():
-            acc.setdefault(k, []).append(v)
+            self.rollout_stats.setdefault(k, []).append(v)
         return sums[7].clamp(min=1)
 
     def step_metrics(self):
-        out = {k: sum(v) / len(v) for k, v in self.__dict__.pop("_stats", {}).items()}
+        out = {k: sum(v) / len(v) for k, v in self.rollout_stats.items()}
+        self.rollout_stats = {}
         return {**out, **self.sampler.metrics()}
 
     def report(self, history):
@@ -402,7 +394,7 @@ class GRPOTrainer(RoleTrainer):
         if "_scorer" not in self.__dict__:
             self._scorer = None if "reward" not in self.models else RewardModelScorer(
                 self.reward, source=self.recipe.reward.from_pretrained, tokenizer=self.tokenizer,
-                batch_size=self.recipe.train.micro_batch_size, chat_texts=self.texts if self._chat else None,
+                batch_size=self.recipe.train.micro_batch_size, chat_texts=self.texts if self.records.chat else None,
                 log=self.log if self.rank == 0 else None)
         return self._scorer
 
