@@ -285,3 +285,41 @@ def test_too_few_pairs_for_one_step_is_refused(tmp_path):
                            f"output_dir={tmp_path}/run", "train.micro_batch_size=1500"], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode != 0 and "fewer than one optimizer step needs" in proc.stderr
+
+
+def test_each_shipped_trainer_declares_its_recipe_class_with_a_docstring_per_field():
+    from distill.config.recipe import recipe_model
+    from distill.config.schema import RecipeBase
+    from distill.loop.registry import TRAINERS
+
+    for name, cls in TRAINERS.items():
+        if not cls.__module__.startswith("distill."):
+            continue
+        declared = cls.recipe_class
+        assert declared is not None and recipe_model(cls) is declared, f"trainer `{name}`: declare its recipe class"
+        own = set(declared.model_fields) - set(RecipeBase.model_fields)
+        assert own == set(cls.roles) | set(cls.sections), f"{declared.__name__}: a field per role and per section"
+        undocumented = [k for k, f in declared.model_fields.items() if not f.description]
+        assert not undocumented, f"{declared.__name__}: fields without a docstring: {undocumented}"
+
+
+def test_a_subclass_extends_the_declared_recipe_and_a_wrong_declaration_is_refused():
+    from distill.config.recipe import recipe_model
+    from distill.config.schema import Section
+    from distill.trainers import DistillTrainer
+
+    class Extra(Section):
+        weight: float = 1.0
+        """A weight."""
+
+    class WithExtra(DistillTrainer):
+        sections = {**DistillTrainer.sections, "extra": Extra}
+
+    model = recipe_model(WithExtra)
+    assert issubclass(model, DistillTrainer.recipe_class) and model.model_fields["extra"].annotation is Extra
+
+    class Wrong(DistillTrainer):
+        sections = {"kd": Extra}  # the declared class says `kd` is a KDSpec
+
+    with pytest.raises(TypeError, match="kd is declared .*KDSpec.* reads it as Extra"):
+        recipe_model(Wrong)

@@ -55,16 +55,24 @@ def deep_merge(base: dict, top: dict) -> dict:
 
 
 def recipe_model(trainer_cls) -> type[RecipeBase]:
-    """The recipe class of one trainer: the base sections + its role blocks + its own sections."""
+    """The recipe class of one trainer: its declared `recipe_class` (RecipeBase + a field per role and per section,
+    each with a docstring), with a field added for every role or section it does not declare (a trainer without a
+    declared class, or a subclass that adds its own)."""
     taken = set(RecipeBase.model_fields) | set(dir(trainer_cls))
     clash = sorted((set(trainer_cls.roles) | set(trainer_cls.sections)) & taken)
     if clash or set(trainer_cls.roles) & set(trainer_cls.sections):
         raise TypeError(f"{trainer_cls.__name__}: role/section names {clash or sorted(set(trainer_cls.roles) & set(trainer_cls.sections))} "
                         "clash with recipe keys or trainer attributes; rename them")
-    fields: dict[str, Any] = {name: (Role, ...) for name in trainer_cls.roles}
-    for name, section in trainer_cls.sections.items():
-        fields[name] = (section, section())
-    return create_model(f"{trainer_cls.__name__}Recipe", __base__=RecipeBase, **fields)
+    declared = getattr(trainer_cls, "recipe_class", None) or RecipeBase
+    fields: dict[str, Any] = {}
+    for name, kind in [*((n, Role) for n in trainer_cls.roles), *trainer_cls.sections.items()]:
+        field = declared.model_fields.get(name)
+        if field is None:
+            fields[name] = (Role, ...) if kind is Role else (kind, kind())
+        elif field.annotation is not kind:
+            raise TypeError(f"{declared.__name__}.{name} is declared {field.annotation}, but {trainer_cls.__name__} "
+                            f"reads it as {kind.__name__}: make the two agree")
+    return create_model(f"{trainer_cls.__name__}Recipe", __base__=declared, **fields) if fields else declared
 
 
 def _describe(err: dict, model: type[BaseModel], raw: dict) -> str:

@@ -50,6 +50,9 @@ class RoleTrainer:
     """Role name -> defaults; the recipe's block of the same name overrides them."""
     sections: ClassVar[dict[str, type[Section]]] = {}
     """Extra recipe sections this algorithm reads (e.g. `kd`), name -> typed model."""
+    recipe_class: ClassVar[type[RecipeBase] | None] = None
+    """The recipe as a declared class: RecipeBase with a field per role (`Role`) and per section, each with a
+    docstring (the shipped trainers declare one). None, or a field missing: added from `roles` and `sections`."""
     supports_packing: ClassVar[bool] = False
     """Whether `data.packing` is allowed: the trainer trains on `build_text_data` batches and calls its models
     with `distill.data.packing.model_inputs(batch)`, so packed documents stay apart."""

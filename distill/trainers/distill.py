@@ -15,7 +15,7 @@ from distill.losses import chunked_sparse_kd_loss, cross_entropy, get_kd_loss, g
 from distill.losses.chunked import chunked_kd_loss
 from distill.losses.logps import logit_transform
 from distill.loop.monitor import before_after_table
-from distill.config.schema import Role, Section
+from distill.config.schema import RecipeBase, Role, Section
 from distill.teacher_cache import read as teacher_cache
 from distill.teacher_cache.spec import CacheSpec
 from distill.loop.registry import register_trainer
@@ -69,6 +69,18 @@ class KDSpec(Section):
         return self
 
 
+class DistillRecipe(RecipeBase):
+    """A `trainer: distill` recipe."""
+
+    student: Role
+    """The model that learns: trainable (ZeRO-2 by default)."""
+    teacher: Role
+    """The frozen model the student imitates (ZeRO-3 by default, its placement chosen by the plan); not loaded when
+    `kd.cache` reads its distributions from disk."""
+    kd: KDSpec = KDSpec()
+    """The divergence, its mix with the labels' cross-entropy, on-policy sampling and the teacher cache."""
+
+
 @register_trainer
 class DistillTrainer(RoleTrainer):
     name = "distill"
@@ -77,6 +89,7 @@ class DistillTrainer(RoleTrainer):
         "teacher": Role(trainable=False, deepspeed="zero3"),
     }
     sections = {"kd": KDSpec}
+    recipe_class = DistillRecipe
     supports_packing = True  # offline text only: check_recipe and build_data refuse prompts
 
     @classmethod

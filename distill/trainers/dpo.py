@@ -22,7 +22,7 @@ from distill.config.errors import RecipeError
 from distill.losses.logps import head_sequence_logps, logit_transform, sequence_logps
 from distill.losses.preference import get_preference_loss, rewards
 from distill.loop.monitor import before_after_table
-from distill.config.schema import Role, Section
+from distill.config.schema import RecipeBase, Role, Section
 from distill.loop.registry import register_trainer
 from distill.loop.trainer import RoleTrainer
 
@@ -53,6 +53,18 @@ class DPOSpec(Section):
         return v
 
 
+class DPORecipe(RecipeBase):
+    """A `trainer: dpo` recipe."""
+
+    policy: Role
+    """The model trained on the preference pairs (ZeRO-2 by default)."""
+    reference: Role
+    """The frozen model the policy's log-ratios are taken against: by default the policy's weights at the start
+    (`weights_from: policy`), ZeRO-3; not loaded with `dpo.reference: policy_without_adapter`."""
+    dpo: DPOSpec = DPOSpec()
+    """The preference loss, its beta and how log-probs are taken."""
+
+
 @register_trainer
 class DPOTrainer(RoleTrainer):
     name = "dpo"
@@ -61,6 +73,7 @@ class DPOTrainer(RoleTrainer):
         "reference": Role(deepspeed="zero3", weights_from="policy"),
     }
     sections = {"dpo": DPOSpec}
+    recipe_class = DPORecipe
 
     @classmethod
     def built_roles(cls, recipe) -> list[str]:

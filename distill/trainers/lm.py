@@ -4,15 +4,23 @@ from __future__ import annotations
 from distill.data.packing import model_inputs
 from distill.losses import cross_entropy
 from distill.loop.monitor import before_after_table
-from distill.config.schema import Role
+from distill.config.schema import RecipeBase, Role
 from distill.loop.registry import register_trainer
 from distill.loop.trainer import RoleTrainer
+
+
+class LMRecipe(RecipeBase):
+    """A `trainer: lm` recipe."""
+
+    model: Role
+    """The language model trained on the text's next tokens (ZeRO-2 by default)."""
 
 
 @register_trainer
 class LMTrainer(RoleTrainer):
     name = "lm"
     roles = {"model": Role(trainable=True, deepspeed=2)}
+    recipe_class = LMRecipe
     supports_packing = True
 
     def loss_step(self, batch, num_tokens):

@@ -17,7 +17,7 @@ from distill.config.errors import RecipeError
 from distill.losses.reward import centering, get_reward_loss
 from distill.models.build import class_of_saved
 from distill.loop.monitor import before_after_table
-from distill.config.schema import Role, Section
+from distill.config.schema import RecipeBase, Role, Section
 from distill.loop.registry import register_trainer
 from distill.loop.trainer import RoleTrainer
 
@@ -42,11 +42,21 @@ class RewardSpec(Section):
         return v
 
 
+class RewardRecipe(RecipeBase):
+    """A `trainer: reward` recipe."""
+
+    reward: Role
+    """The reward model in training: a sequence classifier with one output (ZeRO-2 by default)."""
+    rm: RewardSpec = RewardSpec()
+    """The pairwise loss and its reward-centering term."""
+
+
 @register_trainer
 class RewardTrainer(RoleTrainer):
     name = "reward"
     roles = {"reward": Role(trainable=True, deepspeed="zero2", model_class="sequence_classification")}
     sections = {"rm": RewardSpec}
+    recipe_class = RewardRecipe
 
     @classmethod
     def check_recipe(cls, recipe) -> None:
