@@ -9,37 +9,32 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping
 
 import datasets
-from accelerate.utils import broadcast_object_list
 import torch
 import yaml
-from tqdm.auto import tqdm
 
 import distill.loop.tracking as tracking
-from distill.loop.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from distill.data.loading import DataBundle, build_text_data
-from distill.data.synthetic import write_dataset
-from distill.runtime.launch import DEVICE_ENV, world_info
-from distill.models.build import build_model
-from distill.loop.monitor import NonFiniteLoss, StopOnSignal, Throughput, role_metrics
-from distill.runtime.overlap import Overlap, compile_reporter
-from distill.plan.planner import RolePlan, format_plan
-from distill.loop.preflight import preflight
 from distill.config.errors import RecipeError
 from distill.config.presets import shipped_recipes
 from distill.config.recipe import deep_merge, parse_overrides, read_recipe, validate_recipe
 from distill.config.schema import RecipeBase, Role, Section
-from distill.loop.build import apply_role_options, build_optimizer, init_key
-from distill.loop.registry import get_trainer, trainer_name
+from distill.data.loading import DataBundle, build_text_data
+from distill.data.synthetic import write_dataset
 from distill.loop import samples
-from distill.runtime.roles import RoleManager, RoleModel, copy_weights
+from distill.loop.build import apply_role_options, build_optimizer, init_key
+from distill.loop.checkpoint import latest_checkpoint, load_checkpoint
+from distill.loop.preflight import preflight
+from distill.loop.registry import get_trainer, trainer_name
+from distill.loop.run import run_steps
 from distill.loop.rundir import probe_run_disk, release_run_dir, truncate_metrics
-from distill.models.tokenizer_files import auto_tokenizer_note
+from distill.models.build import build_model
+from distill.plan.planner import RolePlan, format_plan
+from distill.runtime.launch import DEVICE_ENV, world_info
+from distill.runtime.overlap import Overlap, compile_reporter
+from distill.runtime.roles import RoleManager, RoleModel, copy_weights
 
 
 class RoleTrainer:
@@ -232,7 +227,7 @@ class RoleTrainer:
         self.start_run_dir(fresh=ckpt is None, step=start)
         tracking.start(self.accelerator, self.recipe, resumed_at=start if ckpt is not None else None)
         try:  # trackers are closed on every way out: the end, a stop signal, an error
-            return self._run(start, seen)
+            return run_steps(self, start, seen)
         finally:
             tracking.finish(self.accelerator)
             self.close()
@@ -242,69 +237,6 @@ class RoleTrainer:
         """Stop the thread that runs frozen roles alongside (`alongside`), if one was started."""
         if "_overlap" in self.__dict__:
             self._overlap.close()
-
-    def _run(self, start: int, seen: int) -> dict[str, Any]:
-        t = self.recipe.train
-        history = self._eval_before()
-        batches = self.data.train_batches(start_step=start)
-        bar = self._progress(self.total_steps, start)
-        meter = Throughput(seen)
-        bad_in_a_row = 0
-        with StopOnSignal() as stop:
-            for step in range(start + 1, self.total_steps + 1):
-                began = time.perf_counter()
-                out = self.train_step(step, next(batches), stop_requested=stop.requested)
-                meter.step(out["tokens_seen"], time.perf_counter() - began)  # the step's host sync has waited for the device
-                bad_in_a_row = 0 if out["finite"] else bad_in_a_row + 1
-                self._log_step(step, out, meter, bar)
-                if bad_in_a_row >= t.max_bad_steps:
-                    raise NonFiniteLoss(f"{bad_in_a_row} steps in a row ended with a NaN/Inf loss (up to step {step}); "
-                                        "lower the learning rate, check the data, or resume from an earlier checkpoint")
-                stopping = stop.agree(out["stop_votes"])
-                if stopping or step == self.total_steps or (t.save_every and step % t.save_every == 0):
-                    save_checkpoint(self, step, meter.seen)
-                if stopping:
-                    bar.close()
-                    self.write_metrics({"step": step, "stopped_by": stop.signal_name})
-                    if self.accelerator.is_main_process:
-                        self.log(f"{stop.signal_name} received: checkpoint of step {step} saved; continue with --resume")
-                    return {**history, "stopped_at": step, "throughput": meter.summary()}
-                if t.eval_every and step % t.eval_every == 0 and step != self.total_steps and self.data.eval is not None:
-                    self.write_metrics({"step": step, **{f"eval/{k}": v for k, v in self.evaluate().items()}})
-                    self.log_samples(step)
-        bar.close()
-        if self.data.eval is not None:
-            history["after"] = self.evaluate()
-            self.write_metrics({"step": self.total_steps, **{f"eval/{k}": v for k, v in history["after"].items()}})
-            self.log_samples(self.total_steps)
-        self.save(self.out / "final")
-        history["throughput"] = meter.summary()
-        if self.accelerator.is_main_process:
-            (self.out / "summary.json").write_text(json.dumps(history, indent=2))
-            self.report(history)
-            self._tokenizer_notes(self.out / "final")
-            board = "tensorboard" in tracking.resolve(self.recipe.train.report_to)
-            self.log(f"run directory: {self.out} (metrics.jsonl, summary.json, final/<role>/ in HF format); "
-                     f"plots: python -m distill.report {self.out}"
-                     + (f"; tensorboard --logdir {tracking.logging_dir(self.out)}" if board else ""))
-        return history
-
-    def _eval_before(self) -> dict[str, Any]:
-        """The eval before training, kept in the run directory so a resumed run can still compare."""
-        path = self.out / "eval_before.json"
-        if self.data.eval is None:
-            return {}
-        # Rank 0's file decides for every rank: on machines that do not share the run directory only its holds it.
-        kept = broadcast_object_list([json.loads(path.read_text()) if path.exists() else None])[0]
-        if kept is not None:
-            return {"before": kept}
-        before = self.evaluate()
-        if self.accelerator.is_main_process:
-            path.write_text(json.dumps(before))
-        # Step 0 in metrics.jsonl too, so every eval curve starts where training did.
-        self.write_metrics({"step": 0, **{f"eval/{k}": v for k, v in before.items()}})
-        self.log_samples(0)
-        return {"before": before}
 
     def train_step(self, step: int, micro_batches: list[dict], *, stop_requested: bool = False) -> dict[str, Any]:
         """One optimizer step of every trainable role over the step's `grad_accum` micro-batches: `prepare_step`,
@@ -355,31 +287,6 @@ class RoleTrainer:
             # DeepSpeed averages gradients over ranks; the losses are already global means.
             self.trainables[name].backward(losses[key] * self.world_size, boundary=boundary)
 
-    def _log_step(self, step: int, out: dict[str, Any], meter: Throughput, bar) -> None:
-        if not out["finite"]:
-            self._log_skipped(step, out)
-        elif step % self.recipe.train.log_every == 0 or step == self.total_steps:
-            metrics = {**out["losses"], "step": step, **role_metrics(out["roles"]),
-                       "tokens_per_s": meter.window_rate(), "elapsed_s": meter.elapsed(), **meter.take_startup(),
-                       **self.step_metrics()}
-            if torch.cuda.is_available():
-                metrics["max_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-            self.write_metrics(metrics)
-            losses = {k.replace("/", "_"): f"{metrics[k]:.4f}" for k in self.loss_keys.values()}
-            rate = metrics["tokens_per_s"]
-            bar.set_postfix(**losses, **({"tok_s": f"{rate:.0f}"} if rate is not None else {}))
-        bar.update(1)
-
-    def _log_skipped(self, step: int, out: dict[str, Any]) -> None:
-        """A step whose loss was NaN/Inf: DeepSpeed skipped the update of each role whose loss it was."""
-        skipped = [n for n, r in out["roles"].items() if not r["finite"]]
-        several = len(out["roles"]) > 1
-        self.write_metrics({"step": step, "skipped": "non-finite loss", **({"skipped_roles": skipped} if several else {})})
-        if self.accelerator.is_main_process:
-            whose = f" of {', '.join(skipped)}" if several else ""
-            self.log(f"warning: step {step} had a NaN/Inf loss{whose}; "
-                     f"{'their updates were' if len(skipped) > 1 else 'its update was'} skipped")
-
     def report(self, history: dict[str, Any]) -> None:
         """Print what the run achieved (main process); `history` holds the eval before and after."""
 
@@ -411,12 +318,6 @@ class RoleTrainer:
         appended to samples.jsonl and sent to the trackers as text (distill/loop/samples.py). Collective."""
         samples.log_samples(self, step)
 
-    def _tokenizer_notes(self, out_dir: Path) -> None:
-        """Say where `AutoTokenizer` would load a saved role's tokenizer as another class than the run's."""
-        for m in self.models.values():
-            if m.trainable and (note := auto_tokenizer_note(out_dir / m.name, self.tokenizer)):
-                self.log(f"note: {note}")
-
     def save(self, out_dir: Path) -> None:
         """Every trainable role in HF format under out_dir/<role>/ (collective call)."""
         for m in self.models.values():
@@ -432,12 +333,6 @@ class RoleTrainer:
 
     def to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-    def _progress(self, total: int, initial: int = 0):
-        show = self.accelerator.is_main_process and self.recipe.train.progress
-        # Redraw at most every 2 s when the output is a log file rather than a terminal.
-        interval = 0.1 if sys.stderr.isatty() else 2.0
-        return tqdm(total=total, initial=initial, disable=not show, desc=self.name, dynamic_ncols=True, mininterval=interval)
 
     def start_run_dir(self, fresh: bool = True, step: int = 0) -> None:
         """The run directory for a run starting at `step`: its recipe.yaml, and metrics (and samples, trackers) new
