@@ -116,12 +116,12 @@ class Naive:
         from accelerate import Accelerator
         from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
+        from distill.runtime.compat import skip_cpu_shm_op
         from distill.runtime.launch import single_process_env
-        from distill.runtime.roles import _skip_cpu_shm_op
 
         single_process_env()
         if device.type == "cpu":
-            _skip_cpu_shm_op()
+            skip_cpu_shm_op()
         plugins = {n: DeepSpeedPlugin(hf_ds_config=p.ds_config, zero3_init_flag=p.zero_stage == 3) for n, p in plans.items()}
         kw = InitProcessGroupKwargs(backend="nccl" if device.type == "cuda" else "gloo")
         self.acc = acc = Accelerator(deepspeed_plugins=plugins, mixed_precision="no", kwargs_handlers=[kw])

@@ -114,7 +114,6 @@ def n_pairs(a, world: int) -> int:
 def prepare(a, world: int) -> Path:
     """The tokenizer, pairs and model under WORKDIR/<config>; idempotent, safe for concurrent ranks."""
     import fcntl
-
     import hashlib
 
     spec = json.dumps([model_config(a), a.seq_len, n_pairs(a, world), a.seed], sort_keys=True)
@@ -275,7 +274,6 @@ SNAPSHOT_ENTRIES = 3_000_000
 
 def write_memory_summary(a, rank: int) -> None:
     import torch
-
     from memory_peak import summarise
 
     snap, device = torch.cuda.memory._snapshot(), torch.cuda.current_device()
@@ -311,7 +309,7 @@ def _versions() -> dict:
 
 # -- the driver: both sides, then the table ---------------------------------------------------
 def driver(a, argv: list[str]) -> None:
-    from distill.runtime.launch import _free_port
+    from distill.runtime.launch import free_port
 
     prepare(a, a.num_processes)  # once, before either launch
     out = Path(a.out or Path(a.workdir) / "results.json")
@@ -325,7 +323,7 @@ def driver(a, argv: list[str]) -> None:
         result.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(a.num_processes),
                "--num_machines", "1", "--use_deepspeed", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(_free_port()), str(Path(__file__).resolve()),
+               "--main_process_port", str(free_port()), str(Path(__file__).resolve()),
                "--impl", impl, "--result", str(result), *passthrough]
         print(f"== {impl}: {' '.join(cmd)}", flush=True)
         t0 = time.perf_counter()

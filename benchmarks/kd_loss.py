@@ -74,7 +74,7 @@ def parse_args(argv=None):
     p.add_argument("--chunk-size", type=int, nargs="+", default=[chunked_mod.DEFAULT_CHUNK_SIZE],
                    help="one or more; naive is measured once per shape")
     p.add_argument("--sub-elems", type=int, default=None,
-                   help="override chunked._SUB_ELEMS (elements of one fp32 temporary of the loss step)")
+                   help="override chunked.SUB_ELEMS (elements of one fp32 temporary of the loss step)")
     p.add_argument("--loss", default="forward_kl")
     p.add_argument("--alpha-ce", type=float, default=0.0, help="chunked only; naive computes KD alone")
     p.add_argument("--methods", nargs="+", choices=["naive", "chunked"], default=["naive", "chunked"])
@@ -140,7 +140,7 @@ def run_one(method, n, v, h, chunk_size, args, device):
     record = dict(method=method, vocab=v, tokens=n, hidden=h, dtype=args.dtype,
                   chunk_size=chunk_size if method == "chunked" else None, loss=args.loss,
                   alpha_ce=args.alpha_ce if method == "chunked" else 0.0,
-                  sub_elems=chunked_mod._SUB_ELEMS if method == "chunked" else None,
+                  sub_elems=chunked_mod.SUB_ELEMS if method == "chunked" else None,
                   device=str(device), peak_mib=None, ms=None, value=None, status="ok")
     inputs = None
     try:
@@ -214,7 +214,7 @@ def check_one(n, v, h, chunk_size, args, device):
         rec.update(loss_naive=v_n, loss_chunked=v_c,
                    rel_err_grad_hidden=float((gh_c - gh_n).abs().max() / gh_n.abs().max()),
                    rel_err_grad_weight=float((gw_c - gw_n).abs().max() / gw_n.abs().max()),
-                   addmm_mode=dict(chunked_mod._ADDMM_MODE))
+                   addmm_mode=dict(chunked_mod.ADDMM_MODE))
     except (RuntimeError, MemoryError) as err:
         if not _is_oom(err) and not isinstance(err, MemoryError):
             raise
@@ -263,7 +263,7 @@ def append_json(path, records):
 def main(argv=None):
     args = parse_args(argv)
     if args.sub_elems is not None:
-        chunked_mod._SUB_ELEMS = args.sub_elems
+        chunked_mod.SUB_ELEMS = args.sub_elems
     device = torch.device(args.device)
     meta = dict(torch=torch.__version__, time=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None)

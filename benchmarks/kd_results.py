@@ -132,8 +132,9 @@ def write_documents(root: Path, *, n_train: int, n_eval: int) -> dict[str, str]:
 
 def train(recipe: str, overrides: list[str], log) -> float:
     """One run through the trainer API in this process; its wall time in seconds."""
-    from distill.trainers import load_recipe
     from distill_setups import reset_between_modes
+
+    from distill.trainers import load_recipe
 
     recipe, trainer_cls = load_recipe(recipe, overrides)
     t0 = time.perf_counter()
@@ -146,8 +147,9 @@ def train(recipe: str, overrides: list[str], log) -> float:
 
 def write_teacher_cache(recipe: str, overrides: list[str], settings: dict, where: Path, log) -> float:
     """The teacher cache of `settings` for the runs' data in `where` (kept if it is there already); its wall time."""
-    from distill.trainers.cache_writer import load_writer_recipe, write_cache
     from distill_setups import reset_between_modes
+
+    from distill.trainers.cache_writer import load_writer_recipe, write_cache
 
     t0 = time.perf_counter()
     sets = [f"kd.cache.{k}={v}" for k, v in settings.items()] + [f"kd.cache.dir={where}", "kd.cache.overwrite=true"]
@@ -320,9 +322,9 @@ def main(argv=None) -> dict:
         plot(result, Path(a.out) if a.out.endswith(".png") else Path(a.plot_from).with_suffix(".png"))
         return result
     import torch
+    from transformers import AutoTokenizer
 
     from distill.data.synthetic import SyntheticLanguage
-    from transformers import AutoTokenizer
 
     size = {**SIZES[a.size], **({"samples": a.samples} if a.samples else {})}
     if not torch.cuda.is_available():

@@ -20,8 +20,8 @@ def main() -> None:
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     from distill.config.deepspeed import role_ds_config
-    from distill.plan.planner import RolePlan
     from distill.config.schema import Role
+    from distill.plan.planner import RolePlan
     from distill.runtime.roles import RoleManager
 
     def plan(name, trainable, stage):

@@ -104,9 +104,9 @@ def model_logp(teacher: str, data: str | None, n: int, device: str) -> torch.Ten
     path = resolve_shipped(teacher)
     model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
     if data is None:
-        from distill.data.synthetic import SyntheticLanguage, build_tokenizer
-
         import random
+
+        from distill.data.synthetic import SyntheticLanguage, build_tokenizer
 
         lang = SyntheticLanguage(0)
         tok = build_tokenizer(lang)

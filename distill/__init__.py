@@ -1,10 +1,18 @@
 """distill: knowledge distillation and preference training with one DeepSpeed setup per model role."""
+from distill.cli.api import run
 from distill.config.errors import RecipeError
 from distill.config.schema import Role
-from distill.runtime.roles import RoleManager, RoleModel
 from distill.loop.trainer import RoleTrainer
-from distill.trainers import DistillTrainer, DPOTrainer, GRPOTrainer, LMTrainer, RewardTrainer, load_recipe, register_trainer
-from distill.cli.api import run
+from distill.runtime.roles import RoleManager, RoleModel
+from distill.trainers import (
+           DistillTrainer,
+           DPOTrainer,
+           GRPOTrainer,
+           LMTrainer,
+           RewardTrainer,
+           load_recipe,
+           register_trainer,
+)
 
 __all__ = ["DPOTrainer", "DistillTrainer", "GRPOTrainer", "LMTrainer", "RecipeError", "RewardTrainer", "Role", "RoleManager",
            "RoleModel", "RoleTrainer", "load_recipe", "register_trainer", "run"]

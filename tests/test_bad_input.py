@@ -119,8 +119,8 @@ def test_a_tampered_checkpoint_file_is_not_unpickled(tmp_path):
     code on unpickling is refused, naming the file; DeepSpeed's checkpoint records are allowed."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
 
-    from distill.loop.checkpoint import safe_torch_load
     from distill.config.errors import RecipeError
+    from distill.loop.checkpoint import safe_torch_load
 
     marker = tmp_path / "ran"
 

@@ -197,8 +197,8 @@ def small_steps(monkeypatch):
     """Several loss steps per chunk and several accumulator row blocks, even at test sizes."""
     from distill.losses import chunked
 
-    monkeypatch.setattr(chunked, "_SUB_ELEMS", 3 * V)  # 3 rows per step
-    monkeypatch.setattr(chunked, "_ACC_BLOCK_ELEMS", 5 * H_S)  # 5 vocab rows per block
+    monkeypatch.setattr(chunked, "SUB_ELEMS", 3 * V)  # 3 rows per step
+    monkeypatch.setattr(chunked, "ACC_BLOCK_ELEMS", 5 * H_S)  # 5 vocab rows per block
     return chunked
 
 

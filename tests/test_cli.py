@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from distill.runtime.launch import _free_port
+from distill.runtime.launch import free_port
 from tests.helpers import check, tiny_recipe
 
 pytestmark = pytest.mark.multiprocess
@@ -70,7 +70,7 @@ def test_plain_cli_launches_two_processes_and_saves_a_loadable_student(assets, t
 
 def test_torchrun_launch(assets, tmp_path):
     path, _ = _write(tmp_path, assets)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                            "-m", "distill.train", str(path), "train.max_steps=2", "data.eval=null"],
                           capture_output=True, text=True, timeout=300)
     check(proc)
@@ -116,7 +116,7 @@ def test_accelerate_config_with_deepspeed_fields_is_overridden_by_the_recipe(ass
     cfg = tmp_path / "accelerate.yaml"
     cfg.write_text(yaml.safe_dump({
         "compute_environment": "LOCAL_MACHINE", "distributed_type": "DEEPSPEED", "num_processes": 2, "num_machines": 1,
-        "machine_rank": 0, "mixed_precision": "no", "main_process_port": _free_port(),
+        "machine_rank": 0, "mixed_precision": "no", "main_process_port": free_port(),
         "deepspeed_config": {"zero_stage": 2, "gradient_accumulation_steps": 1}}))
     proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cfg), "-m", "distill.train",
                            str(path), "train.max_steps=2", "data.eval=null"], capture_output=True, text=True, timeout=300)
@@ -211,7 +211,7 @@ def test_an_error_on_one_machine_is_said_there_and_stops_the_other_machine_withi
     (tmp_path / "missing_on_one_machine.py").write_text(MISSING_ON_ONE_MACHINE)
     path, _ = _write(tmp_path, assets, trainer="missing_on_one_machine:MissingOnRank1", launch={"timeout_s": 600})
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)}
-    port = _free_port()
+    port = free_port()
     procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
                                "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port),
                                "-m", "distill.train", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)

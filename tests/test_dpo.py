@@ -182,8 +182,8 @@ def test_head_logps_chunks_fit_their_block_budget():
 
 
 def test_dpo_recipe_errors(assets, tmp_path):
-    from distill.config.recipe import validate_recipe
     from distill.config.errors import RecipeError
+    from distill.config.recipe import validate_recipe
     from distill.trainers.dpo import DPOTrainer
 
     raw = {"trainer": "dpo", "output_dir": str(tmp_path), "data": {"train": "x.jsonl"},
@@ -199,8 +199,8 @@ def test_dpo_recipe_errors(assets, tmp_path):
 def test_head_logps_refused_where_the_head_is_not_a_plain_matmul():
     from types import SimpleNamespace
 
-    from distill.losses.logps import logit_transform
     from distill.config.errors import RecipeError
+    from distill.losses.logps import logit_transform
     from distill.trainers.dpo import DPOTrainer
 
     assert logit_transform(SimpleNamespace(final_logit_softcapping=30.0)) == "final_logit_softcapping=30.0"

@@ -48,8 +48,8 @@ class _Role:
 def test_kd_alpha_one_trains_on_the_labels_without_running_the_teacher(chunked):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from distill.losses import cross_entropy
     from distill.config.recipe import validate_recipe
+    from distill.losses import cross_entropy
     from distill.trainers.distill import DistillTrainer
 
     cfg = {k: v for k, v in TINY_LLAMA.items() if k != "model_type"}
@@ -58,7 +58,7 @@ def test_kd_alpha_one_trains_on_the_labels_without_running_the_teacher(chunked):
     raw = {"trainer": "distill", "output_dir": "unused", "data": {"train": "unused.jsonl"},
            "student": {"config": TINY_LLAMA}, "teacher": {"config": TINY_LLAMA}, "kd": {"alpha": 1.0, "chunked": chunked}}
     trainer = SimpleNamespace(recipe=validate_recipe(raw, DistillTrainer), student=student, teacher=teacher)
-    trainer._ce_step = lambda b, n: DistillTrainer._ce_step(trainer, b, n)
+    trainer.ce_step = lambda b, n: DistillTrainer.ce_step(trainer, b, n)
     ids = torch.randint(0, 30, (2, 9))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.cat([ids[:, 1:], torch.full((2, 1), -100)], 1)}
     n = (batch["labels"] != -100).sum()

@@ -132,8 +132,8 @@ def test_one_generation_phase_per_step_and_the_loss_masks_the_generated_tokens(m
     tokens (up to and including the first eos, the tokenizer's or the model's), each at the position after its
     predecessor."""
     from distill.generation import completions as on_policy
-    from distill.trainers.distill import DistillTrainer
     from distill.generation.completions import CompletionSampler, OnPolicySpec
+    from distill.trainers.distill import DistillTrainer
 
     calls = []
 

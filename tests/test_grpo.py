@@ -17,12 +17,12 @@ import pytest
 import torch
 import yaml
 
-from distill.losses.grpo import GRPO_LOSSES
 from distill.config.errors import RecipeError
 from distill.config.recipe import validate_recipe
-from tests.helpers import REPO, TINY_LLAMA, check
-from distill.trainers.grpo import GRPOSpec, GRPOTrainer, completion_logps, grpo_loss_step
+from distill.losses.grpo import GRPO_LOSSES
 from distill.rl.batch import RepeatedData, completion_masks, padded_width
+from distill.trainers.grpo import GRPOSpec, GRPOTrainer, completion_logps, grpo_loss_step
+from tests.helpers import REPO, TINY_LLAMA, check
 
 REWARD = "distill.data.reward_task:end_mark"
 PAD, EOS = 0, 2

@@ -15,10 +15,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from distill.losses.grpo import GRPO_LOSSES, group_advantages, grpo_loss, token_loss
 from distill.config.errors import RecipeError
-from distill.rl.rewards import (RewardError, RewardFunction, call_reward_function, load_reward_functions,
-                             weighted_reward)
+from distill.losses.grpo import GRPO_LOSSES, group_advantages, grpo_loss, token_loss
+from distill.rl.rewards import RewardError, RewardFunction, call_reward_function, load_reward_functions, weighted_reward
 
 LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo"]
 
@@ -38,6 +37,8 @@ def _batch(seed=0, B=8, C=7):
 
 # -- our functions on their own ----------------------------------------------------------------------
 from tests.helpers import OneProcessAccelerator, TrainedModelStub
+
+
 def test_group_advantages_by_hand():
     r = torch.tensor([1.0, 0.0, 2.0, 5.0, 5.0, 5.0])
     adv, std = group_advantages(r, 3, "group")

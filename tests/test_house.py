@@ -40,7 +40,8 @@ def test_shipped_files_are_read_from_the_package_not_the_checkout():
 
 
 def test_recipes_list_copy_and_run_by_name_from_another_directory(tmp_path, monkeypatch, capsys):
-    from distill.cli import recipes as catalog, train
+    from distill.cli import recipes as catalog
+    from distill.cli import train
 
     monkeypatch.chdir(tmp_path)  # no recipes/ or assets/ here
     assert catalog.main([]) == 0

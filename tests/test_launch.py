@@ -7,8 +7,8 @@ import pytest
 
 import distill
 import distill.runtime.launch as launch
-from distill.config.errors import RecipeError
 from distill.cli.train import main
+from distill.config.errors import RecipeError
 
 
 @pytest.fixture

@@ -182,3 +182,48 @@ def test_deepspeed_and_accelerate_internals_are_used_in_compat_only():
     assert private_uses((DISTILL / "runtime" / "compat.py").read_text()), "the check finds nothing even where the patches are"
     patched = "import deepspeed.ops\nfor n, slot in slots.items():\n    slot.plugin._set_selected(n == name)\n"
     assert sorted(private_uses(patched)) == ["line 1: import deepspeed.ops", "line 3: slot.plugin._set_selected"]
+
+
+def private_names_of_distill() -> set[str]:
+    """Every private name the package defines: functions, classes, module and class attributes, instance attributes."""
+    names = set()
+    for path in DISTILL.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                names.add(node.attr)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                names.add(node.id)
+    return {n for n in names if n.startswith("_") and not n.startswith("__") and n != "_"}
+
+
+def reached_private_names(source: str, private: set[str]) -> list[str]:
+    """Where `source` imports a private name from distill, or reaches one of `private` as an attribute, a
+    `setattr`/`getattr` name or a `__dict__` key."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        names = []
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "distill":
+            names = [a.name for a in node.names if a.name.startswith("_")]
+        elif isinstance(node, ast.Attribute) and node.attr in private:
+            names = [node.attr]
+        elif isinstance(node, ast.Call) and ast.unparse(node.func).endswith(("setattr", "getattr", "delattr", "setdefault")):
+            names = [a.value for a in node.args if isinstance(a, ast.Constant) and a.value in private]
+        elif isinstance(node, ast.Subscript) and ast.unparse(node.value).endswith("__dict__") \
+                and isinstance(node.slice, ast.Constant) and node.slice.value in private:
+            names = [node.slice.value]
+        found += [f"line {node.lineno}: {n}" for n in names]
+    return found
+
+
+def test_tests_and_benchmarks_use_the_public_api_only():
+    private = private_names_of_distill()
+    files = [*(ROOT / "tests").rglob("*.py"), *(ROOT / "benchmarks").rglob("*.py")]
+    used = {str(p.relative_to(ROOT)): r for p in files if (r := reached_private_names(p.read_text(), private))}
+    assert not used, f"tests and benchmarks reach private names of distill (make them public and documented, or test the behaviour): {used}"
+    assert {"_probe_addmm_mode", "_upcast"} <= private  # the scan sees the package's private names
+    reaching = ("from distill.losses.kd import _upcast\nmonkeypatch.setattr(chunked, '_probe_addmm_mode', f)\n"
+                "trainer._upcast(x)\nmodel.__dict__['_probe_addmm_mode']\n")
+    assert sorted(reached_private_names(reaching, private)) == ["line 1: _upcast", "line 2: _probe_addmm_mode", "line 3: _upcast",
+                                                         "line 4: _probe_addmm_mode"]

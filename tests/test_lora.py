@@ -143,9 +143,9 @@ def test_dpo_lora_quickstart_learns_the_preferences(tmp_path):
 
 # -- recipe errors, before any model loads ----------------------------------------------------------
 def _error(raw, trainer, plan=False) -> str:
-    from distill.loop.preflight import preflight
-    from distill.config.recipe import validate_recipe
     from distill.config.errors import RecipeError
+    from distill.config.recipe import validate_recipe
+    from distill.loop.preflight import preflight
 
     with pytest.raises(RecipeError) as e:
         recipe = validate_recipe(raw, trainer)
@@ -193,10 +193,10 @@ def test_target_modules_that_match_nothing_are_refused_at_plan_time(raw):
 
 
 def test_plan_shows_the_adapter_as_what_trains(raw):
+    from distill.config.recipe import validate_recipe
+    from distill.loop.preflight import preflight
     from distill.models.build import count_params
     from distill.plan.planner import estimate_memory, format_plan
-    from distill.loop.preflight import preflight
-    from distill.config.recipe import validate_recipe
     from distill.trainers.distill import DistillTrainer
 
     recipe = validate_recipe(raw, DistillTrainer)

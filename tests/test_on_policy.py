@@ -13,14 +13,19 @@ import pytest
 import torch
 import yaml
 
-from distill.data.prompts import PromptCollator, load_prompt_dataset, tokenize_prompts, with_completions, write_prompt_dataset
-from distill.data.synthetic import SyntheticLanguage, build_tokenizer
-from distill.config.recipe import validate_recipe
 from distill.config.errors import RecipeError
-from tests.helpers import REPO
-from tests.helpers import TINY_LLAMA, check, launch_scenarios
-from distill.trainers.distill import DistillTrainer, kd_data
+from distill.config.recipe import validate_recipe
+from distill.data.prompts import (
+    PromptCollator,
+    load_prompt_dataset,
+    tokenize_prompts,
+    with_completions,
+    write_prompt_dataset,
+)
+from distill.data.synthetic import SyntheticLanguage, build_tokenizer
 from distill.generation.completions import OnPolicySpec, completion_source
+from distill.trainers.distill import DistillTrainer, kd_data
+from tests.helpers import REPO, TINY_LLAMA, check, launch_scenarios
 
 PAD, EOS = 0, 2
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['content'] }} {% endfor %}"

@@ -7,11 +7,11 @@ import time
 import pytest
 import torch
 
-from distill.runtime.overlap import Overlap
-from distill.config.recipe import validate_recipe
 from distill.config.errors import RecipeError
-from tests.helpers import TINY_LLAMA
+from distill.config.recipe import validate_recipe
+from distill.runtime.overlap import Overlap
 from distill.trainers.distill import DistillTrainer
+from tests.helpers import TINY_LLAMA
 
 
 def _raw(**sections):
@@ -197,8 +197,8 @@ def test_a_compiled_role_pads_its_batches_to_few_widths(assets, tmp_path):
 
 
 def test_compile_by_default_is_on_gpus_where_the_weights_are_whole(monkeypatch):
-    from distill.plan.planner import format_plan, plan_roles
     from distill.config.recipe import deep_merge
+    from distill.plan.planner import format_plan, plan_roles
 
     assert validate_recipe(_raw(), DistillTrainer).student.compile is None  # the default: decided by the plan
 

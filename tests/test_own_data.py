@@ -6,13 +6,13 @@ from types import SimpleNamespace
 
 import pytest
 
+from distill.config.recipe import validate_recipe
+from distill.config.schema import RecipeError
 from distill.data.loading import build_text_data, ensure_synthetic, source_options, tokenized_splits
 from distill.data.text import load_text_dataset
 from distill.loop.preflight import preflight
-from distill.config.recipe import validate_recipe
-from distill.config.schema import RecipeError
-from tests.helpers import bpe_tokenizer, tiny_recipe
 from distill.trainers.distill import DistillTrainer
+from tests.helpers import bpe_tokenizer, tiny_recipe
 
 
 def _digest(d: Path) -> dict:

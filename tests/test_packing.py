@@ -12,14 +12,14 @@ import pytest
 import torch
 import yaml
 
+from distill.config.errors import RecipeError
+from distill.config.recipe import validate_recipe
 from distill.data.packing import PackedCollator, model_inputs, pack_documents
 from distill.data.text import CausalCollator
-from distill.losses import cross_entropy, get_kd_loss
 from distill.loop.preflight import preflight
-from distill.config.recipe import validate_recipe
-from distill.config.errors import RecipeError
-from tests.helpers import TINY_LLAMA, tiny_recipe
+from distill.losses import cross_entropy, get_kd_loss
 from distill.trainers.distill import DistillTrainer
+from tests.helpers import TINY_LLAMA, tiny_recipe
 
 
 def _docs(n: int, max_length: int, seed: int = 0, vocab: int = 50) -> list[list[int]]:

@@ -1,14 +1,14 @@
 """Where a frozen role's weights live: the planner's choice, recipe overrides, tuned ZeRO-3 settings."""
 import pytest
 
-from distill.plan.placement import GIB, choose_placement, frozen_zero3_settings, layer_params
 from distill.config.deepspeed import ZERO2_REDUCE_BUCKET, role_ds_config
-from distill.plan.planner import format_plan, plan_roles
+from distill.config.errors import RecipeError
 from distill.config.recipe import validate_recipe
 from distill.config.schema import Role
-from distill.config.errors import RecipeError
-from tests.helpers import TINY_LLAMA
+from distill.plan.placement import GIB, choose_placement, frozen_zero3_settings, layer_params
+from distill.plan.planner import format_plan, plan_roles
 from distill.trainers.distill import DistillTrainer
+from tests.helpers import TINY_LLAMA
 
 TEACHER = {**TINY_LLAMA, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3}
 

@@ -36,7 +36,7 @@ def test_new_fields_and_sections_appear_without_touching_the_generator():
 
     paths = [p for p, _ in recipe_doc.sections_of(Extra, "extra")]
     assert paths == ["extra", "extra.inner"]
-    text = "\n".join(recipe_doc._sections_block(Extra, "extra", "####"))
+    text = "\n".join(recipe_doc.sections_block(Extra, "extra", "####"))
     assert "| `mode` | str \\| list of str | `a` | The &lt;mode>; a `<literal>` stays code. |" in text
     assert "#### `extra.inner`" in text and "| `depth` | int (>= 1) | `3` | How deep. |" in text
     assert "A section of a trainer that does not exist." in text

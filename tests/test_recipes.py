@@ -6,15 +6,15 @@ import pytest
 import yaml
 
 from distill.config.deepspeed import role_ds_config
-from distill.plan.planner import plan_roles
+from distill.config.errors import RecipeError
 from distill.config.presets import resolve_deepspeed
 from distill.config.recipe import parse_overrides, validate_recipe
 from distill.config.schema import Role
-from distill.config.errors import RecipeError
-from distill.trainers import load_recipe
-from tests.helpers import tiny_recipe
-from distill.trainers.distill import DistillTrainer
 from distill.loop.trainer import RoleTrainer
+from distill.plan.planner import plan_roles
+from distill.trainers import load_recipe
+from distill.trainers.distill import DistillTrainer
+from tests.helpers import tiny_recipe
 
 RECIPES = sorted(Path(__file__).resolve().parents[1].joinpath("recipes").glob("*.yaml"))
 
@@ -136,9 +136,9 @@ def test_an_override_can_replace_or_empty_a_mapping():
 
 def test_size_mismatches_are_refused_in_preflight_and_the_dry_run(raw, tmp_path, capsys):
     """Both passed preflight and crashed every rank at the first forward with an IndexError."""
+    from distill.cli.train import main
     from distill.loop.preflight import preflight
     from tests.helpers import tiny_model_dir
-    from distill.cli.train import main
 
     small = tiny_model_dir(tmp_path / "small_vocab", "llama", 20)  # the synthetic tokenizer has 53 tokens
     bad = {**raw, "teacher": {**raw["teacher"], "from_pretrained": str(small)},

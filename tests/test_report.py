@@ -53,10 +53,10 @@ def test_panels_put_student_teacher_and_train_curves_together():
 
 
 def test_eval_curves_start_at_the_eval_before_training_and_samples_are_listed(tmp_path):
-    from distill.cli.report import _with_before, read_metrics
+    from distill.cli.report import read_metrics, with_before
 
     run = _run_dir(tmp_path)  # an older run: its eval before training only in summary.json
-    rows = _with_before(run, read_metrics(run))
+    rows = with_before(run, read_metrics(run))
     assert series(rows)["eval/ce"] == ([0, 4], [3.9, 2.5])
     (run / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in [
         {"step": 0, "index": 0, "prompt": "the cat", "completion": "a | b", "eos": False},
@@ -67,7 +67,7 @@ def test_eval_curves_start_at_the_eval_before_training_and_samples_are_listed(tm
     assert "| 0 | a \\| b |" in summary and "| 4 | sleeps . `<eos>` |" in summary
     # A run that logged its step-0 eval keeps it as it is.
     logged = [{"step": 0, "eval/ce": 3.8}, {"step": 4, "eval/ce": 2.5}]
-    assert _with_before(run, logged) == logged
+    assert with_before(run, logged) == logged
 
 
 def test_each_roles_lr_and_grad_norm_plot_with_the_optimizer_group():

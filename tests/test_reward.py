@@ -14,11 +14,16 @@ import pytest
 import torch
 import yaml
 
-from distill.data.preference import PreferenceCollator, build_preference_data, tokenize_preferences, write_preference_dataset
 from distill.config.errors import RecipeError
-from distill.losses.reward import REWARD_LOSSES, bradley_terry, centering
-from distill.loop.preflight import preflight
 from distill.config.recipe import validate_recipe
+from distill.data.preference import (
+    PreferenceCollator,
+    build_preference_data,
+    tokenize_preferences,
+    write_preference_dataset,
+)
+from distill.loop.preflight import preflight
+from distill.losses.reward import REWARD_LOSSES, bradley_terry, centering
 from distill.trainers.reward import RewardSpec, RewardTrainer, reward_loss_step
 from tests.helpers import TINY_LLAMA, launch_scenarios
 

@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from distill.config.errors import RecipeError
+from distill.config.recipe import validate_recipe
 from distill.losses.advantages import ADVANTAGES, advantages, batch_moments, reinforce_pp, rloo, sequence_kl
 from distill.losses.grpo import grpo_loss, token_loss
-from distill.config.recipe import validate_recipe
 from distill.rl.rewards import weighted_reward
 from distill.trainers.grpo import GRPOSpec, GRPOTrainer
 from tests.helpers import TINY_LLAMA, OneProcessAccelerator, TrainedModelStub

@@ -10,9 +10,9 @@ import pytest
 import torch
 import yaml
 
+from distill.cli.train import main
 from distill.config.errors import RecipeError
 from distill.loop.rundir import LOCK_FILE, check_resume_identity, lock_run_dir, recipe_changes, release_run_dir
-from distill.cli.train import main
 from distill.trainers import load_recipe
 from tests.helpers import check, tiny_recipe
 
@@ -86,14 +86,14 @@ def test_resume_allow_must_name_recipe_keys(assets, tmp_path):
 
 
 def test_prune_keeps_the_newest_by_step_and_drops_a_left_timeline(tmp_path):
-    from distill.loop.checkpoint import _prune, latest_checkpoint
+    from distill.loop.checkpoint import latest_checkpoint, prune_checkpoints
 
     root = tmp_path / "checkpoints"
     for step in (3, 9, 10, 25, 30):
         (root / f"step_{step:08d}").mkdir(parents=True)
         (root / f"step_{step:08d}" / "trainer_state.json").write_text("{}")
     (root / "step_00000030" / "trainer_state.json").unlink()  # incomplete: not a checkpoint, left alone
-    _prune(root, 10, keep=2)  # this run just wrote step 10; 25 was written by a timeline it left
+    prune_checkpoints(root, 10, keep=2)  # this run just wrote step 10; 25 was written by a timeline it left
     assert sorted(p.name for p in root.iterdir()) == ["step_00000009", "step_00000010", "step_00000030"]
     (root / "latest").write_text("../../elsewhere")
     assert latest_checkpoint(tmp_path) is None  # `latest` names a checkpoint beside it, nothing else

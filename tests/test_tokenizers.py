@@ -9,12 +9,12 @@ import pytest
 import torch
 import yaml
 
-from distill.loop.preflight import preflight
 from distill.config.recipe import validate_recipe
 from distill.config.schema import RecipeError
-from tests.helpers import ENGLISH, bpe_tokenizer, check, tiny_model_dir
+from distill.loop.preflight import preflight
 from distill.models.tokenizer_files import TOKENIZER_FILES, auto_tokenizer_note, save_tokenizer, tokenizer_difference
 from distill.trainers.distill import DistillTrainer
+from tests.helpers import ENGLISH, bpe_tokenizer, check, tiny_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +88,8 @@ def test_lora_save_of_a_role_built_from_a_config_writes_the_base_that_peft_loads
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from distill.models.lora import apply_lora, save_lora
     from distill.config.schema import LoRASpec
+    from distill.models.lora import apply_lora, save_lora
 
     config = AutoConfig.for_model("qwen2", vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=2)
@@ -117,8 +117,8 @@ def test_a_lora_run_on_own_models_exports_an_exact_tokenizer_and_a_loadable_adap
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM
 
-    from distill.loop.checkpoint import latest_checkpoint
     from distill.cli.export import export_checkpoint
+    from distill.loop.checkpoint import latest_checkpoint
 
     # The student named relative to the run's working directory: the adapter must name it absolutely.
     raw = _raw(pair, "run", student={"from_pretrained": os.path.relpath(pair / "student", tmp_path), "lora": {"r": 4}})

@@ -8,8 +8,8 @@ import sys
 import pytest
 import yaml
 
-from distill.loop import tracking
 from distill.config.errors import RecipeError
+from distill.loop import tracking
 from distill.trainers import load_recipe
 from tests.helpers import check, tiny_recipe
 
@@ -87,9 +87,9 @@ def test_unknown_tracker_is_refused_at_validation(assets, tmp_path):
 
 
 def test_auto_follows_the_tensorboard_package(monkeypatch):
-    monkeypatch.setattr(tracking, "_installed", lambda package: False)
+    monkeypatch.setattr(tracking, "installed", lambda package: False)
     assert tracking.resolve("auto") == [] and tracking.resolve("none") == []
-    monkeypatch.setattr(tracking, "_installed", lambda package: package == "tensorboard")
+    monkeypatch.setattr(tracking, "installed", lambda package: package == "tensorboard")
     assert tracking.resolve("auto") == ["tensorboard"]
 
 
@@ -97,7 +97,7 @@ def test_missing_tracker_package_fails_before_any_model_loads(assets, tmp_path, 
     """Simulated absence (the package may be installed here): the launching process refuses, once."""
     from distill.cli.train import main
 
-    monkeypatch.setattr(tracking, "_installed", lambda package: package != "wandb")
+    monkeypatch.setattr(tracking, "installed", lambda package: package != "wandb")
     path = _write(tmp_path, assets, train={"report_to": ["tensorboard", "wandb"]})
     assert main([str(path)]) == 2
     err = capsys.readouterr().err

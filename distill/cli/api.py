@@ -20,11 +20,11 @@ import datasets
 import yaml
 
 from distill.config.errors import RecipeError
-from distill.runtime.launch import launched, place_processes, relaunch
 from distill.loop.preflight import preflight
-from distill.rl.rewards import importable
-from distill.runtime.roles import forget_roles
 from distill.loop.rundir import release_run_dir
+from distill.rl.rewards import importable
+from distill.runtime.launch import launched, place_processes, relaunch
+from distill.runtime.roles import forget_roles
 from distill.trainers import load_recipe
 
 _PLAIN = not launched()

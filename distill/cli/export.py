@@ -16,10 +16,10 @@ import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from transformers import AutoConfig, PreTrainedTokenizerFast
 
-from distill.loop.checkpoint import checkpoint_dir, latest_checkpoint, safe_torch_load
 from distill.config.errors import RecipeError
-from distill.models.lora import read_base, read_spec, save_lora
+from distill.loop.checkpoint import checkpoint_dir, latest_checkpoint, safe_torch_load
 from distill.models.build import class_of_saved
+from distill.models.lora import read_base, read_spec, save_lora
 from distill.models.tokenizer_files import auto_tokenizer_note, copy_tokenizer_files
 
 

@@ -115,7 +115,7 @@ def _doc(obj) -> str:
     return _cell(inspect.cleandoc(doc or "").split("\n\n")[0])
 
 
-def _sections_block(model: type[BaseModel], path: str, level: str) -> list[str]:
+def sections_block(model: type[BaseModel], path: str, level: str) -> list[str]:
     """A heading, the section's own docstring and its table, for `model` and each section nested in it."""
     out: list[str] = []
     for sub_path, sub in sections_of(model, path):
@@ -134,11 +134,11 @@ def render() -> str:
            "Unknown keys are refused with the nearest valid name. Any key can also be set on the command line",
            "as a dotted override (`train.max_steps=10`). `default` is what an omitted key becomes; a `section`",
            "key holds the keys listed under its own heading.", ""]
-    out += _sections_block(RecipeBase, "", "##")
+    out += sections_block(RecipeBase, "", "##")
     out += ["## Role blocks", "",
             "Each role of the chosen trainer is a top-level block (`student:`, `teacher:`, `policy:`, ...) with",
             "these keys; the trainer's role defaults (below) come first and the recipe's block is merged over them.", ""]
-    out += _sections_block(Role, "<role>", "###")
+    out += sections_block(Role, "<role>", "###")
     out += ["## Trainers", "", "`trainer:` names one of these, or `module:Class` for your own `RoleTrainer` subclass.", ""]
     for name, cls in trainers.items():
         out += [f"### `trainer: {name}`", "", _doc(cls), "", "| role | defaults |", "|---|---|"]
@@ -149,7 +149,7 @@ def render() -> str:
             out.append(f"| `{role}` | {', '.join(f'`{k}: {json.dumps(v)}`' for k, v in set_keys.items()) or 'the Role defaults'} |")
         out.append("")
         for section, model in cls.sections.items():
-            out += _sections_block(model, section, "####")
+            out += sections_block(model, section, "####")
     return "\n".join(out).rstrip() + "\n"
 
 

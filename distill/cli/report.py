@@ -95,7 +95,7 @@ def write_report(run: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    data, out = series(_with_before(run, read_metrics(run))), run / "report"
+    data, out = series(with_before(run, read_metrics(run))), run / "report"
     out.mkdir(exist_ok=True)
     written = []
     for group, member in GROUPS.items():
@@ -125,7 +125,7 @@ def write_report(run: Path) -> list[Path]:
     return written + [out / "summary.md"]
 
 
-def _with_before(run: Path, rows: list[dict]) -> list[dict]:
+def with_before(run: Path, rows: list[dict]) -> list[dict]:
     """Runs that logged no eval line at step 0 (older ones) get the before-training eval of summary.json there."""
     summary = run / "summary.json"
     if any(r.get("step") == 0 and any(k.startswith("eval/") for k in r) for r in rows) or not summary.is_file():

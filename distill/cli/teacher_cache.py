@@ -14,12 +14,12 @@ import traceback
 
 import torch.distributed as dist
 
-from distill.runtime import ranks
 from distill.config.errors import RecipeError
+from distill.plan.planner import format_plan
+from distill.runtime import ranks
 from distill.runtime.launch import launched, leave, relaunch, world_info
 from distill.teacher_cache.store import CacheReader
 from distill.trainers.cache_writer import load_writer_recipe, write_cache, writer_preflight
-from distill.plan.planner import format_plan
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -10,16 +10,16 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from distill.runtime import ranks
-from distill.config.errors import RecipeError
-from distill.runtime.launch import launched, leave, place_processes, relaunch, use_compile_cache, world_info
-from distill.loop.monitor import NonFiniteLoss
-from distill.plan.planner import format_memory, format_plan
-from distill.loop.preflight import preflight
-from distill.rl.rewards import RewardError
 from distill.cli.recipes import recipes_table
+from distill.config.errors import RecipeError
 from distill.config.schema import LaunchSpec
+from distill.loop.monitor import NonFiniteLoss
+from distill.loop.preflight import preflight
 from distill.loop.rundir import release_run_dir
+from distill.plan.planner import format_memory, format_plan
+from distill.rl.rewards import RewardError
+from distill.runtime import ranks
+from distill.runtime.launch import launched, leave, place_processes, relaunch, use_compile_cache, world_info
 from distill.trainers import load_recipe
 
 

@@ -16,6 +16,7 @@ from distill.config.errors import RecipeError
 from distill.config.presets import shipped_recipes
 from distill.config.schema import RecipeBase, Role, role_grad_clip
 
+
 class Replace(dict):
     """A mapping given whole on the command line (`kd.params={beta: 0.3}`): it replaces the recipe's mapping
     at that key instead of being merged into it."""

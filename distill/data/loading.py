@@ -20,9 +20,9 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
+from distill.config.errors import RecipeError
 from distill.data.packing import PackedCollator, pack_dataset, padding_fraction
 from distill.data.text import CausalCollator, load_text_dataset, looks_like_path, tokenize_dataset
-from distill.config.errors import RecipeError
 
 WIDTHS = 8
 """Sequence lengths a batch is padded to when a role compiles: multiples of `data.max_length / WIDTHS`. More

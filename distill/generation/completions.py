@@ -20,13 +20,19 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from distill.config.schema import Section
 from distill.data.loading import pad_id
 from distill.data.prompts import with_completions
-from distill.generation.generate import (MEMORY_MARGIN, SamplingSpec, generate_completions, kv_bytes_per_row, resolve_decode,
-                                sampling_bytes_per_row)
+from distill.generation.generate import (
+    MEMORY_MARGIN,
+    SamplingSpec,
+    generate_completions,
+    kv_bytes_per_row,
+    resolve_decode,
+    sampling_bytes_per_row,
+)
 from distill.plan.placement import device_memory
 from distill.plan.planner import estimate_memory
-from distill.config.schema import Section
 from distill.runtime.roles import RoleModel
 
 

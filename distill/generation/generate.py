@@ -22,8 +22,8 @@ from typing import Callable
 import torch
 
 from distill.generation.decode import DecodeEngine
-from distill.runtime.roles import RoleModel
 from distill.generation.sampling import Completions, SamplingSpec, completion_lengths, processed_logits, sample_next
+from distill.runtime.roles import RoleModel
 
 __all__ = ["Completions", "SamplingSpec", "completion_lengths", "generate_completions", "processed_logits", "sample_next"]
 

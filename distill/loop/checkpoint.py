@@ -35,9 +35,9 @@ import torch
 import yaml
 
 from distill.config.errors import RecipeError
-from distill.runtime.compat import deepspeed_checkpoint_classes
 from distill.models.lora import write_spec
 from distill.models.tokenizer_files import save_tokenizer
+from distill.runtime.compat import deepspeed_checkpoint_classes
 
 STATE_FILE = "trainer_state.json"
 
@@ -103,12 +103,12 @@ def save_checkpoint(trainer, step: int, tokens_seen: int) -> Path:
         tmp = root / ".latest.tmp"
         tmp.write_text(final.name)
         os.replace(tmp, root / "latest")
-        _prune(root, step, keep=trainer.recipe.train.keep_checkpoints)
+        prune_checkpoints(root, step, keep=trainer.recipe.train.keep_checkpoints)
     acc.wait_for_everyone()
     return final
 
 
-def _prune(root: Path, step: int, keep: int) -> None:
+def prune_checkpoints(root: Path, step: int, keep: int) -> None:
     """Keep the `keep` newest checkpoints by step number, the one of `step` among them. Any of a later step is
     from a timeline this run has left (it resumed from an earlier one) and goes too."""
     done = sorted((step_of(p.name), p) for p in root.glob("step_*")

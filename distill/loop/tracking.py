@@ -22,7 +22,7 @@ _PACKAGE = {"tensorboard": "tensorboard", "wandb": "wandb"}
 def resolve(report_to: str | list[str]) -> list[str]:
     """The trackers a run starts: `auto` is TensorBoard when its package is importable, else none."""
     if report_to == "auto":
-        return ["tensorboard"] if _installed("tensorboard") else []
+        return ["tensorboard"] if installed("tensorboard") else []
     if report_to == "none":
         return []
     return list(dict.fromkeys([report_to] if isinstance(report_to, str) else report_to))
@@ -31,12 +31,13 @@ def resolve(report_to: str | list[str]) -> list[str]:
 def check_installed(report_to: str | list[str]) -> None:
     """Preflight: every tracker asked for by name can be imported (raise RecipeError naming the fix)."""
     for name in resolve(report_to):
-        if not _installed(_PACKAGE[name]):
+        if not installed(_PACKAGE[name]):
             raise RecipeError(f"`train.report_to`: {name} is requested but the `{_PACKAGE[name]}` package is not "
                               f"installed; `pip install {_PACKAGE[name]}`, or set `train.report_to: none`")
 
 
-def _installed(package: str) -> bool:
+def installed(package: str) -> bool:
+    """Whether `package` can be imported here (`report_to: auto` follows tensorboard's)."""
     return importlib.util.find_spec(package) is not None
 
 

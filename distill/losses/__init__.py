@@ -1,15 +1,7 @@
 """Losses as pure functions, registered by name: KD (dense, sparse, chunked), preference, reward, policy gradient."""
 
-from .chunked import chunked_kd_loss
-from .preference import (
-    PREFERENCE_LOSSES,
-    get_preference_loss,
-    preference_loss,
-    register_preference_loss,
-    rewards,
-)
-from .reward import REWARD_LOSSES, centering, get_reward_loss, register_reward_loss
-from .kd import (
+from distill.losses.chunked import chunked_kd_loss
+from distill.losses.kd import (
     IGNORE_INDEX,
     KD_LOSSES,
     UnknownKDLossError,
@@ -25,7 +17,15 @@ from .kd import (
     skew_reverse_kl,
     tvd,
 )
-from .sparse_kd import (
+from distill.losses.preference import (
+    PREFERENCE_LOSSES,
+    get_preference_loss,
+    preference_loss,
+    register_preference_loss,
+    rewards,
+)
+from distill.losses.reward import REWARD_LOSSES, centering, get_reward_loss, register_reward_loss
+from distill.losses.sparse_kd import (
     SPARSE_KD_LOSSES,
     SparseTeacher,
     chunked_sparse_kd_loss,

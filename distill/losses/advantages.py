@@ -31,9 +31,8 @@ import torch
 from torch import Tensor
 
 from distill.config.registry import Registry, UnknownNameError
-
-from .grpo import ADVANTAGE_EPS, group_advantages
-from .kd import _upcast
+from distill.losses.grpo import ADVANTAGE_EPS, group_advantages
+from distill.losses.kd import _upcast
 
 
 @dataclass(frozen=True)

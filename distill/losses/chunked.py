@@ -7,7 +7,7 @@ the student's logit gradient, dominate activation memory (e.g. 16k tokens x 152k
 1. both models' logits are one matmul each, in the weights' dtype (bf16 for a bf16
    model, as its lm_head would compute them), giving ``[chunk, V]`` in that dtype;
 2. the loss and its gradient w.r.t. the logits are taken a few rows at a time (about
-   ``_SUB_ELEMS`` elements per fp32 temporary), and the gradient, cast to the weights'
+   ``SUB_ELEMS`` elements per fp32 temporary), and the gradient, cast to the weights'
    dtype, overwrites the student logits' rows that were just consumed;
 3. that gradient goes through the lm_head by two matmuls, again in the weights' dtype:
    ``grad_hidden[chunk] = g @ W`` and ``grad_W += g.T @ h`` (accumulated in fp32 when
@@ -34,15 +34,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import kd as _kd
-from .kd import IGNORE_INDEX, count_valid, cross_entropy, get_kd_loss
+from distill.losses import kd as _kd
+from distill.losses.kd import IGNORE_INDEX, count_valid, cross_entropy, get_kd_loss
 
 DEFAULT_CHUNK_SIZE = 2048
-# Elements of one fp32 [rows, V] temporary of the loss step (128 MiB). The step keeps
-# about three of them alive; big enough that each elementwise kernel saturates HBM.
-_SUB_ELEMS = 1 << 25
-# Row blocks of the fp32 weight-gradient accumulator are about this many elements.
-_ACC_BLOCK_ELEMS = 1 << 26
+SUB_ELEMS = 1 << 25
+"""Elements of one fp32 [rows, V] temporary of the loss step (128 MiB): the rows it takes at a time. The step keeps
+about three of them alive; big enough that each elementwise kernel saturates HBM. A test sets it small to cut a
+tiny vocabulary into several steps; benchmarks/kd_loss.py sweeps it."""
+ACC_BLOCK_ELEMS = 1 << 26
+"""Row blocks of the fp32 weight-gradient accumulator are about this many elements."""
 
 _FAST_KWARGS = frozenset({"temperature", "top_k", "ignore_index"})
 
@@ -50,7 +51,9 @@ _FAST_KWARGS = frozenset({"temperature", "top_k", "ignore_index"})
 # --------------------------------------------------------------------------- matmuls
 
 
-_ADDMM_MODE: dict[str, str] = {}
+ADDMM_MODE: dict[str, str] = {}
+"""How `acc += a @ b` runs per device and dtypes (`_probe_addmm_mode`), probed once per process;
+benchmarks/kd_loss.py records which one ran."""
 
 
 def _probe_addmm_mode(device: torch.device) -> str:
@@ -81,9 +84,9 @@ def _probe_addmm_mode(device: torch.device) -> str:
 def _addmm_fp32(acc: Tensor, a: Tensor, b: Tensor, mode: str | None = None) -> None:
     if mode is None:
         key = str(acc.device)
-        mode = _ADDMM_MODE.get(key)
+        mode = ADDMM_MODE.get(key)
         if mode is None:
-            mode = _ADDMM_MODE[key] = _probe_addmm_mode(acc.device)
+            mode = ADDMM_MODE[key] = _probe_addmm_mode(acc.device)
     if mode == "addmm":
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     elif mode == "mm":
@@ -110,7 +113,7 @@ class _WeightGrad:
             self.out = torch.zeros_like(weight)
         else:
             v, h = weight.shape
-            rows = max(1, _ACC_BLOCK_ELEMS // max(h, 1))
+            rows = max(1, ACC_BLOCK_ELEMS // max(h, 1))
             self.bounds = [(r, min(r + rows, v)) for r in range(0, v, rows)]
             self.blocks = [torch.zeros((b - a, h), dtype=acc_dtype, device=weight.device) for a, b in self.bounds]
 
@@ -251,7 +254,7 @@ class _ChunkedKD(torch.autograd.Function):
         ce_acc = torch.zeros((), dtype=cdt, device=device)
         kd_acc = torch.zeros((), dtype=cdt, device=device)
         t_vocab = 0 if t_weight is None else t_weight.shape[0]
-        rows_per_step = max(1, _SUB_ELEMS // max(s_weight.shape[0], t_vocab, 1))
+        rows_per_step = max(1, SUB_ELEMS // max(s_weight.shape[0], t_vocab, 1))
 
         # The chunk count depends on positions only, never on how many labels are valid,
         # so ranks with equal N run the same kernels (and, under ZeRO-3, the same

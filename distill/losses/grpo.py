@@ -29,8 +29,7 @@ import torch
 from torch import Tensor
 
 from distill.config.registry import Registry, UnknownNameError
-
-from .kd import _upcast
+from distill.losses.kd import _upcast
 
 ADVANTAGE_EPS = 1e-4
 """Added to the reward std before dividing (TRL's constant): a group whose rewards are all equal gets 0."""

@@ -41,8 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from distill.config.registry import Registry, UnknownNameError
-
-from .kd import _upcast
+from distill.losses.kd import _upcast
 
 PreferenceLossFn = Callable[..., Tensor]
 

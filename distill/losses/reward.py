@@ -28,8 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from distill.config.registry import Registry, UnknownNameError
-
-from .kd import _upcast
+from distill.losses.kd import _upcast
 
 RewardLossFn = Callable[..., Tensor]
 

@@ -38,9 +38,8 @@ import torch
 from torch import Tensor
 
 from distill.config.registry import Registry, UnknownNameError
-
-from .chunked import DEFAULT_CHUNK_SIZE, chunked_kd_loss
-from .kd import IGNORE_INDEX, _check_unit, _kl, _log_mix, _reduce, _upcast
+from distill.losses.chunked import DEFAULT_CHUNK_SIZE, chunked_kd_loss
+from distill.losses.kd import IGNORE_INDEX, _check_unit, _kl, _log_mix, _reduce, _upcast
 
 TAILS = ("renormalize", "bucket")
 

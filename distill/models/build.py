@@ -10,12 +10,17 @@ import copy
 from pathlib import Path
 
 import torch
-from transformers import (CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
-                          AutoModelForTokenClassification)
+from transformers import (
+    CONFIG_MAPPING,
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+)
 
-from distill.data.text import looks_like_path
 from distill.config.errors import RecipeError
 from distill.config.schema import Role
+from distill.data.text import looks_like_path
 
 MODEL_CLASSES = {"causal_lm": AutoModelForCausalLM, "sequence_classification": AutoModelForSequenceClassification,
                  "token_classification": AutoModelForTokenClassification}

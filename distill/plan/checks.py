@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from distill.data.text import looks_like_path
 from distill.config.errors import RecipeError
+from distill.data.text import looks_like_path
 from distill.models.build import MODEL_CLASSES
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")

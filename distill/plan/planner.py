@@ -12,10 +12,11 @@ import torch
 
 from distill.config.deepspeed import requested_placement, role_ds_config
 from distill.config.errors import RecipeError
-from distill.models.lora import lora_param_counts
-from distill.models.build import count_params, load_model_config
-from distill.plan.placement import choose_placement, device_memory, frozen_zero3_settings
 from distill.config.schema import Role, role_grad_clip
+from distill.models.build import count_params, load_model_config
+from distill.models.lora import lora_param_counts
+from distill.plan.placement import choose_placement, device_memory, frozen_zero3_settings
+
 
 @dataclass
 class RolePlan:

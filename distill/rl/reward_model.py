@@ -13,8 +13,8 @@ from typing import Callable
 import torch
 from transformers import AutoTokenizer
 
-from distill.data.loading import pad_id
 from distill.config.errors import RecipeError
+from distill.data.loading import pad_id
 from distill.rl.rewards import RewardError
 
 

@@ -125,10 +125,11 @@ def single_process_env() -> None:
     if launched():
         return
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now: the rendezvous port of a launch on this machine."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -150,7 +151,7 @@ def relaunch(num_processes: int, module: str, argv: list[str]) -> int:
 
     args = launch_command_parser().parse_args([
         "--num_processes", str(num_processes), "--num_machines", "1", "--use_deepspeed",
-        "--main_process_port", str(_free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
         "--module", module, *argv,
     ])
     exits = tempfile.mkdtemp(prefix="distill-exit-")

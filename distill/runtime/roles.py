@@ -23,13 +23,19 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from distill.runtime.compat import (reset_accelerate_state, restore_torch_linear, select_plugin, skip_cpu_shm_op,
-                                    skip_muon_import, whole_weights)
-from distill.runtime.launch import single_process_env
-from distill.models.lora import base_model_path, save_lora
 from distill.models.build import leaf_module_classes
-from distill.plan.planner import RolePlan
+from distill.models.lora import base_model_path, save_lora
 from distill.models.tokenizer_files import save_tokenizer
+from distill.plan.planner import RolePlan
+from distill.runtime.compat import (
+    reset_accelerate_state,
+    restore_torch_linear,
+    select_plugin,
+    skip_cpu_shm_op,
+    skip_muon_import,
+    whole_weights,
+)
+from distill.runtime.launch import single_process_env
 
 
 def copy_weights(source: torch.nn.Module, target: torch.nn.Module) -> torch.nn.Module:

@@ -15,10 +15,19 @@ import torch
 
 from distill.config.errors import RecipeError
 from distill.losses.sparse_kd import SPARSE_KD_LOSSES
-from distill.plan.tokens import sample_texts
-from distill.teacher_cache.store import (FORMAT_VERSION, CacheReader, dataset_fingerprint, file_hashes, num_shards,
-                                         read_manifest, row_hashes, shard_done, teacher_config_sha256)
 from distill.models.tokenizer_files import tokenizer_difference
+from distill.plan.tokens import sample_texts
+from distill.teacher_cache.store import (
+    FORMAT_VERSION,
+    CacheReader,
+    dataset_fingerprint,
+    file_hashes,
+    num_shards,
+    read_manifest,
+    row_hashes,
+    shard_done,
+    teacher_config_sha256,
+)
 
 ROW_COLUMNS = {"train": "_cache_train_row", "eval": "_cache_eval_row"}
 """The column each split's rows carry their index in, to find their records."""

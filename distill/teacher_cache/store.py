@@ -35,8 +35,8 @@ import numpy as np
 import torch
 
 from distill.config.errors import RecipeError
-from distill.teacher_cache.codec import Codec
 from distill.data.text import looks_like_path
+from distill.teacher_cache.codec import Codec
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

@@ -18,27 +18,38 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from distill.plan.checks import check_model_files, check_output_dir
-from distill.data.packing import model_inputs
 from distill.config.deepspeed import requested_placement, role_ds_config
 from distill.config.errors import RecipeError
-from distill.runtime.launch import world_info
+from distill.config.presets import shipped_recipes
+from distill.config.recipe import read_recipe, validate_recipe
+from distill.data.packing import model_inputs
+from distill.loop.build import apply_role_options
+from distill.loop.preflight import check_data
 from distill.losses.logps import logit_transform
 from distill.models.build import build_model, check_model_source, count_params, load_model_config
+from distill.models.tokenizer_files import save_tokenizer
+from distill.plan.checks import check_model_files, check_output_dir
 from distill.plan.placement import choose_placement, device_memory, frozen_zero3_settings
 from distill.plan.planner import RolePlan, estimate_memory, format_plan, resolve_compile
-from distill.config.presets import shipped_recipes
-from distill.loop.preflight import check_data
 from distill.plan.tokens import check_packing_attention, check_sizes, load_tokenizer, sample_texts
-from distill.config.recipe import read_recipe, validate_recipe
-from distill.teacher_cache.codec import Codec
-from distill.teacher_cache.store import (FORMAT_VERSION, SPLITS, dataset_fingerprint, file_hashes, num_shards,
-                                         read_manifest, row_hashes, shard_done, sidecar_path, teacher_config_sha256,
-                                         write_manifest, write_shard)
-from distill.models.tokenizer_files import save_tokenizer
-from distill.trainers.distill import DistillTrainer, kd_data
+from distill.runtime.launch import world_info
 from distill.runtime.roles import RoleManager
-from distill.loop.build import apply_role_options
+from distill.teacher_cache.codec import Codec
+from distill.teacher_cache.store import (
+    FORMAT_VERSION,
+    SPLITS,
+    dataset_fingerprint,
+    file_hashes,
+    num_shards,
+    read_manifest,
+    row_hashes,
+    shard_done,
+    sidecar_path,
+    teacher_config_sha256,
+    write_manifest,
+    write_shard,
+)
+from distill.trainers.distill import DistillTrainer, kd_data
 
 CHUNK_TOKENS = 2048
 """Predicted tokens whose [tokens, vocab] logits are made and encoded at once."""

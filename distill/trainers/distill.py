@@ -6,21 +6,21 @@ from typing import Any
 import torch
 from pydantic import Field, field_validator, model_validator
 
+from distill.config.errors import RecipeError
+from distill.config.schema import RecipeBase, Role, Section
 from distill.data.loading import DataBundle, build_text_data, source_options
 from distill.data.packing import model_inputs
 from distill.data.prompts import build_prompt_data, is_prompt_dataset, write_prompt_dataset
 from distill.data.text import load_dataset_source
-from distill.config.errors import RecipeError
+from distill.generation.completions import CompletionSampler, OnPolicySpec, completion_source, generation_plan
+from distill.loop.monitor import before_after_table
+from distill.loop.registry import register_trainer
+from distill.loop.trainer import RoleTrainer
 from distill.losses import chunked_sparse_kd_loss, cross_entropy, get_kd_loss, get_sparse_kd_loss
 from distill.losses.chunked import chunked_kd_loss
 from distill.losses.logps import logit_transform
-from distill.loop.monitor import before_after_table
-from distill.config.schema import RecipeBase, Role, Section
 from distill.teacher_cache import read as teacher_cache
 from distill.teacher_cache.spec import CacheSpec
-from distill.loop.registry import register_trainer
-from distill.loop.trainer import RoleTrainer
-from distill.generation.completions import CompletionSampler, OnPolicySpec, completion_source, generation_plan
 
 
 class KDSpec(Section):
@@ -195,7 +195,7 @@ class DistillTrainer(RoleTrainer):
         # The student's own samples are no target to imitate: only the divergence learns from them.
         alpha = 0.0 if batch.get("source") == "student" else kd.alpha
         if alpha == 1:
-            return self._ce_step(batch, num_tokens)
+            return self.ce_step(batch, num_tokens)
         if kd.cache is not None:
             return self._cached_loss_step(batch, num_tokens, alpha)
         if kd.chunked:
@@ -208,7 +208,7 @@ class DistillTrainer(RoleTrainer):
                                    num_valid_tokens=num_tokens, **kd.params)
         return {"loss": alpha * ce + (1 - alpha) * div, "ce": ce, "kd": div}
 
-    def _ce_step(self, batch, num_tokens):
+    def ce_step(self, batch, num_tokens):
         """`kd.alpha: 1`: the loss is the CE on the labels alone, so the teacher is not run (the same on every rank,
         so a ZeRO-3 teacher's collectives are skipped together)."""
         inputs = model_inputs(batch)

@@ -16,15 +16,15 @@ import torch
 from pydantic import Field, field_validator
 from safetensors.torch import save_file
 
+from distill.config.errors import RecipeError
+from distill.config.schema import RecipeBase, Role, Section
 from distill.data.loading import DataBundle
 from distill.data.preference import build_preference_data, write_preference_dataset
-from distill.config.errors import RecipeError
-from distill.losses.logps import head_sequence_logps, logit_transform, sequence_logps
-from distill.losses.preference import get_preference_loss, rewards
 from distill.loop.monitor import before_after_table
-from distill.config.schema import RecipeBase, Role, Section
 from distill.loop.registry import register_trainer
 from distill.loop.trainer import RoleTrainer
+from distill.losses.logps import head_sequence_logps, logit_transform, sequence_logps
+from distill.losses.preference import get_preference_loss, rewards
 
 
 class DPOSpec(Section):
@@ -147,7 +147,7 @@ class DPOTrainer(RoleTrainer):
                 # Only the decoders side by side: the policy's head and backward, where its memory peaks,
                 # then never share the GPU with the reference's forward (a lower peak at the same speed: docs/performance.md).
                 ref, hidden = self.alongside(ref_role, reference, lambda: self.policy.last_hidden(**inputs))  # [2B], [2B, T, H]
-                logps = self._head_logps(self.policy, hidden, labels)  # [2B]
+                logps = self.head_logps(self.policy, hidden, labels)  # [2B]
             else:
                 ref, logps = self.alongside(ref_role, reference, lambda: self._logps(self.policy, inputs, labels))
         half = logps.shape[0] // 2
@@ -182,9 +182,11 @@ class DPOTrainer(RoleTrainer):
         """[N] summed log-probs of the labels under `role`, from hidden states chunk by chunk or from logits."""
         if not self._chunked_logps():
             return sequence_logps(role(**inputs).logits, labels)
-        return self._head_logps(role, role.last_hidden(**inputs), labels)  # [N, T, H] hidden states
+        return self.head_logps(role, role.last_hidden(**inputs), labels)  # [N, T, H] hidden states
 
-    def _head_logps(self, role, hidden, labels) -> torch.Tensor:
+    def head_logps(self, role, hidden, labels) -> torch.Tensor:
+        """[N] summed log-probs of `labels` [N, T] from `role`'s hidden states [N, T, H] through its lm_head, chunk by
+        chunk (the head gathered once under ZeRO-3; detached for a frozen role)."""
         head = role.module.get_output_embeddings().weight
         with role.gathered([head]):  # a sharded reference: its head once per micro-batch, on every rank
             return head_sequence_logps(hidden, head if role.trainable else head.detach(), labels)

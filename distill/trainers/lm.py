@@ -1,12 +1,12 @@
 """Language-model training of a single role: how the project trains its own teacher."""
 from __future__ import annotations
 
-from distill.data.packing import model_inputs
-from distill.losses import cross_entropy
-from distill.loop.monitor import before_after_table
 from distill.config.schema import RecipeBase, Role
+from distill.data.packing import model_inputs
+from distill.loop.monitor import before_after_table
 from distill.loop.registry import register_trainer
 from distill.loop.trainer import RoleTrainer
+from distill.losses import cross_entropy
 
 
 class LMRecipe(RecipeBase):

@@ -11,15 +11,15 @@ from __future__ import annotations
 import torch
 from pydantic import Field, field_validator
 
+from distill.config.errors import RecipeError
+from distill.config.schema import RecipeBase, Role, Section
 from distill.data.loading import DataBundle, pad_id
 from distill.data.preference import build_preference_data, write_preference_dataset
-from distill.config.errors import RecipeError
-from distill.losses.reward import centering, get_reward_loss
-from distill.models.build import class_of_saved
 from distill.loop.monitor import before_after_table
-from distill.config.schema import RecipeBase, Role, Section
 from distill.loop.registry import register_trainer
 from distill.loop.trainer import RoleTrainer
+from distill.losses.reward import centering, get_reward_loss
+from distill.models.build import class_of_saved
 
 
 class RewardSpec(Section):

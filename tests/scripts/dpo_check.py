@@ -50,10 +50,10 @@ def reference_grad_norm(policy_state, ref_dir, config, micro_batches, spec) -> t
 def main(argv: list[str] | None = None) -> None:
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    from distill.data.preference import write_preference_dataset
     from distill.config.recipe import deep_merge, parse_overrides, validate_recipe
-    from tests.helpers import TINY_LLAMA, end_of_script, tiny_assets
+    from distill.data.preference import write_preference_dataset
     from distill.trainers.dpo import DPOTrainer
+    from tests.helpers import TINY_LLAMA, end_of_script, tiny_assets
 
     args = argv or sys.argv[1:]
     root, out_json, overrides = Path(args[0]), Path(args[1]), args[2:]
@@ -79,9 +79,9 @@ def main(argv: list[str] | None = None) -> None:
     heads: list[str] = []  # whose log-probs went through an lm_head, in order
 
     class Probe(DPOTrainer):
-        def _head_logps(self, role, hidden, labels):
+        def head_logps(self, role, hidden, labels):
             heads.append(role.name)
-            return super()._head_logps(role, hidden, labels)
+            return super().head_logps(role, hidden, labels)
 
         def loss_step(self, batch, num_tokens):
             if self.policy.module.training:  # not during evaluation

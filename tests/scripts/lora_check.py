@@ -44,11 +44,11 @@ def base_key(k: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    from distill.data.preference import write_preference_dataset
     from distill.config.recipe import deep_merge, parse_overrides, validate_recipe
-    from tests.helpers import end_of_script, tiny_assets, tiny_recipe
+    from distill.data.preference import write_preference_dataset
     from distill.trainers.distill import DistillTrainer
     from distill.trainers.dpo import DPOTrainer
+    from tests.helpers import end_of_script, tiny_assets, tiny_recipe
 
     args = argv or sys.argv[1:]
     root, out_json, mode, overrides = Path(args[0]), Path(args[1]), args[2], args[3:]

@@ -24,9 +24,9 @@ def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def main(argv: list[str] | None = None) -> None:
     from distill.config.recipe import deep_merge, parse_overrides, validate_recipe
-    from tests.helpers import end_of_script, tiny_assets, tiny_recipe
     from distill.loop.monitor import NonFiniteLoss
     from distill.trainers.distill import DistillTrainer
+    from tests.helpers import end_of_script, tiny_assets, tiny_recipe
 
     args = argv or sys.argv[1:]
     root, out_json, bad = Path(args[0]), Path(args[1]), {int(s) for s in args[2].split(",")}

@@ -25,13 +25,12 @@ import torch.distributed as dist
 def main(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForCausalLM
 
+    from distill.config.recipe import deep_merge, parse_overrides, validate_recipe
     from distill.data.prompts import write_prompt_dataset
     from distill.generation.generate import SamplingSpec, generate_completions
     from distill.losses import get_kd_loss
-    from distill.config.recipe import deep_merge, parse_overrides, validate_recipe
-    from tests.helpers import REPO
-    from tests.helpers import TINY_LLAMA, end_of_script
     from distill.trainers.distill import DistillTrainer
+    from tests.helpers import REPO, TINY_LLAMA, end_of_script
 
     args = argv or sys.argv[1:]
     root, out_json, overrides = Path(args[0]), Path(args[1]), args[2:]

@@ -18,8 +18,8 @@ def main(argv: list[str] | None = None) -> None:
     from deepspeed.utils import get_z3_leaf_modules
 
     from distill.config.recipe import deep_merge, parse_overrides, validate_recipe
-    from tests.helpers import end_of_script, tiny_assets, tiny_recipe
     from distill.trainers.distill import DistillTrainer
+    from tests.helpers import end_of_script, tiny_assets, tiny_recipe
 
     args = argv or sys.argv[1:]
     (root, out, placement), overrides = args[:3], args[3:]

@@ -67,9 +67,9 @@ def plain_torch(state, config, batches, spec) -> dict:
 def margin_run(root: Path, out_json: Path, overrides: list[str]) -> None:
     from transformers import AutoTokenizer
 
+    from distill.config.recipe import deep_merge, parse_overrides, validate_recipe
     from distill.data.preference import PreferenceCollator, write_preference_dataset
     from distill.data.synthetic import write_atomic
-    from distill.config.recipe import deep_merge, parse_overrides, validate_recipe
     from distill.trainers.reward import RewardTrainer
     from tests.helpers import TINY_LLAMA
 
@@ -126,11 +126,11 @@ def margin_run(root: Path, out_json: Path, overrides: list[str]) -> None:
 
 
 def quickstart_run(root: Path, out_json: Path) -> None:
+    from distill.config.recipe import validate_recipe
     from distill.runtime.roles import forget_roles
     from distill.trainers import load_recipe
     from distill.trainers.grpo import GRPOTrainer
     from distill.trainers.reward import RewardTrainer
-    from distill.config.recipe import validate_recipe
 
     run = root / "run_reward_quickstart"
     recipe, cls = load_recipe("reward_quickstart", [

@@ -18,8 +18,8 @@ def main(argv: list[str] | None = None) -> None:
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     from distill.config.recipe import validate_recipe
-    from tests.helpers import end_of_script, tiny_assets, tiny_recipe
     from distill.trainers.distill import DistillTrainer
+    from tests.helpers import end_of_script, tiny_assets, tiny_recipe
 
     root, out_json = map(Path, (argv or sys.argv[1:])[:2])
     assets = tiny_assets(root)

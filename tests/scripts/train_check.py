@@ -42,9 +42,9 @@ def reference_grad_norm(student_state, teacher_dir, config, micro_batches, kd) -
 def main(argv: list[str] | None = None) -> None:
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    from distill.config.recipe import parse_overrides, validate_recipe, deep_merge
-    from tests.helpers import end_of_script, tiny_assets, tiny_recipe
+    from distill.config.recipe import deep_merge, parse_overrides, validate_recipe
     from distill.trainers.distill import DistillTrainer
+    from tests.helpers import end_of_script, tiny_assets, tiny_recipe
 
     args = argv or sys.argv[1:]
     root, out_json, overrides = Path(args[0]), Path(args[1]), args[2:]
