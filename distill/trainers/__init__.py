@@ -1,4 +1,4 @@
-"""The algorithms: each a RoleTrainer with its roles, its recipe section and its loss step, registered by name."""
+"""The algorithms, each a RoleTrainer with its roles, declared recipe and loss step, registered by name; the teacher-cache writer."""
 from __future__ import annotations
 
 from distill.loop.registry import TRAINERS, get_trainer, register_trainer, trainer_name
