@@ -4,8 +4,9 @@ from __future__ import annotations
 import importlib
 import sys
 
-COMMANDS = {"train": "distill.cli.train", "export": "distill.cli.export", "report": "distill.cli.report",
-            "recipes": "distill.cli.recipes", "teacher_cache": "distill.cli.teacher_cache"}
+COMMANDS = {"train": "distill.train", "export": "distill.export", "report": "distill.report", "recipes": "distill.cli.recipes",
+            "teacher_cache": "distill.teacher_cache.__main__"}
+"""Each command's module as `python -m` names it (the shims over distill/cli/), whose `main(argv)` runs it."""
 USAGE = """usage: distill {train,export,report,recipes,teacher_cache} ...
 
   distill train RECIPE.yaml [key.sub=value ...] [--resume] [--dry-run]   train (a file, or a shipped recipe's name)
