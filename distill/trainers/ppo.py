@@ -129,8 +129,6 @@ class PPOTrainer(GRPOTrainer):
         if recipe.reward.model_class != "sequence_classification":
             raise RecipeError("`reward.model_class` must be `sequence_classification`: the reward model gives one score per "
                               "sequence; score with a causal LM through a reward function in `ppo.reward_funcs`")
-        if not recipe.critic.trainable:
-            raise RecipeError("`critic.trainable: false`: PPO trains its critic; remove `critic.trainable`")
         if recipe.critic.model_class != "token_classification":
             raise RecipeError("`critic.model_class` must be `token_classification`: the critic gives one value per token "
                               "(a causal LM's or a reward model's weights load into one, with a one-output head): remove the key")

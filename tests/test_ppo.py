@@ -1,0 +1,122 @@
+"""PPOTrainer: the recipe checks, the roles a recipe builds, the GPU recipe's plan, and on 2 CPU processes (one
+launch): the steps of an actor and a critic against one process's plain-torch replay of every rank's rollouts, a
+resumed run, and the quickstart raising the eval reward. The formulas alone: tests/test_ppo_loss.py."""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from distill.errors import RecipeError
+from distill.recipe import validate_recipe
+from distill.trainers.ppo import PPOTrainer
+from tests.helpers import REPO, TINY_LLAMA, launch_scenarios
+
+REWARD = "distill.data.reward_task:end_mark"
+
+
+def _raw(tmp_path, **ppo) -> dict:
+    return {
+        "trainer": "ppo", "output_dir": str(tmp_path / "run"), "overwrite": True,
+        "actor": {"config": TINY_LLAMA, "optimizer": {"lr": 1e-3}},
+        "ppo": {"num_generations": 2, "max_completion_length": 8, "reward_funcs": [REWARD], **ppo},
+        "data": {"train": str(tmp_path / "data/train.jsonl"), "tokenizer": str(tmp_path / "data/tokenizer"),
+                 "synthetic_seed": 0, "max_length": 32},
+        "train": {"micro_batch_size": 4, "grad_accum": 2, "max_steps": 2, "progress": False},
+    }
+
+
+def test_bad_setups_are_refused_naming_the_key(tmp_path):
+    recipe = validate_recipe(_raw(tmp_path), PPOTrainer)
+    assert recipe.critic.trainable and recipe.critic.model_class == "token_classification"
+    assert recipe.critic.config == TINY_LLAMA and recipe.reference.config == TINY_LLAMA  # the actor's, by weights_from
+    cases = [
+        (dict(num_generations=3), "`ppo.num_generations: 3` must divide .* 1 x 4 x 2"),
+        (dict(reward_funcs=[]), "PPO needs a reward"),
+        (dict(max_completion_length=32), "`ppo.max_completion_length: 32` leaves no room for the prompt"),
+        (dict(kl_estimator="k4"), "Unknown KL estimator 'k4'"),
+        (dict(value_clip=0), "ppo.value_clip"),
+    ]
+    for ppo, said in cases:
+        with pytest.raises(RecipeError, match=said):
+            validate_recipe(_raw(tmp_path, **ppo), PPOTrainer)
+    for role, block, said in [
+        ("critic", {"trainable": False}, "`critic`: .*set `trainable: true`"),
+        ("critic", {"model_class": "causal_lm"}, "`critic.model_class` must be `token_classification`"),
+        ("critic", {"lora": {"r": 4}}, "`critic.lora`"),
+        ("reward", {"config": TINY_LLAMA, "model_class": "causal_lm"}, "`reward.model_class` must be `sequence_classification`"),
+    ]:
+        raw = _raw(tmp_path)
+        raw[role] = block
+        with pytest.raises(RecipeError, match=said):
+            validate_recipe(raw, PPOTrainer)
+
+
+def test_the_roles_a_recipe_builds_and_the_critic_head(tmp_path):
+    def roles(raw):
+        return PPOTrainer.built_roles(validate_recipe(raw, PPOTrainer))
+
+    assert roles(_raw(tmp_path)) == ["actor", "critic", "reference"]
+    assert roles(_raw(tmp_path, kl_coef=0)) == ["actor", "critic"]  # no penalty: no reference
+    raw = _raw(tmp_path, reward_funcs=[])
+    raw["reward"] = {"config": {**TINY_LLAMA, "num_labels": 1}}
+    assert roles(raw) == ["actor", "critic", "reference", "reward"]
+    # The critic: one output per token, no dropout on it, whatever the config's defaults.
+    raw = _raw(tmp_path)
+    raw["critic"] = {"config": {**TINY_LLAMA, "num_labels": 3}}
+    critic = SimpleNamespace(model_config=SimpleNamespace(num_labels=2))
+    with pytest.raises(RecipeError, match="`critic.config.num_labels: 3`"):
+        PPOTrainer.check_plans(validate_recipe(raw, PPOTrainer), {"critic": critic})
+    PPOTrainer.check_plans(validate_recipe(_raw(tmp_path), PPOTrainer), {"critic": critic})
+    assert critic.model_config.num_labels == 1 and critic.model_config.classifier_dropout == 0.0
+
+
+def test_gpu_recipe_plans_without_loading(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "distill.train", "recipes/gpu_ppo_0.3b.yaml", "--dry-run",
+                           f"output_dir={tmp_path / 'run'}"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    said = proc.stdout + proc.stderr
+    for role in ("actor", "critic", "reference"):
+        assert f"\n  {role} " in said, said[-2000:]
+    assert "generation (actor)" in said and "dry run" in said, said[-2000:]
+
+
+@pytest.fixture(scope="module")
+def runs(assets, tmp_path_factory):
+    return launch_scenarios("tests.scripts.ppo_check", assets["root"], tmp_path_factory.mktemp("ppo"),
+                            {"exact": ["exact"], "quickstart": ["quickstart"]}, timeout=400)
+
+
+@pytest.mark.multiprocess
+def test_two_processes_step_as_one_process_replay_and_resume_exactly(runs):
+    """Actor ZeRO-2, critic ZeRO-2, reference and reward ZeRO-3 on 2 processes: after 8 steps (2 rollouts x 2 epochs x
+    2 minibatches) both trained roles equal one process replaying every rank's rollouts whole (the rewards scored
+    again, the advantages whitened over both ranks' tokens); each step's losses and gradient norms are the replay's;
+    a run resumed from step 4 ends with the same weights, bit for bit."""
+    r = runs["exact"]
+    assert r["steps"] == list(range(1, 9)) and r["resumed_steps"] == [5, 6, 7, 8] and r["rollouts"] == 2
+    for name, role in r["roles"].items():
+        assert role["max_diff"] < 2e-6 < 1e-3 < role["moved"], (name, role)
+        assert role["resumed_equal"], name
+    for key in ("actor/loss", "critic/loss", "actor/grad_norm", "critic/grad_norm"):
+        assert r[key]["logged"] == pytest.approx(r[key]["replayed"], rel=1e-4, abs=1e-6), key
+    logged = [x for x in r["reward"]["logged"]]
+    assert [x is not None for x in logged] == [True, False, False, False] * 2  # once per rollout
+    assert [x for x in logged if x is not None] == pytest.approx([x for x in r["reward"]["replayed"] if x is not None], rel=1e-5)
+    # The replay clips the actor's gradients at its own 0.5 and not the critic's: some steps' norms are above it.
+    assert max(r["actor/grad_norm"]["logged"]) > 0.5 and max(r["critic/grad_norm"]["logged"]) > 0.5
+    assert r["kl"][0] == 0 and r["kl"][4] != 0  # the reference starts as the actor
+    # Later passes over a rollout move the ratio and the values past their clips.
+    assert r["clip_frac"][0] == 0 < max(r["clip_frac"]) and max(r["value_clip_frac"]) > 0
+
+
+@pytest.mark.multiprocess
+def test_quickstart_raises_the_eval_reward(runs):
+    """recipes/ppo_quickstart.yaml, 16 steps (4 rollouts): the eval's end-mark reward rises by more than 0.2."""
+    r = runs["quickstart"]
+    before, after = r["before"]["rewards/end_mark"], r["after"]["rewards/end_mark"]
+    assert after > before + 0.2, (before, after)
+    assert all(math.isfinite(m["actor/loss"]) and math.isfinite(m["critic/loss"]) for m in r["metrics"])
+    assert {"actor/lr", "critic/lr", "actor/grad_norm", "critic/grad_norm", "value/explained_variance"} <= set(r["metrics"][0])
