@@ -7,10 +7,11 @@ import math
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from distill.errors import RecipeError
 from distill.recipe import validate_recipe
-from distill.trainers.ppo import PPOTrainer
+from distill.trainers.ppo import PPOTrainer, critic_values
 from tests.helpers import REPO, TINY_LLAMA, launch_scenarios
 
 REWARD = "distill.data.reward_task:end_mark"
@@ -87,6 +88,24 @@ def test_gpu_recipe_plans_without_loading(tmp_path):
     assert list(plans) == ["actor", "critic", "reference"]
     assert plans["critic"].model_config.num_labels == 1 and plans["critic"].model_config.hidden_size == 1024
     assert any(line.startswith("generation (actor)") for line in cls.plan_notes(recipe, plans, 2))
+
+
+def test_critic_values_are_read_where_each_completion_token_is_predicted():
+    """The value of the state before completion token t is the critic's output at the column that predicts t: one
+    unpadded forward per sequence gives the same values (left-padded prompts, right-padded completions)."""
+    from transformers import LlamaConfig, LlamaForTokenClassification
+
+    from tests.test_grpo import _layout_batch
+
+    torch.manual_seed(0)
+    cfg = {k: v for k, v in TINY_LLAMA.items() if k != "model_type"}
+    critic = LlamaForTokenClassification(LlamaConfig(**cfg, vocab_size=40, num_labels=1, attn_implementation="eager")).eval()
+    b = _layout_batch()
+    with torch.no_grad():
+        ours = critic_values(critic, b)  # [6, 5]
+        for i, (p, c) in enumerate(zip(b["rows"], b["completions"])):
+            whole = critic(input_ids=torch.tensor([p + c])).logits[0, :, 0]  # [len(p) + len(c)]
+            torch.testing.assert_close(ours[i, :len(c)], whole[len(p) - 1:-1], atol=2e-5, rtol=1e-4)
 
 
 @pytest.fixture(scope="module")

@@ -70,7 +70,7 @@ class PPOSpec(Section):
     gamma: float = Field(1.0, ge=0, le=1)
     """Discount of GAE."""
     lam: float = Field(0.95, ge=0, le=1)
-    """GAE's lambda: 1 gives Monte Carlo returns minus the value, 0 one-step TD errors."""
+    """GAE's lambda: 1 makes an advantage the Monte Carlo return less the value, 0 the one-step TD error."""
     whiten_advantages: bool = True
     """Normalise the advantages by the mean and std of every valid token of the rollout on all ranks."""
     clip_eps: float = Field(0.2, gt=0, lt=1)
