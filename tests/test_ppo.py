@@ -119,7 +119,7 @@ def test_two_processes_step_as_one_process_replay_and_resume_exactly(runs):
     """Actor ZeRO-2, critic ZeRO-2, reference and reward ZeRO-3 on 2 processes: after 8 steps (2 rollouts x 2 epochs x
     2 minibatches) both trained roles equal one process replaying every rank's rollouts whole (the rewards scored
     again, the advantages whitened over both ranks' tokens); each step's losses and gradient norms are the replay's;
-    a run resumed from step 4 ends with the same weights, bit for bit."""
+    a run resumed from step 4 ends with the same weights, bit for bit; a step between rollouts waits on the host once."""
     r = runs["exact"]
     assert r["steps"] == list(range(1, 9)) and r["resumed_steps"] == [5, 6, 7, 8] and r["rollouts"] == 2
     for name, role in r["roles"].items():
@@ -133,6 +133,8 @@ def test_two_processes_step_as_one_process_replay_and_resume_exactly(runs):
     # The replay clips the actor's gradients at its own 0.5 and not the critic's: some steps' norms are above it.
     assert max(r["actor/grad_norm"]["logged"]) > 0.5 and max(r["critic/grad_norm"]["logged"]) > 0.5
     assert r["kl"][0] == 0 and r["kl"][4] != 0  # the reference starts as the actor
+    # A step between rollouts brings tensors to the host once on each rank: the loop's step-end all-reduce.
+    assert [len(syncs) for syncs in r["host_syncs"]] == [1, 1], r["host_syncs"]
     # Later passes over a rollout move the ratio and the values past their clips.
     assert r["clip_frac"][0] == 0 < max(r["clip_frac"]) and max(r["value_clip_frac"]) > 0
 

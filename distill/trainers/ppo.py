@@ -12,6 +12,7 @@ reshuffled each epoch: the actor's clipped surrogate and the critic's clipped va
 """
 from __future__ import annotations
 
+import random
 from typing import Any, Callable, Literal
 
 import torch
@@ -178,14 +179,13 @@ class PPOTrainer(GRPOTrainer):
         if self.__dict__.get("_experience") is None or k == 0:
             self._experience = self.make_experience(micro_batches[0], seed=hash((self.recipe.seed, first, self.rank)) % 2**63)
         epoch, part = divmod(k, p.num_minibatches)
-        rows = self._experience["loss_mask"].shape[0]
-        order = torch.arange(rows)
+        rows = list(range(self._experience["loss_mask"].shape[0]))
         if epoch:  # rollout rows are in sampling order; later passes draw the minibatches afresh
-            order = torch.randperm(rows, generator=torch.Generator().manual_seed(hash((self.recipe.seed, first, epoch)) % 2**63))
-        size = rows // p.num_minibatches
-        picked = order[part * size:(part + 1) * size]
-        mini = {key: v[picked.to(v.device)] if torch.is_tensor(v) and v.dim() > 0 else
-                [v[i] for i in picked.tolist()] if isinstance(v, list) else v for key, v in self._experience.items()}
+            random.Random(hash((self.recipe.seed, first, epoch))).shuffle(rows)
+        size = len(rows) // p.num_minibatches
+        picked = rows[part * size:(part + 1) * size]  # a list: choosing rows reads nothing back from the device
+        mini = {key: v[torch.tensor(picked, device=v.device)] if torch.is_tensor(v) and v.dim() > 0 else
+                [v[i] for i in picked] if isinstance(v, list) else v for key, v in self._experience.items()}
         return split_rows(mini, self.recipe.train.grad_accum)
 
     @torch.no_grad()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import sys
 import time
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import distill
 from distill.trainers.ppo import PPOTrainer
 
 STEPS, EPOCHS, MINIBATCHES = 8, 2, 2
@@ -100,11 +102,11 @@ def replay(initial: dict, configs: dict, reward_dir: Path, rollouts: list[list[d
         all_scores = torch.cat([e["scores"] for e in exps])
         for k in range(EPOCHS * MINIBATCHES):
             epoch, part = divmod(k, MINIBATCHES)
-            rows = len(exps[0]["advantages"])
-            order = torch.arange(rows) if not epoch else torch.randperm(
-                rows, generator=torch.Generator().manual_seed(hash((seed, first, epoch)) % 2**63))
-            size = rows // MINIBATCHES
-            picked = order[part * size:(part + 1) * size]
+            order = list(range(len(exps[0]["advantages"])))
+            if epoch:  # each later pass shuffles the rows, seeded by the recipe's seed, the rollout's first step, the pass
+                random.Random(hash((seed, first, epoch))).shuffle(order)
+            size = len(order) // MINIBATCHES
+            picked = torch.tensor(order[part * size:(part + 1) * size])
             minis = [{key: v[picked] for key, v in e.items() if torch.is_tensor(v) and v.dim() > 0} for e in exps]
             n = sum(m["loss_mask"].sum() for m in minis)
             for opt in opts.values():
@@ -127,6 +129,31 @@ def replay(initial: dict, configs: dict, reward_dir: Path, rollouts: list[list[d
             out["reward"].append(float(all_scores.mean()) if k == 0 else None)
     out["weights"] = {"actor": actor.state_dict(), "critic": critic.state_dict()}
     return out
+
+
+def host_syncs(t) -> list[str]:
+    """Where distill's code brings a tensor to Python (item, tolist, float, int, bool) during one more step of a trained
+    `t` that is not a rollout's first: it trains on the last rollout's rows. Collective."""
+    conversions = ("item", "tolist", "__float__", "__int__", "__bool__")
+    ours, seen = str(Path(distill.__file__).parent), []
+    originals = {name: getattr(torch.Tensor, name) for name in conversions}
+
+    def counted(name):
+        def wrapper(self, *a, **k):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(ours):
+                seen.append(f"{name} at {Path(caller).name}:{sys._getframe(1).f_lineno}")
+            return originals[name](self, *a, **k)
+        return wrapper
+
+    for name in conversions:
+        setattr(torch.Tensor, name, counted(name))
+    try:
+        t.train_step(STEPS + 2, next(t.data.train_batches(start_step=STEPS)))
+    finally:
+        for name, fn in originals.items():
+            setattr(torch.Tensor, name, fn)
+    return seen
 
 
 def _weights(run: Path, role: str) -> dict:
@@ -182,6 +209,9 @@ def exact(root: Path, out_json: Path) -> None:
     again = Recording(validate_recipe({**recipe(data, reward_dir, resumed, save_every=4), "resume": True, "overwrite": False},
                                       Recording), log=lambda s: None)
     again.train()
+    syncs = host_syncs(again)
+    everyone_syncs = [None] * again.world_size
+    dist.all_gather_object(everyone_syncs, syncs)
 
     if dist.get_rank() == 0:
         unset_hf_deepspeed_config()  # the replay is plain torch, whole
@@ -201,6 +231,7 @@ def exact(root: Path, out_json: Path) -> None:
         out["clip_frac"] = [m["policy/clip_frac"] for m in metrics]
         out["value_clip_frac"] = [m["value/clip_frac"] for m in metrics]
         out["kl"] = [m.get("kl") for m in metrics]
+        out["host_syncs"] = everyone_syncs
         out_json.write_text(json.dumps(out))
 
 
