@@ -141,7 +141,8 @@ def test_two_processes_step_as_one_process_replay_and_resume_exactly(runs):
 
 @pytest.mark.multiprocess
 def test_quickstart_raises_the_eval_reward(runs):
-    """recipes/ppo_quickstart.yaml, 16 steps (4 rollouts): the eval's end-mark reward rises by more than 0.2."""
+    """recipes/ppo_quickstart.yaml, 16 steps (4 rollouts) at twice the actor's rate: the eval's end-mark reward rises by
+    more than 0.2."""
     r = runs["quickstart"]
     before, after = r["before"]["rewards/end_mark"], r["after"]["rewards/end_mark"]
     assert after > before + 0.2, (before, after)
