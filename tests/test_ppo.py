@@ -127,7 +127,7 @@ def test_two_processes_step_as_one_process_replay_and_resume_exactly(runs):
         assert role["resumed_equal"], name
     for key in ("actor/loss", "critic/loss", "actor/grad_norm", "critic/grad_norm"):
         assert r[key]["logged"] == pytest.approx(r[key]["replayed"], rel=1e-4, abs=1e-6), key
-    logged = [x for x in r["reward"]["logged"]]
+    logged = r["reward"]["logged"]
     assert [x is not None for x in logged] == [True, False, False, False] * 2  # once per rollout
     assert [x for x in logged if x is not None] == pytest.approx([x for x in r["reward"]["replayed"] if x is not None], rel=1e-5)
     # The replay clips the actor's gradients at its own 0.5 and not the critic's: some steps' norms are above it.

@@ -210,10 +210,10 @@ class PPOTrainer(GRPOTrainer):
         adv, returns = gae(rewards, values, mask, p.gamma, p.lam)
         if p.whiten_advantages:
             adv = masked_whiten(adv, mask, all_reduce=self._sum)
-        self._record(batch, mask, per_function, scores, kl, values, returns)
+        self._record_rollout(batch, mask, per_function, scores, kl, values, returns)
         return {**batch, "loss_mask": mask, "old_logps": old, "old_values": values, "advantages": adv, "returns": returns}
 
-    def _record(self, batch, mask, per_function, scores, kl, values, returns) -> None:
+    def _record_rollout(self, batch, mask, per_function, scores, kl, values, returns) -> None:
         """The rollout's statistics on all ranks, in one all-reduce kept on the device until the metrics line reads it."""
         m, real = mask.bool(), batch["real"].bool()
         scored = ~torch.isnan(scores) & real
