@@ -182,6 +182,9 @@ MUTATIONS: list[Mutation] = [
     M("ppo-values-one-column-late", "distill/trainers/ppo.py", "return out[:, -c - 1:-1, 0].float()",
       "return out[:, -c:, 0].float()", [T + "test_ppo.py::test_critic_values_are_read_where_each_completion_token_is_predicted"],
       "a value is the critic's output at the column that predicts the token"),
+    M("ppo-critic-dropout-kept", "distill/trainers/ppo.py",
+      "cfg.classifier_dropout = 0.0  # transformers'", "pass  # transformers'",
+      [T + "test_ppo.py::test_a_reward_model_starts_the_critic"], "the critic's head has no dropout"),
     M("ppo-epochs-not-reshuffled", "distill/trainers/ppo.py", "        if epoch:  # rollout rows", "        if False:  # rollout rows",
       [PPO_2RANKS], "each PPO epoch draws its minibatches afresh"),
     # -- generation ---------------------------------------------------------------------------------------------

@@ -90,6 +90,29 @@ def test_gpu_recipe_plans_without_loading(tmp_path):
     assert any(line.startswith("generation (actor)") for line in cls.plan_notes(recipe, plans, 2))
 
 
+def test_a_reward_model_starts_the_critic(tmp_path):
+    """`critic.from_pretrained: <a reward model>` (OpenRLHF's start): its body and score head load into the token
+    classifier, the head's bias starts at 0, no dropout; planned and built as a run builds it."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from distill.models import build_model
+    from distill.preflight import preflight
+
+    torch.manual_seed(3)
+    cfg = {k: v for k, v in TINY_LLAMA.items() if k != "model_type"}
+    reward = LlamaForSequenceClassification(LlamaConfig(**cfg, vocab_size=64, num_labels=1, pad_token_id=0))
+    reward.save_pretrained(tmp_path / "rm")
+    raw = _raw(tmp_path)
+    raw["critic"] = {"from_pretrained": str(tmp_path / "rm")}
+    recipe = validate_recipe(raw, PPOTrainer)
+    _, plans = preflight(recipe, PPOTrainer, world_size=1, dry_run=True)
+    critic = build_model(plans["critic"].spec, plans["critic"].model_config)
+    assert type(critic).__name__ == "LlamaForTokenClassification" and critic.dropout.p == 0.0
+    torch.testing.assert_close(critic.score.weight, reward.score.weight)
+    torch.testing.assert_close(critic.model.embed_tokens.weight, reward.model.embed_tokens.weight)
+    assert critic.score.bias.abs().max() == 0
+
+
 def test_critic_values_are_read_where_each_completion_token_is_predicted():
     """The value of the state before completion token t is the critic's output at the column that predicts t: one
     unpadded forward per sequence gives the same values (left-padded prompts, right-padded completions)."""
