@@ -9,11 +9,12 @@ from distill.trainers import (
            DPOTrainer,
            GRPOTrainer,
            LMTrainer,
+           PPOTrainer,
            RewardTrainer,
            load_recipe,
            register_trainer,
 )
 
-__all__ = ["DPOTrainer", "DistillTrainer", "GRPOTrainer", "LMTrainer", "RecipeError", "RewardTrainer", "Role", "RoleManager",
+__all__ = ["DPOTrainer", "DistillTrainer", "GRPOTrainer", "LMTrainer", "PPOTrainer", "RecipeError", "RewardTrainer", "Role", "RoleManager",
            "RoleModel", "RoleTrainer", "load_recipe", "register_trainer", "run"]
 __version__ = "0.1.0"

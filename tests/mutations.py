@@ -62,6 +62,8 @@ ROLES = T + "test_multiprocess.py::test_roles_switch_shard_logits_save_and_uneve
 DISTILL_2RANKS = T + "test_multiprocess.py::test_distill_run_matches_whole_reference"
 REUSED_GRPO = T + "test_grpo.py::test_zero3_reward_model_with_reused_batches"
 GENERATION = T + "test_generation.py::"
+PPO_LOSS = T + "test_ppo_loss.py::"
+PPO_2RANKS = T + "test_ppo.py::test_two_processes_step_as_one_process_replay_and_resume_exactly"
 MUTATIONS: list[Mutation] = [
     # -- checkpoints and resume ------------------------------------------------------------------------------
     M("checkpoint-scheduler", "distill/loop/checkpoint.py",
@@ -153,6 +155,38 @@ MUTATIONS: list[Mutation] = [
     M("grpo-clip-high-ignored", "distill/losses/grpo.py",
       "eps_low, eps_high = epsilon, epsilon if epsilon_high is None else epsilon_high", "eps_low, eps_high = epsilon, epsilon",
       [T + "test_grpo_loss.py::test_loss_and_gradient_match_trl"], "GRPO's loss and gradient are TRL's (epsilon_high)"),
+    # -- PPO --------------------------------------------------------------------------------------------------------
+    M("ppo-gae-next-value-sign", "distill/losses/ppo.py", "delta = r[:, t] + gamma * next_value - v[:, t]",
+      "delta = r[:, t] - gamma * next_value - v[:, t]", [PPO_LOSS + "test_gae_and_returns_by_hand"],
+      "GAE: delta_t = r_t + gamma V_{t+1} - V_t"),
+    M("ppo-kl-penalty-sign", "distill/losses/ppo.py", "r = torch.where(m, -kl_coef * _upcast(kl)", "r = torch.where(m, kl_coef * _upcast(kl)",
+      [PPO_LOSS + "test_shaped_rewards_put_the_score_on_the_last_token"], "the KL penalty is subtracted from the per-token reward"),
+    M("ppo-trainer-kl-coef-sign", "distill/trainers/ppo.py", "kl, mask, p.kl_coef)", "kl, mask, -p.kl_coef)", [PPO_2RANKS],
+      "the trainer shapes the rewards with ppo.kl_coef as given"),
+    M("ppo-score-on-first-token", "distill/losses/ppo.py", "r.scatter_add(1, last_token(mask)[:, None]",
+      "r.scatter_add(1, 0 * last_token(mask)[:, None]", [PPO_LOSS + "test_shaped_rewards_put_the_score_on_the_last_token"],
+      "the sequence's score is added on its last token"),
+    M("ppo-whiten-counts-padding", "distill/losses/ppo.py", "(kept * kept).sum(), m.sum().double()])",
+      "(kept * kept).sum(), torch.tensor(float(m.numel()), dtype=torch.float64)])",
+      [PPO_LOSS + "test_masked_whiten_by_hand_and_across_ranks"], "whitening reads the valid tokens only"),
+    M("ppo-whiten-per-rank", "distill/trainers/ppo.py", "adv = masked_whiten(adv, mask, all_reduce=self._sum)",
+      "adv = masked_whiten(adv, mask, all_reduce=None)", [PPO_2RANKS],
+      "advantages are whitened over every valid token of the rollout on all ranks"),
+    M("ppo-policy-clip-dropped", "distill/losses/ppo.py", "per_token = torch.maximum(unclipped, clipped)",
+      "per_token = unclipped", [PPO_LOSS + "test_policy_loss_and_gradient_by_hand"],
+      "the policy loss is PPO's clipped surrogate"),
+    M("ppo-value-clip-dropped", "distill/losses/ppo.py",
+      "per_token, took_clip = torch.maximum(err, err_clipped), (err_clipped > err) & mask.bool()",
+      "per_token, took_clip = err, (err_clipped > err) & mask.bool()", [PPO_LOSS + "test_value_loss_and_gradient_by_hand"],
+      "the value loss is clipped around the rollout's values"),
+    M("ppo-values-one-column-late", "distill/trainers/ppo.py", "return out[:, -c - 1:-1, 0].float()",
+      "return out[:, -c:, 0].float()", [T + "test_ppo.py::test_critic_values_are_read_where_each_completion_token_is_predicted"],
+      "a value is the critic's output at the column that predicts the token"),
+    M("ppo-critic-dropout-kept", "distill/trainers/ppo.py",
+      "cfg.classifier_dropout = 0.0  # transformers'", "pass  # transformers'",
+      [T + "test_ppo.py::test_a_reward_model_starts_the_critic"], "the critic's head has no dropout"),
+    M("ppo-epochs-not-reshuffled", "distill/trainers/ppo.py", "        if epoch:  # rollout rows", "        if False:  # rollout rows",
+      [PPO_2RANKS], "each PPO epoch draws its minibatches afresh"),
     # -- generation ---------------------------------------------------------------------------------------------
     M("generation-finished-rows-go-on", "distill/generation/decode.py",
       "        nxt = torch.where(done, sampling.pad_token_id, nxt)", "        nxt = nxt",

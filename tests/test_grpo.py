@@ -109,7 +109,7 @@ def _tiny_policy(vocab=40, seed=0):
 
 
 def _layout_batch():
-    """2 prompts x 3 completions, left-padded prompts | right-padded completions, as `_rollout` lays them out."""
+    """2 prompts x 3 completions, left-padded prompts | right-padded completions, as `sample_rollout` lays them out."""
     prompts = [[1, 5, 6], [1, 7, 8, 9, 10]]
     completions = [[11, 12, EOS], [13, EOS], [14, 15, 16, 17, 24], [18, EOS], [19, 20, 21, EOS], [22, 23, EOS]]  # 3rd: cut
     P, C = 5, 5

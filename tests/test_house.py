@@ -19,11 +19,11 @@ from tests.helpers import TINY_LLAMA, check, launch
 
 
 def test_the_trainers_and_roles_import_from_the_top():
-    from distill import DistillTrainer, DPOTrainer, GRPOTrainer, LMTrainer, RewardTrainer, RoleTrainer
+    from distill import DistillTrainer, DPOTrainer, GRPOTrainer, LMTrainer, PPOTrainer, RewardTrainer, RoleTrainer
 
-    trainers = (DistillTrainer, DPOTrainer, GRPOTrainer, LMTrainer, RewardTrainer)
+    trainers = (DistillTrainer, DPOTrainer, GRPOTrainer, LMTrainer, PPOTrainer, RewardTrainer)
     assert all(issubclass(c, RoleTrainer) for c in trainers)
-    assert {c.name for c in trainers} == {"distill", "dpo", "grpo", "lm", "reward"}
+    assert {c.name for c in trainers} == {"distill", "dpo", "grpo", "lm", "ppo", "reward"}
     assert distill.Role is Role and distill.load_recipe is load_recipe
 
 

@@ -57,9 +57,9 @@ def preflight(recipe, trainer_cls, *, world_size: int, dry_run: bool = False, ow
         check_packing_attention({n: getattr(recipe, n) for n in trainer_cls.built_roles(recipe)}, len(tokenizer))
     plans = plan_roles(recipe, trainer_cls, world_size=world_size, vocab_size=len(tokenizer))
     check_sizes(recipe, plans, tokenizer)
+    trainer_cls.check_plans(recipe, plans)  # first: it may set keys of a plan's config (a new head's outputs)
     if ckpt is not None:
         check_checkpoint_shapes(ckpt, plans)
-    trainer_cls.check_plans(recipe, plans)
     if not dry_run and (owner if owner is not None else world_info()[0] == 0):
         lock_run_dir(out)  # only now: a run refused above leaves no trace
         if ckpt is None and holds_run(out):

@@ -51,8 +51,8 @@ class RewardModelScorer:
             log(f"grpo: the reward model {how}")
 
     @classmethod
-    def check(cls, recipe, plans) -> None:
-        """Refuse a reward model that cannot score, before any weight loads."""
+    def check(cls, recipe, plans, policy: str = "policy") -> None:
+        """Refuse a reward model that cannot score `policy`'s completions, before any weight loads."""
         plan = plans["reward"]
         labels = getattr(plan.model_config, "num_labels", 1)
         if labels != 1:
@@ -60,7 +60,7 @@ class RewardModelScorer:
                               f"{labels}: give a reward model (e.g. trained with a reward trainer), or `reward.config.num_labels: 1`")
         tok = own_tokenizer(recipe.reward.from_pretrained)
         if tok is None:
-            need = getattr(plans["policy"].model_config, "vocab_size", None)
+            need = getattr(plans[policy].model_config, "vocab_size", None)
             have = getattr(plan.model_config, "vocab_size", None)
             if need and have and have < need:
                 raise RecipeError(f"`reward` has no tokenizer of its own and {have} embeddings, fewer than the policy's "

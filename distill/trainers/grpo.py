@@ -48,6 +48,8 @@ class GRPOTrainer(RoleTrainer):
     }
     sections = {"grpo": GRPOSpec}
     recipe_class = GRPORecipe
+    rollout_section = "grpo"
+    """The recipe section with the sampling and reward keys (`rollout_spec`); PPO reuses the rollout with its own."""
 
     def __init__(self, recipe, **kwargs):
         self.rollout: list[dict] | None = None
@@ -107,7 +109,7 @@ class GRPOTrainer(RoleTrainer):
 
     # -- data: prompts, with their text and extra columns kept for the reward functions ------------
     def build_data(self):
-        d, g, t = self.recipe.data, self.recipe.grpo, self.recipe.train
+        d, g = self.recipe.data, self.rollout_spec
         max_prompt = d.max_length - g.max_completion_length
         self.records = PromptRecords()  # by index: the prompt as the reward functions see it, and its other columns
 
@@ -120,15 +122,26 @@ class GRPOTrainer(RoleTrainer):
         for key, (raw, tokenized), stats in tokenized_splits(d, load):
             if self.rank == 0 and stats["prompt_truncated"]:
                 self.log(f"data.{key}: {stats['prompt_truncated']} of {stats['n']} prompts left-truncated to {max_prompt} "
-                         f"tokens (data.max_length - grpo.max_completion_length)")
+                         f"tokens (data.max_length - {self.rollout_section}.max_completion_length)")
             splits[key] = tokenized.add_column("index", self.records.add(raw))
         pad = pad_id(self.tokenizer)
         self.padding = collator_padding(d.max_length, self.compiled)
-        prompts_per_step = t.micro_batch_size * t.grad_accum // g.num_generations
+        rows, repeat = self.rollout_layout()
+        prompts_per_step = rows // g.num_generations
         bundle = DataBundle(splits["train"], splits["eval"], _Indexed(PromptCollator(pad, **self.padding)), prompts_per_step,
                             self.rank, self.world_size, self.recipe.seed, pad, grad_accum=1,
                             pad_example={"prompt_ids": [pad], "completion_ids": [], "real": False, "index": -1})
-        return RepeatedData(bundle, g.num_iterations)
+        return RepeatedData(bundle, repeat)
+
+    @property
+    def rollout_spec(self):
+        """The recipe section the rollout reads: sampling (`sampling_spec`), num_generations, reward functions."""
+        return getattr(self.recipe, self.rollout_section)
+
+    def rollout_layout(self) -> tuple[int, int]:
+        """(completions of one generation batch on each rank, optimizer steps that train on it)."""
+        t = self.recipe.train
+        return t.micro_batch_size * t.grad_accum, self.recipe.grpo.num_iterations
 
     # -- a generation batch ------------------------------------------------------------------------
     def prepare_step(self, step, micro_batches):
@@ -143,7 +156,7 @@ class GRPOTrainer(RoleTrainer):
         """The step's micro-batches, each with its completions' `advantages` [B] and the `rewards` [B] they came from
         (with `kl_penalty: reward`, less beta times the `kl` [B] also kept)."""
         g, t = self.recipe.grpo, self.recipe.train
-        batch = self._rollout(prompts, seed)
+        batch = self.sample_rollout(prompts, seed)
         per_function = self._rewards(batch)  # [N, F]
         scored = weighted_reward(per_function, self._reward_weights.to(per_function.device))  # [N]
         micro = split_rows(batch, t.grad_accum)
@@ -171,9 +184,9 @@ class GRPOTrainer(RoleTrainer):
             mb["loss_tokens"] = loss_tokens  # the metrics' denominator: every loss token of the step on all ranks
         return micro
 
-    def _rollout(self, prompts: dict, seed: int) -> dict:
+    def sample_rollout(self, prompts: dict, seed: int) -> dict:
         """`num_generations` completions of each prompt: [N = prompts x G] rows, prompt | completion columns."""
-        g = self.recipe.grpo
+        g = self.rollout_spec
         prompt_ids = prompts["prompt_ids"].repeat_interleave(g.num_generations, 0)  # [N, P]
         prompt_mask = prompts["prompt_mask"].repeat_interleave(g.num_generations, 0)  # [N, P]
         completions = self.sampler.generate(self.policy, prompt_ids, prompt_mask, seed=seed)  # [N, L]
@@ -220,7 +233,7 @@ class GRPOTrainer(RoleTrainer):
         """Sums over the eval prompts' completions (num_generations each, seeded by the prompts, so the same
         before and after training): the reward, each function's, the completion length."""
         seed = hash(tuple(batch["prompt_ids"].flatten().tolist())) % 2**63
-        rolled = self._rollout(batch, seed)
+        rolled = self.sample_rollout(batch, seed)
         per_function = self._rewards(rolled)
         real = rolled["real"].float()  # [N]
         reward = weighted_reward(per_function, self._reward_weights.to(per_function.device))
@@ -272,13 +285,13 @@ class GRPOTrainer(RoleTrainer):
     @property
     def sampler(self):
         if "_sampler" not in self.__dict__:
-            self._sampler = CompletionSampler.for_trainer(self, sampling_spec(self.recipe.grpo), key="grpo")
+            self._sampler = CompletionSampler.for_trainer(self, sampling_spec(self.rollout_spec), key=self.rollout_section)
         return self._sampler
 
     @property
     def _reward_functions(self):
         if "_funcs" not in self.__dict__:
-            g = self.recipe.grpo
+            g = self.rollout_spec
             self._funcs = load_reward_functions(g.reward_funcs, g.reward_weights)
         return self._funcs
 
@@ -297,7 +310,7 @@ class GRPOTrainer(RoleTrainer):
 
     @property
     def _reward_weights(self) -> torch.Tensor:
-        w = [f.weight for f in self._reward_functions] + ([self.recipe.grpo.reward_model_weight] if self.reward_model else [])
+        w = [f.weight for f in self._reward_functions] + ([self.rollout_spec.reward_model_weight] if self.reward_model else [])
         return torch.tensor(w)
 
     def _sum(self, x: torch.Tensor) -> torch.Tensor:
