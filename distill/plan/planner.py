@@ -57,31 +57,40 @@ def plan_roles(recipe, trainer_cls, *, world_size: int, vocab_size: int | None) 
     them (the first one owns the primary Accelerator). Any number of roles may be trainable; each steps its own
     optimizer (distill/loop/trainer.py)."""
     plans: dict[str, RolePlan] = {}
-    t = recipe.train
-    mem = dict(world_size=world_size, micro_batch_size=t.micro_batch_size, seq_len=recipe.data.max_length)
     for name in sorted(trainer_cls.built_roles(recipe), key=lambda n: not getattr(recipe, n).trainable):
-        spec: Role = getattr(recipe, name)
-        mcfg = load_model_config(name, spec, vocab_size)
-        if spec.lora is not None:
-            n, trained = lora_param_counts(mcfg, spec.lora, name)
-        else:
-            n, trained = count_params(mcfg), None
-        kw = dict(micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum, world_size=world_size,
-                  grad_clip=role_grad_clip(spec, t), hidden_size=getattr(mcfg, "hidden_size", None),
-                  frozen_zero3=None if spec.trainable else frozen_zero3_settings(mcfg, n))
-        placement, why = requested_placement(spec), "set by the recipe"
-        if not spec.trainable and placement is None:
-            whole = estimate_memory(RolePlan(name, spec, role_ds_config(name, spec, placement="replicated", **kw), mcfg, n), **mem)
-            others = sum(sum(estimate_memory(p, **mem).values()) for p in plans.values())
-            placement, why = choose_placement(weights_bytes=whole["weights"], other_bytes=others + whole["activations"] + whole["logits"],
-                                              device_bytes=device_memory(), world_size=world_size)
-            why = f"auto: {why}"
-        ds = role_ds_config(name, spec, placement=placement, **kw)
-        plans[name] = RolePlan(name, spec, ds, mcfg, n, trained, placement, "" if spec.trainable else why)
-        plans[name].compile = resolve_compile(plans[name])
+        plans[name] = plan_role(recipe, name, world_size=world_size, vocab_size=vocab_size, beside=list(plans.values()))
     if not any(p.spec.trainable for p in plans.values()):
         raise RecipeError(f"no role is trainable: set `trainable: true` on one of {list(plans)}")
     return plans
+
+
+def plan_role(recipe, name: str, *, world_size: int, vocab_size: int | None, beside: list[RolePlan] = (),
+              grad_accum: int | None = None) -> RolePlan:
+    """One role's plan. A frozen role without a `placement` is replicated where its weights fit on each device beside
+    the `beside` roles' memory, else ZeRO-3 (`choose_placement`). `grad_accum`: the loop's, unless given (a role
+    planned for a job of its own, such as the teacher-cache writer's forward)."""
+    spec: Role = getattr(recipe, name)
+    t = recipe.train
+    mem = dict(world_size=world_size, micro_batch_size=t.micro_batch_size, seq_len=recipe.data.max_length)
+    mcfg = load_model_config(name, spec, vocab_size)
+    if spec.lora is not None:
+        n, trained = lora_param_counts(mcfg, spec.lora, name)
+    else:
+        n, trained = count_params(mcfg), None
+    kw = dict(micro_batch_size=t.micro_batch_size, grad_accum=grad_accum or t.grad_accum, world_size=world_size,
+              grad_clip=role_grad_clip(spec, t), hidden_size=getattr(mcfg, "hidden_size", None),
+              frozen_zero3=None if spec.trainable else frozen_zero3_settings(mcfg, n))
+    placement, why = requested_placement(spec), "set by the recipe"
+    if not spec.trainable and placement is None:
+        whole = estimate_memory(RolePlan(name, spec, role_ds_config(name, spec, placement="replicated", **kw), mcfg, n), **mem)
+        others = sum(sum(estimate_memory(p, **mem).values()) for p in beside)
+        placement, why = choose_placement(weights_bytes=whole["weights"], other_bytes=others + whole["activations"] + whole["logits"],
+                                          device_bytes=device_memory(), world_size=world_size)
+        why = f"auto: {why}"
+    plan = RolePlan(name, spec, role_ds_config(name, spec, placement=placement, **kw), mcfg, n, trained, placement,
+                    "" if spec.trainable else why)
+    plan.compile = resolve_compile(plan)
+    return plan
 
 
 def resolve_compile(plan: RolePlan) -> bool:

@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from distill.config.deepspeed import requested_placement, role_ds_config
 from distill.config.errors import RecipeError
 from distill.config.presets import shipped_recipes
 from distill.config.recipe import read_recipe, validate_recipe
@@ -26,11 +25,10 @@ from distill.data.packing import model_inputs
 from distill.loop.build import apply_role_options
 from distill.loop.preflight import check_data
 from distill.losses.logps import logit_transform
-from distill.models.build import build_model, check_model_source, count_params, load_model_config
+from distill.models.build import build_model, check_model_source
 from distill.models.tokenizer_files import save_tokenizer
 from distill.plan.checks import check_model_files, check_output_dir
-from distill.plan.placement import choose_placement, device_memory, frozen_zero3_settings
-from distill.plan.planner import RolePlan, estimate_memory, format_plan, resolve_compile
+from distill.plan.planner import RolePlan, format_plan, plan_role
 from distill.plan.tokens import check_packing_attention, check_sizes, load_tokenizer, sample_texts
 from distill.runtime.launch import world_info
 from distill.runtime.roles import RoleManager
@@ -89,24 +87,9 @@ def target_dir(recipe) -> Path:
 
 
 def plan_teacher(recipe, *, world_size: int, vocab_size: int) -> RolePlan:
-    """The teacher's plan, alone on the GPUs: its placement as `distill.plan.planner.plan_roles` decides a frozen role's."""
-    spec, t = recipe.teacher, recipe.train
-    mcfg = load_model_config("teacher", spec, vocab_size)
-    n = count_params(mcfg)
-    kw = dict(micro_batch_size=t.micro_batch_size, grad_accum=1, world_size=world_size, grad_clip=t.grad_clip,
-              hidden_size=getattr(mcfg, "hidden_size", None), frozen_zero3=frozen_zero3_settings(mcfg, n))
-    placement, why = requested_placement(spec), "set by the recipe"
-    if placement is None:
-        whole = estimate_memory(RolePlan("teacher", spec, role_ds_config("teacher", spec, placement="replicated", **kw),
-                                         mcfg, n), world_size=world_size, micro_batch_size=t.micro_batch_size,
-                                seq_len=recipe.data.max_length)
-        placement, why = choose_placement(weights_bytes=whole["weights"], other_bytes=whole["activations"] + whole["logits"],
-                                          device_bytes=device_memory(), world_size=world_size)
-        why = f"auto: {why}"
-    plan = RolePlan("teacher", spec, role_ds_config("teacher", spec, placement=placement, **kw), mcfg, n, None,
-                    placement, why)
-    plan.compile = resolve_compile(plan)
-    return plan
+    """The teacher's plan, alone on the devices and one forward per micro-batch: a frozen role's placement as
+    `distill.plan.planner.plan_roles` decides it."""
+    return plan_role(recipe, "teacher", world_size=world_size, vocab_size=vocab_size, grad_accum=1)
 
 
 def cache_vocab(recipe, plan: RolePlan, tokenizer) -> int:
