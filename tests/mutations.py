@@ -166,7 +166,7 @@ MUTATIONS: list[Mutation] = [
     M("ppo-score-on-first-token", "distill/losses/ppo.py", "r.scatter_add(1, last_token(mask)[:, None]",
       "r.scatter_add(1, 0 * last_token(mask)[:, None]", [PPO_LOSS + "test_shaped_rewards_put_the_score_on_the_last_token"],
       "the sequence's score is added on its last token"),
-    M("ppo-whiten-counts-padding", "distill/losses/ppo.py", "(kept * kept).sum(), m.sum().double()])",
+    M("ppo-whiten-counts-padding", "distill/losses/advantages.py", "(kept * kept).sum(), m.sum().double()])",
       "(kept * kept).sum(), torch.tensor(float(m.numel()), dtype=torch.float64)])",
       [PPO_LOSS + "test_masked_whiten_by_hand_and_across_ranks"], "whitening reads the valid tokens only"),
     M("ppo-whiten-per-rank", "distill/trainers/ppo.py", "adv = masked_whiten(adv, mask, all_reduce=self._sum)",

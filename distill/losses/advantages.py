@@ -63,19 +63,25 @@ def _check(rewards: Tensor, num_generations: int) -> None:
         raise ValueError(f"rewards must be [N] with N a multiple of num_generations={num_generations}, got {tuple(rewards.shape)}")
 
 
-def batch_moments(x: Tensor, all_reduce: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor]:
-    """(mean, std) of the non-NaN values of ``x`` [N] on every rank, float64 scalars: one all-reduce of
-    (sum, sum of squares, count). The std is Bessel-corrected; 0 for fewer than 2 values."""
-    v = x.double()
-    ok = ~torch.isnan(v)
-    kept = torch.where(ok, v, torch.zeros_like(v))
-    stats = torch.stack([kept.sum(), (kept * kept).sum(), ok.sum().double()])  # [3]
+def masked_moments(x: Tensor, mask: Tensor, all_reduce: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """(mean, variance) of x [B, C] where mask [B, C] is 1, over every rank (``all_reduce`` sums a tensor over
+    ranks; None: this tensor is all there is), float64 scalars: one all-reduce of (sum, sum of squares, count).
+    The variance is Bessel-corrected (TRL's ``masked_var``); 0 for fewer than 2 values."""
+    v, m = x.double(), mask.bool()
+    kept = torch.where(m, v, torch.zeros_like(v))
+    stats = torch.stack([kept.sum(), (kept * kept).sum(), m.sum().double()])  # [3]
     if all_reduce is not None:
         stats = all_reduce(stats)
     total, squares, n = stats.unbind()
     mean = total / n.clamp(min=1)
     var = (squares - n * mean * mean).clamp(min=0) / (n - 1).clamp(min=1)
-    return mean, torch.where(n > 1, var.sqrt(), torch.zeros_like(var))
+    return mean, torch.where(n > 1, var, torch.zeros_like(var))
+
+
+def batch_moments(x: Tensor, all_reduce: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """(mean, std) of the non-NaN values of ``x`` [N] on every rank, float64 scalars (:func:`masked_moments`)."""
+    mean, var = masked_moments(x, ~torch.isnan(x), all_reduce)
+    return mean, var.sqrt()
 
 
 def _normalised(x: Tensor, all_reduce) -> Tensor:

@@ -24,7 +24,8 @@ from torch import Tensor
 
 from distill.config.registry import Registry, UnknownNameError
 
-from .kd import _upcast
+from distill.losses.advantages import masked_moments
+from distill.losses.kd import _upcast
 
 WHITEN_EPS = 1e-8
 """Added to the variance before its inverse square root (OpenRLHF's and TRL's constant)."""
@@ -99,21 +100,6 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: 
         out[:, t] = running
         next_value = v[:, t]
     return out, (out + v) * m
-
-
-def masked_moments(x: Tensor, mask: Tensor, all_reduce: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor]:
-    """(mean, variance) of x [B, C] where mask [B, C] is 1, over every rank (``all_reduce`` sums a tensor over
-    ranks; None: this tensor is all there is), float64 scalars: one all-reduce of (sum, sum of squares, count).
-    The variance is Bessel-corrected (TRL's ``masked_var``); 0 for fewer than 2 values."""
-    v, m = x.double(), mask.bool()
-    kept = torch.where(m, v, torch.zeros_like(v))
-    stats = torch.stack([kept.sum(), (kept * kept).sum(), m.sum().double()])  # [3]
-    if all_reduce is not None:
-        stats = all_reduce(stats)
-    total, squares, n = stats.unbind()
-    mean = total / n.clamp(min=1)
-    var = (squares - n * mean * mean).clamp(min=0) / (n - 1).clamp(min=1)
-    return mean, torch.where(n > 1, var, torch.zeros_like(var))
 
 
 def masked_whiten(x: Tensor, mask: Tensor, *, all_reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:

@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 
 from distill.config.errors import RecipeError
 from distill.data.loading import pad_id
-from distill.rl.rewards import RewardError
+from distill.rl.rewards import RewardError, load_reward_functions
 
 
 def own_tokenizer(source: str | None):
@@ -23,6 +23,26 @@ def own_tokenizer(source: str | None):
     if source is None or not any((Path(source) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
         return None
     return AutoTokenizer.from_pretrained(source)
+
+
+def reward_model_given(recipe) -> bool:
+    """Whether the recipe's `reward` role names a model (then it is built and scores every completion)."""
+    return recipe.reward.from_pretrained is not None or recipe.reward.config is not None
+
+
+def check_reward_recipe(recipe, section: str, trainer: str) -> None:
+    """An RL recipe's reward, before any weight loads: its `<section>.reward_funcs` import and have one weight each,
+    there is a function or a reward model, and the `reward` role is a frozen sequence classifier."""
+    s = getattr(recipe, section)
+    load_reward_functions(s.reward_funcs, s.reward_weights)  # importable, callable, one weight each
+    if not s.reward_funcs and not reward_model_given(recipe):
+        raise RecipeError(f"{trainer} needs a reward: name functions in `{section}.reward_funcs` (module:function) or a "
+                          "reward model in `reward.from_pretrained`")
+    if recipe.reward.trainable:
+        raise RecipeError(f"`reward.trainable: true`: the reward model is frozen in {trainer}; remove `reward.trainable`")
+    if recipe.reward.model_class != "sequence_classification":
+        raise RecipeError("`reward.model_class` must be `sequence_classification`: the reward model gives one score per "
+                          f"sequence; score with a causal LM through a reward function in `{section}.reward_funcs`")
 
 
 class RewardModelScorer:

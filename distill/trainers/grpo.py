@@ -32,7 +32,7 @@ from distill.losses.advantages import advantages, sequence_kl
 from distill.losses.grpo import get_grpo_loss, group_std, token_loss
 from distill.losses.logps import token_entropy, token_logps
 from distill.rl.batch import RepeatedData, completion_masks, pad_columns, padded_width, split_rows
-from distill.rl.reward_model import RewardModelScorer
+from distill.rl.reward_model import RewardModelScorer, check_reward_recipe, reward_model_given
 from distill.rl.rewards import load_reward_functions, weighted_reward
 from distill.rl.rollout import PromptRecords, score_rollout
 from distill.trainers.grpo_spec import GRPORecipe, GRPOSpec, sampling_spec
@@ -65,22 +65,14 @@ class GRPOTrainer(RoleTrainer):
         g, out = recipe.grpo, ["policy"]
         if g.beta != 0 and g.reference == "model":
             out.append("reference")
-        if recipe.reward.from_pretrained is not None or recipe.reward.config is not None:
+        if reward_model_given(recipe):
             out.append("reward")
         return out
 
     @classmethod
     def check_recipe(cls, recipe) -> None:
         g, t = recipe.grpo, recipe.train
-        load_reward_functions(g.reward_funcs, g.reward_weights)  # importable, callable, one weight each
-        if not g.reward_funcs and "reward" not in cls.built_roles(recipe):
-            raise RecipeError("GRPO needs a reward: name functions in `grpo.reward_funcs` (module:function) or a reward "
-                              "model in `reward.from_pretrained`")
-        if recipe.reward.trainable:
-            raise RecipeError("`reward.trainable: true`: the reward model is frozen in GRPO; remove `reward.trainable`")
-        if recipe.reward.model_class != "sequence_classification":
-            raise RecipeError("`reward.model_class` must be `sequence_classification`: the reward model gives one score per "
-                              "sequence; score with a causal LM through a reward function in `grpo.reward_funcs`")
+        check_reward_recipe(recipe, "grpo", "GRPO")
         per_step = t.micro_batch_size * t.grad_accum
         if per_step % g.num_generations:
             raise RecipeError(f"`grpo.num_generations: {g.num_generations}` must divide the completions of one step on "

@@ -23,8 +23,8 @@ from distill.loop.registry import register_trainer
 from distill.losses.logps import token_entropy, token_logps
 from distill.losses.ppo import gae, masked_whiten, policy_loss, shaped_rewards, token_kl, value_loss
 from distill.rl.batch import split_rows
-from distill.rl.reward_model import RewardModelScorer
-from distill.rl.rewards import load_reward_functions, weighted_reward
+from distill.rl.reward_model import RewardModelScorer, check_reward_recipe, reward_model_given
+from distill.rl.rewards import weighted_reward
 from distill.trainers.grpo import GRPOTrainer, _labels, completion_logits, completion_logps
 from distill.trainers.grpo_spec import sampling_spec
 from distill.trainers.ppo_spec import PPORecipe, PPOSpec
@@ -52,22 +52,14 @@ class PPOTrainer(GRPOTrainer):
     @classmethod
     def built_roles(cls, recipe) -> list[str]:
         out = ["actor", "critic"] + (["reference"] if recipe.ppo.kl_coef != 0 else [])
-        if recipe.reward.from_pretrained is not None or recipe.reward.config is not None:
+        if reward_model_given(recipe):
             out.append("reward")
         return out
 
     @classmethod
     def check_recipe(cls, recipe) -> None:
         p, t = recipe.ppo, recipe.train
-        load_reward_functions(p.reward_funcs, p.reward_weights)  # importable, callable, one weight each
-        if not p.reward_funcs and "reward" not in cls.built_roles(recipe):
-            raise RecipeError("PPO needs a reward: name functions in `ppo.reward_funcs` (module:function) or a reward "
-                              "model in `reward.from_pretrained`")
-        if recipe.reward.trainable:
-            raise RecipeError("`reward.trainable: true`: the reward model is frozen in PPO; remove `reward.trainable`")
-        if recipe.reward.model_class != "sequence_classification":
-            raise RecipeError("`reward.model_class` must be `sequence_classification`: the reward model gives one score per "
-                              "sequence; score with a causal LM through a reward function in `ppo.reward_funcs`")
+        check_reward_recipe(recipe, "ppo", "PPO")
         if recipe.critic.model_class != "token_classification":
             raise RecipeError("`critic.model_class` must be `token_classification`: the critic gives one value per token "
                               "(a causal LM's or a reward model's weights load into one, with a one-output head): remove the key")
