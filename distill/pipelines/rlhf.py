@@ -27,9 +27,14 @@ from typing import Callable
 import yaml
 from pydantic import Field, ValidationError
 
+from distill.data.reward_task import write_reward_task
 from distill.errors import RecipeError
+from distill.pipelines.rlhf_pairs import write_pairs
+from distill.pipelines.rlhf_report import write_pipeline_report
 from distill.presets import resolve_shipped
 from distill.recipe import Section, _describe, read_recipe
+from distill.rewards import load_reward_function
+from distill.trainers import load_recipe
 
 STAGES = ("sft", "pairs", "reward", "rl", "report")
 """The pipeline's stages, in order; `rl` runs every entry of the `rl:` mapping."""
@@ -109,7 +114,6 @@ def load_pipeline(path: str, overrides: list[str] | None = None) -> PipelineReci
         raise RecipeError("invalid pipeline:\n  - " + "\n  - ".join(_describe(err, PipelineRecipe, raw) for err in e.errors())) from None
     if spec.pipeline != "rlhf":
         raise RecipeError(f"`pipeline: {spec.pipeline}`: this command runs `pipeline: rlhf`")
-    from distill.rewards import load_reward_function
     load_reward_function(spec.pairs.truth, key="pairs.truth")
     if not spec.rl:
         raise RecipeError("`rl` is empty: name at least one RL run, e.g. `rl: {grpo: {recipe: distill:recipes/rlhf/grpo.yaml}}`")
@@ -156,8 +160,6 @@ def _with_truth(g: dict, truth: str) -> list[str]:
 
 
 def _check(name: str, args: list[str]) -> None:
-    from distill.trainers import load_recipe
-
     try:
         load_recipe(args[0], args[1:])
     except RecipeError as e:
@@ -190,8 +192,6 @@ class Pipeline:
         for name in spec.rl:
             self._stage(name, done, upstream, self.out / name / "summary.json", lambda n=name: self._train(n, cmds[n]),
                         _recipe_text(cmds[name][0]), cmds[name])
-        from distill.pipelines.rlhf_report import write_pipeline_report
-
         table = write_pipeline_report(self.out, list(spec.rl))
         self.log(table)
         self.log(f"pipeline: report in {self.out / 'report'} (summary.md, rewards.png, policy.png)")
@@ -215,17 +215,16 @@ class Pipeline:
                               "to continue from this stage")
 
     def _pairs(self) -> None:
-        from distill.data.reward_task import write_reward_task
-        from distill.pipelines.rlhf_pairs import write_pairs
-        from distill.rewards import load_reward_function
-
         p = self.spec.pairs
         prompts = self.out / "prompts"
         write_reward_task(prompts, seed=p.prompts_seed, n_train=max(p.n_train, 2000), n_eval=max(p.n_eval, 200))
-        meta = write_pairs(self.out / "pairs", model_dir=sft_model(self.spec), prompts_dir=prompts,
-                           truth=load_reward_function(p.truth, key="pairs.truth"), n_train=p.n_train, n_eval=p.n_eval,
-                           completions_per_prompt=p.completions_per_prompt, max_completion_length=p.max_completion_length,
-                           temperature=p.temperature, label_noise=p.label_noise, batch_size=p.batch_size, seed=p.seed)
+        try:
+            meta = write_pairs(self.out / "pairs", model_dir=sft_model(self.spec), prompts_dir=prompts,
+                               truth=load_reward_function(p.truth, key="pairs.truth"), n_train=p.n_train, n_eval=p.n_eval,
+                               completions_per_prompt=p.completions_per_prompt, max_completion_length=p.max_completion_length,
+                               temperature=p.temperature, label_noise=p.label_noise, batch_size=p.batch_size, seed=p.seed)
+        except ValueError as e:  # no pair at all: the sampling settings, not a bug
+            raise StageFailed(f"stage `pairs`: {e}") from None
         t = meta["train"]
         self.log(f"pairs: {t['pairs']} train pairs from {t['prompts']} prompts ({t['ties_skipped']} tied), {t['flipped']:.1%} "
                  f"flipped; {meta['eval']['pairs']} eval pairs; the SFT model's mean truth {t['truth_mean']:.3f}")

@@ -16,14 +16,13 @@ from typing import Any, Callable
 import torch
 
 from distill.data.synthetic import write_atomic
+from distill.generation import SamplingSpec, generate_completions
 
 
 def sample_completions(model, tokenizer, prompts: list[str], *, n: int, max_new_tokens: int, temperature: float,
                        batch_size: int, seed: int) -> list[list[str]]:
     """`n` sampled completions (text, special tokens dropped) of each prompt, as the RL trainers prompt the model:
     bos, then the prompt's tokens, nothing after (`distill.data.prompts.tokenize_prompts`)."""
-    from distill.generation import SamplingSpec, generate_completions
-
     bos, pad = tokenizer.bos_token_id, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     spec = SamplingSpec(max_new_tokens=max_new_tokens, temperature=temperature, eos_token_ids=(tokenizer.eos_token_id,),
                         pad_token_id=pad)
@@ -32,8 +31,9 @@ def sample_completions(model, tokenizer, prompts: list[str], *, n: int, max_new_
         chunk = prompts[start:start + batch_size]
         ids = [([bos] if bos is not None else []) + tokenizer(p, add_special_tokens=False)["input_ids"] for p in chunk]
         width = max(len(i) for i in ids)
-        input_ids = torch.tensor([[pad] * (width - len(i)) + i for i in ids])  # [B, P], left-padded
-        mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])  # [B, P]
+        device = next(model.parameters()).device
+        input_ids = torch.tensor([[pad] * (width - len(i)) + i for i in ids], device=device)  # [B, P], left-padded
+        mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids], device=device)  # [B, P]
         done = generate_completions(model, input_ids, mask, spec, seed=seed + start, num_generations=n,
                                     expected_rows=batch_size * n)  # tokens [B * n, C], pad after each eos
         texts = tokenizer.batch_decode(done.tokens, skip_special_tokens=True)
@@ -73,11 +73,13 @@ def write_pairs(out_dir: Path, *, model_dir: str, prompts_dir: Path, truth: Call
                 n_eval: int, completions_per_prompt: int, max_completion_length: int, temperature: float,
                 label_noise: float, batch_size: int, seed: int) -> dict[str, Any]:
     """Write `train.jsonl` and `eval.jsonl` pairs from the first `n_train` / `n_eval` prompts of `prompts_dir`'s
-    splits, then `meta.json` (last: its presence marks the directory complete). Returns the meta."""
+    splits, then `meta.json` (last: its presence marks the directory complete). Samples on the GPU when one is
+    visible. Returns the meta."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     meta: dict[str, Any] = {"model": str(model_dir), "label_noise": label_noise, "seed": seed}
     for split, n, noise in (("train", n_train, label_noise), ("eval", n_eval, 0.0)):
@@ -88,9 +90,12 @@ def write_pairs(out_dir: Path, *, model_dir: str, prompts_dir: Path, truth: Call
                                     batch_size=batch_size, seed=seed + (split == "eval"))
         pairs, stats = label_pairs(records, groups, truth, label_noise=noise, rng=random.Random(f"{seed}-{split}"))
         if not pairs:
-            raise RuntimeError(f"no {split} pair: every prompt's {completions_per_prompt} completions scored the same by "
+            raise ValueError(f"no {split} pair: every prompt's {completions_per_prompt} completions scored the same by "
                                "the truth; raise pairs.completions_per_prompt or pairs.temperature")
         write_atomic(out_dir / f"{split}.jsonl", "".join(json.dumps(p) + "\n" for p in pairs))
         meta[split] = stats
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the training stages that follow start their own processes on this GPU
     write_atomic(out_dir / "meta.json", json.dumps(meta, indent=2) + "\n")
     return meta

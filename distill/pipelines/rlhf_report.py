@@ -35,7 +35,11 @@ def verdict(s: dict) -> str:
     gamed = learned_up and s["learned"][1] > s["learned_at_peak"] and s["truth_peak"][0] - s["truth"][1] > GAIN
     if truth_gain > GAIN:
         return f"improves by the truth; past step {s['truth_peak'][1]} games the learned reward" if gamed else "improves by the truth"
-    return "games the learned reward (learned up, truth flat or down)" if learned_up else "no gain by either"
+    if not learned_up:
+        return "no gain by either"
+    fell = s["truth_peak"][0] - s["truth"][1] > GAIN
+    return (f"games the learned reward (learned up, truth down from its peak at step {s['truth_peak'][1]})" if fell
+            else "games the learned reward (learned up, truth flat)")
 
 
 def write_pipeline_report(out: Path, runs: list[str]) -> str:
