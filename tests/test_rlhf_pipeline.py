@@ -30,6 +30,8 @@ def test_ground_truth_scores_the_end_marks_of_grammatical_text_only():
     assert ground_truth(["the red cat"], ["sees a dog !"]) == [1.0]
     assert ground_truth(["a fox"], ["runs . bob sleeps !"]) == [0.5]
     assert ground_truth(["a fox"], ["runs"]) == [0.0]  # no sentence end
+    # more sentences than the training documents have (1 to 4) is a length, not a grammar error
+    assert ground_truth(["a dog runs ."], ["a cat sleeps . bob runs ! a dog sleeps . a cat runs ! bob runs !"]) == [0.6]
     # one more "!" where the grammar allows none, a doubled article, a verb for an inanimate subject: 0
     assert ground_truth(["the red cat", "the", "a tree"], ["sees a dog ! !", "the dog runs !", "sings !"]) == [0.0, 0.0, 0.0]
     assert ground_truth([[{"role": "user", "content": "a fox"}]], [[{"role": "assistant", "content": "runs !"}]]) == [1.0]

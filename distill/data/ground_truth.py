@@ -34,8 +34,13 @@ def _text(x: Any) -> str:
 
 
 def grammatical(words: list[str], *, seed: int = LANGUAGE_SEED) -> bool:
-    """Whether `words` is a prefix of a document the language can produce (every word possible where it stands)."""
-    return len(_language(seed).next_token_distributions(words)) == len(words) + 1
+    """Whether the grammar allows every word of `words` where it stands: a prefix of a run of sentences. (Documents of
+    the training data also have 1 to 4 sentences; that is their length, not their grammar, and is not checked.)"""
+    try:
+        _language(seed).state_after(words)
+    except ValueError:
+        return False
+    return True
 
 
 def score(prompt: str, completion: str, *, seed: int = LANGUAGE_SEED) -> float:

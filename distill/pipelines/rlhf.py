@@ -123,6 +123,7 @@ def load_pipeline(path: str, overrides: list[str] | None = None) -> PipelineReci
 
 
 def sft_model(spec: PipelineRecipe) -> str:
+    """The SFT model's directory: the SFT stage's `final/model/` when it trains one, else `sft.from_pretrained`."""
     out = Path(spec.output_dir)
     return str(out / "sft" / "final" / "model") if spec.sft.recipe else resolve_shipped(spec.sft.from_pretrained or "")
 
