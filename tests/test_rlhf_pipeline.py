@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from distill.data.ground_truth import ground_truth, score
+from distill.data.ground_truth import grammatical, ground_truth, score
 from distill.data.synthetic import ENDS, SyntheticLanguage
 from distill.pipelines.rlhf import Pipeline, load_pipeline, stage_commands
 from distill.pipelines.rlhf_pairs import label_pairs, write_pairs
@@ -35,6 +35,7 @@ def test_ground_truth_scores_the_end_marks_of_grammatical_text_only():
     # one more "!" where the grammar allows none, a doubled article, a verb for an inanimate subject: 0
     assert ground_truth(["the red cat", "the", "a tree"], ["sees a dog ! !", "the dog runs !", "sings !"]) == [0.0, 0.0, 0.0]
     assert ground_truth([[{"role": "user", "content": "a fox"}]], [[{"role": "assistant", "content": "runs !"}]]) == [1.0]
+    assert grammatical(["the red cat", "the red cat", "a fox"], ["sees a dog ! !", "sees a dog", "runs ."]) == [0.0, 1.0, 1.0]
 
 
 def test_pairs_take_the_best_and_worst_completion_and_flip_at_the_noise_rate():
@@ -98,7 +99,8 @@ def test_rl_stages_get_the_sft_model_the_learned_reward_and_the_truth_at_weight_
         assert recipe.reward.from_pretrained == str(tmp_path / "reward" / "final" / "reward")
         assert recipe.policy.from_pretrained == recipe.reference.from_pretrained == spec.sft.from_pretrained.replace(
             "distill:", str(REPO / "distill") + "/")
-        assert recipe.grpo.reward_funcs == ["distill.data.ground_truth:ground_truth"] and recipe.grpo.reward_weights == [0.0]
+        assert recipe.grpo.reward_funcs == ["distill.data.ground_truth:ground_truth", "distill.data.ground_truth:grammatical"]
+        assert recipe.grpo.reward_weights == [0.0, 0.0]
         assert recipe.data.eval == str(tmp_path / "prompts" / "eval.jsonl")
     reward, _ = load_recipe(cmds["reward"][0], cmds["reward"][1:])
     assert reward.data.train == str(tmp_path / "pairs" / "train.jsonl")
@@ -147,7 +149,7 @@ def test_pipeline_learns_a_reward_model_and_raises_the_truth(tmp_path):
         assert evals[-1]["eval/rewards/ground_truth"] > evals[0]["eval/rewards/ground_truth"] + 0.1, (name, evals)
         steps = [r for r in rows if "rewards/ground_truth" in r]
         assert [r["step"] for r in steps] == list(range(1, 11))
-        assert all({"rewards/reward_model", "kl", "completions/mean_length"} <= set(r) for r in steps)
+        assert all({"rewards/reward_model", "rewards/grammatical", "kl", "completions/mean_length"} <= set(r) for r in steps)
         truth = [r["eval/rewards/ground_truth"] for r in evals]
         assert f"| {name} | 10 |" in table and f"| {truth[0]:.3f} → {truth[-1]:.3f} |" in table
     assert (out / "report" / "rewards.png").stat().st_size > 0

@@ -9,7 +9,8 @@ while the truth gives it 0. That is the gap between the learned reward and the t
 (distill/pipelines/rlhf.py, docs/rlhf-pipeline.md).
 
 Named in a recipe as `distill.data.ground_truth:ground_truth` (with weight 0 in `grpo.reward_weights` it is
-logged, `rewards/ground_truth`, and trains nothing).
+logged, `rewards/ground_truth`, and trains nothing); `distill.data.ground_truth:grammatical` logs the share of
+completions that keep to the grammar.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def _text(x: Any) -> str:
     return x if isinstance(x, str) else " ".join(m["content"] for m in x)
 
 
-def grammatical(words: list[str], *, seed: int = LANGUAGE_SEED) -> bool:
+def is_grammatical(words: list[str], *, seed: int = LANGUAGE_SEED) -> bool:
     """Whether the grammar allows every word of `words` where it stands: a prefix of a run of sentences. (Documents of
     the training data also have 1 to 4 sentences; that is their length, not their grammar, and is not checked.)"""
     try:
@@ -47,7 +48,7 @@ def score(prompt: str, completion: str, *, seed: int = LANGUAGE_SEED) -> float:
     """The truth of one completion: the share of its sentence ends that are `!` (0 without any), 0 when the prompt
     followed by the completion breaks the grammar."""
     words = completion.split()
-    if not grammatical(prompt.split() + words, seed=seed):
+    if not is_grammatical(prompt.split() + words, seed=seed):
         return 0.0
     ends = [w for w in words if w in ENDS]
     return sum(w == MARK for w in ends) / len(ends) if ends else 0.0
@@ -56,3 +57,9 @@ def score(prompt: str, completion: str, *, seed: int = LANGUAGE_SEED) -> float:
 def ground_truth(prompts: list, completions: list, **columns) -> list[float]:
     """Per completion, its `score` against its prompt (a reward function: `distill.data.ground_truth:ground_truth`)."""
     return [score(_text(p), _text(c)) for p, c in zip(prompts, completions)]
+
+
+def grammatical(prompts: list, completions: list, **columns) -> list[float]:
+    """Per completion, 1.0 when the prompt followed by it keeps to the grammar, else 0.0: the share of a policy's text
+    the truth can score at all (a reward function, logged beside the truth: `distill.data.ground_truth:grammatical`)."""
+    return [float(is_grammatical(_text(p).split() + _text(c).split())) for p, c in zip(prompts, completions)]

@@ -102,6 +102,9 @@ class PipelineRecipe(Section):
     """RL runs by name (`grpo`, `rloo`, ...), each a recipe of a trainer in `RL_WIRING`, run in order."""
     rl_overrides: list[str] = []
     """Overrides applied to every `rl` run (after its own), e.g. train.max_steps=10."""
+    logged: list[str] = ["distill.data.ground_truth:grammatical"]
+    """More reward functions (`module:function`) the RL runs log beside the truth with weight 0, and the report
+    tabulates: what explains a gap between the learned reward and the truth."""
 
 
 def load_pipeline(path: str, overrides: list[str] | None = None) -> PipelineRecipe:
@@ -115,6 +118,8 @@ def load_pipeline(path: str, overrides: list[str] | None = None) -> PipelineReci
     if spec.pipeline != "rlhf":
         raise RecipeError(f"`pipeline: {spec.pipeline}`: this command runs `pipeline: rlhf`")
     load_reward_function(spec.pairs.truth, key="pairs.truth")
+    for f in spec.logged:
+        load_reward_function(f, key="logged")
     if not spec.rl:
         raise RecipeError("`rl` is empty: name at least one RL run, e.g. `rl: {grpo: {recipe: distill:recipes/rlhf/grpo.yaml}}`")
     for name, args in stage_commands(spec).items():
@@ -148,16 +153,16 @@ def stage_commands(spec: PipelineRecipe) -> dict[str, list[str]]:
                               f"{', '.join(RL_WIRING)} (RLOO is `grpo.advantage: rloo`)")
         cmds[name] = [recipe, *stage.overrides, *spec.rl_overrides, *RL_WIRING[trainer](sft, str(out / "reward" / "final" / "reward")),
                       f"data.train={prompts / 'train.jsonl'}", f"data.eval={prompts / 'eval.jsonl'}", "data.synthetic_seed=null",
-                      *_with_truth(raw.get("grpo") or {}, p.truth), f"output_dir={out / name}", "overwrite=true"]
+                      *_logged(raw.get("grpo") or {}, [p.truth, *spec.logged]), f"output_dir={out / name}", "overwrite=true"]
     return cmds
 
 
-def _with_truth(g: dict, truth: str) -> list[str]:
-    """Overrides that add the truth to an RL recipe's reward functions with weight 0: logged (`rewards/<name>`, in
-    training and on the held-out prompts), never trained on."""
+def _logged(g: dict, extra: list[str]) -> list[str]:
+    """Overrides that add the truth and the other `extra` functions to an RL recipe's reward functions with weight 0:
+    logged (`rewards/<name>`, in training and on the held-out prompts), never trained on."""
     funcs = list(g.get("reward_funcs") or [])
     weights = list(g.get("reward_weights") or [1.0] * len(funcs))
-    return [f"grpo.reward_funcs={json.dumps(funcs + [truth])}", f"grpo.reward_weights={json.dumps(weights + [0.0])}"]
+    return [f"grpo.reward_funcs={json.dumps(funcs + extra)}", f"grpo.reward_weights={json.dumps(weights + [0.0] * len(extra))}"]
 
 
 def _check(name: str, args: list[str]) -> None:
@@ -193,7 +198,7 @@ class Pipeline:
         for name in spec.rl:
             self._stage(name, done, upstream, self.out / name / "summary.json", lambda n=name: self._train(n, cmds[n]),
                         _recipe_text(cmds[name][0]), cmds[name])
-        table = write_pipeline_report(self.out, list(spec.rl))
+        table = write_pipeline_report(self.out, list(spec.rl), logged=[f.rpartition(":")[2] for f in spec.logged])
         self.log(table)
         self.log(f"pipeline: report in {self.out / 'report'} (summary.md, rewards.png, policy.png)")
         return {"table": table}

@@ -17,15 +17,17 @@ GAIN = 0.05
 """A change of the truth smaller than this (its scale is 0 to 1) counts as flat."""
 
 
-def run_summary(run: Path) -> dict:
-    """Start and end of the held-out learned reward and truth, the truth's peak, the last KL and the lengths."""
+def run_summary(run: Path, logged: list[str] = ()) -> dict:
+    """Start and end of the held-out learned reward and truth, the truth's peak, the last KL and the lengths, and of
+    each `logged` reward function's held-out mean."""
     data = series(read_metrics(run))
     (steps, learned), (_, truth) = data[f"eval/{LEARNED}"], data[f"eval/{TRUTH}"]
     peak = max(range(len(truth)), key=truth.__getitem__)
     lengths = data["eval/completions/mean_length"][1]
     return {"steps": steps[-1], "learned": (learned[0], learned[-1]), "truth": (truth[0], truth[-1]),
             "truth_peak": (truth[peak], steps[peak]), "learned_at_peak": learned[peak],
-            "kl": data["kl"][1][-1] if "kl" in data else None, "length": (lengths[0], lengths[-1])}
+            "kl": data["kl"][1][-1] if "kl" in data else None, "length": (lengths[0], lengths[-1]),
+            "logged": {name: (v[0], v[-1]) for name in logged if (v := data.get(f"eval/rewards/{name}", (0, []))[1])}}
 
 
 def verdict(s: dict) -> str:
@@ -42,7 +44,9 @@ def verdict(s: dict) -> str:
             else "games the learned reward (learned up, truth flat)")
 
 
-def write_pipeline_report(out: Path, runs: list[str]) -> str:
+def write_pipeline_report(out: Path, runs: list[str], *, logged: list[str] = ()) -> str:
+    """report/rewards.png, report/policy.png and report/summary.md of the RL `runs` under `out`, the held-out means of
+    the `logged` reward functions (metric names) in the table; returns the table."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -59,6 +63,9 @@ def write_pipeline_report(out: Path, runs: list[str]) -> str:
             if key in d:
                 axis.plot(*d[key], color=color, linestyle="--", alpha=0.4, label=f"{label} (train batches)")
             axis.set_ylabel(label, color=color, fontsize=8)
+        for key in logged:  # on the truth's axis: the shipped one, like the truth, is a share from 0 to 1
+            if f"eval/rewards/{key}" in d:
+                ax.plot(*d[f"eval/rewards/{key}"], color="tab:gray", linestyle=":", marker=".", label=f"{key} (held-out)")
         ax.set_title(name, fontsize=9)
         ax.grid(alpha=0.3)
         handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
@@ -84,12 +91,12 @@ def write_pipeline_report(out: Path, runs: list[str]) -> str:
     fig.savefig(report / "policy.png", dpi=110)
     plt.close(fig)
 
-    table = summary_table(out, runs)
+    table = summary_table(out, runs, logged)
     (report / "summary.md").write_text(table + "\n")
     return table
 
 
-def summary_table(out: Path, runs: list[str]) -> str:
+def summary_table(out: Path, runs: list[str], logged: list[str] = ()) -> str:
     lines = [f"# {out.name}", ""]
     meta_file = out / "pairs" / "meta.json"
     if meta_file.is_file():
@@ -101,12 +108,15 @@ def summary_table(out: Path, runs: list[str]) -> str:
         h = json.loads(rm.read_text())
         lines += [f"Reward model: eval accuracy against the truth {h['before']['accuracy']:.3f} before training, "
                   f"{h['after']['accuracy']:.3f} after.", ""]
-    lines += ["| run | steps | learned reward (held-out) | ground truth (held-out) | truth peak (step) | KL at end | length | verdict |",
-              "|---|---:|---|---|---|---:|---|---|"]
+    lines += ["| run | steps | learned reward (held-out) | ground truth (held-out) | truth peak (step) | KL at end | length | "
+              + "".join(f"{name} | " for name in logged) + "verdict |",
+              "|---|---:|---|---|---|---:|---|" + "---|" * len(logged) + "---|"]
     for name in runs:
-        s = run_summary(out / name)
+        s = run_summary(out / name, logged)
         kl = "" if s["kl"] is None else f"{s['kl']:.3f}"
+        extra = "".join(f"{a:.3f} → {b:.3f} | " if (a, b) != (None, None) else " | "
+                        for a, b in (s["logged"].get(n, (None, None)) for n in logged))
         lines.append(f"| {name} | {s['steps']} | {s['learned'][0]:.3f} → {s['learned'][1]:.3f} | {s['truth'][0]:.3f} → "
                      f"{s['truth'][1]:.3f} | {s['truth_peak'][0]:.3f} ({s['truth_peak'][1]}) | {kl} | "
-                     f"{s['length'][0]:.1f} → {s['length'][1]:.1f} | {verdict(s)} |")
+                     f"{s['length'][0]:.1f} → {s['length'][1]:.1f} | {extra}{verdict(s)} |")
     return "\n".join(lines)
