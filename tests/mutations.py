@@ -190,7 +190,7 @@ MUTATIONS: list[Mutation] = [
       "build_time.py times the model's build"),
     # -- the RLHF pipeline where the truth is known ---------------------------------------------------------------
     M("rlhf-truth-ignores-the-grammar", "distill/data/ground_truth.py",
-      "    if not grammatical(prompt.split() + words, seed=seed):\n        return 0.0\n", "",
+      "    if not is_grammatical(prompt.split() + words, seed=seed):\n        return 0.0\n", "",
       [RLHF + "test_ground_truth_scores_the_end_marks_of_grammatical_text_only"],
       "the ground truth gives 0 to text the grammar cannot produce"),
     M("rlhf-pair-prefers-the-worse", "distill/pipelines/rlhf_pairs.py",
@@ -205,7 +205,7 @@ MUTATIONS: list[Mutation] = [
       '(("train", n_train, label_noise), ("eval", n_eval, 0.0))', '(("train", n_train, label_noise), ("eval", n_eval, label_noise))',
       [RLHF + "test_written_pairs_are_the_models_samples_with_noise_on_train_pairs_only"],
       "eval pairs are never swapped: the reward model's eval accuracy is its agreement with the truth"),
-    M("rlhf-the-truth-trains", "distill/pipelines/rlhf.py", "json.dumps(weights + [0.0])", "json.dumps(weights + [1.0])",
+    M("rlhf-the-truth-trains", "distill/pipelines/rlhf.py", "json.dumps(weights + [0.0] * len(extra))", "json.dumps(weights + [1.0] * len(extra))",
       [RLHF + "test_rl_stages_get_the_sft_model_the_learned_reward_and_the_truth_at_weight_zero"],
       "the RL stages learn from the reward model alone; the truth is logged with weight 0"),
     M("rlhf-report-truth-is-the-learned-reward", "distill/pipelines/rlhf_report.py",
