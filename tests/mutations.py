@@ -57,6 +57,7 @@ def M(name: str, file: str, old: str, new: str, tests: list[str], claim: str) ->
 
 
 T = "tests/"
+RLHF = T + "test_rlhf_pipeline.py::"
 RESUME = T + "test_checkpoint.py::test_sigterm_saves_a_checkpoint_and_the_resumed_run_equals_an_uninterrupted_one_bitwise"
 ROLES = T + "test_multiprocess.py::test_roles_switch_shard_logits_save_and_uneven_eval"
 DISTILL_2RANKS = T + "test_multiprocess.py::test_distill_run_matches_whole_reference"
@@ -221,6 +222,34 @@ MUTATIONS: list[Mutation] = [
       "    start = time.perf_counter()\n",
       [T + "test_benchmarks.py::test_build_time_reports_the_cpu_build_of_the_pairs_teacher"],
       "build_time.py times the model's build"),
+    # -- the RLHF pipeline where the truth is known ---------------------------------------------------------------
+    M("rlhf-truth-ignores-the-grammar", "distill/data/ground_truth.py",
+      "    if not is_grammatical(prompt.split() + words, seed=seed):\n        return 0.0\n", "",
+      [RLHF + "test_ground_truth_scores_the_end_marks_of_grammatical_text_only"],
+      "the ground truth gives 0 to text the grammar cannot produce"),
+    M("rlhf-pair-prefers-the-worse", "distill/pipelines/rlhf_pairs.py",
+      "chosen, rejected = (worst, best) if flipped else (best, worst)", "chosen, rejected = (best, worst) if flipped else (worst, best)",
+      [RLHF + "test_pairs_take_the_best_and_worst_completion_and_flip_at_the_noise_rate"],
+      "a pair's chosen completion is the one the truth prefers, unless the label noise swapped it"),
+    M("rlhf-empty-completion-in-a-pair", "distill/pipelines/rlhf_pairs.py",
+      "kept = [i for i, c in enumerate(group) if c.strip()]", "kept = list(range(len(group)))",
+      [RLHF + "test_pairs_take_the_best_and_worst_completion_and_flip_at_the_noise_rate"],
+      "an empty completion is in no pair"),
+    M("rlhf-eval-pairs-noisy", "distill/pipelines/rlhf_pairs.py",
+      '(("train", n_train, label_noise), ("eval", n_eval, 0.0))', '(("train", n_train, label_noise), ("eval", n_eval, label_noise))',
+      [RLHF + "test_written_pairs_are_the_models_samples_with_noise_on_train_pairs_only"],
+      "eval pairs are never swapped: the reward model's eval accuracy is its agreement with the truth"),
+    M("rlhf-the-truth-trains", "distill/pipelines/rlhf.py", "json.dumps(weights + [0.0] * len(extra))", "json.dumps(weights + [1.0] * len(extra))",
+      [RLHF + "test_rl_stages_get_the_sft_model_the_learned_reward_and_the_truth_at_weight_zero"],
+      "the RL stages learn from the reward model alone; the truth is logged with weight 0"),
+    M("rlhf-report-truth-is-the-learned-reward", "distill/pipelines/rlhf_report.py",
+      '(steps, learned), (_, truth) = data[f"eval/{LEARNED}"], data[f"eval/{TRUTH}"]',
+      '(steps, learned), (_, truth) = data[f"eval/{LEARNED}"], data[f"eval/{LEARNED}"]',
+      [RLHF + "test_pipeline_learns_a_reward_model_and_raises_the_truth"],
+      "the report's table holds the held-out truth of each RL run"),
+    M("rlhf-finished-stage-runs-again", "distill/pipelines/rlhf.py", "if done.get(name) == key and marker.is_file():",
+      "if False:", [RLHF + "test_pipeline_learns_a_reward_model_and_raises_the_truth"],
+      "a finished stage is skipped when the pipeline runs again"),
 ]
 
 

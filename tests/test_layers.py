@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DISTILL = ROOT / "distill"
 
 PACKAGES = ["config", "data", "losses", "models", "plan", "runtime", "generation", "teacher_cache", "rl", "loop",
-            "trainers", "cli"]
+            "trainers", "cli", "pipelines"]
 """Bottom to top: a module may import its own package and the packages before it, never one after it."""
 ENTRY_POINTS = {"distill", "distill.__main__", "distill.train", "distill.export", "distill.report", "distill.recipe_doc",
                 "distill.teacher_cache.__main__"}

@@ -76,7 +76,8 @@ def recipe_model(trainer_cls) -> type[RecipeBase]:
     return create_model(f"{trainer_cls.__name__}Recipe", __base__=declared, **fields) if fields else declared
 
 
-def _describe(err: dict, model: type[BaseModel], raw: dict) -> str:
+def describe_error(err: dict, model: type[BaseModel], raw: dict) -> str:
+    """One line for one pydantic error of `model` read from `raw`: the dotted key, what is wrong, and the fix."""
     loc = [str(p) for p in err["loc"]]
     key = ".".join(loc)
     if err["type"] == "extra_forbidden":
@@ -126,7 +127,7 @@ def validate_recipe(raw: dict, trainer_cls) -> RecipeBase:
     try:
         recipe = model.model_validate(raw)
     except ValidationError as e:
-        lines = [_describe(err, model, raw) for err in e.errors()]
+        lines = [describe_error(err, model, raw) for err in e.errors()]
         raise RecipeError("invalid recipe:\n  - " + "\n  - ".join(lines)) from None
     for name in trainer_cls.roles:
         role = getattr(recipe, name)
