@@ -42,8 +42,9 @@ STAGES = ("sft", "pairs", "reward", "rl", "report")
 
 RL_WIRING: dict[str, Callable[[str, str], list[str]]] = {
     "grpo": lambda sft, reward: [f"policy.from_pretrained={sft}", f"reward.from_pretrained={reward}"],
-    # ppo joins here once `trainer: ppo` lands: the actor from the SFT model, the critic and the reward role from the
-    # reward model, e.g. [f"actor.from_pretrained={sft}", f"critic.from_pretrained={reward}", f"reward.from_pretrained={reward}"]
+    # The critic starts from the reward model: its body already reads the completions the scores depend on.
+    "ppo": lambda sft, reward: [f"actor.from_pretrained={sft}", f"critic.from_pretrained={reward}",
+                                f"reward.from_pretrained={reward}"],
 }
 """How each RL trainer takes the SFT model and the learned reward model: overrides of its recipe, by trainer name."""
 
@@ -154,16 +155,18 @@ def stage_commands(spec: PipelineRecipe) -> dict[str, list[str]]:
                               f"{', '.join(RL_WIRING)} (RLOO is `grpo.advantage: rloo`)")
         cmds[name] = [recipe, *stage.overrides, *spec.rl_overrides, *RL_WIRING[trainer](sft, str(out / "reward" / "final" / "reward")),
                       f"data.train={prompts / 'train.jsonl'}", f"data.eval={prompts / 'eval.jsonl'}", "data.synthetic_seed=null",
-                      *_logged(raw.get("grpo") or {}, [p.truth, *spec.logged]), f"output_dir={out / name}", "overwrite=true"]
+                      *_logged(trainer, raw.get(trainer) or {}, [p.truth, *spec.logged]), f"output_dir={out / name}", "overwrite=true"]
     return cmds
 
 
-def _logged(g: dict, extra: list[str]) -> list[str]:
-    """Overrides that add the truth and the other `extra` functions to an RL recipe's reward functions with weight 0:
-    logged (`rewards/<name>`, in training and on the held-out prompts), never trained on."""
+def _logged(section: str, g: dict, extra: list[str]) -> list[str]:
+    """Overrides that add the truth and the other `extra` functions to an RL recipe's reward functions (its `section`,
+    the trainer's name) with weight 0: logged (`rewards/<name>`, in training and on the held-out prompts), never
+    trained on."""
     funcs = list(g.get("reward_funcs") or [])
     weights = list(g.get("reward_weights") or [1.0] * len(funcs))
-    return [f"grpo.reward_funcs={json.dumps(funcs + extra)}", f"grpo.reward_weights={json.dumps(weights + [0.0] * len(extra))}"]
+    return [f"{section}.reward_funcs={json.dumps(funcs + extra)}",
+            f"{section}.reward_weights={json.dumps(weights + [0.0] * len(extra))}"]
 
 
 def _check(name: str, args: list[str]) -> None:
