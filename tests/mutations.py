@@ -205,6 +205,11 @@ MUTATIONS: list[Mutation] = [
     M("generation-unseeded", "distill/generation/generate.py", "            torch.manual_seed(seed)", "            pass",
       [GENERATION + "test_sampling_is_seeded_and_bounded_by_min_and_max_new_tokens"],
       "every generation call is seeded: the same seed, the same completions"),
+    # -- data -----------------------------------------------------------------------------------------------------
+    M("synthetic-entropy-one-eos-chance", "distill/data/synthetic.py",
+      "key = (state, min(done, hi) if include_eos", "key = (state, lo if include_eos",
+      [T + "data/test_data.py::test_entropy_estimate_is_the_mean_entropy_of_the_visited_predictions"],
+      "the synthetic language's entropy floor counts the chance of <eos> after each sentence count"),
     # -- what is reported -----------------------------------------------------------------------------------------
     M("tracking-drops-a-metric", "distill/loop/tracking.py", 'if k != "step" and isinstance(v, (int, float))',
       'if k not in ("step", "lr") and isinstance(v, (int, float))',
