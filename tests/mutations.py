@@ -206,6 +206,10 @@ MUTATIONS: list[Mutation] = [
       [GENERATION + "test_sampling_is_seeded_and_bounded_by_min_and_max_new_tokens"],
       "every generation call is seeded: the same seed, the same completions"),
     # -- data -----------------------------------------------------------------------------------------------------
+    M("packing-without-positions", "distill/data/packing.py",
+      '"position_ids": batch["position_ids"], "use_cache": False}', '"use_cache": False}',
+      [T + "data/test_packing.py::test_packed_run_trains_and_evaluates_like_the_unpacked_one"],
+      "a packed batch evaluates as the unpacked one: each document attends to itself only, from position 0"),
     M("synthetic-entropy-one-eos-chance", "distill/data/synthetic.py",
       "key = (state, min(done, hi) if include_eos", "key = (state, lo if include_eos",
       [T + "data/test_data.py::test_entropy_estimate_is_the_mean_entropy_of_the_visited_predictions"],
