@@ -1,4 +1,4 @@
-"""The fenced code blocks of README.md and docs/*.md, and how `tests/test_docs_blocks.py` runs each one.
+"""The fenced code blocks of README.md and docs/*.md, and how `tests/system/test_docs_blocks.py` runs each one.
 
 Rules (a block that fits none of them fails the test, so new docs cannot add untested code):
 

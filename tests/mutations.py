@@ -57,21 +57,21 @@ def M(name: str, file: str, old: str, new: str, tests: list[str], claim: str) ->
 
 
 T = "tests/"
-RLHF = T + "test_rlhf_pipeline.py::"
-RESUME = T + "test_checkpoint.py::test_sigterm_saves_a_checkpoint_and_the_resumed_run_equals_an_uninterrupted_one_bitwise"
-ROLES = T + "test_multiprocess.py::test_roles_switch_shard_logits_save_and_uneven_eval"
-DISTILL_2RANKS = T + "test_multiprocess.py::test_distill_run_matches_whole_reference"
-REUSED_GRPO = T + "test_grpo.py::test_zero3_reward_model_with_reused_batches"
-GENERATION = T + "test_generation.py::"
-PPO_LOSS = T + "test_ppo_loss.py::"
-PPO_2RANKS = T + "test_ppo.py::test_two_processes_step_as_one_process_replay_and_resume_exactly"
+RLHF = T + "pipelines/test_rlhf_pipeline.py::"
+RESUME = T + "loop/test_checkpoint.py::test_sigterm_saves_a_checkpoint_and_the_resumed_run_equals_an_uninterrupted_one_bitwise"
+ROLES = T + "runtime/test_multiprocess.py::test_roles_switch_shard_logits_save_and_uneven_eval"
+DISTILL_2RANKS = T + "runtime/test_multiprocess.py::test_distill_run_matches_whole_reference"
+REUSED_GRPO = T + "trainers/test_grpo.py::test_zero3_reward_model_with_reused_batches"
+GENERATION = T + "generation/test_generation.py::"
+PPO_LOSS = T + "losses/test_ppo_loss.py::"
+PPO_2RANKS = T + "trainers/test_ppo.py::test_two_processes_step_as_one_process_replay_and_resume_exactly"
 MUTATIONS: list[Mutation] = [
     # -- checkpoints and resume ------------------------------------------------------------------------------
     M("checkpoint-scheduler", "distill/loop/checkpoint.py",
       "        role.scheduler.load_state_dict(json.loads((path / role.name / \"scheduler.json\").read_text()))\n", "",
-      [T + "test_tracking.py::test_tensorboard_scalars_equal_metrics_jsonl_across_a_resume",
-       T + "test_lora.py::test_lora_resume_equals_uninterrupted_and_export_gives_the_merged_model",
-       T + "test_on_policy.py::test_resumed_on_policy_run_samples_and_trains_like_an_uninterrupted_one", RESUME],
+      [T + "loop/test_tracking.py::test_tensorboard_scalars_equal_metrics_jsonl_across_a_resume",
+       T + "models/test_lora.py::test_lora_resume_equals_uninterrupted_and_export_gives_the_merged_model",
+       T + "trainers/test_on_policy.py::test_resumed_on_policy_run_samples_and_trains_like_an_uninterrupted_one", RESUME],
       "a resumed run has the learning rate of the step it resumes at"),
     M("checkpoint-torch-rng", "distill/loop/checkpoint.py", "    torch.set_rng_state(rng[\"torch\"])\n", "", [RESUME],
       "a resumed run draws what the uninterrupted run draws (dropout)"),
@@ -80,11 +80,11 @@ MUTATIONS: list[Mutation] = [
       "making a data iterator leaves the global RNG alone, so a resumed run's dropout masks are the uninterrupted run's"),
     M("checkpoint-latest-without-state-file", "distill/loop/checkpoint.py",
       "    return path if (path / STATE_FILE).is_file() else None", "    return path",
-      [T + "test_rundir.py::test_prune_keeps_the_newest_by_step_and_drops_a_left_timeline"],
+      [T + "loop/test_rundir.py::test_prune_keeps_the_newest_by_step_and_drops_a_left_timeline"],
       "only a complete checkpoint (trainer_state.json, written last) is resumed from"),
     M("checkpoint-prune-keeps-a-left-timeline", "distill/loop/checkpoint.py",
       "    for old in later + kept[:-keep]:", "    for old in kept[:-keep]:",
-      [T + "test_rundir.py::test_prune_keeps_the_newest_by_step_and_drops_a_left_timeline"],
+      [T + "loop/test_rundir.py::test_prune_keeps_the_newest_by_step_and_drops_a_left_timeline"],
       "checkpoints of a timeline the run left are deleted"),
     # -- roles and ranks ------------------------------------------------------------------------------------
     M("role-switch-does-not-restore", "distill/runtime/roles.py",
@@ -102,7 +102,7 @@ MUTATIONS: list[Mutation] = [
       "a ZeRO-3 role is built under zero.Init: born sharded, never whole in one process"),
     M("watchdog-misses-a-lost-launcher", "distill/runtime/ranks.py",
       "        if self._parent is not None and os.getppid() != self._parent:", "        if False:",
-      [T + "test_rundir.py::test_a_second_run_is_refused_and_a_killed_launcher_takes_its_ranks_with_it"],
+      [T + "loop/test_rundir.py::test_a_second_run_is_refused_and_a_killed_launcher_takes_its_ranks_with_it"],
       "the ranks of a killed launcher stop instead of training on"),
     # -- the step ---------------------------------------------------------------------------------------------
     M("loss-local-token-count", "distill/loop/trainer.py",
@@ -114,28 +114,28 @@ MUTATIONS: list[Mutation] = [
       [DISTILL_2RANKS], "the step's gradient is that of the global mean (DeepSpeed averages over ranks)"),
     M("nan-step-not-agreed", "distill/loop/trainer.py", "*((~torch.isfinite(totals[keys[n]])).float().to(self.device) for n in roles)",
       "*(torch.zeros((), device=self.device) for n in roles)",
-      [T + "test_multiprocess.py::test_nan_losses_in_a_row_stop_every_rank_together"],
+      [T + "runtime/test_multiprocess.py::test_nan_losses_in_a_row_stop_every_rank_together"],
       "every rank learns that a rank's loss was NaN/Inf; max_bad_steps in a row stop the run"),
     M("grad-clip-null-clips-at-1", "distill/config/deepspeed.py", "float(grad_clip or 0.0)", "float(grad_clip or 1.0)",
-      [T + "test_multiprocess.py::test_grad_clip_matches_a_reference_optimizer_step"],
+      [T + "runtime/test_multiprocess.py::test_grad_clip_matches_a_reference_optimizer_step"],
       "`train.grad_clip: null` does not clip (DeepSpeed clips at 1.0 when its key is absent)"),
     # -- KD -----------------------------------------------------------------------------------------------------
     M("kd-forward-kl-direction", "distill/losses/kd.py", "    per_token = _kl(t.log_softmax(-1), s.log_softmax(-1))",
-      "    per_token = _kl(s.log_softmax(-1), t.log_softmax(-1))", [T + "test_losses.py::test_matches_reference"],
+      "    per_token = _kl(s.log_softmax(-1), t.log_softmax(-1))", [T + "losses/test_losses.py::test_matches_reference"],
       "forward_kl is KL(teacher || student)"),
     M("kd-temperature-not-squared", "distill/losses/kd.py",
       "    return total * (temperature**2) / _denominator(mask, num_valid_tokens, total)",
-      "    return total / _denominator(mask, num_valid_tokens, total)", [T + "test_losses.py::test_matches_reference"],
+      "    return total / _denominator(mask, num_valid_tokens, total)", [T + "losses/test_losses.py::test_matches_reference"],
       "KD losses at temperature T are scaled by T^2 (Hinton et al.), as TRL's"),
     M("kd-chunked-bf16-weight-grad-accumulation", "distill/losses/chunked.py",
       "        acc_dtype = torch.promote_types(weight.dtype, torch.float32)", "        acc_dtype = weight.dtype",
-      [T + f"test_chunked_loss.py::test_bf16_multi_chunk_weight_grad_accumulates_in_fp32[{loss}]"
+      [T + f"losses/test_chunked_loss.py::test_bf16_multi_chunk_weight_grad_accumulates_in_fp32[{loss}]"
        for loss in ("generalized_jsd", "forward_kl")],
       "the chunked KD loss accumulates a bf16 weight gradient in fp32"),
     # -- DPO ------------------------------------------------------------------------------------------------------
     M("dpo-loss-without-beta", "distill/losses/preference.py", "    loss = -F.logsigmoid(beta * h)",
       "    loss = -F.logsigmoid(h)",
-      [T + "test_preference_losses.py::test_matches_reference", T + "test_trl_parity.py::test_first_dpo_steps_match_trl"],
+      [T + "losses/test_preference_losses.py::test_matches_reference", T + "trainers/test_trl_parity.py::test_first_dpo_steps_match_trl"],
       "the sigmoid DPO loss is TRL's, -log sigmoid(beta * margin)"),
     M("dpo-reference-decays", "distill/trainers/dpo.py",
       "    # -- the reference ---", "    def prepare_step(self, step, micro_batches):\n"
@@ -145,7 +145,7 @@ MUTATIONS: list[Mutation] = [
       "                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):\n"
       "                    p.data.mul_(1 - 1e-4)\n"
       "        return micro_batches\n\n    # -- the reference ---",
-      [T + "test_dpo.py::test_dpo_step_matches_whole_reference"], "the DPO reference never changes"),
+      [T + "trainers/test_dpo.py::test_dpo_step_matches_whole_reference"], "the DPO reference never changes"),
     # -- GRPO -----------------------------------------------------------------------------------------------------
     M("grpo-reuse-without-old-logps", "distill/trainers/grpo.py",
       "                    mb[\"old_logps\"] = self._token_logps(self.policy, mb)\n", "                    pass\n",
@@ -155,7 +155,7 @@ MUTATIONS: list[Mutation] = [
       "`scale_rewards: batch` divides by the std of the whole step's rewards, all ranks"),
     M("grpo-clip-high-ignored", "distill/losses/grpo.py",
       "eps_low, eps_high = epsilon, epsilon if epsilon_high is None else epsilon_high", "eps_low, eps_high = epsilon, epsilon",
-      [T + "test_grpo_loss.py::test_loss_and_gradient_match_trl"], "GRPO's loss and gradient are TRL's (epsilon_high)"),
+      [T + "losses/test_grpo_loss.py::test_loss_and_gradient_match_trl"], "GRPO's loss and gradient are TRL's (epsilon_high)"),
     # -- PPO --------------------------------------------------------------------------------------------------------
     M("ppo-gae-next-value-sign", "distill/losses/ppo.py", "delta = r[:, t] + gamma * next_value - v[:, t]",
       "delta = r[:, t] - gamma * next_value - v[:, t]", [PPO_LOSS + "test_gae_and_returns_by_hand"],
@@ -181,11 +181,11 @@ MUTATIONS: list[Mutation] = [
       "per_token, took_clip = err, (err_clipped > err) & mask.bool()", [PPO_LOSS + "test_value_loss_and_gradient_by_hand"],
       "the value loss is clipped around the rollout's values"),
     M("ppo-values-one-column-late", "distill/trainers/ppo.py", "return out[:, -c - 1:-1, 0].float()",
-      "return out[:, -c:, 0].float()", [T + "test_ppo.py::test_critic_values_are_read_where_each_completion_token_is_predicted"],
+      "return out[:, -c:, 0].float()", [T + "trainers/test_ppo.py::test_critic_values_are_read_where_each_completion_token_is_predicted"],
       "a value is the critic's output at the column that predicts the token"),
     M("ppo-critic-dropout-kept", "distill/trainers/ppo.py",
       "cfg.classifier_dropout = 0.0  # transformers'", "pass  # transformers'",
-      [T + "test_ppo.py::test_a_reward_model_starts_the_critic"], "the critic's head has no dropout"),
+      [T + "trainers/test_ppo.py::test_a_reward_model_starts_the_critic"], "the critic's head has no dropout"),
     M("ppo-epochs-not-reshuffled", "distill/trainers/ppo.py", "        if epoch:  # rollout rows", "        if False:  # rollout rows",
       [PPO_2RANKS], "each PPO epoch draws its minibatches afresh"),
     # -- generation ---------------------------------------------------------------------------------------------
@@ -206,21 +206,30 @@ MUTATIONS: list[Mutation] = [
     M("generation-unseeded", "distill/generation/generate.py", "            torch.manual_seed(seed)", "            pass",
       [GENERATION + "test_sampling_is_seeded_and_bounded_by_min_and_max_new_tokens"],
       "every generation call is seeded: the same seed, the same completions"),
+    # -- data -----------------------------------------------------------------------------------------------------
+    M("packing-without-positions", "distill/data/packing.py",
+      '"position_ids": batch["position_ids"], "use_cache": False}', '"use_cache": False}',
+      [T + "data/test_packing.py::test_packed_run_trains_and_evaluates_like_the_unpacked_one"],
+      "a packed batch evaluates as the unpacked one: each document attends to itself only, from position 0"),
+    M("synthetic-entropy-one-eos-chance", "distill/data/synthetic.py",
+      "key = (state, min(done, hi) if include_eos", "key = (state, lo if include_eos",
+      [T + "data/test_data.py::test_entropy_estimate_is_the_mean_entropy_of_the_visited_predictions"],
+      "the synthetic language's entropy floor counts the chance of <eos> after each sentence count"),
     # -- what is reported -----------------------------------------------------------------------------------------
     M("tracking-drops-a-metric", "distill/loop/tracking.py", 'if k != "step" and isinstance(v, (int, float))',
       'if k not in ("step", "lr") and isinstance(v, (int, float))',
-      [T + "test_tracking.py::test_tensorboard_scalars_equal_metrics_jsonl_across_a_resume"],
+      [T + "loop/test_tracking.py::test_tensorboard_scalars_equal_metrics_jsonl_across_a_resume"],
       "TensorBoard gets every number of metrics.jsonl, step for step"),
     M("benchmark-step-time-per-token", "benchmarks/distill_throughput.py", "    step_s = elapsed / a.steps",
       "    step_s = elapsed / (a.steps * mb * a.seq_len)",
-      [T + "test_benchmarks.py::test_distill_throughput_tiny_on_one_cpu_process"],
+      [T + "system/test_benchmarks.py::test_distill_throughput_tiny_on_one_cpu_process"],
       "the throughput benchmark's step time, tokens/s and MFU are those of a step"),
     M("benchmark-build-timer-starts-late", "benchmarks/build_time.py",
       "    start = time.perf_counter()\n    with torch.device(where):\n"
       "        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)\n",
       "    with torch.device(where):\n        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)\n"
       "    start = time.perf_counter()\n",
-      [T + "test_benchmarks.py::test_build_time_reports_the_cpu_build_of_the_pairs_teacher"],
+      [T + "system/test_benchmarks.py::test_build_time_reports_the_cpu_build_of_the_pairs_teacher"],
       "build_time.py times the model's build"),
     # -- the RLHF pipeline where the truth is known ---------------------------------------------------------------
     M("rlhf-truth-ignores-the-grammar", "distill/data/ground_truth.py",

@@ -3,7 +3,7 @@
 Every key of a recipe is a field of a pydantic `Section` in `distill/config/schema.py` or of a section that a
 registered trainer declares; each field's docstring is its documentation (`use_attribute_docstrings`).
 This module walks those models, so the reference lists exactly what validation accepts.
-`tests/test_recipe_doc.py` fails when the committed file differs from a fresh one.
+`tests/cli/test_recipe_doc.py` fails when the committed file differs from a fresh one.
 """
 from __future__ import annotations
 

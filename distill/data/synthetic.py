@@ -235,16 +235,24 @@ class SyntheticLanguage:
             raise ValueError(f"sentences_per_doc must satisfy 1 <= lo <= hi, got {sentences_per_doc}")
         rng = random.Random(seed)
         total, count = 0.0, 0
+        # A state's entropy depends on the state and, at a sentence boundary past `lo` sentences, on the chance of
+        # <eos> there (`min(done, hi)` fixes it): each distinct one summed once, the same sum each time, so long
+        # documents (millions of visits) cost a lookup per visit and the estimate is what summing every visit gives.
+        entropies: dict[tuple[State, int], float] = {}
         for _ in range(n_docs):
             n = rng.randint(lo, hi)
             state: State = "S"
             done, at_boundary = 0, False
             while True:
-                if include_eos:
-                    dist = self._with_eos(state, done, sentences_per_doc, at_boundary=at_boundary)
-                else:
-                    dist = self._dist[state]
-                total -= sum(p * math.log(p) for p in dist.values() if p > 0)
+                key = (state, min(done, hi) if include_eos and at_boundary and done >= lo else -1)
+                h = entropies.get(key)
+                if h is None:
+                    if include_eos:
+                        dist = self._with_eos(state, done, sentences_per_doc, at_boundary=at_boundary)
+                    else:
+                        dist = self._dist[state]
+                    h = entropies[key] = sum(p * math.log(p) for p in dist.values() if p > 0)
+                total -= h
                 count += 1
                 if done == n:
                     break  # the prediction just counted was the <eos> one

@@ -15,7 +15,7 @@ Three pieces, each usable on its own:
   ``count(mask)`` is one micro-batch's share of the step's normaliser (the loop sums it over every
   micro-batch of every rank) and ``reduce(per_token, mask, normaliser, max_completion_length)`` is that
   micro-batch's share of the loss. Summed over the micro-batches and ranks of a step, the shares give
-  exactly what TRL computes for the same step (tests/test_grpo_loss.py runs TRL's own code).
+  exactly what TRL computes for the same step (tests/losses/test_grpo_loss.py runs TRL's own code).
 
 Shapes: ``B`` completions, ``C`` completion tokens (right-padded; ``mask`` [B, C] is 1 on the tokens
 that count). Everything is computed in at least fp32.

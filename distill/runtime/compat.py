@@ -1,6 +1,6 @@
 """Every use of DeepSpeed's and accelerate's private API, in one place: each patch says why, and which versions it
 was written for (DeepSpeed 0.19.8, accelerate 1.16, the pins of pyproject.toml). After an upgrade, this module is
-what to read again; `tests/test_layers.py` keeps the rest of the package off these internals.
+what to read again; `tests/system/test_layers.py` keeps the rest of the package off these internals.
 """
 from __future__ import annotations
 

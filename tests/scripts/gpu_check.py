@@ -1,4 +1,4 @@
-"""GPU checks run in a process that sees the GPUs (tests/test_gpu.py): `python -m tests.scripts.gpu_check OUT.json CHECK`.
+"""GPU checks run in a process that sees the GPUs (tests/system/test_gpu.py): `python -m tests.scripts.gpu_check OUT.json CHECK`.
 
 decode: every bucket's decode step captured as a CUDA graph (none fell back to the loop without graphs), with 16 eos
 ids (what a set that large does to `torch.isin` broke captures), gives generate()'s greedy tokens, for the plain
@@ -12,7 +12,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from distill.generation.generate import SamplingSpec, decode_cache, generate_completions
-from tests.test_generation import PAD, V, _prompts  # the CPU tests' prompts and vocabulary
+from tests.generation.test_generation import PAD, V, _prompts  # the CPU tests' prompts and vocabulary
 
 
 def decode() -> dict:

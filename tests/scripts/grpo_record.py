@@ -1,6 +1,6 @@
 """A GRPOTrainer that writes every generation batch of its rank, as `prepare_step` returns it, to
 `<output_dir>/generation_batches_rank<R>.jsonl`: one line per batch with the step, the rows' rewards and their
-advantages. A recipe selects it with `trainer: tests.scripts.grpo_record:RecordingGRPO`; tests/test_grpo.py compares
+advantages. A recipe selects it with `trainer: tests.scripts.grpo_record:RecordingGRPO`; tests/trainers/test_grpo.py compares
 what the ranks wrote with the advantages of the whole batch, all ranks' rows together."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Our DPOTrainer against TRL's DPOTrainer on one tiny setup: the pieces of tests/test_trl_parity.py.
+"""Our DPOTrainer against TRL's DPOTrainer on one tiny setup: the pieces of tests/trainers/test_trl_parity.py.
 
     python -m tests.scripts.trl_parity prepare ROOT    # models, pairs, tokenizer, our recipe
     python -m distill.train ROOT/recipe.yaml                     # our side: ROOT/run_distill/metrics.jsonl

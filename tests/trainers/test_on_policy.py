@@ -188,14 +188,24 @@ def _train(recipe: dict, path: Path) -> subprocess.CompletedProcess:
                           timeout=300, env=os.environ.copy())
 
 
+def _train_in_one_launch(recipes: dict[str, dict], where: Path) -> None:
+    """Each recipe trained in turn by `distill.run` in one 2-process launch (tests/scripts/recipe_run.py): one start
+    for runs whose results a test compares."""
+    for name, raw in recipes.items():
+        (where / f"{name}.yaml").write_text(yaml.safe_dump(raw))
+    launch_scenarios("tests.scripts.recipe_run", where, where / "histories",
+                     {name: [str(where / f"{name}.yaml")] for name in recipes}, timeout=600)
+
+
 @pytest.mark.multiprocess
 def test_lmbda_zero_is_exactly_offline_kd_on_the_same_data(prompts, tmp_path):
     from safetensors.torch import load_file
 
+    recipes = {"offline": _raw(prompts, tmp_path / "offline"),
+               "lmbda0": _raw(prompts, tmp_path / "lmbda0", on_policy={"lmbda": 0.0})}
+    _train_in_one_launch(recipes, tmp_path)
     runs = {}
-    for name, kd in (("offline", {}), ("lmbda0", {"on_policy": {"lmbda": 0.0}})):
-        raw = _raw(prompts, tmp_path / name, **kd)
-        check(_train(raw, tmp_path / f"{name}.yaml"))
+    for name in recipes:
         lines = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         runs[name] = ([(m["step"], m["loss"], m["ce"], m["kd"], m["grad_norm"]) for m in lines if "loss" in m],
                       load_file(str(tmp_path / name / "final/student/model.safetensors")))
@@ -229,8 +239,9 @@ def test_resumed_on_policy_run_samples_and_trains_like_an_uninterrupted_one(prom
         raw["data"]["eval"] = None
         return raw
 
-    check(_train(recipe("whole"), tmp_path / "whole.yaml"))
-    check(_train({**recipe("parts"), "train": {**recipe("parts")["train"], "max_steps": 2}}, tmp_path / "parts.yaml"))
+    # The uninterrupted run and the first leg in one launch; the resumed leg in a launch of its own, as a user resumes.
+    _train_in_one_launch({"whole": recipe("whole"),
+                          "parts": {**recipe("parts"), "train": {**recipe("parts")["train"], "max_steps": 2}}}, tmp_path)
     resumed = _train({**recipe("parts"), "resume": True, "resume_allow": ["train.max_steps"]}, tmp_path / "parts.yaml")
     check(resumed)
     assert "resumed from" in resumed.stdout

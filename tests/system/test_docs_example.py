@@ -57,7 +57,7 @@ def test_two_trainable_roles_example_runs_from_python_on_two_processes(assets, t
     role with its own ZeRO stage, schedule and clipping, its own metrics, checkpoint and final weights."""
     (tmp_path / "two_students.py").write_text(_saved("two_students.py"))
     (tmp_path / "two_students.yaml").write_text(_small(_saved("two_students.yaml"), assets, max_steps=6, log_every=1))
-    code = next(b.text for b in blocks(DOC) if b.lang == "python" and "tests/test_docs_example.py" in b.arg)
+    code = next(b.text for b in blocks(DOC) if b.lang == "python" and "tests/system/test_docs_example.py" in b.arg)
     (tmp_path / "run.py").write_text(code)
     proc = subprocess.run([sys.executable, "run.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(tmp_path)])})

@@ -6,7 +6,7 @@ from pydantic import Field
 from distill.cli import recipe_doc
 from distill.config.schema import Role, Section
 
-REFERENCE = Path(__file__).resolve().parents[1] / "docs" / "recipe-reference.md"
+REFERENCE = Path(__file__).resolve().parents[2] / "docs" / "recipe-reference.md"
 
 
 def test_committed_reference_is_up_to_date():

@@ -6,23 +6,23 @@ import re
 
 from tests.doc_blocks import REPO, doc_files
 
-NAMED = re.compile(r"\b(tests/(?:scripts/)?\w+\.py)(?:::(\w+))?|`(test_\w+)`|`(\w+_check)`")
+NAMED = re.compile(r"\b(tests/(?:\w+/)?\w+\.py)(?:::(\w+))?|`(test_\w+)`|`(\w+_check)`")
 
 
 def _tests_by_file() -> dict[str, set[str]]:
-    """tests/*.py -> the names of the test functions it defines (methods of test classes too)."""
+    """tests/**/test_*.py -> the names of the test functions it defines (methods of test classes too)."""
     out = {}
-    for path in sorted((REPO / "tests").glob("test_*.py")):
+    for path in sorted((REPO / "tests").rglob("test_*.py")):
         tree = ast.parse(path.read_text())
-        out[f"tests/{path.name}"] = {n.name for n in ast.walk(tree)
-                                     if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name.startswith("test_")}
+        out[path.relative_to(REPO).as_posix()] = {n.name for n in ast.walk(tree)
+                                                     if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name.startswith("test_")}
     return out
 
 
 def unknown_references(text: str, tests: dict[str, set[str]]) -> list[str]:
     """The references to tests in `text` that name no test, file under tests/ or test script of the checkout."""
     every = set().union(*tests.values())
-    modules = {f[len("tests/"):-len(".py")] for f in tests}
+    modules = {f.rsplit("/", 1)[-1][:-len(".py")] for f in tests}
     bad = []
     for m in NAMED.finditer(text):
         path, function, name, script = m.groups()

@@ -86,7 +86,7 @@ def test_dpo_reference_without_adapter_can_be_precomputed(dpo_runs):
             assert y[key] == pytest.approx(x[key], rel=1e-5, abs=5e-6), (x["step"], key)
 
 
-# -- resume and export through the CLI ------------------------------------------------------------
+# -- resume (through the CLI) and export ------------------------------------------------------------
 def _recipe(tmp_path, assets, name):
     # A warm-up longer than the run: the rate differs at every step, so a resumed run must restore its schedule.
     raw = tiny_recipe(assets, tmp_path / name, student={"lora": LORA, "scheduler": {"name": "constant", "warmup_steps": 1000}})
@@ -110,9 +110,11 @@ def _tensors(path):
 def test_lora_resume_equals_uninterrupted_and_export_gives_the_merged_model(assets, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    check(_train(_recipe(tmp_path, assets, "whole"), "train.max_steps=6"))
+    # The uninterrupted run and the first leg in one launch; the resumed leg in a launch of its own, as a user resumes.
     parts = _recipe(tmp_path, assets, "parts")
-    check(_train(parts, "train.max_steps=3"))
+    launch_scenarios("tests.scripts.recipe_run", tmp_path, tmp_path / "histories",
+                     {"whole": [str(_recipe(tmp_path, assets, "whole")), "train.max_steps=6"],
+                      "parts": [str(parts), "train.max_steps=3"]}, timeout=600)
     proc = _train(parts, "--resume", "train.max_steps=6", "resume_allow=[train.max_steps]")
     check(proc)
     assert "resumed from" in proc.stdout

@@ -1,4 +1,5 @@
-"""Checkpoints, resume, signals, killed ranks and export, on 2 CPU processes through the CLI."""
+"""Checkpoints, resume, signals, killed ranks and export, on 2 CPU processes: through the CLI, and the runs that
+export reads through `distill.run` under a launcher (one launch for both)."""
 import json
 import os
 import signal
@@ -10,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from tests.helpers import check, tiny_recipe
+from tests.helpers import check, launch_scenarios, tiny_recipe
 
 pytestmark = pytest.mark.multiprocess
 WARMING_UP = {"name": "constant", "warmup_steps": 1000}
@@ -44,8 +45,21 @@ def _steps(run):
     return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if "loss" in line]
 
 
+SAVING = ["train.max_steps=4", "train.save_every=2", "train.keep_checkpoints=1"]
+
+
+@pytest.fixture(scope="module")
+def saved_runs(assets, tmp_path_factory):
+    """A 4-step run with pruned checkpoints per student ZeRO stage, both trained in one 2-process launch."""
+    root = tmp_path_factory.mktemp("saved")
+    paths = {zero: _recipe(root, assets, zero, student={"deepspeed": zero}) for zero in ("zero2", "zero3")}
+    launch_scenarios("tests.scripts.recipe_run", root, root / "histories",
+                     {zero: [str(path), *SAVING] for zero, path in paths.items()}, timeout=600)
+    return paths
+
+
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
-def test_export_matches_the_runs_own_save_and_resume_refusals(assets, tmp_path, zero, capsys):
+def test_export_matches_the_runs_own_save_and_resume_refusals(saved_runs, assets, tmp_path, zero, capsys):
     """A run with pruned checkpoints exports what it saved itself; export of a missing step or of a file that would
     run code is refused. Resuming is refused with no checkpoint, with another number of processes, and an existing
     run is not overwritten without `overwrite` (refusals in this process: they happen before anything launches)."""
@@ -54,32 +68,32 @@ def test_export_matches_the_runs_own_save_and_resume_refusals(assets, tmp_path, 
     from distill.cli.export import main as export
     from distill.cli.train import main as train
 
-    path = _recipe(tmp_path, assets, "run")
     if zero == "zero2":
-        assert train([str(path), "--resume"]) == 2 and "no complete checkpoint" in capsys.readouterr().err
-    check(_train(path, "train.max_steps=4", "train.save_every=2", "train.keep_checkpoints=1", f"student.deepspeed={zero}"))
-    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*"))
+        fresh = _recipe(tmp_path, assets, "fresh")
+        assert train([str(fresh), "--resume"]) == 2 and "no complete checkpoint" in capsys.readouterr().err
+    path = saved_runs[zero]
+    run = path.with_suffix("")
+    ckpts = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
     assert ckpts == ["step_00000004"]  # keep_checkpoints=1 pruned step 2
-    assert (tmp_path / "run" / "checkpoints" / ckpts[0] / "recipe.yaml").exists()
+    assert (run / "checkpoints" / ckpts[0] / "recipe.yaml").exists()
     if zero == "zero2":
-        assert train([str(path), "launch.num_processes=1", "--resume", f"student.deepspeed={zero}", "train.max_steps=4",
-                      "train.save_every=2", "train.keep_checkpoints=1"]) == 2
+        assert train([str(path), "launch.num_processes=1", "--resume", *SAVING]) == 2
         assert "written by 2 processes" in capsys.readouterr().err
         assert train([str(path), "overwrite=false", "train.max_steps=3"]) == 2 and "--resume" in capsys.readouterr().err
     out = tmp_path / "export"
-    assert export([str(tmp_path / "run"), str(out)]) == 0
+    assert export([str(run), str(out)]) == 0
     exported = AutoModelForCausalLM.from_pretrained(out / "student").eval()
-    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final" / "student").eval()
+    saved = AutoModelForCausalLM.from_pretrained(run / "final" / "student").eval()
     ids = torch.randint(0, 50, (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(exported(input_ids=ids).logits, saved(input_ids=ids).logits, rtol=0, atol=0)
     capsys.readouterr()
-    assert export([str(tmp_path / "run"), str(out), "--step", "2"]) == 2 and "step_00000004" in capsys.readouterr().err
+    assert export([str(run), str(out), "--step", "2"]) == 2 and "step_00000004" in capsys.readouterr().err
     # A file of the run directory replaced by one that runs code when unpickled: refused, and nothing ran.
-    state = next((tmp_path / "run" / "checkpoints" / ckpts[0] / "student" / "state").glob("*model_states.pt"))
+    state = next((run / "checkpoints" / ckpts[0] / "student" / "state").glob("*model_states.pt"))
     marker = tmp_path / "ran"
     torch.save({"module": _Payload(f"touch {marker}")}, state)
-    assert export([str(tmp_path / "run"), str(tmp_path / "export2")]) == 2
+    assert export([str(run), str(tmp_path / "export2")]) == 2
     assert f"{state} holds objects other than tensors" in capsys.readouterr().err
     assert not marker.exists()
 

@@ -180,14 +180,25 @@ def test_packing_is_refused_where_it_cannot_hold(raw, assets, tmp_path):
 
 
 # -- a run ----------------------------------------------------------------------------------------------
-def _train(raw: dict, path) -> subprocess.CompletedProcess:
-    path.write_text(yaml.safe_dump(raw))
-    with open(path.with_suffix(".log"), "w") as log:
-        proc = subprocess.run([sys.executable, "-m", "distill.train", str(path)], stdout=log, stderr=subprocess.STDOUT,
-                              timeout=600, env=os.environ)
-    out = path.with_suffix(".log").read_text()
-    assert proc.returncode == 0, out[-8000:]
-    return out
+_RUNS = """
+import contextlib, sys
+import distill
+for path in sys.argv[1:]:
+    with open(path[:-len(".yaml")] + ".log", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        distill.run(path)
+"""
+
+
+def _train(where, runs: dict[str, dict]) -> dict[str, str]:
+    """Each 1-process recipe trained in turn by `distill.run` in one fresh interpreter (one start and one import of
+    the stack for all of them; `run` forgets the roles between runs); each run's own output, by name."""
+    for name, raw in runs.items():
+        (where / f"{name}.yaml").write_text(yaml.safe_dump(raw))
+    proc = subprocess.run([sys.executable, "-c", _RUNS, *(str(where / f"{name}.yaml") for name in runs)],
+                          capture_output=True, text=True, timeout=900, env=os.environ)
+    logs = {name: (where / f"{name}.log").read_text() if (where / f"{name}.log").exists() else "" for name in runs}
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:] + "\n".join(v[-4000:] for v in logs.values())
+    return logs
 
 
 def test_packed_run_trains_and_evaluates_like_the_unpacked_one(assets, tmp_path):
@@ -200,9 +211,7 @@ def test_packed_run_trains_and_evaluates_like_the_unpacked_one(assets, tmp_path)
     # The chunked loss reads the models' hidden states (RoleModel.last_hidden): same isolation, same first step.
     chunked = tiny_recipe(assets, tmp_path / "chunked", **base, data={"packing": True}, kd={"chunked": True, "chunk_size": 48})
     chunked["train"]["max_steps"] = 1
-    _train(unpacked, tmp_path / "unpacked.yaml")
-    out = _train(packed, tmp_path / "packed.yaml")
-    _train(chunked, tmp_path / "chunked.yaml")
+    out = _train(tmp_path, {"unpacked": unpacked, "packed": packed, "chunked": chunked})["packed"]
     assert "data.train: packed 192 documents into" in out and "data.eval: packed 37 documents into" in out
 
     before_u = json.loads((tmp_path / "unpacked" / "summary.json").read_text())["before"]

@@ -14,7 +14,7 @@ import torch
 from distill.data.synthetic import EOS, SyntheticLanguage, build_tokenizer
 from distill.data.synthetic_eval import judge, score_text, true_probs
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SPD = (1, 4)
 
 

@@ -1,10 +1,10 @@
 """Group RL's other estimators (distill/losses/advantages.py) and ratios: RLOO, REINFORCE++, a ratio per completion.
 
-RLOO is checked against TRL's own `RLOOTrainer` code on fixed tensors, as tests/test_grpo_loss.py checks GRPO:
+RLOO is checked against TRL's own `RLOOTrainer` code on fixed tensors, as tests/losses/test_grpo_loss.py checks GRPO:
 `_generate_and_score_completions` for the advantages (generation, log-probs and reward calls replaced by the fixed
 batch) and `_compute_loss` for the loss and its gradient, each called on a bare `RLOOTrainer` holding only the
 attributes that code reads. REINFORCE++ (not in TRL) is checked against a slow float64 reference, and across two
-"ranks" whose one all-reduce sums both. GSPO's ratio runs against TRL's GRPOTrainer in tests/test_grpo_loss.py.
+"ranks" whose one all-reduce sums both. GSPO's ratio runs against TRL's GRPOTrainer in tests/losses/test_grpo_loss.py.
 """
 from __future__ import annotations
 

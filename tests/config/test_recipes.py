@@ -16,7 +16,7 @@ from distill.trainers import load_recipe
 from distill.trainers.distill import DistillTrainer
 from tests.helpers import tiny_recipe
 
-RECIPES = sorted(Path(__file__).resolve().parents[1].joinpath("recipes").glob("*.yaml"))
+RECIPES = sorted(Path(__file__).resolve().parents[2].joinpath("recipes").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)

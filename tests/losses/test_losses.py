@@ -113,7 +113,7 @@ def scratch_registry():
 # ---------------------------------------------------------------- reference tests
 def test_every_loss_has_reference():
     missing = set(KD_LOSSES) - set(REFERENCES)
-    assert not missing, f"add a slow reference for {sorted(missing)} to tests/test_losses.py"
+    assert not missing, f"add a slow reference for {sorted(missing)} to tests/losses/test_losses.py"
 
 
 SETTINGS = {

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DISTILL = ROOT / "distill"
 
 PACKAGES = ["config", "data", "losses", "models", "plan", "runtime", "generation", "teacher_cache", "rl", "loop",

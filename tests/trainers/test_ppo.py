@@ -1,6 +1,6 @@
 """PPOTrainer: the recipe checks, the roles a recipe builds, the GPU recipe's plan, and on 2 CPU processes (one
 launch): the steps of an actor and a critic against one process's plain-torch replay of every rank's rollouts, a
-resumed run, and the quickstart raising the eval reward. The formulas alone: tests/test_ppo_loss.py."""
+resumed run, and the quickstart raising the eval reward. The formulas alone: tests/losses/test_ppo_loss.py."""
 from __future__ import annotations
 
 import math
@@ -118,7 +118,7 @@ def test_critic_values_are_read_where_each_completion_token_is_predicted():
     unpadded forward per sequence gives the same values (left-padded prompts, right-padded completions)."""
     from transformers import LlamaConfig, LlamaForTokenClassification
 
-    from tests.test_grpo import _layout_batch
+    from tests.trainers.test_grpo import _layout_batch
 
     torch.manual_seed(0)
     cfg = {k: v for k, v in TINY_LLAMA.items() if k != "model_type"}

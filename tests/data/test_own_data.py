@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from distill.config.recipe import validate_recipe
-from distill.config.schema import RecipeError
+from distill.config.errors import RecipeError
 from distill.data.loading import build_text_data, ensure_synthetic, source_options, tokenized_splits
 from distill.data.text import load_text_dataset
 from distill.loop.preflight import preflight

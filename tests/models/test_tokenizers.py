@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from distill.config.recipe import validate_recipe
-from distill.config.schema import RecipeError
+from distill.config.errors import RecipeError
 from distill.loop.preflight import preflight
 from distill.models.tokenizer_files import TOKENIZER_FILES, auto_tokenizer_note, save_tokenizer, tokenizer_difference
 from distill.trainers.distill import DistillTrainer

@@ -1,5 +1,5 @@
 """docs/bring-your-own.md, run as written: its files, its distillation run, report and export, then the block that
-loads the export. (tests/test_docs_blocks.py runs every command of the page with --dry-run only.)"""
+loads the export. (tests/system/test_docs_blocks.py runs every command of the page with --dry-run only.)"""
 import json
 import os
 import subprocess

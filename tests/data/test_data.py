@@ -105,6 +105,25 @@ def test_entropy_rate_estimate() -> None:
     assert abs(nll / count - lang.true_entropy_per_token(n_docs=1500)) < 0.05
 
 
+
+@pytest.mark.parametrize("include_eos", [True, False])
+def test_entropy_estimate_is_the_mean_entropy_of_the_visited_predictions(include_eos) -> None:
+    """The estimate, against the slow way: walk the same seeded documents (`sample_document` draws the words the
+    estimate draws) and average the entropy of every true prediction made on the way, each one summed afresh.
+    (3, 6) sentences: <eos> has a different chance after each of sentences 3..6, which the estimate must tell apart."""
+    lang, spd = SyntheticLanguage(0), (3, 6)
+    rng, total, count = random.Random(7), 0.0, 0
+    for _ in range(300):
+        n = rng.randint(*spd)
+        words = lang.sample_document(rng, n).split()
+        for i in range(len(words) + include_eos):
+            dist = (lang.next_token_distribution(words[:i], spd) if include_eos
+                    else lang.next_word_distribution(words[:i]))
+            total -= sum(p * math.log(p) for p in dist.values() if p > 0)
+            count += 1
+    estimate = lang.true_entropy_per_token(300, seed=7, sentences_per_doc=spd, include_eos=include_eos)
+    assert estimate == pytest.approx(total / count, rel=1e-12, abs=0)
+
 # -- tokenizer ----------------------------------------------------------------------
 def test_tokenizer_round_trip(tmp_path: Path) -> None:
     from transformers import AutoTokenizer
