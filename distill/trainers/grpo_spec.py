@@ -1,39 +1,22 @@
 """GRPO's recipe: its `grpo:` section and the declared recipe class of `trainer: grpo`."""
 from __future__ import annotations
 
-from typing import Any, Callable, Literal
+from typing import Literal
 
-from pydantic import Field, field_serializer, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from distill.config.schema import RecipeBase, Role, Section
+from distill.config.schema import RecipeBase, Role
 from distill.generation.completions import OnPolicySpec
 from distill.losses.advantages import get_advantage
 from distill.losses.grpo import get_grpo_loss, get_importance_level
-from distill.rl.rewards import callable_name
+from distill.rl.spec import RolloutSpec
 
 
-class GRPOSpec(Section):
+class GRPOSpec(RolloutSpec):
+    """The rollout (`RolloutSpec`'s keys), then GRPO's: groups, advantages, ratios, the KL term and the clipped loss."""
+
     num_generations: int = Field(8, ge=2)
     """Completions sampled per prompt (a group); must divide train.micro_batch_size x train.grad_accum."""
-    max_completion_length: int = Field(64, ge=1)
-    """Longest completion generated; prompts keep their last data.max_length - max_completion_length tokens."""
-    temperature: float = Field(1.0, gt=0)
-    """Sampling temperature; log-probs are taken at the same temperature, as in TRL."""
-    top_p: float = Field(1.0, gt=0, le=1)
-    """Nucleus sampling (1: the whole distribution; top_k is never applied, as TRL's default top_k=0)."""
-    generation_batch_size: int | None = Field(None, ge=1)
-    """Completions decoded together per rank. null: the whole generation batch (train.micro_batch_size x
-    train.grad_accum) at once, as far as the KV cache fits beside the training state; smaller: in turns."""
-    decode: Literal["auto", "compiled", "graphs", "static", "generate"] = "auto"
-    """How tokens are decoded, as `kd.on_policy.decode` (docs/distill-trainer.md): `auto` is the static KV cache
-    with a compiled, graph-replayed decode step on GPUs and the static-cache loop on CPU."""
-    reward_funcs: list[str | Callable[..., Any]] = []
-    """Reward functions as `module:function`, called with (prompts, completions, completion_ids, **dataset columns).
-    From Python (`distill.run`), also the functions themselves."""
-    reward_weights: list[float] | None = None
-    """One weight per reward function, in order (default 1 each); the reward is the weighted sum."""
-    reward_model_weight: float = 1.0
-    """Weight of the `reward` role's score in the reward, when the recipe gives that role a model."""
     advantage: str = "group"
     """How advantages come from the rewards, by registered name (distill/losses/advantages.py): `group` (GRPO: against
     the group's mean), `rloo` (against the mean of the prompt's other completions; TRL's RLOOTrainer), `reinforce_pp`
@@ -66,8 +49,6 @@ class GRPOSpec(Section):
     """With beta > 0: the `reference` role, or the LoRA policy with its adapter disabled (no second model)."""
     num_iterations: int = Field(1, ge=1)
     """Optimizer steps on each generation batch; the log-probs of the policy that generated it are kept for the ratio."""
-    mask_truncated_completions: bool = False
-    """Completions cut by max_completion_length (no eos) count in no loss term (they still count as completions)."""
 
     @field_validator("loss_type")
     @classmethod
@@ -96,10 +77,6 @@ class GRPOSpec(Section):
             raise ValueError(f"`scale_rewards: {self.scale_rewards}` does not apply to `advantage: {self.advantage}`, which "
                              f"takes {' or '.join(takes)}: set one of them, or remove scale_rewards for its default ({takes[0]})")
         return self
-
-    @field_serializer("reward_funcs", when_used="json")
-    def _names(self, v: list) -> list[str]:
-        return [f if isinstance(f, str) else callable_name(f) for f in v]
 
 
 class GRPORecipe(RecipeBase):

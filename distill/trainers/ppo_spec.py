@@ -1,41 +1,19 @@
 """PPO's recipe: its `ppo:` section and the declared recipe class of `trainer: ppo`."""
 from __future__ import annotations
 
-from typing import Any, Callable, Literal
+from pydantic import Field, field_validator
 
-from pydantic import Field, field_serializer, field_validator
-
-from distill.config.schema import RecipeBase, Role, Section
+from distill.config.schema import RecipeBase, Role
 from distill.losses.ppo import get_kl_estimator
-from distill.rl.rewards import callable_name
+from distill.rl.spec import RolloutSpec
 
 
-class PPOSpec(Section):
-    # -- the rollout: the same keys as grpo's --------------------------------------------------------
+class PPOSpec(RolloutSpec):
+    """The rollout (`RolloutSpec`'s keys, as grpo's), then PPO's: minibatches, the KL penalty, GAE and the clips."""
+
     num_generations: int = Field(1, ge=1)
     """Completions sampled per prompt of a rollout (PPO needs no group: 1, as TRL's PPOTrainer; OpenRLHF's
     n_samples_per_prompt)."""
-    max_completion_length: int = Field(64, ge=1)
-    """Longest completion generated; prompts keep their last data.max_length - max_completion_length tokens."""
-    temperature: float = Field(1.0, gt=0)
-    """Sampling temperature; log-probs are taken at the same temperature."""
-    top_p: float = Field(1.0, gt=0, le=1)
-    """Nucleus sampling (1: the whole distribution)."""
-    generation_batch_size: int | None = Field(None, ge=1)
-    """Completions decoded together per rank. null: the whole rollout at once, as far as the KV cache fits beside
-    the training state; smaller: in turns."""
-    decode: Literal["auto", "compiled", "graphs", "static", "generate"] = "auto"
-    """How tokens are decoded, as `grpo.decode` (docs/grpo-trainer.md)."""
-    reward_funcs: list[str | Callable[..., Any]] = []
-    """Reward functions as `module:function`, called with (prompts, completions, completion_ids, **dataset columns).
-    From Python (`distill.run`), also the functions themselves."""
-    reward_weights: list[float] | None = None
-    """One weight per reward function, in order (default 1 each); the score is the weighted sum."""
-    reward_model_weight: float = 1.0
-    """Weight of the `reward` role's score in the score, when the recipe gives that role a model."""
-    mask_truncated_completions: bool = False
-    """Completions cut by max_completion_length (no eos) count in no loss term."""
-    # -- PPO --------------------------------------------------------------------------------------------
     num_minibatches: int = Field(1, ge=1)
     """Optimizer steps per pass over a rollout: a rollout holds num_minibatches x train.micro_batch_size x
     train.grad_accum completions per rank."""
@@ -67,10 +45,6 @@ class PPOSpec(Section):
     def _known_estimator(cls, v: str) -> str:
         get_kl_estimator(v)
         return v
-
-    @field_serializer("reward_funcs", when_used="json")
-    def _names(self, v: list) -> list[str]:
-        return [f if isinstance(f, str) else callable_name(f) for f in v]
 
 
 class PPORecipe(RecipeBase):
