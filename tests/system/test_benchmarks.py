@@ -91,11 +91,11 @@ def test_targets_script_runs_its_steps(tmp_path):
 def test_throughput_plot_draws_every_results_file(tmp_path):
     from PIL import Image
 
-    results = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+    results = REPO / "benchmarks" / "results"
     out = tmp_path / "plot.png"
     files = [str(results / name) for name in ("throughput_0.3b_1.4b_compiled_h200x2.json", "throughput_1b_7b_h200x4.json")]
     proc = subprocess.run([sys.executable, "benchmarks/plot_throughput.py", *files, "--out", str(out)], capture_output=True,
-                          text=True, cwd=results.parents[2], timeout=120)
+                          text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr
     width, height = Image.open(out).size
     assert width > 2 * height * 0.7  # two pairs side by side, two panels each
