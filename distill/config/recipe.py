@@ -65,6 +65,10 @@ def recipe_model(trainer_cls) -> type[RecipeBase]:
         raise TypeError(f"{trainer_cls.__name__}: role/section names {clash or sorted(set(trainer_cls.roles) & set(trainer_cls.sections))} "
                         "clash with recipe keys or trainer attributes; rename them")
     declared = getattr(trainer_cls, "recipe_class", None) or RecipeBase
+    unread = sorted(set(declared.model_fields) - set(RecipeBase.model_fields) - set(trainer_cls.roles) - set(trainer_cls.sections))
+    if unread:  # a subclass with other roles that inherits its parent's class would require keys it never reads
+        raise TypeError(f"{declared.__name__} declares {unread}, which {trainer_cls.__name__} has no role or section for: "
+                        f"give {trainer_cls.__name__} a `recipe_class` of its own (or None)")
     fields: dict[str, Any] = {}
     for name, kind in [*((n, Role) for n in trainer_cls.roles), *trainer_cls.sections.items()]:
         field = declared.model_fields.get(name)

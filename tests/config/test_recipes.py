@@ -323,3 +323,9 @@ def test_a_subclass_extends_the_declared_recipe_and_a_wrong_declaration_is_refus
 
     with pytest.raises(TypeError, match="kd is declared .*KDSpec.* reads it as Extra"):
         recipe_model(Wrong)
+
+    class OtherRoles(DistillTrainer):  # a `teacher` the declared class requires, which this trainer never reads
+        roles = {"student": DistillTrainer.roles["student"]}
+
+    with pytest.raises(TypeError, match=r"DistillRecipe declares \['teacher'\], which OtherRoles has no role or section for"):
+        recipe_model(OtherRoles)
