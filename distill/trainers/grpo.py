@@ -141,8 +141,12 @@ class GRPOTrainer(RoleTrainer):
         roles may be ZeRO-3); the steps in between train on the same batch again. Each micro-batch holds its
         rows' prompt | completion ids and masks, `rewards` (NaN: unscored) and `advantages` [rows]."""
         if self.rollout is None or (step - 1) % self.recipe.grpo.num_iterations == 0:
-            self.rollout = self._generate_and_score(micro_batches[0], seed=hash((self.recipe.seed, step, self.rank)) % 2**63)
+            self.rollout = self._generate_and_score(micro_batches[0], seed=self.rollout_seed(step))
         return self.rollout
+
+    def rollout_seed(self, step: int) -> int:
+        """The sampling seed of the rollout made at `step` on this rank: a resumed run samples its prompts alike."""
+        return hash((self.recipe.seed, step, self.rank)) % 2**63
 
     def _generate_and_score(self, prompts: dict, *, seed: int) -> list[dict]:
         """The step's micro-batches, each with its completions' `advantages` [B] and the `rewards` [B] they came from

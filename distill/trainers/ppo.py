@@ -43,6 +43,15 @@ class PPOTrainer(GRPOTrainer):
     recipe_class = PPORecipe
     rollout_section = "ppo"
 
+    def __init__(self, recipe, **kwargs):
+        self.experience: dict | None = None
+        """The current rollout with its `old_logps`, `old_values`, `advantages` and `returns` (`make_experience`): its
+        minibatches train the next ppo_epochs x num_minibatches steps."""
+        self.rollout_sums: list[torch.Tensor] = []
+        """Each rollout's statistics since the last metrics line, summed over ranks (`_record_rollout` appends them,
+        `step_metrics` reads and clears them)."""
+        super().__init__(recipe, **kwargs)
+
     @property
     def policy(self):
         """The role that samples the rollout (GRPO's rollout reads `policy`)."""
@@ -106,16 +115,16 @@ class PPOTrainer(GRPOTrainer):
         p = self.recipe.ppo
         k = (step - 1) % (p.ppo_epochs * p.num_minibatches)
         first = step - k  # the rollout's first step: its seed, so a resumed run rolls out its prompts alike
-        if self.__dict__.get("_experience") is None or k == 0:
-            self._experience = self.make_experience(micro_batches[0], seed=hash((self.recipe.seed, first, self.rank)) % 2**63)
+        if self.experience is None or k == 0:
+            self.experience = self.make_experience(micro_batches[0], seed=self.rollout_seed(first))
         epoch, part = divmod(k, p.num_minibatches)
-        rows = list(range(self._experience["loss_mask"].shape[0]))
+        rows = list(range(self.experience["loss_mask"].shape[0]))
         if epoch:  # rollout rows are in sampling order; later passes draw the minibatches afresh
             random.Random(hash((self.recipe.seed, first, epoch))).shuffle(rows)
         size = len(rows) // p.num_minibatches
         picked = rows[part * size:(part + 1) * size]  # a list: choosing rows reads nothing back from the device
         mini = {key: v[torch.tensor(picked, device=v.device)] if torch.is_tensor(v) and v.dim() > 0 else
-                [v[i] for i in picked] if isinstance(v, list) else v for key, v in self._experience.items()}
+                [v[i] for i in picked] if isinstance(v, list) else v for key, v in self.experience.items()}
         return split_rows(mini, self.recipe.train.grad_accum)
 
     @torch.no_grad()
@@ -155,7 +164,7 @@ class PPOTrainer(GRPOTrainer):
                  where(residual ** 2).sum()]
         f = per_function[real]
         sums = torch.cat([torch.stack([x.float() for x in parts]), torch.nansum(f, 0).float(), (~torch.isnan(f)).sum(0).float()])
-        self.__dict__.setdefault("_stats", []).append(self._sum(sums.to(self.device)))
+        self.rollout_sums.append(self._sum(sums.to(self.device)))
 
     # -- the loss ----------------------------------------------------------------------------------
     def count_tokens(self, batch):
@@ -167,7 +176,8 @@ class PPOTrainer(GRPOTrainer):
     def step_metrics(self):
         """Each rollout's statistics since the last line, averaged over rollouts: reward, KL per token, lengths, the
         critic's value mean and explained variance (1 - Var(returns - values) / Var(returns), valid tokens)."""
-        stats, out = self.__dict__.pop("_stats", []), {}
+        stats, out = self.rollout_sums, {}
+        self.rollout_sums = []
         names = self._reward_names
         for s in (x.tolist() for x in stats):
             n = max(s[3], 1)
