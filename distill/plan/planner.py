@@ -6,7 +6,7 @@ message naming the recipe key.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -64,7 +64,7 @@ def plan_roles(recipe, trainer_cls, *, world_size: int, vocab_size: int | None) 
     return plans
 
 
-def plan_role(recipe, name: str, *, world_size: int, vocab_size: int | None, beside: list[RolePlan] = (),
+def plan_role(recipe, name: str, *, world_size: int, vocab_size: int | None, beside: Sequence[RolePlan] = (),
               grad_accum: int | None = None) -> RolePlan:
     """One role's plan. A frozen role without a `placement` is replicated where its weights fit on each device beside
     the `beside` roles' memory, else ZeRO-3 (`choose_placement`). `grad_accum`: the loop's, unless given (a role
