@@ -153,9 +153,17 @@ def free_port() -> int:
 
 
 def check(proc: subprocess.CompletedProcess) -> None:
-    """Fail with the processes' output when a launched run failed."""
+    """Fail with the processes' output when a launched run failed: the first Python traceback in full (the root
+    cause; the launcher's own traceback and the other ranks' come after it), then the tails."""
     if proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-8000:]}")
+        raise AssertionError(f"exit {proc.returncode}\n--- first traceback ---\n{first_traceback(proc.stderr)}"
+                             f"\n--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
+
+
+def first_traceback(text: str, lines: int = 60) -> str:
+    """The first `Traceback (most recent call last):` block of a launch's stderr, up to `lines` lines."""
+    at = text.find("Traceback (most recent call last)")
+    return "(none)" if at < 0 else "\n".join(text[at:].splitlines()[:lines])
 
 
 def read_json(path: Path) -> dict:

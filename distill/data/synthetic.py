@@ -296,6 +296,17 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def save_tokenizer_atomic(tokenizer, out: Path) -> None:
+    """`tokenizer.save_pretrained(out)` where every file lands whole: each rank of a launch may write the same
+    (deterministic) data directory while another rank already loads its tokenizer."""
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tokenizer.save_pretrained(str(tmp))
+    out.mkdir(parents=True, exist_ok=True)
+    for f in tmp.iterdir():
+        os.replace(f, out / f.name)
+    tmp.rmdir()
+
+
 def existing_meta(out: Path, config: dict[str, Any]) -> dict[str, Any] | None:
     """The meta.json of a complete dataset directory written with `config`, else None (write it anew).
 
@@ -376,7 +387,7 @@ def write_splits(out: Path, splits: dict[str, list[dict]], lang: SyntheticLangua
     for name, records in splits.items():
         write_atomic(out / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     tokenizer = build_tokenizer(lang)
-    tokenizer.save_pretrained(str(out / "tokenizer"))
+    save_tokenizer_atomic(tokenizer, out / "tokenizer")
     meta = {**meta, "vocab_size": len(tokenizer)}
     write_atomic(out / "meta.json", json.dumps(meta, indent=2) + "\n")
     return meta

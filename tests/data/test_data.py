@@ -155,6 +155,31 @@ def test_write_dataset_files_and_idempotence(data_dir: Path) -> None:
     assert (data_dir / "train.jsonl").stat().st_mtime_ns == mtime  # skipped
 
 
+def test_a_reader_never_sees_a_partly_written_file_while_the_data_is_written_again(tmp_path: Path) -> None:
+    # Each rank of a launch writes the same data directory; another rank may load it meanwhile.
+    import threading
+
+    from distill.data.preference import write_preference_dataset
+
+    write_preference_dataset(tmp_path, seed=0, n_train=8, n_eval=2)
+    files = [tmp_path / "train.jsonl", *sorted((tmp_path / "tokenizer").iterdir())]
+    whole = {f: f.read_text() for f in files}
+    seen, done = [], threading.Event()
+
+    def read() -> None:
+        while not done.is_set():
+            seen.extend(f.name for f in files if f.read_text() != whole[f])
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    for _ in range(40):
+        (tmp_path / "meta.json").write_text('{"format_version": 1}')  # another writer's config: all is written again
+        write_preference_dataset(tmp_path, seed=0, n_train=8, n_eval=2)
+    done.set()
+    reader.join()
+    assert not seen, f"partly written: {sorted(set(seen))}"
+
+
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     synthetic_main([str(tmp_path), "--seed", "2", "--n-train", "5", "--n-eval", "3"])
     assert json.loads(capsys.readouterr().out)["seed"] == 2
