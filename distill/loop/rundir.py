@@ -40,6 +40,17 @@ them freely. The world size is checked on its own."""
 _held: dict[str, int] = {}  # resolved output_dir -> open descriptor holding its flock, in this process
 
 
+def _forget_held_locks() -> None:
+    # A forked child (a rank `relaunch` forks) shares the descriptors, and with them the flock: kept open, the lock
+    # would outlive the launcher that took it. Closing the child's copies leaves the launcher's lock held.
+    for fd in _held.values():
+        os.close(fd)
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_forget_held_locks)
+
+
 def lock_run_dir(out: Path) -> None:
     """Hold the run directory's lock for the life of this process (idempotent), or raise RecipeError naming
     the run that holds it. Creates the directory."""

@@ -1,11 +1,12 @@
-"""Every use of DeepSpeed's and accelerate's private API, in one place: each patch says why, and which versions it
-was written for (DeepSpeed 0.19.8, accelerate 1.16, the pins of pyproject.toml). After an upgrade, this module is
+"""Every use of DeepSpeed's, accelerate's and torch's private API, in one place: each patch says why, and which
+versions it was written for (DeepSpeed 0.19.8, accelerate 1.16, torch 2.13, the pins of pyproject.toml). After an upgrade, this module is
 what to read again; `tests/system/test_layers.py` keeps the rest of the package off these internals.
 """
 from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import sys
 import types
 from typing import Any, Iterator
@@ -128,3 +129,111 @@ def deepspeed_checkpoint_classes() -> list[type]:
         except (ImportError, AttributeError):  # another DeepSpeed version: fewer classes allowed, never more
             pass
     return classes
+
+
+@contextlib.contextmanager
+def forked_ranks() -> Iterator[None]:
+    """Inside this block, accelerate's launcher forks its ranks from this process instead of starting
+    `python -u -m MODULE ARGS` for each: a rank then skips the import of torch, transformers, DeepSpeed and
+    distill this process has done already (about 4.5 s of CPU per rank on a CPU machine).
+
+    accelerate 1.10-1.16 launches one machine's ranks through `torch.distributed.run.run`, which asks
+    `config_from_args` for the command; torch 2.6-2.13 gives `(LaunchConfig, sys.executable, ["-u", "-m", MODULE,
+    ARGS...])`. Given a function instead of a command, torch's elastic agent starts the ranks with
+    `LaunchConfig.start_method` and otherwise the same way: the environment accelerate and torchrun prepare, the
+    same signals passed on, the same failures reported. Callers check `can_fork_ranks()` first.
+    """
+    import torch.distributed.run as distrib_run
+
+    original = distrib_run.config_from_args
+
+    def config_from_args(args):
+        config, cmd, cmd_args = original(args)
+        if cmd != sys.executable or cmd_args[:2] != ["-u", "-m"]:
+            return config, cmd, cmd_args  # not the launch this was written for: start it as accelerate would
+        config.start_method = "fork"
+        return config, run_forked_rank, cmd_args[2:]
+
+    distrib_run.config_from_args = config_from_args
+    # For a forked rank that failed, the agent logs its own traceback (where it noticed), which a started rank's
+    # failure does not get: the rank has said what failed, and the line without the traceback says which rank.
+    agent_log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
+    agent_log.addFilter(_without_traceback)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()  # or a rank writes this process's unwritten output a second time
+    try:
+        yield
+    finally:
+        distrib_run.config_from_args = original
+        agent_log.removeFilter(_without_traceback)
+
+
+def _without_traceback(record: logging.LogRecord) -> bool:
+    record.exc_info = record.exc_text = None
+    return True
+
+
+def can_fork_ranks() -> bool:
+    """Whether ranks forked from this process start as they would fresh: it runs no second thread (whose locks
+    a fork copies held), has not started CUDA (which a forked process cannot use), and is on Linux. Ranks that
+    see a GPU start fresh for now: forking them is measured on CPU machines only."""
+    import threading
+
+    return (sys.platform.startswith("linux") and threading.active_count() == 1 and not torch.cuda.is_initialized()
+            and torch.cuda.device_count() == 0)
+
+
+def run_forked_rank(module: str, *argv: str) -> None:
+    """A forked rank: `python -u -m module argv` from here on, as a freshly started rank would run it."""
+    import os
+    import runpy
+    import signal
+
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(write_through=True)  # `python -u`
+    # The launcher's own handlers were in place when it forked; a fresh process starts with the defaults.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    # torch.multiprocessing asks for SIGINT when the launcher dies (torch 2.6-2.13); a started rank gets none and
+    # learns of a lost launcher from its watchdog (`ranks.Watch`), which ends it with its reason.
+    from torch.multiprocessing import _prctl_pr_set_pdeathsig
+
+    _prctl_pr_set_pdeathsig(0)
+    launcher = os.getppid()
+    if threads := os.environ.get("OMP_NUM_THREADS"):  # set by torchrun after this process's parent imported torch
+        torch.set_num_threads(int(threads))
+    sys.argv = [module, *argv]
+    global _forked
+    _forked = True
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit as e:  # `launch.leave`, or an exit on the way there
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        if code:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    # Returning is how a forked rank says it succeeded: the agent waits for each rank's return value, and then
+    # the process ends without interpreter finalization, as `launch.leave` ends a started one. Should the launcher
+    # die before it reads the value, the rank would wait for it forever: it leaves instead.
+    import threading
+
+    threading.Thread(target=_leave_when_orphaned, args=(launcher,), name="distill-orphan", daemon=True).start()
+
+
+def _leave_when_orphaned(launcher: int) -> None:
+    import os
+    import time
+
+    while os.getppid() == launcher:
+        time.sleep(1.0)
+    os._exit(0)
+
+
+_forked = False
+
+
+def in_forked_rank() -> bool:
+    """Whether this process is a rank `forked_ranks` started: it must return to its launcher, not `os._exit`."""
+    return _forked

@@ -7,6 +7,7 @@ import socket
 import sys
 
 from distill.config.errors import RecipeError
+from distill.runtime.compat import can_fork_ranks, forked_ranks, in_forked_rank
 
 
 def world_info() -> tuple[int, int]:
@@ -18,6 +19,11 @@ def launched() -> bool:
     """True inside a process started by accelerate launch, torchrun or deepspeed."""
     return "WORLD_SIZE" in os.environ or "LOCAL_RANK" in os.environ
 
+
+START_ENV = "DISTILL_RANK_START"
+"""`fork` (default): `relaunch` forks the ranks from the launching process, which has imported the stack already;
+`spawn`: each rank starts a fresh interpreter, as `accelerate launch` does. Forking is skipped where it is unsafe
+(another thread running, CUDA started), and the ranks start fresh."""
 
 EXIT_DIR_ENV = "DISTILL_EXIT_DIR"
 """Set by `relaunch`: each rank leaves its exit status there, for when the launcher does not report it."""
@@ -47,6 +53,8 @@ def leave(code: int) -> None:
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
+    if in_forked_rank():
+        raise SystemExit(code)  # to `compat.run_forked_rank`, which returns to the launcher or exits with the code
     os._exit(code)
 
 
@@ -141,6 +149,7 @@ def relaunch(num_processes: int, module: str, argv: list[str]) -> int:
     Returns the run's exit status: that of the rank that failed first (128 + N for a rank killed by signal N),
     or, when this process was signalled (SIGTERM, Ctrl-C) and passed the signal on, that of the ranks, which
     stop after a checkpoint with 0."""
+    import contextlib
     import shutil
     import signal
     import tempfile
@@ -156,8 +165,13 @@ def relaunch(num_processes: int, module: str, argv: list[str]) -> int:
     ])
     exits = tempfile.mkdtemp(prefix="distill-exit-")
     os.environ[EXIT_DIR_ENV] = exits
+    fork = os.environ.get(START_ENV, "fork") != "spawn" and can_fork_ranks()
+    if fork:
+        print(f"distill: {num_processes} ranks forked from this process, which has imported the stack "
+              f"({START_ENV}=spawn starts fresh interpreters)", file=sys.stderr)
     try:
-        launch_command(args)
+        with forked_ranks() if fork else contextlib.nullcontext():
+            launch_command(args)
     except SystemExit as e:
         code = int(e.code or 0)
         # accelerate >= 1.16 catches the signal this process passed on to the ranks and exits 128 + N (130 for
