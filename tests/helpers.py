@@ -102,10 +102,10 @@ def tiny_recipe(assets: dict[str, str], out: Path, **sections) -> dict:
 
 
 def launch(module: str, *args: str, nproc: int = 2, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`accelerate launch --num_processes N --use_deepspeed -m module args` on CPU, as users run it."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(nproc), "--num_machines", "1",
-           "--use_deepspeed", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           "-m", module, *args]
+    """`python -m module args` on N CPU processes, started as a plain `python -m distill.train` starts its ranks
+    (accelerate's launcher with `--use_deepspeed`; tests/scripts/launch.py). tests/cli/test_cli.py runs
+    `accelerate launch`, torchrun and deepspeed themselves."""
+    cmd = [sys.executable, "-m", "tests.scripts.launch", str(nproc), module, *args]
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONPATH": path, **(env or {})})

@@ -91,6 +91,15 @@ MUTATIONS: list[Mutation] = [
       [T + "loop/test_rundir.py::test_prune_keeps_the_newest_by_step_and_drops_a_left_timeline"],
       "checkpoints of a timeline the run left are deleted"),
     # -- roles and ranks ------------------------------------------------------------------------------------
+    M("launch-ranks-never-forked", "distill/runtime/compat.py",
+      "    return (sys.platform.startswith(\"linux\") and threading.active_count() == 1",
+      "    return (False and threading.active_count() == 1",
+      [T + "runtime/test_launch.py::test_forked_ranks_train_the_run_fresh_ranks_train"],
+      "on a machine whose ranks see no GPU, a plain launch forks its ranks, and they train what fresh ranks train"),
+    M("launch-forked-rank-thinks-it-started-plain", "distill/runtime/launch.py",
+      "    return _STARTED_PLAIN and not in_forked_rank()", "    return _STARTED_PLAIN",
+      [T + "trainers/test_on_policy.py::test_lmbda_zero_is_exactly_offline_kd_on_the_same_data"],
+      "`distill.run` in a rank trains in that rank; only a process started without a launcher starts ranks"),
     M("role-switch-does-not-restore", "distill/runtime/roles.py",
       "        try:\n            yield\n        finally:\n            self._activate(previous)\n\n    @contextlib.contextmanager\n"
       "    def no_plugin",

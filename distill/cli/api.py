@@ -23,13 +23,9 @@ from distill.config.errors import RecipeError
 from distill.loop.preflight import preflight
 from distill.loop.rundir import release_run_dir
 from distill.rl.rewards import importable
-from distill.runtime.launch import launched, place_processes, relaunch
+from distill.runtime.launch import place_processes, relaunch, started_plain
 from distill.runtime.roles import forget_roles
 from distill.trainers import load_recipe
-
-_PLAIN = not launched()
-"""Whether this process was started without a launcher: a 1-process run sets the launcher's variables itself,
-so `launched()` cannot tell afterwards."""
 
 
 def run(recipe: str | os.PathLike | Mapping[str, Any], *overrides: str, log: Callable[[str], None] = print,
@@ -43,11 +39,11 @@ def run(recipe: str | os.PathLike | Mapping[str, Any], *overrides: str, log: Cal
     the command line (`"train.max_steps=10"`). See `distill.load_recipe`. Raises RecipeError, before any
     model loads, for a recipe that cannot run."""
     recipe, trainer_cls = load_recipe(recipe, *overrides, **keys)
-    if recipe.launch.num_processes > 1 and _PLAIN:
+    if recipe.launch.num_processes > 1 and started_plain():
         # Too few GPUs for `launch.device: cuda` is refused here; the ranks hide the GPUs themselves when on the CPU.
         place_processes(recipe.launch.device, recipe.launch.num_processes, apply=False)
         return _launched(recipe, trainer_cls)
-    if _PLAIN:
+    if started_plain():
         place_processes(recipe.launch.device, 1)
     trainer = trainer_cls(recipe, log=log)
     try:

@@ -25,6 +25,15 @@ START_ENV = "DISTILL_RANK_START"
 `spawn`: each rank starts a fresh interpreter, as `accelerate launch` does. Forking is skipped where it is unsafe
 (another thread running, CUDA started), and the ranks start fresh."""
 
+_STARTED_PLAIN = not launched()  # read once: a single process sets the launcher's variables when it starts DeepSpeed
+
+
+def started_plain() -> bool:
+    """Whether this process started without a launcher around it (a user's script, `python -m distill.train`); a
+    rank `relaunch` forked from such a process did not, though it inherits this module as the process had it."""
+    return _STARTED_PLAIN and not in_forked_rank()
+
+
 EXIT_DIR_ENV = "DISTILL_EXIT_DIR"
 """Set by `relaunch`: each rank leaves its exit status there, for when the launcher does not report it."""
 
