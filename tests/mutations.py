@@ -94,7 +94,7 @@ MUTATIONS: list[Mutation] = [
     M("launch-ranks-never-forked", "distill/runtime/compat.py",
       "    return (sys.platform.startswith(\"linux\") and threading.active_count() == 1",
       "    return (False and threading.active_count() == 1",
-      [T + "runtime/test_launch.py::test_forked_ranks_train_the_run_fresh_ranks_train"],
+      [RESUME],
       "on a machine whose ranks see no GPU, a plain launch forks its ranks, and they train what fresh ranks train"),
     M("launch-forked-rank-thinks-it-started-plain", "distill/runtime/launch.py",
       "    return _STARTED_PLAIN and not in_forked_rank()", "    return _STARTED_PLAIN",

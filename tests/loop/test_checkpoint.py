@@ -30,9 +30,9 @@ def _recipe(tmp_path, assets, name, **sections):
     return path
 
 
-def _train(path, *args, timeout=300):
+def _train(path, *args, timeout=300, env=None):
     return subprocess.run([sys.executable, "-m", "distill.train", str(path), *args], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env={**os.environ, **(env or {})})
 
 
 def _weights(run):
@@ -133,7 +133,9 @@ def _workers(proc):
 
 def test_sigterm_saves_a_checkpoint_and_the_resumed_run_equals_an_uninterrupted_one_bitwise(assets, tmp_path, capsys):
     """SIGTERM to the whole job: a checkpoint at the step it stops at, exit 0. Resuming with other settings is refused
-    by name; resumed with more steps (allowed), the run ends with exactly the weights of a run never stopped."""
+    by name; resumed with more steps (allowed), the run ends with exactly the weights of a run never stopped. That
+    run's ranks start fresh (`DISTILL_RANK_START=spawn`, as where a GPU is visible), the stopped one's are forked:
+    both ways train the same weights."""
     from distill.cli.train import main
 
     path = _recipe(tmp_path, assets, "parts")
@@ -160,7 +162,9 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_equals_an_uninterrupted_
     assert "resumed from" in proc.stdout and f"step_{step:08d}" in proc.stdout
     assert _steps(run) == list(range(1, end + 1))
     whole = _recipe(tmp_path, assets, "whole")
-    check(_train(whole, f"train.max_steps={end}"))
+    proc = _train(whole, f"train.max_steps={end}", env={"DISTILL_RANK_START": "spawn"})
+    check(proc)
+    assert "ranks forked from this process" in err and "ranks forked" not in proc.stderr
     a, b = _weights(tmp_path / "whole"), _weights(run)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # CPU ops here are deterministic
 

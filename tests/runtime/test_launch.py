@@ -74,23 +74,3 @@ def test_distill_run_from_python_refuses_too_few_gpus_before_starting_processes(
         distill.run("quickstart", "launch.device=cuda", "output_dir=run")
     assert list(tmp_path.iterdir()) == []
 
-
-@pytest.mark.multiprocess
-def test_forked_ranks_train_the_run_fresh_ranks_train(assets, tmp_path):
-    """The plain launcher forks its ranks on a machine whose ranks see no GPU; started fresh (`spawn`) they train
-    the same run, step for step, bit for bit (benchmarks/rank_start.py, one launch each way)."""
-    import sys
-
-    import yaml
-
-    from tests.helpers import REPO, tiny_recipe
-
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import rank_start
-
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump(tiny_recipe(assets, tmp_path / "run", data={"eval": None},
-                                                 train={"max_steps": 3, "report_to": "none"})))
-    result = rank_start.main([str(tmp_path / "out.json"), str(recipe), "--repeats", "1"])
-    assert [(r["mode"], r["forked"]) for r in result["runs"]] == [("spawn", False), ("fork", True)]
-    assert result["same_losses"] and len(result["runs"][0]["losses"]) == 3
