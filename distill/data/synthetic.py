@@ -384,6 +384,8 @@ def cut_documents(lang: SyntheticLanguage, rng: random.Random, n: int, prompt_wo
 def write_splits(out: Path, splits: dict[str, list[dict]], lang: SyntheticLanguage, meta: dict[str, Any]) -> dict[str, Any]:
     """Write `<split>.jsonl` for each split, the tokenizer, and last `meta.json`, whose presence
     marks the directory complete (see `existing_meta`). Returns the meta written."""
+    if not (out / "meta.json").exists():  # ours from the first file on: another rank writing it at once must see that
+        write_atomic(out / "meta.json", json.dumps({"format_version": meta["format_version"], "complete": False}) + "\n")
     for name, records in splits.items():
         write_atomic(out / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     tokenizer = build_tokenizer(lang)

@@ -155,8 +155,8 @@ def forked_ranks() -> Iterator[None]:
         return config, run_forked_rank, cmd_args[2:]
 
     distrib_run.config_from_args = config_from_args
-    # For a forked rank that failed, the agent logs its own traceback (where it noticed), which a started rank's
-    # failure does not get: the rank has said what failed, and the line without the traceback says which rank.
+    # For a forked rank that exited with a failing status, the agent logs its own traceback (where it noticed), which
+    # a started rank's failure does not get: the rank has said what failed; the line without it says which rank.
     agent_log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
     agent_log.addFilter(_without_traceback)
     for stream in (sys.stdout, sys.stderr):
@@ -169,7 +169,9 @@ def forked_ranks() -> Iterator[None]:
 
 
 def _without_traceback(record: logging.LogRecord) -> bool:
-    record.exc_info = record.exc_text = None
+    # Only for a rank that exited with a status: one that raised has its traceback here and nowhere else.
+    if record.exc_info and type(record.exc_info[1]).__name__ == "ProcessExitedException":
+        record.exc_info = record.exc_text = None
     return True
 
 

@@ -180,6 +180,18 @@ def test_a_reader_never_sees_a_partly_written_file_while_the_data_is_written_aga
     assert not seen, f"partly written: {sorted(set(seen))}"
 
 
+def test_a_writer_marks_the_directory_ours_before_its_first_data_file(tmp_path: Path, monkeypatch) -> None:
+    # Another rank writing the same directory at once finds the mark and writes too, instead of refusing the half-
+    # written directory as someone else's data.
+    import distill.data.synthetic as synthetic
+
+    written, write = [], synthetic.write_atomic
+    monkeypatch.setattr(synthetic, "write_atomic", lambda path, text: (written.append(path.name), write(path, text)))
+    write_dataset(tmp_path, seed=0, n_train=8, n_eval=2)
+    assert written[0] == written[-1] == "meta.json" and "train.jsonl" in written
+    assert json.loads((tmp_path / "meta.json").read_text())["n_train"] == 8  # the mark replaced by the whole meta
+
+
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     synthetic_main([str(tmp_path), "--seed", "2", "--n-train", "5", "--n-eval", "3"])
     assert json.loads(capsys.readouterr().out)["seed"] == 2
