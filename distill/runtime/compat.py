@@ -1,17 +1,24 @@
 """Every use of DeepSpeed's, accelerate's and torch's private API, in one place: each patch says why, and which
-versions it was written for (DeepSpeed 0.19.8, accelerate 1.16, torch 2.13, the pins of pyproject.toml). After an upgrade, this module is
-what to read again; `tests/system/test_layers.py` keeps the rest of the package off these internals.
+versions it was written for (DeepSpeed 0.19.8, accelerate 1.16, torch 2.13, the pins of pyproject.toml). After an
+upgrade, this module is what to read again; `tests/system/test_layers.py` keeps the rest of the package off these
+internals.
 """
 from __future__ import annotations
 
 import contextlib
 import importlib
 import logging
+import os
+import runpy
+import signal
 import sys
+import threading
+import time
 import types
 from typing import Any, Iterator
 
 import torch
+from torch.multiprocessing import ProcessExitedException
 
 
 def skip_cpu_shm_op() -> None:
@@ -135,7 +142,8 @@ def deepspeed_checkpoint_classes() -> list[type]:
 def forked_ranks() -> Iterator[None]:
     """Inside this block, accelerate's launcher forks its ranks from this process instead of starting
     `python -u -m MODULE ARGS` for each: a rank then skips the import of torch, transformers, DeepSpeed and
-    distill this process has done already (about 4.5 s of CPU per rank on a CPU machine).
+    distill this process has done already (half the CPU time of a 2-process quickstart launch on a CPU machine:
+    benchmarks/rank_start.py, docs/launching.md).
 
     accelerate 1.10-1.16 launches one machine's ranks through `torch.distributed.run.run`, which asks
     `config_from_args` for the command; torch 2.6-2.13 gives `(LaunchConfig, sys.executable, ["-u", "-m", MODULE,
@@ -170,7 +178,7 @@ def forked_ranks() -> Iterator[None]:
 
 def _without_traceback(record: logging.LogRecord) -> bool:
     # Only for a rank that exited with a status: one that raised has its traceback here and nowhere else.
-    if record.exc_info and type(record.exc_info[1]).__name__ == "ProcessExitedException":
+    if record.exc_info and isinstance(record.exc_info[1], ProcessExitedException):
         record.exc_info = record.exc_text = None
     return True
 
@@ -179,18 +187,16 @@ def can_fork_ranks() -> bool:
     """Whether ranks forked from this process start as they would fresh: it runs no second thread (whose locks
     a fork copies held), has not started CUDA (which a forked process cannot use), and is on Linux. Ranks that
     see a GPU start fresh for now: forking them is measured on CPU machines only."""
-    import threading
-
     return (sys.platform.startswith("linux") and threading.active_count() == 1 and not torch.cuda.is_initialized()
             and torch.cuda.device_count() == 0)
 
 
+_forked = False  # set in a rank `forked_ranks` started (`run_forked_rank`)
+
+
 def run_forked_rank(module: str, *argv: str) -> None:
     """A forked rank: `python -u -m module argv` from here on, as a freshly started rank would run it."""
-    import os
-    import runpy
-    import signal
-
+    global _forked
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(write_through=True)  # `python -u`
@@ -206,7 +212,6 @@ def run_forked_rank(module: str, *argv: str) -> None:
     if threads := os.environ.get("OMP_NUM_THREADS"):  # set by torchrun after this process's parent imported torch
         torch.set_num_threads(int(threads))
     sys.argv = [module, *argv]
-    global _forked
     _forked = True
     try:
         runpy.run_module(module, run_name="__main__", alter_sys=True)
@@ -219,21 +224,13 @@ def run_forked_rank(module: str, *argv: str) -> None:
     # Returning is how a forked rank says it succeeded: the agent waits for each rank's return value, and then
     # the process ends without interpreter finalization, as `launch.leave` ends a started one. Should the launcher
     # die before it reads the value, the rank would wait for it forever: it leaves instead.
-    import threading
-
     threading.Thread(target=_leave_when_orphaned, args=(launcher,), name="distill-orphan", daemon=True).start()
 
 
 def _leave_when_orphaned(launcher: int) -> None:
-    import os
-    import time
-
     while os.getppid() == launcher:
         time.sleep(1.0)
     os._exit(0)
-
-
-_forked = False
 
 
 def in_forked_rank() -> bool:

@@ -22,8 +22,8 @@ def launched() -> bool:
 
 START_ENV = "DISTILL_RANK_START"
 """`fork` (default): `relaunch` forks the ranks from the launching process, which has imported the stack already;
-`spawn`: each rank starts a fresh interpreter, as `accelerate launch` does. Forking is skipped where it is unsafe
-(another thread running, CUDA started), and the ranks start fresh."""
+`spawn`: each rank starts a fresh interpreter, as `accelerate launch` does. The ranks also start fresh where the
+ranks see a GPU or forking is unsafe (another thread running, CUDA started): `compat.can_fork_ranks`."""
 
 _STARTED_PLAIN = not launched()  # read once: a single process sets the launcher's variables when it starts DeepSpeed
 

@@ -73,4 +73,3 @@ def test_distill_run_from_python_refuses_too_few_gpus_before_starting_processes(
     with pytest.raises(RecipeError, match="`launch.num_processes` is 2, and 1 GPU visible"):
         distill.run("quickstart", "launch.device=cuda", "output_dir=run")
     assert list(tmp_path.iterdir()) == []
-
