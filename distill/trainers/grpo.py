@@ -324,7 +324,7 @@ def completion_logits(model, batch: dict, temperature: float) -> torch.Tensor:
 
 def completion_logps(model, batch: dict, temperature: float) -> torch.Tensor:
     """[B, C] log-probabilities of the completion tokens (0 on padding), at the sampling temperature."""
-    return token_logps(completion_logits(model, batch, temperature), _labels(batch))
+    return token_logps(completion_logits(model, batch, temperature), completion_labels(batch))
 
 
 def grpo_loss_step(model, batch: dict, num_tokens: torch.Tensor, g: GRPOSpec, *, metric_tokens: torch.Tensor) -> dict:
@@ -333,7 +333,7 @@ def grpo_loss_step(model, batch: dict, num_tokens: torch.Tensor, g: GRPOSpec, *,
     loss tokens divided by `metric_tokens`, the step's count on all ranks)."""
     mask = batch["loss_mask"]  # [B, C]
     logits = completion_logits(model, batch, g.temperature)  # [B, C, V]
-    logps = token_logps(logits, _labels(batch))  # [B, C]
+    logps = token_logps(logits, completion_labels(batch))  # [B, C]
     terms = token_loss(logps, batch["advantages"], old_logps=batch.get("old_logps"), ref_logps=batch.get("ref_logps"),
                        beta=g.beta if g.kl_penalty == "loss" else 0.0, epsilon=g.epsilon, epsilon_high=g.epsilon_high,
                        delta=g.delta, kl_bias_correction=g.kl_bias_correction, mask=mask,
@@ -351,7 +351,7 @@ def grpo_loss_step(model, batch: dict, num_tokens: torch.Tensor, g: GRPOSpec, *,
     return out
 
 
-def _labels(batch) -> torch.Tensor:
+def completion_labels(batch) -> torch.Tensor:
     """[B, C] the completion tokens to score, -100 on padding."""
     return batch["completion_ids"].masked_fill(batch["completion_mask"] == 0, -100)
 

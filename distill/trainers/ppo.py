@@ -25,7 +25,7 @@ from distill.losses.ppo import gae, masked_whiten, policy_loss, shaped_rewards, 
 from distill.rl.batch import split_rows
 from distill.rl.reward_model import RewardModelScorer, check_reward_recipe, reward_model_given
 from distill.rl.rewards import weighted_reward
-from distill.trainers.grpo import GRPOTrainer, _labels, completion_logits, completion_logps
+from distill.trainers.grpo import GRPOTrainer, completion_labels, completion_logits, completion_logps
 from distill.trainers.grpo_spec import sampling_spec
 from distill.trainers.ppo_spec import PPORecipe, PPOSpec
 
@@ -207,7 +207,7 @@ def ppo_loss_step(actor, critic, batch: dict, num_tokens: torch.Tensor, p: PPOSp
     mask = batch["loss_mask"]  # [B, C]
     n = num_tokens.clamp(min=1)
     logits = completion_logits(actor, batch, p.temperature)  # [B, C, V]
-    logps = token_logps(logits, _labels(batch))  # [B, C]
+    logps = token_logps(logits, completion_labels(batch))  # [B, C]
     pol = policy_loss(logps, batch["old_logps"], batch["advantages"], mask, n, clip_eps=p.clip_eps,
                       clip_eps_high=p.clip_eps_high)
     values = critic_values(critic, batch)  # [B, C]
