@@ -101,14 +101,19 @@ def tiny_recipe(assets: dict[str, str], out: Path, **sections) -> dict:
     return deep_merge(base, sections)
 
 
+def pythonpath(*dirs: str | Path) -> str:
+    """PYTHONPATH for a process a test starts: `dirs` first, then the caller's own PYTHONPATH, kept because a
+    contributor's packages may be found only through it (a `pip install --target` directory)."""
+    return os.pathsep.join(p for p in (*map(str, dirs), os.environ.get("PYTHONPATH")) if p)
+
+
 def launch(module: str, *args: str, nproc: int = 2, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m module args` on N CPU processes, started as a plain `python -m distill.train` starts its ranks
     (accelerate's launcher with `--use_deepspeed`; tests/scripts/launch.py). tests/cli/test_cli.py runs
     `accelerate launch`, torchrun and deepspeed themselves."""
     cmd = [sys.executable, "-m", "tests.scripts.launch", str(nproc), module, *args]
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONPATH": path, **(env or {})})
+                          env={**os.environ, "PYTHONPATH": pythonpath(REPO), **(env or {})})
 
 
 def launch_scenarios(module: str, root: Path, out_dir: Path, scenarios: dict[str, list[str]], *, out: str = "out.json",

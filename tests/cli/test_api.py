@@ -13,7 +13,7 @@ import yaml
 
 import distill
 from tests.doc_blocks import blocks
-from tests.helpers import REPO, TINY_LLAMA, check
+from tests.helpers import REPO, TINY_LLAMA, check, pythonpath
 
 DOC = REPO / "docs" / "python.md"
 BUILT = '''
@@ -30,7 +30,7 @@ def test_the_python_page_runs(tmp_path):
     code = "".join(b.text for b in blocks(DOC) if b.lang == "python")
     (tmp_path / "page.py").write_text(code + BUILT)
     proc = subprocess.run([sys.executable, "page.py"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+                          env={**os.environ, "PYTHONPATH": pythonpath(REPO)})
     check(proc)
     lines = proc.stdout.strip().splitlines()
     assert lines[-1] == "from_recipe: Mine ['student'] 256"  # the Dataset's train split

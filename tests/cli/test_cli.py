@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from distill.runtime.launch import free_port
-from tests.helpers import check, tiny_recipe
+from tests.helpers import check, pythonpath, tiny_recipe
 
 pytestmark = pytest.mark.multiprocess
 
@@ -165,8 +165,7 @@ def test_an_error_on_one_rank_ends_the_run_at_once_with_its_traceback(assets, tm
     unsaid (docs/gpu.md, "A rank fails"). Gloo does not wait there; the message tells."""
     (tmp_path / "fails_on_one_rank.py").write_text(FAILS_ON_ONE_RANK)
     path, _ = _write(tmp_path, assets, trainer="fails_on_one_rank:FailsOnRank1", launch={"timeout_s": 900})
-    pythonpath = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)
-    proc = _run([str(path)], timeout=240, env={"PYTHONPATH": pythonpath})
+    proc = _run([str(path)], timeout=240, env={"PYTHONPATH": pythonpath(tmp_path)})
     assert proc.returncode == 1, proc.stderr[-3000:]  # the failed rank's status, through the launcher
     assert re.search(r"distill: rank 1 \(.+\) failed:", proc.stderr) and "RuntimeError: injected failure on rank 1" in proc.stderr
     assert re.search(r"distill: rank 1 \(.+\): RuntimeError: injected failure on rank 1\n", proc.stderr)  # its one line
@@ -237,7 +236,6 @@ class NanLoss(DistillTrainer):
 def test_a_nan_stop_exits_3_through_the_launcher(assets, tmp_path):
     (tmp_path / "nan_everywhere.py").write_text(NAN_EVERYWHERE)
     path, _ = _write(tmp_path, assets, trainer="nan_everywhere:NanLoss", train={"max_bad_steps": 2}, data={"eval": None})
-    pythonpath = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)
-    proc = _run([str(path)], timeout=240, env={"PYTHONPATH": pythonpath})
+    proc = _run([str(path)], timeout=240, env={"PYTHONPATH": pythonpath(tmp_path)})
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert proc.stderr.count("distill: stopped: 2 steps in a row ended with a NaN/Inf loss") == 1

@@ -19,12 +19,13 @@ from tests.helpers import ENGLISH, bpe_tokenizer, check, tiny_model_dir
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    """A BPE tokenizer, a Llama teacher saved with it, a Qwen2 student saved with it, and English JSONL data."""
+    """A BPE tokenizer, a Llama teacher saved with it, a Qwen2 student saved without one (its data
+    tokenizer is the teacher's), and English JSONL data."""
     root = tmp_path_factory.mktemp("pair")
     tok = bpe_tokenizer(root / "tokenizer")
     teacher = tiny_model_dir(root / "teacher", "llama", len(tok))
     tok.save_pretrained(teacher)
-    student = tiny_model_dir(root / "student", "qwen2", len(tok), seed=1)
+    tiny_model_dir(root / "student", "qwen2", len(tok), seed=1)
     for split, n in (("train", 16), ("eval", 4)):
         (root / f"{split}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in (ENGLISH * 2)[:n]))
     return root

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.helpers import check
+from tests.helpers import check, pythonpath
 from tests.doc_blocks import REPO, SHELL, blocks, shell_commands
 
 PAGE = REPO / "docs" / "bring-your-own.md"
@@ -17,7 +17,7 @@ MAIN_RUN = ["student.yaml"]
 
 @pytest.mark.multiprocess
 def test_the_walk_through_ends_with_a_loadable_student(tmp_path, monkeypatch):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": pythonpath(REPO)}
     page = blocks(PAGE)
     for b in page:
         if b.mark == "save":

@@ -7,7 +7,7 @@ import sys
 import pytest
 import yaml
 
-from tests.helpers import tiny_recipe
+from tests.helpers import pythonpath, tiny_recipe
 from tests.doc_blocks import (REPO, SHELL, Block, Unrunnable, blocks, check_block, classify, doc_files,
                                         shell_commands)
 
@@ -26,7 +26,7 @@ def _page_dir(tmp_path, page) -> str:
 
 
 def _env(**extra) -> dict:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), **extra}
+    return {**os.environ, "PYTHONPATH": pythonpath(REPO), **extra}
 
 
 def test_every_block_is_marked_or_runnable():

@@ -13,6 +13,7 @@ import torch
 
 from distill.data.synthetic import EOS, SyntheticLanguage, build_tokenizer
 from distill.data.synthetic_eval import judge, score_text, true_probs
+from tests.helpers import pythonpath
 
 REPO = Path(__file__).resolve().parents[2]
 SPD = (1, 4)
@@ -119,7 +120,7 @@ def test_distillation_beats_hard_labels_at_cpu_size(tmp_path, seed):
     same student, documents, steps and seed, and the same forward KL from a teacher cache of its top 32 (in 8
     bits, the tail as one class), which ends where the live teacher's does. Deterministic; over seeds 0-2 the
     margins were (see the docs)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath(REPO)}
     cmd = [sys.executable, str(REPO / "benchmarks" / "kd_results.py"), "--size", "cpu", "--arms", "hard", "forward_kl",
            "cache_top32", "--budgets", "quarter", "--seeds", str(seed), "--samples", "32", "--no-plot", "--out",
            str(tmp_path)]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, check, free_port
+from tests.helpers import REPO, check, free_port, pythonpath
 
 RECIPE = ["quickstart", "output_dir=run", "train.progress=false", "train.log_every=1", "train.eval_every=null",
           "train.save_every=3", "train.keep_checkpoints=2", "train.max_steps=6", "student.scheduler.warmup_steps=20"]
@@ -29,7 +29,7 @@ def _two_machines(root: Path, *args: str) -> list[subprocess.CompletedProcess]:
                "-m", "distill.train", *RECIPE, *args]
         with open(where / "out.txt", "w") as out, open(where / "err.txt", "w") as err:
             procs.append((where, subprocess.Popen(cmd, cwd=where, stdout=out, stderr=err,
-                                                  env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})))
+                                                  env={**os.environ, "PYTHONPATH": pythonpath(REPO), "OMP_NUM_THREADS": "1"})))
     done = []
     for where, p in procs:
         p.wait(timeout=600)

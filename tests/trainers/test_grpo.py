@@ -22,7 +22,7 @@ from distill.config.recipe import validate_recipe
 from distill.losses.grpo import GRPO_LOSSES
 from distill.rl.batch import RepeatedData, completion_masks, padded_width
 from distill.trainers.grpo import GRPOSpec, GRPOTrainer, completion_logps, grpo_loss_step
-from tests.helpers import REPO, TINY_LLAMA, check
+from tests.helpers import REPO, TINY_LLAMA, check, pythonpath
 
 REWARD = "distill.data.reward_task:end_mark"
 PAD, EOS = 0, 2
@@ -305,7 +305,7 @@ def test_a_reward_function_failing_on_one_rank_stops_every_rank_with_one_message
     raw["reference"] = {"deepspeed": "zero3"}  # rank 0 would wait in the reference's gathers after its rewards
     raw["launch"] = {"num_processes": 2, "timeout_s": 60}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
-    proc = _train([str(tmp_path / "r.yaml")], env={"PYTHONPATH": f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}"},
+    proc = _train([str(tmp_path / "r.yaml")], env={"PYTHONPATH": pythonpath(tmp_path)},
                   timeout=120)
     assert proc.returncode != 0
     said = "on rank 1: reward function `bad_rewards:fails_on_rank_1` raised KeyError: 'no score for this completion'"
@@ -332,7 +332,7 @@ def test_zero3_reward_model_with_reused_batches(tmp_path):
     raw["train"].update(max_steps=4, log_every=1)
     raw["launch"] = {"num_processes": 2, "timeout_s": 120}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
-    check(_train([str(tmp_path / "r.yaml")], env={"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}))
+    check(_train([str(tmp_path / "r.yaml")], env={"PYTHONPATH": pythonpath(REPO)}))
     lines = [m for m in _metrics(tmp_path / "run") if "loss" in m]
     assert [("rewards/reward_model" in m, "rewards/end_mark" in m) for m in lines] == [(True, True), (False, False)] * 2
     assert all(math.isfinite(m["loss"]) for m in lines)

@@ -12,7 +12,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import yaml
 
 from distill.config.errors import RecipeError
 from distill.config.recipe import validate_recipe
