@@ -186,21 +186,14 @@ def run_trl(a, d: Path, world: int) -> tuple[list[float], list[float]]:
     """(per-step wall clock at step end, per-step loss) of TRL's DPOTrainer."""
     import torch
     from datasets import load_dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     cuda = a.device == "cuda"
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
-    ds_config = {"zero_optimization": {"stage": a.policy_zero, "overlap_comm": True, "contiguous_gradients": True,
-                                       "reduce_scatter": True, "allgather_bucket_size": 200_000_000,
-                                       "reduce_bucket_size": "auto"},
-                 "bf16": {"enabled": "auto"}, "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
-                 "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "steps_per_print": 10**12}
-    if a.policy_zero == 3:
-        ds_config["zero_optimization"].update({"stage3_prefetch_bucket_size": "auto", "stage3_param_persistence_threshold": "auto"})
     args = DPOConfig(
         output_dir=str(d / "run_trl"), report_to="none", use_cpu=not cuda, bf16=a.dtype == "bf16", seed=a.seed,
-        deepspeed=ds_config, per_device_train_batch_size=a.micro_batch, gradient_accumulation_steps=a.grad_accum,
+        deepspeed=trl_deepspeed_config(a), per_device_train_batch_size=a.micro_batch, gradient_accumulation_steps=a.grad_accum,
         max_steps=a.warmup + a.steps, logging_steps=1, learning_rate=a.lr, lr_scheduler_type="constant",
         warmup_steps=0, optim="adamw_torch", weight_decay=0.0, max_grad_norm=1.0, beta=a.beta, loss_type=["sigmoid"],
         max_length=a.seq_len, precompute_ref_log_probs=False, gradient_checkpointing=a.gradient_checkpointing,
@@ -209,6 +202,30 @@ def run_trl(a, d: Path, world: int) -> tuple[list[float], list[float]]:
     policy = AutoModelForCausalLM.from_pretrained(d / "model", dtype=dtype)
     reference = AutoModelForCausalLM.from_pretrained(d / "model", dtype=dtype)
     clock: list[float] = []
+    trainer = DPOTrainer(model=policy, ref_model=reference, args=args, processing_class=tok,
+                         train_dataset=load_dataset("json", data_files=str(d / "pairs.jsonl"), split="train"),
+                         callbacks=[step_clock(clock, cuda)])
+    assert trainer.is_deepspeed_enabled, "TRL's trainer is not running under DeepSpeed"
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h and "step" in h]
+    return clock, losses
+
+
+def trl_deepspeed_config(a) -> dict:
+    """TRL's side under DeepSpeed as the HF Trainer fills an "auto" config: ZeRO-2 (or 3) for the trained model."""
+    ds = {"zero_optimization": {"stage": a.policy_zero, "overlap_comm": True, "contiguous_gradients": True,
+                                "reduce_scatter": True, "allgather_bucket_size": 200_000_000, "reduce_bucket_size": "auto"},
+          "bf16": {"enabled": "auto"}, "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+          "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "steps_per_print": 10**12}
+    if a.policy_zero == 3:
+        ds["zero_optimization"].update({"stage3_prefetch_bucket_size": "auto", "stage3_param_persistence_threshold": "auto"})
+    return ds
+
+
+def step_clock(clock: list[float], cuda: bool):
+    """A Trainer callback appending the wall clock at each optimizer step's end (the device synced first)."""
+    import torch
+    from transformers import TrainerCallback
 
     class StepClock(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -216,16 +233,10 @@ def run_trl(a, d: Path, world: int) -> tuple[list[float], list[float]]:
                 torch.cuda.synchronize()
             clock.append(time.perf_counter())
 
-    trainer = DPOTrainer(model=policy, ref_model=reference, args=args, processing_class=tok,
-                         train_dataset=load_dataset("json", data_files=str(d / "pairs.jsonl"), split="train"),
-                         callbacks=[StepClock()])
-    assert trainer.is_deepspeed_enabled, "TRL's trainer is not running under DeepSpeed"
-    trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h and "step" in h]
-    return clock, losses
+    return StepClock()
 
 
-def worker(a) -> None:
+def worker(a, sides: dict | None = None) -> None:
     import torch
     import torch.distributed as dist
 
@@ -237,7 +248,7 @@ def worker(a) -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if cuda and a.memory_snapshot:  # before the first allocation, so that the replay sees them all
         torch.cuda.memory._record_memory_history(stacks="python", max_entries=SNAPSHOT_ENTRIES)
-    clock, losses = (run_distill if a.impl == "distill" else run_trl)(a, d, world)
+    clock, losses = (sides or SIDES)[a.impl](a, d, world)
     if cuda and a.memory_snapshot:
         write_memory_summary(a, rank)
     peak = None
@@ -259,7 +270,7 @@ def worker(a) -> None:
             "step_s": seconds / a.steps if seconds else None, "peak_mem_gib": peak,
             "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
             "policy_zero": a.policy_zero,
-            "reference": (f"ZeRO-{a.ref_zero}" if a.ref_zero != "auto" else "planner (auto)") if a.impl == "distill" else ("ZeRO-3" if a.policy_zero == 3 else "replicated (stage 0)"),
+            "reference": _reference(a),
             "versions": _versions(),
         }
         Path(a.result or d / f"result_{a.impl}.json").write_text(json.dumps(result, indent=2))
@@ -270,6 +281,14 @@ def worker(a) -> None:
 
 
 SNAPSHOT_ENTRIES = 3_000_000
+
+
+def _reference(a) -> str:
+    if a.title != "DPO":
+        return "none"
+    if a.impl == "distill":
+        return f"ZeRO-{a.ref_zero}" if a.ref_zero != "auto" else "planner (auto)"
+    return "ZeRO-3" if a.policy_zero == 3 else "replicated (stage 0)"
 
 
 def write_memory_summary(a, rank: int) -> None:
@@ -308,7 +327,7 @@ def _versions() -> dict:
 
 
 # -- the driver: both sides, then the table ---------------------------------------------------
-def driver(a, argv: list[str]) -> None:
+def driver(a, argv: list[str], script: Path) -> None:
     from distill.runtime.launch import free_port
 
     prepare(a, a.num_processes)  # once, before either launch
@@ -323,7 +342,7 @@ def driver(a, argv: list[str]) -> None:
         result.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(a.num_processes),
                "--num_machines", "1", "--use_deepspeed", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), str(Path(__file__).resolve()),
+               "--main_process_port", str(free_port()), str(script),
                "--impl", impl, "--result", str(result), *passthrough]
         print(f"== {impl}: {' '.join(cmd)}", flush=True)
         t0 = time.perf_counter()
@@ -333,7 +352,7 @@ def driver(a, argv: list[str]) -> None:
         results.append(json.loads(result.read_text()))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(a), "results": results}, indent=2))
-    print(table(results))
+    print(table(results, a.title))
     print(f"\nJSON: {out}")
 
 
@@ -350,15 +369,16 @@ def _drop_values(argv: list[str], flags: set[str]) -> list[str]:
     return out
 
 
-def table(results: list[dict]) -> str:
+def table(results: list[dict], title: str = "DPO") -> str:
     def f(v, fmt):
         return "n/a" if v is None else format(v, fmt)
 
     r0 = results[0]
-    head = (f"DPO, {r0['params_m']}M-param Llama (policy and reference), {r0['dtype']}, seq {r0['seq_len']}, "
+    models = "policy and reference" if title == "DPO" else "one model, a score head"
+    head = (f"{title}, {r0['params_m']}M-param Llama ({models}), {r0['dtype']}, seq {r0['seq_len']}, "
             f"{r0['pairs_per_step']} pairs/step, {r0['world_size']} x {r0['device']}, "
             f"{r0['timed_steps']} steps timed after {r0['warmup_steps']}\n\n")
-    rows = ["| impl | policy | reference | tokens/s | tokens/s/device | step (s) | peak alloc (GiB) | loss first → last |",
+    rows = [f"| impl | {'policy' if title == 'DPO' else 'model'} | reference | tokens/s | tokens/s/device | step (s) | peak alloc (GiB) | loss first → last |",
             "|---|---|---|---:|---:|---:|---:|---|"]
     for r in results:
         rows.append(f"| {r['impl']} | ZeRO-{r['policy_zero']} | {r['reference']} | {f(r['tokens_per_s'], '.0f')} | "
@@ -370,15 +390,21 @@ def table(results: list[dict]) -> str:
     return head + "\n".join(rows)
 
 
-def main(argv: list[str] | None = None) -> None:
+SIDES = {"distill": run_distill, "trl": run_trl}
+
+
+def main(argv: list[str] | None = None, *, title: str = "DPO", sides: dict | None = None, script: str = __file__) -> None:
+    """Both sides (the driver) or one (inside `accelerate launch`). benchmarks/reward.py passes its own sides, the
+    script the driver launches, and the title; the inputs, timing and table are this file's."""
     argv = sys.argv[1:] if argv is None else argv
     a = parse_args(argv)
+    a.title = title
     sys.path.insert(0, str(REPO))  # `distill` importable when run as a file from anywhere
     sys.path.insert(0, str(REPO / "benchmarks"))  # and memory_peak
     if a.impl == "both":
-        driver(a, argv)
+        driver(a, argv, Path(script).resolve())
     else:
-        worker(a)
+        worker(a, sides)
 
 
 if __name__ == "__main__":

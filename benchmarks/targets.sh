@@ -41,6 +41,8 @@ step() {  # name, visible devices, then the command
 step small "$gpus2" launch 2 $B "${small[@]}" --modes naive replicated naive replicated --out "$out/small.json"
 # DPO against TRL, same models and data, each side in its own launch
 step dpo "$gpus2" python benchmarks/dpo.py --num-processes 2 "${dpo[@]}" --out "$out/dpo.json"
+# the reward model against TRL's RewardTrainer, the same way
+step reward "$gpus2" python benchmarks/reward.py --num-processes 2 "${dpo[@]}" --out "$out/reward.json"
 # compiled decoder layers, against the same launch's naive loop
 step small_compile "$gpus2" launch 2 $B "${small[@]}" --modes naive replicated \
   --set student.compile=true teacher.compile=true --out "$out/small_compile.json"

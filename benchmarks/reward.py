@@ -1,0 +1,80 @@
+"""Throughput and peak GPU memory of reward-model training: distill's RewardTrainer against TRL's RewardTrainer.
+
+Both sides in turn, each in its own `accelerate launch` (prints a markdown table, writes JSON):
+
+    python benchmarks/reward.py --num-processes 2 --out reward_bench.json       # random-init Llama ~0.3B + score head, bf16
+    python benchmarks/reward.py --tiny --device cpu --num-processes 1            # CPU smoke test
+
+The inputs, options, timing and table are benchmarks/dpo.py's (its docstring says how each is made and timed): the
+same random-init Llama saved once, here loaded by each side as a sequence classifier with one output (the score head
+initialised from --seed), the same pairs of exactly --seq-len tokens, micro-batch, accumulation, constant-lr AdamW,
+gradient clipping 1.0, bf16 weights with fp32 master weights under DeepSpeed ZeRO-2, sdpa attention. Both sides use
+the Bradley-Terry loss without margin or centering. tokens/s counts both sequences of every pair. What differs is
+each framework's own code: the collator, the loop, the per-step metrics, ZeRO-2's buckets (dpo.py's docstring).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import dpo  # noqa: E402  (benchmarks/dpo.py: inputs, driver, timing, table)
+
+
+def run_distill(a, d: Path, world: int) -> tuple[list[float], list[float]]:
+    """(per-step wall clock at step end, per-step loss) of distill's RewardTrainer."""
+    import json
+
+    from distill.config.recipe import deep_merge, parse_overrides, validate_recipe
+    from distill.trainers.reward import RewardTrainer
+
+    recipe = validate_recipe(deep_merge({
+        "trainer": "reward", "output_dir": str(d / "run_distill_reward"), "overwrite": True, "seed": a.seed,
+        "reward": {"from_pretrained": str(d / "model"), "model_class": "sequence_classification",
+                   "deepspeed": f"zero{a.policy_zero}", "precision": a.dtype,
+                   "optimizer": {"lr": a.lr, "weight_decay": 0.0}, "scheduler": {"name": "constant"},
+                   "gradient_checkpointing": a.gradient_checkpointing, "compile": False},
+        "rm": {"loss": "bradley_terry"},
+        "data": {"train": str(d / "pairs.jsonl"), "tokenizer": str(d / "tokenizer"), "max_length": a.seq_len},
+        "train": {"micro_batch_size": a.micro_batch, "grad_accum": a.grad_accum, "max_steps": a.warmup + a.steps,
+                  "log_every": 1, "grad_clip": 1.0, "progress": False},
+        "launch": {"num_processes": world},
+    }, parse_overrides(a.set)), RewardTrainer)
+    trainer = RewardTrainer(recipe)
+    trainer.train()
+    if trainer.rank != 0:
+        return [], []
+    metrics = [json.loads(x) for x in (d / "run_distill_reward" / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in metrics if "loss" in m and "elapsed_s" in m]
+    return [m["elapsed_s"] for m in steps], [m["loss"] for m in steps]
+
+
+def run_trl(a, d: Path, world: int) -> tuple[list[float], list[float]]:
+    """(per-step wall clock at step end, per-step loss) of TRL's RewardTrainer."""
+    import torch
+    from datasets import load_dataset
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    cuda = a.device == "cuda"
+    args = RewardConfig(
+        output_dir=str(d / "run_trl_reward"), report_to="none", use_cpu=not cuda, bf16=a.dtype == "bf16", seed=a.seed,
+        deepspeed=dpo.trl_deepspeed_config(a), per_device_train_batch_size=a.micro_batch,
+        gradient_accumulation_steps=a.grad_accum, max_steps=a.warmup + a.steps, logging_steps=1, learning_rate=a.lr,
+        lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch", weight_decay=0.0, max_grad_norm=1.0,
+        max_length=a.seq_len, center_rewards_coefficient=None, gradient_checkpointing=a.gradient_checkpointing,
+        dataloader_drop_last=True, save_strategy="no", disable_tqdm=True)
+    torch.manual_seed(a.seed)  # the score head's init
+    model = AutoModelForSequenceClassification.from_pretrained(
+        d / "model", num_labels=1, dtype=torch.bfloat16 if a.dtype == "bf16" else torch.float32)
+    clock: list[float] = []
+    trainer = RewardTrainer(model=model, args=args, processing_class=AutoTokenizer.from_pretrained(d / "tokenizer"),
+                            train_dataset=load_dataset("json", data_files=str(d / "pairs.jsonl"), split="train"),
+                            callbacks=[dpo.step_clock(clock, cuda)])
+    assert trainer.is_deepspeed_enabled, "TRL's trainer is not running under DeepSpeed"
+    trainer.train()
+    return clock, [h["loss"] for h in trainer.state.log_history if "loss" in h and "step" in h]
+
+
+if __name__ == "__main__":
+    dpo.main(title="Reward model", sides={"distill": run_distill, "trl": run_trl}, script=__file__)
