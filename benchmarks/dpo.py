@@ -327,7 +327,7 @@ def _versions() -> dict:
 
 
 # -- the driver: both sides, then the table ---------------------------------------------------
-def driver(a, argv: list[str], script: Path) -> None:
+def driver(a, argv: list[str], script: Path, table_fn=None) -> None:
     from distill.runtime.launch import free_port
 
     prepare(a, a.num_processes)  # once, before either launch
@@ -352,7 +352,7 @@ def driver(a, argv: list[str], script: Path) -> None:
         results.append(json.loads(result.read_text()))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(a), "results": results}, indent=2))
-    print(table(results, a.title))
+    print((table_fn or table)(results, a.title))
     print(f"\nJSON: {out}")
 
 

@@ -43,6 +43,8 @@ step small "$gpus2" launch 2 $B "${small[@]}" --modes naive replicated naive rep
 step dpo "$gpus2" python benchmarks/dpo.py --num-processes 2 "${dpo[@]}" --out "$out/dpo.json"
 # the reward model against TRL's RewardTrainer, the same way
 step reward "$gpus2" python benchmarks/reward.py --num-processes 2 "${dpo[@]}" --out "$out/reward.json"
+# RLOO (the GRPO trainer with TRL's RLOO keys) against TRL's RLOOTrainer without vLLM, the same way
+step rloo "$gpus2" python benchmarks/rloo.py --num-processes 2 "${dpo[@]}" --out "$out/rloo.json"
 # compiled decoder layers, against the same launch's naive loop
 step small_compile "$gpus2" launch 2 $B "${small[@]}" --modes naive replicated \
   --set student.compile=true teacher.compile=true --out "$out/small_compile.json"
