@@ -268,7 +268,7 @@ def worker(a, sides: dict | None = None) -> None:
             "tokens_per_s": tokens / seconds if seconds else None,
             "tokens_per_s_per_device": tokens / seconds / world if seconds else None,
             "step_s": seconds / a.steps if seconds else None, "peak_mem_gib": peak,
-            "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+            "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None, "losses": losses,
             "policy_zero": a.policy_zero,
             "reference": _reference(a),
             "versions": _versions(),

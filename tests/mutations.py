@@ -276,6 +276,10 @@ MUTATIONS: list[Mutation] = [
     M("rlhf-finished-stage-runs-again", "distill/pipelines/rlhf.py", "if done.get(name) == key and marker.is_file():",
       "if False:", [RLHF + "test_pipeline_learns_a_reward_model_and_raises_the_truth"],
       "a finished stage is skipped when the pipeline runs again"),
+    M("reward-responses-without-eos", "distill/data/preference.py",
+      "c, r = (x if x[-1:] == [eos] else x + [eos] for x in map(ids, responses))", "c, r = map(ids, responses)",
+      [T + "system/test_benchmarks.py::test_reward_benchmark_trains_as_trls_reward_trainer"],
+      "a reward model trains on the sequences TRL's RewardTrainer trains on (each response ends with eos), step for step"),
 ]
 
 
