@@ -152,6 +152,7 @@ def forked_ranks() -> Iterator[None]:
     same signals passed on, the same failures reported. Callers check `can_fork_ranks()` first.
     """
     import torch.distributed.run as distrib_run
+    from torch.distributed.elastic.multiprocessing.api import MultiprocessContext
 
     original = distrib_run.config_from_args
 
@@ -163,6 +164,18 @@ def forked_ranks() -> Iterator[None]:
         return config, run_forked_rank, cmd_args[2:]
 
     distrib_run.config_from_args = config_from_args
+    # A forked rank that returned waits for the agent to read its return value (`_wrap`: put, then
+    # `_worker_finished_event.wait()`). An agent that was signalled reads none: it passes the signal on and waits
+    # 30 s in `_close`, so the ranks, stopped after their checkpoint, would wait until it kills them. It releases
+    # them first; only while every rank is alive, as a rank that died inside the event's lock would block `set`.
+    original_close = MultiprocessContext._close
+
+    def close(self, death_sig, timeout=30):
+        if self._pc is not None and all(p.is_alive() for p in self._pc.processes):
+            self._worker_finished_event.set()
+        original_close(self, death_sig, timeout)
+
+    MultiprocessContext._close = close
     # For a forked rank that exited with a failing status, the agent logs its own traceback (where it noticed), which
     # a started rank's failure does not get: the rank has said what failed; the line without it says which rank.
     agent_log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
@@ -173,6 +186,7 @@ def forked_ranks() -> Iterator[None]:
         yield
     finally:
         distrib_run.config_from_args = original
+        MultiprocessContext._close = original_close
         agent_log.removeFilter(_without_traceback)
 
 

@@ -146,6 +146,9 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_equals_an_uninterrupted_
         os.kill(pid, signal.SIGTERM)
     assert proc.wait(timeout=120) == 0  # stopped as asked, with a checkpoint: a success
     err = path.with_suffix(".log").read_text()
+    # Forked ranks leave after their checkpoint as started ones do, not when the launcher's 30 s wait for them runs
+    # out and it kills them: a scheduler's grace period may end first.
+    assert "forcefully exiting" not in err, err[-3000:]
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     stopped = [m for m in metrics if "stopped_by" in m]
     assert stopped and stopped[0]["stopped_by"] == "SIGTERM", err[-3000:]
