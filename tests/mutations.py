@@ -281,8 +281,8 @@ MUTATIONS: list[Mutation] = [
       "a finished stage is skipped when the pipeline runs again"),
     M("reward-responses-without-eos", "distill/data/preference.py",
       "c, r = (x if x[-1:] == [eos] else x + [eos] for x in map(ids, responses))", "c, r = map(ids, responses)",
-      [T + "system/test_benchmarks.py::test_reward_benchmark_trains_as_trls_reward_trainer"],
-      "a reward model trains on the sequences TRL's RewardTrainer trains on (each response ends with eos), step for step"),
+      [T + "trainers/test_trl_parity.py::test_first_dpo_steps_match_trl"],
+      "preference pairs are the sequences TRL's trainers make of them, each response ending with eos (DPO and the reward model share the tokenisation)"),
 ]
 
 
