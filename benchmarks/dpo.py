@@ -175,11 +175,16 @@ def run_distill(a, d: Path, world: int) -> tuple[list[float], list[float]]:
     }, parse_overrides(a.set)), DPOTrainer)
     trainer = DPOTrainer(recipe)
     trainer.train()
+    return step_series(trainer, d / "run_distill", "loss")
+
+
+def step_series(trainer, run_dir: Path, key: str) -> tuple[list[float], list[float]]:
+    """(elapsed_s, `key`) of each step line of a finished distill run's metrics.jsonl; empty off rank 0."""
     if trainer.rank != 0:
         return [], []
-    metrics = [json.loads(x) for x in (d / "run_distill" / "metrics.jsonl").read_text().splitlines()]
-    steps = [m for m in metrics if "loss" in m and "elapsed_s" in m]
-    return [m["elapsed_s"] for m in steps], [m["loss"] for m in steps]
+    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in metrics if key in m and "elapsed_s" in m]
+    return [m["elapsed_s"] for m in steps], [m[key] for m in steps]
 
 
 def run_trl(a, d: Path, world: int) -> tuple[list[float], list[float]]:
@@ -191,13 +196,9 @@ def run_trl(a, d: Path, world: int) -> tuple[list[float], list[float]]:
 
     cuda = a.device == "cuda"
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
-    args = DPOConfig(
-        output_dir=str(d / "run_trl"), report_to="none", use_cpu=not cuda, bf16=a.dtype == "bf16", seed=a.seed,
-        deepspeed=trl_deepspeed_config(a), per_device_train_batch_size=a.micro_batch, gradient_accumulation_steps=a.grad_accum,
-        max_steps=a.warmup + a.steps, logging_steps=1, learning_rate=a.lr, lr_scheduler_type="constant",
-        warmup_steps=0, optim="adamw_torch", weight_decay=0.0, max_grad_norm=1.0, beta=a.beta, loss_type=["sigmoid"],
-        max_length=a.seq_len, precompute_ref_log_probs=False, gradient_checkpointing=a.gradient_checkpointing,
-        dataloader_drop_last=True, save_strategy="no", disable_tqdm=True)
+    args = DPOConfig(**trl_arguments(a, d / "run_trl", a.micro_batch, a.grad_accum), beta=a.beta, loss_type=["sigmoid"],
+                     max_length=a.seq_len, precompute_ref_log_probs=False, gradient_checkpointing=a.gradient_checkpointing,
+                     dataloader_drop_last=True)
     tok = AutoTokenizer.from_pretrained(d / "tokenizer")
     policy = AutoModelForCausalLM.from_pretrained(d / "model", dtype=dtype)
     reference = AutoModelForCausalLM.from_pretrained(d / "model", dtype=dtype)
@@ -209,6 +210,27 @@ def run_trl(a, d: Path, world: int) -> tuple[list[float], list[float]]:
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h and "step" in h]
     return clock, losses
+
+
+def peak_memory_gib() -> float:
+    """`torch.cuda.max_memory_allocated` in GiB, the most over ranks."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(torch.cuda.max_memory_allocated() / 2**30, device="cuda")
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def trl_arguments(a, out: Path, per_device: int, grad_accum: int) -> dict:
+    """The HF Trainer arguments every TRL side here shares: the timed steps, constant-lr AdamW without weight decay,
+    clipping 1.0, DeepSpeed (`trl_deepspeed_config`), a log line per step, nothing saved."""
+    return dict(output_dir=str(out), report_to="none", use_cpu=a.device != "cuda", bf16=a.dtype == "bf16", seed=a.seed,
+                deepspeed=trl_deepspeed_config(a), per_device_train_batch_size=per_device,
+                gradient_accumulation_steps=grad_accum, max_steps=a.warmup + a.steps, logging_steps=1, learning_rate=a.lr,
+                lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch", weight_decay=0.0, max_grad_norm=1.0,
+                save_strategy="no", disable_tqdm=True)
 
 
 def trl_deepspeed_config(a) -> dict:
@@ -251,12 +273,7 @@ def worker(a, sides: dict | None = None) -> None:
     clock, losses = (sides or SIDES)[a.impl](a, d, world)
     if cuda and a.memory_snapshot:
         write_memory_summary(a, rank)
-    peak = None
-    if cuda:
-        t = torch.tensor(torch.cuda.max_memory_allocated() / 2**30, device="cuda")
-        if dist.is_initialized():
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        peak = float(t)
+    peak = peak_memory_gib() if cuda else None
     if rank == 0:
         pairs_per_step = a.micro_batch * a.grad_accum * world
         seconds = clock[-1] - clock[a.warmup - 1] if a.warmup else None

@@ -23,8 +23,6 @@ import dpo  # noqa: E402  (benchmarks/dpo.py: inputs, driver, timing, table)
 
 def run_distill(a, d: Path, world: int) -> tuple[list[float], list[float]]:
     """(per-step wall clock at step end, per-step loss) of distill's RewardTrainer."""
-    import json
-
     from distill.config.recipe import deep_merge, parse_overrides, validate_recipe
     from distill.trainers.reward import RewardTrainer
 
@@ -42,11 +40,7 @@ def run_distill(a, d: Path, world: int) -> tuple[list[float], list[float]]:
     }, parse_overrides(a.set)), RewardTrainer)
     trainer = RewardTrainer(recipe)
     trainer.train()
-    if trainer.rank != 0:
-        return [], []
-    metrics = [json.loads(x) for x in (d / "run_distill_reward" / "metrics.jsonl").read_text().splitlines()]
-    steps = [m for m in metrics if "loss" in m and "elapsed_s" in m]
-    return [m["elapsed_s"] for m in steps], [m["loss"] for m in steps]
+    return dpo.step_series(trainer, d / "run_distill_reward", "loss")
 
 
 def run_trl(a, d: Path, world: int) -> tuple[list[float], list[float]]:
@@ -57,13 +51,9 @@ def run_trl(a, d: Path, world: int) -> tuple[list[float], list[float]]:
     from trl import RewardConfig, RewardTrainer
 
     cuda = a.device == "cuda"
-    args = RewardConfig(
-        output_dir=str(d / "run_trl_reward"), report_to="none", use_cpu=not cuda, bf16=a.dtype == "bf16", seed=a.seed,
-        deepspeed=dpo.trl_deepspeed_config(a), per_device_train_batch_size=a.micro_batch,
-        gradient_accumulation_steps=a.grad_accum, max_steps=a.warmup + a.steps, logging_steps=1, learning_rate=a.lr,
-        lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch", weight_decay=0.0, max_grad_norm=1.0,
-        max_length=a.seq_len, center_rewards_coefficient=None, gradient_checkpointing=a.gradient_checkpointing,
-        dataloader_drop_last=True, save_strategy="no", disable_tqdm=True)
+    args = RewardConfig(**dpo.trl_arguments(a, d / "run_trl_reward", a.micro_batch, a.grad_accum), max_length=a.seq_len,
+                        center_rewards_coefficient=None, gradient_checkpointing=a.gradient_checkpointing,
+                        dataloader_drop_last=True)
     torch.manual_seed(a.seed)  # the score head's init
     model = AutoModelForSequenceClassification.from_pretrained(
         d / "model", num_labels=1, dtype=torch.bfloat16 if a.dtype == "bf16" else torch.float32)

@@ -91,11 +91,7 @@ def run_distill(a, d: Path, world: int) -> tuple[list[float], list[float]]:
     }, parse_overrides(a.set)), GRPOTrainer)
     trainer = GRPOTrainer(recipe)
     trainer.train()
-    if trainer.rank != 0:
-        return [], []
-    metrics = [json.loads(x) for x in (d / "run_distill_rloo" / "metrics.jsonl").read_text().splitlines()]
-    steps = [m for m in metrics if "completions/mean_length" in m and "elapsed_s" in m]
-    return [m["elapsed_s"] for m in steps], [m["completions/mean_length"] for m in steps]
+    return dpo.step_series(trainer, d / "run_distill_rloo", "completions/mean_length")
 
 
 def run_trl(a, d: Path, world: int) -> tuple[list[float], list[float]]:
@@ -106,14 +102,10 @@ def run_trl(a, d: Path, world: int) -> tuple[list[float], list[float]]:
     from trl import RLOOConfig, RLOOTrainer
 
     cuda = a.device == "cuda"
-    args = RLOOConfig(
-        output_dir=str(d / "run_trl_rloo"), report_to="none", use_cpu=not cuda, bf16=a.dtype == "bf16", seed=a.seed,
-        deepspeed=dpo.trl_deepspeed_config(a), per_device_train_batch_size=a.prompts * a.num_generations,
-        gradient_accumulation_steps=1, max_steps=a.warmup + a.steps, logging_steps=1, learning_rate=a.lr,
-        lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch", weight_decay=0.0, max_grad_norm=1.0,
-        num_generations=a.num_generations, max_completion_length=a.completion_len, temperature=1.0, beta=0.05,
-        normalize_advantages=False, use_vllm=False, save_strategy="no", disable_tqdm=True,
-        model_init_kwargs={"dtype": torch.bfloat16 if a.dtype == "bf16" else torch.float32})
+    args = RLOOConfig(**dpo.trl_arguments(a, d / "run_trl_rloo", a.prompts * a.num_generations, 1),
+                      num_generations=a.num_generations, max_completion_length=a.completion_len, temperature=1.0, beta=0.05,
+                      normalize_advantages=False, use_vllm=False,
+                      model_init_kwargs={"dtype": torch.bfloat16 if a.dtype == "bf16" else torch.float32})
     ds = load_dataset("json", data_files=str(d / "pairs.jsonl"), split="train").select_columns(["prompt"])
     clock: list[float] = []
     trainer = RLOOTrainer(model=str(d / "model"), reward_funcs=reward_length, args=args, train_dataset=ds,
@@ -135,12 +127,7 @@ def worker(a) -> None:
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     clock, lengths = (run_distill if a.impl == "distill" else run_trl)(a, d, world)
-    peak = None
-    if cuda:
-        t = torch.tensor(torch.cuda.max_memory_allocated() / 2**30, device="cuda")
-        if dist.is_initialized():
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        peak = float(t)
+    peak = dpo.peak_memory_gib() if cuda else None
     if rank == 0:
         seconds = clock[-1] - clock[a.warmup - 1]
         completions = a.prompts * a.num_generations * world
