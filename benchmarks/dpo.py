@@ -154,35 +154,41 @@ def _write_inputs(a, world: int, d: Path) -> None:
 # -- one side --------------------------------------------------------------------------------
 def run_distill(a, d: Path, world: int) -> tuple[list[float], list[float]]:
     """(per-step wall clock at step end, per-step loss) of distill's DPOTrainer."""
-    from distill.config.recipe import deep_merge, parse_overrides, validate_recipe
     from distill.trainers.dpo import DPOTrainer
 
-    total = a.warmup + a.steps
-    optimizer = {"lr": a.lr, "weight_decay": 0.0}
-    recipe = validate_recipe(deep_merge({
-        "trainer": "dpo", "output_dir": str(d / "run_distill"), "overwrite": True, "seed": a.seed,
-        "policy": {"from_pretrained": str(d / "model"), "deepspeed": f"zero{a.policy_zero}", "precision": a.dtype,
-                   "optimizer": optimizer, "scheduler": {"name": "constant"},
+    return train_distill(DPOTrainer, a, d / "run_distill", world, {
+        "policy": {**trained_role(a, d), "deepspeed": f"zero{a.policy_zero}",
                    "gradient_checkpointing": a.gradient_checkpointing, "compile": False},  # plain unless --set asks
         "reference": {"from_pretrained": str(d / "model"), "precision": a.dtype, "compile": False, **(
             {} if a.ref_zero == "auto" else  # the planner places it
             {"deepspeed": int(a.ref_zero), "placement": "sharded" if a.ref_zero == "3" else "replicated"})},
         "dpo": {"loss": "sigmoid", "beta": a.beta},
         "data": {"train": str(d / "pairs.jsonl"), "tokenizer": str(d / "tokenizer"), "max_length": a.seq_len},
-        "train": {"micro_batch_size": a.micro_batch, "grad_accum": a.grad_accum, "max_steps": total, "log_every": 1,
-                  "grad_clip": 1.0, "progress": False},
-        "launch": {"num_processes": world},
-    }, parse_overrides(a.set)), DPOTrainer)
-    trainer = DPOTrainer(recipe)
+        "train": {"micro_batch_size": a.micro_batch, "grad_accum": a.grad_accum},
+    })
+
+
+def trained_role(a, d: Path) -> dict:
+    """The trained model's recipe keys every distill side here shares: the saved model, constant-lr AdamW without
+    weight decay, the precision."""
+    return {"from_pretrained": str(d / "model"), "precision": a.dtype, "optimizer": {"lr": a.lr, "weight_decay": 0.0},
+            "scheduler": {"name": "constant"}}
+
+
+def train_distill(trainer_cls, a, run: Path, world: int, sections: dict, key: str = "loss") -> tuple[list[float], list[float]]:
+    """Train `trainer_cls` on `sections` (its roles, its algorithm, data, batch sizes) with what every distill side
+    here shares (the timed steps, a metrics line per step, clipping 1.0, `world` processes), then --set; returns
+    (elapsed_s, `key`) of each step, from its metrics.jsonl, on rank 0 (empty elsewhere)."""
+    from distill.config.recipe import deep_merge, parse_overrides, validate_recipe
+
+    raw = deep_merge({"trainer": trainer_cls.name, "output_dir": str(run), "overwrite": True, "seed": a.seed,
+                      "train": {"max_steps": a.warmup + a.steps, "log_every": 1, "grad_clip": 1.0, "progress": False},
+                      "launch": {"num_processes": world}}, sections)
+    trainer = trainer_cls(validate_recipe(deep_merge(raw, parse_overrides(a.set)), trainer_cls))
     trainer.train()
-    return step_series(trainer, d / "run_distill", "loss")
-
-
-def step_series(trainer, run_dir: Path, key: str) -> tuple[list[float], list[float]]:
-    """(elapsed_s, `key`) of each step line of a finished distill run's metrics.jsonl; empty off rank 0."""
     if trainer.rank != 0:
         return [], []
-    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in metrics if key in m and "elapsed_s" in m]
     return [m["elapsed_s"] for m in steps], [m[key] for m in steps]
 

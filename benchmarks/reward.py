@@ -23,24 +23,15 @@ import dpo  # noqa: E402  (benchmarks/dpo.py: inputs, driver, timing, table)
 
 def run_distill(a, d: Path, world: int) -> tuple[list[float], list[float]]:
     """(per-step wall clock at step end, per-step loss) of distill's RewardTrainer."""
-    from distill.config.recipe import deep_merge, parse_overrides, validate_recipe
     from distill.trainers.reward import RewardTrainer
 
-    recipe = validate_recipe(deep_merge({
-        "trainer": "reward", "output_dir": str(d / "run_distill_reward"), "overwrite": True, "seed": a.seed,
-        "reward": {"from_pretrained": str(d / "model"), "model_class": "sequence_classification",
-                   "deepspeed": f"zero{a.policy_zero}", "precision": a.dtype,
-                   "optimizer": {"lr": a.lr, "weight_decay": 0.0}, "scheduler": {"name": "constant"},
+    return dpo.train_distill(RewardTrainer, a, d / "run_distill_reward", world, {
+        "reward": {**dpo.trained_role(a, d), "model_class": "sequence_classification", "deepspeed": f"zero{a.policy_zero}",
                    "gradient_checkpointing": a.gradient_checkpointing, "compile": False},
         "rm": {"loss": "bradley_terry"},
         "data": {"train": str(d / "pairs.jsonl"), "tokenizer": str(d / "tokenizer"), "max_length": a.seq_len},
-        "train": {"micro_batch_size": a.micro_batch, "grad_accum": a.grad_accum, "max_steps": a.warmup + a.steps,
-                  "log_every": 1, "grad_clip": 1.0, "progress": False},
-        "launch": {"num_processes": world},
-    }, parse_overrides(a.set)), RewardTrainer)
-    trainer = RewardTrainer(recipe)
-    trainer.train()
-    return dpo.step_series(trainer, d / "run_distill_reward", "loss")
+        "train": {"micro_batch_size": a.micro_batch, "grad_accum": a.grad_accum},
+    })
 
 
 def run_trl(a, d: Path, world: int) -> tuple[list[float], list[float]]:

@@ -55,9 +55,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--result", default=None)
     a = p.parse_args(argv)
     # dpo.prepare's model and pairs: the prompt is seq_len // 2 - 1 words; one pair per prompt of a step
-    a.hidden, a.layers, a.heads, a.kv_heads, a.intermediate, a.vocab = 1024, 20, 16, 8, 2816, 32000
+    model = dpo.parse_args(["--tiny"] if a.tiny else [])  # dpo.py's model sizes
+    for key in ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab"):
+        setattr(a, key, getattr(model, key))
     if a.tiny:
-        a.hidden, a.layers, a.heads, a.kv_heads, a.intermediate, a.vocab = 64, 2, 4, 2, 128, 512
         a.prompt_len, a.completion_len, a.num_generations, a.prompts = 7, 16, 4, 2
         a.warmup, a.steps = 1, 2
     a.seq_len, a.micro_batch, a.grad_accum = 2 * (a.prompt_len + 1), a.prompts, 1
@@ -72,26 +73,18 @@ def reward_length(prompts, completions, **kwargs) -> list[float]:
 
 def run_distill(a, d: Path, world: int) -> tuple[list[float], list[float]]:
     """(per-step wall clock at step end, per-step mean completion length) of distill's GRPOTrainer as RLOO."""
-    from distill.config.recipe import deep_merge, parse_overrides, validate_recipe
     from distill.trainers.grpo import GRPOTrainer
 
-    recipe = validate_recipe(deep_merge({
-        "trainer": "grpo", "output_dir": str(d / "run_distill_rloo"), "overwrite": True, "seed": a.seed,
-        "policy": {"from_pretrained": str(d / "model"), "deepspeed": "zero2", "precision": a.dtype,
-                   "optimizer": {"lr": a.lr, "weight_decay": 0.0}, "scheduler": {"name": "constant"}},
+    return dpo.train_distill(GRPOTrainer, a, d / "run_distill_rloo", world, {
+        "policy": {**dpo.trained_role(a, d), "deepspeed": "zero2"},
         "reference": {"from_pretrained": str(d / "model"), "precision": a.dtype},
         "grpo": {"num_generations": a.num_generations, "max_completion_length": a.completion_len, "temperature": 1.0,
                  "beta": 0.05, "kl_penalty": "reward", "advantage": "rloo", "scale_rewards": "none",
                  "importance_sampling_level": "sequence_sum", "loss_type": "grpo", "reward_funcs": [reward_length]},
         "data": {"train": str(d / "pairs.jsonl"), "eval": None, "tokenizer": str(d / "tokenizer"),
                  "max_length": a.prompt_len + 1 + a.completion_len},
-        "train": {"micro_batch_size": a.prompts * a.num_generations, "grad_accum": 1, "max_steps": a.warmup + a.steps,
-                  "log_every": 1, "grad_clip": 1.0, "progress": False},
-        "launch": {"num_processes": world},
-    }, parse_overrides(a.set)), GRPOTrainer)
-    trainer = GRPOTrainer(recipe)
-    trainer.train()
-    return dpo.step_series(trainer, d / "run_distill_rloo", "completions/mean_length")
+        "train": {"micro_batch_size": a.prompts * a.num_generations, "grad_accum": 1},
+    }, key="completions/mean_length")
 
 
 def run_trl(a, d: Path, world: int) -> tuple[list[float], list[float]]:
@@ -156,7 +149,7 @@ def table(results: list[dict], title: str) -> str:
         rows.append(f"| {r['impl']} | {r['step_s']:.3f} | {r['generated_tokens_per_s']:.0f} | {r['mean_completion_len']:.1f} | {peak} |")
     by = {r["impl"]: r for r in results}
     if {"distill", "trl"} <= set(by):
-        rows.append(f"\ndistill / trl step time: {by['trl']['step_s'] / by['distill']['step_s']:.2f}x faster")
+        rows.append(f"\ntrl / distill step time: {by['trl']['step_s'] / by['distill']['step_s']:.2f}x")
     return head + "\n".join(rows)
 
 

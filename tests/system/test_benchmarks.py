@@ -182,4 +182,3 @@ def test_generation_benchmark_checks_and_times_on_cpu(tmp_path):
     assert result["check"] == [{"mode": "static", "equal": True, "rows": 24, "first_difference": None, "width": [48, 48]}]
     assert {(r["candidate"], r["batch"]) for r in result["throughput"]} == {("static", 4), ("generate", 4)}
     assert all(r["tokens"] == [32] and r["tokens_per_s"] > 0 for r in result["throughput"])
-
