@@ -1,5 +1,9 @@
 import collections
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 
 import pytest
 
@@ -9,6 +13,33 @@ import pytest
 # (tests.helpers.gpu_env). The first conftest to run keeps the machine's setting; xdist workers inherit it.
 os.environ.setdefault("DISTILL_TEST_GPUS", os.environ.get("CUDA_VISIBLE_DEVICES", "all"))
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
+def pytest_sessionstart(session):
+    """Start this process's forkserver (tests/forkserver.py: the suite's `python ...` commands fork from a process
+    that imported the stack once), unless this is xdist's controller, which runs no test, or DISTILL_TEST_FORK=0."""
+    config = session.config
+    controller = not hasattr(config, "workerinput") and (getattr(config.option, "numprocesses", None) or 0) > 0
+    if controller or os.environ.get("DISTILL_TEST_FORK", "1") == "0":
+        return
+    where = tempfile.mkdtemp(prefix="distill-fork-")
+    path = os.path.join(where, "socket")
+    os.environ["DISTILL_TEST_FORKSERVER"] = path  # before the server starts: it is part of the environment it records
+    log = open(os.path.join(where, "server.log"), "w")
+    server = subprocess.Popen([sys.executable, "-m", "tests.forkserver", path], cwd=os.path.dirname(os.path.dirname(__file__)),
+                              stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    with open(path + ".pid", "w") as f:
+        f.write(str(server.pid))
+    session.config._distill_forkserver = (server, where, log)
+
+
+def pytest_sessionfinish(session):
+    server, where, log = getattr(session.config, "_distill_forkserver", (None, None, None))
+    if server is not None:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+        shutil.rmtree(where, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items):

@@ -107,11 +107,24 @@ def pythonpath(*dirs: str | Path) -> str:
     return os.pathsep.join(p for p in (*map(str, dirs), os.environ.get("PYTHONPATH")) if p)
 
 
+FORKED = REPO / "tests" / "forked.py"
+
+
+def python(*args: str) -> list[str]:
+    """The command `python ARGS` as the suite starts it: forked from this worker's forkserver, which imported torch,
+    transformers, DeepSpeed, accelerate and distill once (tests/forkserver.py), where that runs it as a fresh
+    interpreter would; a fresh interpreter otherwise, and always with DISTILL_TEST_FORK=0. Tests of starting
+    itself (the CLI, signals, killed launchers) start `sys.executable` directly."""
+    if os.environ.get("DISTILL_TEST_FORKSERVER"):
+        return [sys.executable, "-I", str(FORKED), *args]
+    return [sys.executable, *args]
+
+
 def launch(module: str, *args: str, nproc: int = 2, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m module args` on N CPU processes, started as a plain `python -m distill.train` starts its ranks
     (accelerate's launcher with `--use_deepspeed`; tests/scripts/launch.py). tests/cli/test_cli.py runs
     `accelerate launch`, torchrun and deepspeed themselves."""
-    cmd = [sys.executable, "-m", "tests.scripts.launch", str(nproc), module, *args]
+    cmd = python("-m", "tests.scripts.launch", str(nproc), module, *args)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONPATH": pythonpath(REPO), **(env or {})})
 

@@ -287,6 +287,14 @@ MUTATIONS: list[Mutation] = [
       "c, r = (x if x[-1:] == [eos] else x + [eos] for x in map(ids, responses))", "c, r = map(ids, responses)",
       [T + "trainers/test_trl_parity.py::test_first_dpo_steps_match_trl"],
       "preference pairs are the sequences TRL's trainers make of them, each response ending with eos (DPO and the reward model share the tokenisation)"),
+    M("fork-sees-the-servers-environment", "tests/forkserver.py",
+      'os.environ.update({**added, **request["env"]})', "os.environ.update(added)",
+      [T + "system/test_forks.py::test_a_forked_command_sees_what_a_fresh_one_sees_and_exits_the_same"],
+      "a command the suite forks sees its own environment, as a fresh interpreter would"),
+    M("fork-client-keeps-sigterm", "tests/forked.py",
+      "        else:\n            os.kill(pid, sig)\n", "        else:\n            pass\n",
+      [T + "system/test_forks.py::test_signals_reach_the_command_and_a_killed_client_takes_it_with_it"],
+      "SIGTERM sent to a forked command's client reaches the command"),
 ]
 
 

@@ -3,7 +3,6 @@ records give from a file, and values another process cannot read are refused by 
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import datasets
@@ -13,7 +12,7 @@ import yaml
 
 import distill
 from tests.doc_blocks import blocks
-from tests.helpers import REPO, TINY_LLAMA, check, pythonpath
+from tests.helpers import REPO, TINY_LLAMA, check, python, pythonpath
 
 DOC = REPO / "docs" / "python.md"
 BUILT = '''
@@ -29,7 +28,7 @@ print("from_recipe:", type(m).__name__, list(m.trainables), len(m.data.train))
 def test_the_python_page_runs(tmp_path):
     code = "".join(b.text for b in blocks(DOC) if b.lang == "python")
     (tmp_path / "page.py").write_text(code + BUILT)
-    proc = subprocess.run([sys.executable, "page.py"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    proc = subprocess.run(python("page.py"), cwd=tmp_path, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONPATH": pythonpath(REPO)})
     check(proc)
     lines = proc.stdout.strip().splitlines()

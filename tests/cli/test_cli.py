@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from distill.runtime.launch import free_port
-from tests.helpers import check, pythonpath, tiny_recipe
+from tests.helpers import check, python, pythonpath, tiny_recipe
 
 pytestmark = pytest.mark.multiprocess
 
@@ -23,9 +23,10 @@ def _write(tmp_path, assets, name="recipe.yaml", **sections):
     return path, raw
 
 
-def _run(args, timeout=300, env=None):
-    return subprocess.run([sys.executable, "-m", "distill.train", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+def _run(args, timeout=300, env=None, fresh=False):
+    """`python -m distill.train ARGS`; `fresh`: in a new interpreter, as users start it, not forked (tests.helpers.python)."""
+    cmd = [sys.executable, "-m", "distill.train", *args] if fresh else python("-m", "distill.train", *args)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
 def test_plain_cli_launches_two_processes_and_saves_a_loadable_student(assets, tmp_path):
@@ -35,7 +36,7 @@ def test_plain_cli_launches_two_processes_and_saves_a_loadable_student(assets, t
     from distill.losses import cross_entropy
 
     path, raw = _write(tmp_path, assets)
-    proc = _run([str(path), "train.max_steps=4", "train.eval_every=2"])
+    proc = _run([str(path), "train.max_steps=4", "train.eval_every=2"], fresh=True)
     check(proc)
     run = tmp_path / "run"
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -134,12 +135,12 @@ def test_deepspeed_launcher_local_rank_argument_is_accepted():
 def test_help_lists_every_shipped_recipe_and_the_commands():
     from distill.config.presets import shipped_recipes
 
-    proc = subprocess.run([sys.executable, "-m", "distill", "train", "--help"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(python("-m", "distill", "train", "--help"), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0
     for name in shipped_recipes():
         assert f"\n  {name} " in proc.stdout
     assert "[dpo] DPO on synthetic preferences" in proc.stdout and "docs/recipe-reference.md" in proc.stdout
-    top = subprocess.run([sys.executable, "-m", "distill", "--help"], capture_output=True, text=True, timeout=60)
+    top = subprocess.run(python("-m", "distill", "--help"), capture_output=True, text=True, timeout=60)
     assert top.returncode == 0 and all(f"distill {c} " in top.stdout for c in ("train", "export", "report", "recipes"))
 
 

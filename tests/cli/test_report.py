@@ -1,9 +1,9 @@
 """`distill.report`: plots and a summary from a run directory's metrics."""
 import json
 import subprocess
-import sys
 
 from distill.cli.report import main, series
+from tests.helpers import python
 
 
 def _run_dir(tmp_path):
@@ -36,7 +36,7 @@ def test_series_keeps_numbers_only():
 
 
 def test_report_on_a_directory_without_metrics(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "distill.report", str(tmp_path)], capture_output=True, text=True)
+    proc = subprocess.run(python("-m", "distill.report", str(tmp_path)), capture_output=True, text=True)
     assert proc.returncode == 2 and "no metrics.jsonl" in proc.stderr
 
 

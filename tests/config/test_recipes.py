@@ -14,7 +14,7 @@ from distill.loop.trainer import RoleTrainer
 from distill.plan.planner import plan_roles
 from distill.trainers import load_recipe
 from distill.trainers.distill import DistillTrainer
-from tests.helpers import tiny_recipe
+from tests.helpers import python, tiny_recipe
 
 RECIPES = sorted(Path(__file__).resolve().parents[2].joinpath("recipes").glob("*.yaml"))
 
@@ -256,11 +256,10 @@ def test_memory_estimate_follows_zero_stages():
 
 def test_dry_run_prints_the_plan_and_loads_nothing(tmp_path):
     import subprocess
-    import sys
 
     out = tmp_path / "never"
-    proc = subprocess.run([sys.executable, "-m", "distill.train", str(RECIPES[0].parent / "quickstart.yaml"), "--dry-run",
-                           f"output_dir={out}"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(python("-m", "distill.train", str(RECIPES[0].parent / "quickstart.yaml"), "--dry-run",
+                           f"output_dir={out}"), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "student  yes" in proc.stdout and "estimated memory per GPU" in proc.stdout
     assert re.search(r"teacher placement (sharded|replicated|offload): auto: \S", proc.stdout), proc.stdout
@@ -279,10 +278,9 @@ def test_role_names_that_clash_with_recipe_keys_or_trainer_attributes():
 
 def test_too_few_pairs_for_one_step_is_refused(tmp_path):
     import subprocess
-    import sys
 
-    proc = subprocess.run([sys.executable, "-m", "distill.train", str(RECIPES[0].parent / "dpo_quickstart.yaml"),
-                           f"output_dir={tmp_path}/run", "train.micro_batch_size=1500"], capture_output=True, text=True,
+    proc = subprocess.run(python("-m", "distill.train", str(RECIPES[0].parent / "dpo_quickstart.yaml"),
+                           f"output_dir={tmp_path}/run", "train.micro_batch_size=1500"), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode != 0 and "fewer than one optimizer step needs" in proc.stderr
 

@@ -5,7 +5,6 @@ import json
 import os
 import random
 import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -19,7 +18,7 @@ from distill.data.text import CausalCollator
 from distill.loop.preflight import preflight
 from distill.losses import cross_entropy, get_kd_loss
 from distill.trainers.distill import DistillTrainer
-from tests.helpers import TINY_LLAMA, tiny_recipe
+from tests.helpers import TINY_LLAMA, python, tiny_recipe
 
 
 def _docs(n: int, max_length: int, seed: int = 0, vocab: int = 50) -> list[list[int]]:
@@ -194,7 +193,7 @@ def _train(where, runs: dict[str, dict]) -> dict[str, str]:
     the stack for all of them; `run` forgets the roles between runs); each run's own output, by name."""
     for name, raw in runs.items():
         (where / f"{name}.yaml").write_text(yaml.safe_dump(raw))
-    proc = subprocess.run([sys.executable, "-c", _RUNS, *(str(where / f"{name}.yaml") for name in runs)],
+    proc = subprocess.run(python("-c", _RUNS, *(str(where / f"{name}.yaml") for name in runs)),
                           capture_output=True, text=True, timeout=900, env=os.environ)
     logs = {name: (where / f"{name}.log").read_text() if (where / f"{name}.log").exists() else "" for name in runs}
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:] + "\n".join(v[-4000:] for v in logs.values())

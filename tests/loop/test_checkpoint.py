@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from tests.helpers import check, launch_scenarios, tiny_recipe
+from tests.helpers import check, launch_scenarios, python, tiny_recipe
 
 pytestmark = pytest.mark.multiprocess
 WARMING_UP = {"name": "constant", "warmup_steps": 1000}
@@ -31,7 +31,7 @@ def _recipe(tmp_path, assets, name, **sections):
 
 
 def _train(path, *args, timeout=300, env=None):
-    return subprocess.run([sys.executable, "-m", "distill.train", str(path), *args], capture_output=True, text=True,
+    return subprocess.run(python("-m", "distill.train", str(path), *args), capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 

@@ -14,7 +14,7 @@ from distill.cli.train import main
 from distill.config.errors import RecipeError
 from distill.loop.rundir import LOCK_FILE, check_resume_identity, lock_run_dir, recipe_changes, release_run_dir
 from distill.trainers import load_recipe
-from tests.helpers import check, tiny_recipe
+from tests.helpers import check, python, tiny_recipe
 
 
 def _hold(run, env, started, done):
@@ -120,7 +120,7 @@ def test_metrics_keep_one_timeline_across_a_resume(tmp_path):
 
 
 def _train(path, *args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "distill.train", str(path), *args], capture_output=True, text=True,
+    return subprocess.run(python("-m", "distill.train", str(path), *args), capture_output=True, text=True,
                           timeout=timeout)
 
 

@@ -3,7 +3,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 
 import pytest
 import yaml
@@ -11,7 +10,7 @@ import yaml
 from distill.config.errors import RecipeError
 from distill.loop import tracking
 from distill.trainers import load_recipe
-from tests.helpers import check, tiny_recipe
+from tests.helpers import check, python, tiny_recipe
 
 
 def _write(tmp_path, assets, name="run", **sections):
@@ -25,7 +24,7 @@ def _write(tmp_path, assets, name="run", **sections):
 
 
 def _train(path, *args, env=None):
-    return subprocess.run([sys.executable, "-m", "distill.train", str(path), *args], capture_output=True, text=True,
+    return subprocess.run(python("-m", "distill.train", str(path), *args), capture_output=True, text=True,
                           timeout=300, env={**os.environ, **(env or {})})
 
 

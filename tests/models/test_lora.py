@@ -2,13 +2,12 @@
 second model, and every recipe mistake refused before a model loads."""
 import json
 import subprocess
-import sys
 
 import pytest
 import torch
 import yaml
 
-from tests.helpers import check, launch_scenarios, tiny_recipe
+from tests.helpers import check, launch_scenarios, python, tiny_recipe
 
 LORA = {"r": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj"]}
 
@@ -97,7 +96,7 @@ def _recipe(tmp_path, assets, name):
 
 
 def _train(path, *args):
-    return subprocess.run([sys.executable, "-m", "distill.train", str(path), *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run(python("-m", "distill.train", str(path), *args), capture_output=True, text=True, timeout=300)
 
 
 def _tensors(path):

@@ -2,7 +2,6 @@
 exports; a LoRA export that peft loads by itself."""
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ from distill.config.errors import RecipeError
 from distill.loop.preflight import preflight
 from distill.models.tokenizer_files import TOKENIZER_FILES, auto_tokenizer_note, save_tokenizer, tokenizer_difference
 from distill.trainers.distill import DistillTrainer
-from tests.helpers import ENGLISH, bpe_tokenizer, check, tiny_model_dir
+from tests.helpers import ENGLISH, bpe_tokenizer, check, python, tiny_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +123,7 @@ def test_a_lora_run_on_own_models_exports_an_exact_tokenizer_and_a_loadable_adap
     # The student named relative to the run's working directory: the adapter must name it absolutely.
     raw = _raw(pair, "run", student={"from_pretrained": os.path.relpath(pair / "student", tmp_path), "lora": {"r": 4}})
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
-    proc = subprocess.run([sys.executable, "-m", "distill.train", "r.yaml"], capture_output=True, text=True, timeout=300,
+    proc = subprocess.run(python("-m", "distill.train", "r.yaml"), capture_output=True, text=True, timeout=300,
                           cwd=tmp_path)
     check(proc)
     run = tmp_path / "run"

@@ -5,7 +5,6 @@ import json
 import os
 import random
 import subprocess
-import sys
 
 import pytest
 
@@ -14,7 +13,7 @@ from distill.data.synthetic import ENDS, SyntheticLanguage
 from distill.pipelines.rlhf import Pipeline, load_pipeline, stage_commands
 from distill.pipelines.rlhf_pairs import label_pairs, write_pairs
 from distill.config.errors import RecipeError
-from tests.helpers import REPO, check
+from tests.helpers import REPO, check, python
 
 PIPELINE = str(REPO / "recipes" / "rlhf" / "pipeline.yaml")
 
@@ -121,7 +120,7 @@ def test_gpu_pipeline_checks(tmp_path):
 
 
 def _pipeline(out, *extra):
-    return subprocess.run([sys.executable, "-m", "distill.pipelines.rlhf", PIPELINE, f"output_dir={out}", *CPU_TEST, *extra],
+    return subprocess.run(python("-m", "distill.pipelines.rlhf", PIPELINE, f"output_dir={out}", *CPU_TEST, *extra),
                           capture_output=True, text=True, cwd=REPO, timeout=400)
 
 

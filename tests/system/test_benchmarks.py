@@ -9,14 +9,16 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import python
+
 REPO = Path(__file__).resolve().parents[2]
 
 
 def test_distill_throughput_tiny_on_one_cpu_process(tmp_path):
     out, log = tmp_path / "bench.json", tmp_path / "bench.log"
-    cmd = [sys.executable, str(REPO / "benchmarks" / "distill_throughput.py"), "--pair", "tiny", "--device", "cpu",
+    cmd = python(str(REPO / "benchmarks" / "distill_throughput.py"), "--pair", "tiny", "--device", "cpu",
            "--modes", "naive", "sharded", "replicated", "--micro-batch", "2", "3", "--warmup", "1", "--steps", "2",
-           "--timing-steps", "1", "--peak-tflops", "0.5", "--cprofile", str(tmp_path / "cp"), "--out", str(out)]
+           "--timing-steps", "1", "--peak-tflops", "0.5", "--cprofile", str(tmp_path / "cp"), "--out", str(out))
     start = time.perf_counter()
     with open(log, "w") as f:
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=600, cwd=tmp_path)
@@ -94,7 +96,7 @@ def test_throughput_plot_draws_every_results_file(tmp_path):
     results = REPO / "benchmarks" / "results"
     out = tmp_path / "plot.png"
     files = [str(results / name) for name in ("throughput_0.3b_1.4b_compiled_h200x2.json", "throughput_1b_7b_h200x4.json")]
-    proc = subprocess.run([sys.executable, "benchmarks/plot_throughput.py", *files, "--out", str(out)], capture_output=True,
+    proc = subprocess.run(python("benchmarks/plot_throughput.py", *files, "--out", str(out)), capture_output=True,
                           text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr
     width, height = Image.open(out).size
@@ -149,7 +151,7 @@ def test_build_time_reports_the_cpu_build_of_the_pairs_teacher():
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "build_time.py"), "--pair", "tiny", "--device", "cpu"],
+    proc = subprocess.run(python(str(REPO / "benchmarks" / "build_time.py"), "--pair", "tiny", "--device", "cpu"),
                           capture_output=True, text=True, timeout=120, cwd=REPO / "benchmarks")
     wall = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -174,9 +176,9 @@ def test_build_time_reports_the_cpu_build_of_the_pairs_teacher():
 def test_generation_benchmark_checks_and_times_on_cpu(tmp_path):
     """benchmarks/generation.py's CPU smoke run: the greedy check against generate() and the timing of two candidates."""
     out = tmp_path / "generation.json"
-    proc = subprocess.run([sys.executable, "benchmarks/generation.py", "--model", "tiny", "--batch", "4", "--new-tokens", "8",
+    proc = subprocess.run(python("benchmarks/generation.py", "--model", "tiny", "--batch", "4", "--new-tokens", "8",
                            "--prompt-len", "8", "--parts", "check", "throughput", "--candidates", "static", "generate",
-                           "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=REPO)
+                           "--out", str(out)), capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["check"] == [{"mode": "static", "equal": True, "rows": 24, "first_difference": None, "width": [48, 48]}]

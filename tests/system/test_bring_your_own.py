@@ -3,11 +3,10 @@ loads the export. (tests/system/test_docs_blocks.py runs every command of the pa
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
-from tests.helpers import check, pythonpath
+from tests.helpers import check, python, pythonpath
 from tests.doc_blocks import REPO, SHELL, blocks, shell_commands
 
 PAGE = REPO / "docs" / "bring-your-own.md"
@@ -27,7 +26,7 @@ def test_the_walk_through_ends_with_a_loadable_student(tmp_path, monkeypatch):
     for b in page:
         if b.lang == "python" and "AutoPeftModelForCausalLM" not in b.text:  # the LoRA block needs a LoRA run
             (tmp_path / "block.py").write_text(b.text)
-            proc = subprocess.run([sys.executable, "block.py"], cwd=tmp_path, capture_output=True, text=True,
+            proc = subprocess.run(python("block.py"), cwd=tmp_path, capture_output=True, text=True,
                                   timeout=300, env=env)
             check(proc)
             ran.append(f"python:{b.line}")
@@ -37,7 +36,7 @@ def test_the_walk_through_ends_with_a_loadable_student(tmp_path, monkeypatch):
                 if c.kind == "train" and c.argv != MAIN_RUN:
                     continue
                 if c.kind == "train":
-                    proc = subprocess.run([sys.executable, "-m", "distill.train", *c.argv], cwd=tmp_path,
+                    proc = subprocess.run(python("-m", "distill.train", *c.argv), cwd=tmp_path,
                                           capture_output=True, text=True, timeout=300, env=env)
                     check(proc)
                     outputs["train"] = proc.stdout

@@ -2,12 +2,11 @@
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import yaml
 
-from tests.helpers import pythonpath, tiny_recipe
+from tests.helpers import python, pythonpath, tiny_recipe
 from tests.doc_blocks import (REPO, SHELL, Block, Unrunnable, blocks, check_block, classify, doc_files,
                                         shell_commands)
 
@@ -76,7 +75,7 @@ def test_docs_blocks_run(assets, tmp_path):
     for page, cwd, script in python_runs:
         (tmp_path / f"{page.stem}_blocks.py").write_text(script)
         with open(tmp_path / f"{page.stem}_blocks.log", "w") as log:
-            proc = subprocess.run([sys.executable, str(tmp_path / f"{page.stem}_blocks.py")], cwd=cwd, stdout=log,
+            proc = subprocess.run(python(str(tmp_path / f"{page.stem}_blocks.py")), cwd=cwd, stdout=log,
                                   stderr=subprocess.STDOUT, timeout=300, env=_env())
         if proc.returncode:
             failures.append(f"python blocks of {page.name}: exit {proc.returncode}\n"
@@ -86,8 +85,8 @@ def test_docs_blocks_run(assets, tmp_path):
     unique = list({json.dumps([j["cwd"], j["kind"], j["argv"], j["env"]]): j for j in jobs}.values())
     (tmp_path / "jobs.json").write_text(json.dumps(unique))
     with open(tmp_path / "batch.log", "w") as log:
-        proc = subprocess.run([sys.executable, "-m", "tests.doc_blocks", str(tmp_path / "jobs.json"),
-                               str(tmp_path / "results.json")], stdout=log, stderr=subprocess.STDOUT, timeout=600,
+        proc = subprocess.run(python("-m", "tests.doc_blocks", str(tmp_path / "jobs.json"),
+                               str(tmp_path / "results.json")), stdout=log, stderr=subprocess.STDOUT, timeout=600,
                               env=_env(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"))
     assert proc.returncode == 0, (tmp_path / "batch.log").read_text()[-4000:]
     for job, result in zip(unique, json.loads((tmp_path / "results.json").read_text())):
@@ -107,7 +106,7 @@ def _tiny_run(assets, tmp_path) -> str:
                       launch={"num_processes": 1})
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(raw))
     with open(tmp_path / "tiny.log", "w") as log:
-        proc = subprocess.run([sys.executable, "-m", "distill.train", str(tmp_path / "tiny.yaml")], stdout=log,
+        proc = subprocess.run(python("-m", "distill.train", str(tmp_path / "tiny.yaml")), stdout=log,
                               stderr=subprocess.STDOUT, timeout=300, env=_env())
     assert proc.returncode == 0, (tmp_path / "tiny.log").read_text()[-4000:]
     return str(tmp_path / "tiny_run")

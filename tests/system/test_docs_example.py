@@ -5,14 +5,13 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.doc_blocks import blocks
-from tests.helpers import REPO, check, pythonpath
+from tests.helpers import REPO, check, python, pythonpath
 
 pytestmark = pytest.mark.multiprocess
 DOC = REPO / "docs" / "writing-a-trainer.md"
@@ -40,7 +39,7 @@ def _metrics(run: Path) -> list[dict]:
 def test_ensemble_trainer_example_runs_on_two_processes(assets, tmp_path):
     (tmp_path / "ensemble.py").write_text(_saved("ensemble.py"))
     (tmp_path / "ensemble.yaml").write_text(_small(_saved("ensemble.yaml"), assets, max_steps=6, log_every=1))
-    proc = subprocess.run([sys.executable, "-m", "distill.train", "ensemble.yaml"], cwd=tmp_path, capture_output=True,
+    proc = subprocess.run(python("-m", "distill.train", "ensemble.yaml"), cwd=tmp_path, capture_output=True,
                           text=True, timeout=300, env={**os.environ, "PYTHONPATH": pythonpath(tmp_path)})
     check(proc)
     assert re.search(r"teacher_a\s+frozen\s+3\s+none\s+sharded\s+fp32", proc.stdout)
@@ -59,7 +58,7 @@ def test_two_trainable_roles_example_runs_from_python_on_two_processes(assets, t
     (tmp_path / "two_students.yaml").write_text(_small(_saved("two_students.yaml"), assets, max_steps=6, log_every=1))
     code = next(b.text for b in blocks(DOC) if b.lang == "python" and "tests/system/test_docs_example.py" in b.arg)
     (tmp_path / "run.py").write_text(code)
-    proc = subprocess.run([sys.executable, "run.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    proc = subprocess.run(python("run.py"), cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": pythonpath(REPO, tmp_path)})
     check(proc)
     out = proc.stdout

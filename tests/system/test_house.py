@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ from distill.config.errors import RecipeError
 from distill.config.presets import deepspeed_presets, package_path, resolve_shipped, shipped_recipes
 from distill.config.schema import Role
 from distill.trainers import load_recipe
-from tests.helpers import TINY_LLAMA, check, launch
+from tests.helpers import TINY_LLAMA, check, launch, python
 
 
 def test_the_trainers_and_roles_import_from_the_top():
@@ -57,7 +56,7 @@ def test_recipes_list_copy_and_run_by_name_from_another_directory(tmp_path, monk
     recipe, trainer = load_recipe("quickstart")
     assert trainer is distill.DistillTrainer and Path(recipe.teacher.from_pretrained) == package_path("assets/teacher")
     # The console entry point dispatches to the same command.
-    listed = subprocess.run([sys.executable, "-m", "distill", "recipes"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    listed = subprocess.run(python("-m", "distill", "recipes"), cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert listed.returncode == 0 and "quickstart" in listed.stdout
 
 

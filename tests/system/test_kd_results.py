@@ -13,7 +13,7 @@ import torch
 
 from distill.data.synthetic import EOS, SyntheticLanguage, build_tokenizer
 from distill.data.synthetic_eval import judge, score_text, true_probs
-from tests.helpers import pythonpath
+from tests.helpers import python, pythonpath
 
 REPO = Path(__file__).resolve().parents[2]
 SPD = (1, 4)
@@ -121,9 +121,9 @@ def test_distillation_beats_hard_labels_at_cpu_size(tmp_path, seed):
     bits, the tail as one class), which ends where the live teacher's does. Deterministic; over seeds 0-2 the
     margins were (see the docs)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath(REPO)}
-    cmd = [sys.executable, str(REPO / "benchmarks" / "kd_results.py"), "--size", "cpu", "--arms", "hard", "forward_kl",
+    cmd = python(str(REPO / "benchmarks" / "kd_results.py"), "--size", "cpu", "--arms", "hard", "forward_kl",
            "cache_top32", "--budgets", "quarter", "--seeds", str(seed), "--samples", "32", "--no-plot", "--out",
-           str(tmp_path)]
+           str(tmp_path))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-6000:]
     res = json.loads((tmp_path / "kd_results.json").read_text())

@@ -14,7 +14,7 @@ import torch
 
 from distill.config.errors import RecipeError
 from distill.teacher_cache.codec import LOG_RANGE, Codec, pack_bits, unpack_bits
-from tests.helpers import REPO, bpe_tokenizer, launch_scenarios
+from tests.helpers import REPO, bpe_tokenizer, launch_scenarios, python
 
 
 def teacher_logp(n=64, v=1000, seed=0, scale=3.0):
@@ -173,11 +173,11 @@ def quickstart(tmp_path_factory):
     the writer in batches of 64, the student for 12 steps."""
     cwd = tmp_path_factory.mktemp("quickstart")
     one = ["launch.num_processes=1", "train.progress=false"]
-    write = subprocess.run([sys.executable, "-m", "distill.teacher_cache", str(REPO / "recipes/teacher_cache_quickstart.yaml"),
-                            *one, "train.micro_batch_size=64"], cwd=cwd, capture_output=True, text=True, timeout=600)
+    write = subprocess.run(python("-m", "distill.teacher_cache", str(REPO / "recipes/teacher_cache_quickstart.yaml"),
+                            *one, "train.micro_batch_size=64"), cwd=cwd, capture_output=True, text=True, timeout=600)
     assert write.returncode == 0, write.stdout[-3000:] + write.stderr[-5000:]
-    train = subprocess.run([sys.executable, "-m", "distill.train", str(REPO / "recipes/quickstart_from_cache.yaml"), *one,
-                            "train.max_steps=12", "train.eval_batches=2", "train.eval_samples=0"], cwd=cwd,
+    train = subprocess.run(python("-m", "distill.train", str(REPO / "recipes/quickstart_from_cache.yaml"), *one,
+                            "train.max_steps=12", "train.eval_batches=2", "train.eval_samples=0"), cwd=cwd,
                            capture_output=True, text=True, timeout=600)
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-5000:]
     return {"cwd": cwd, "write": write, "train": train}
@@ -389,9 +389,9 @@ def test_the_compression_benchmark_separates_bias_from_noise(tmp_path):
 @pytest.mark.multiprocess
 def test_the_throughput_benchmark_times_every_mode_on_cpu(tmp_path):
     out = tmp_path / "t.json"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks/teacher_cache_throughput.py"), "--pair", "tiny",
+    proc = subprocess.run(python(str(REPO / "benchmarks/teacher_cache_throughput.py"), "--pair", "tiny",
                            "--device", "cpu", "--warmup", "1", "--steps", "1", "--micro-batch", "2", "--options",
-                           "top32_sqrt8", "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+                           "top32_sqrt8", "--out", str(out)), capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     res = json.loads(out.read_text())
     modes = {(r["part"], r["mode"]): r for r in res["results"]}

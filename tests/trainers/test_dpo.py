@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from tests.helpers import check, launch_scenarios
+from tests.helpers import check, launch_scenarios, python
 
 ROOT_ARGS = ["dpo.loss=sigmoid"]
 
@@ -53,10 +53,9 @@ def test_precomputed_reference_gives_the_same_run(live_and_cached):
 @pytest.mark.multiprocess
 def test_dpo_quickstart_learns_the_preferences(tmp_path):
     import subprocess
-    import sys
 
-    proc = subprocess.run([sys.executable, "-m", "distill.train", "recipes/dpo_quickstart.yaml", f"output_dir={tmp_path}/run",
-                           "train.max_steps=30", "train.progress=false"], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(python("-m", "distill.train", "recipes/dpo_quickstart.yaml", f"output_dir={tmp_path}/run",
+                           "train.max_steps=30", "train.progress=false"), capture_output=True, text=True, timeout=600)
     check(proc)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["before"]["loss"] == pytest.approx(0.6931, abs=1e-3)  # reference == policy at the start

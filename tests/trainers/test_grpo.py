@@ -9,7 +9,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,7 +21,7 @@ from distill.config.recipe import validate_recipe
 from distill.losses.grpo import GRPO_LOSSES
 from distill.rl.batch import RepeatedData, completion_masks, padded_width
 from distill.trainers.grpo import GRPOSpec, GRPOTrainer, completion_logps, grpo_loss_step
-from tests.helpers import REPO, TINY_LLAMA, check, pythonpath
+from tests.helpers import REPO, TINY_LLAMA, check, python, pythonpath
 
 REWARD = "distill.data.reward_task:end_mark"
 PAD, EOS = 0, 2
@@ -265,7 +264,7 @@ class _Called:
 
 # -- 2 processes ---------------------------------------------------------------------------------------
 def _train(args: list[str], env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "distill.train", *args], capture_output=True, text=True, timeout=timeout,
+    return subprocess.run(python("-m", "distill.train", *args), capture_output=True, text=True, timeout=timeout,
                           cwd=REPO, env={**os.environ, **(env or {})})
 
 

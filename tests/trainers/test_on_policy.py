@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import datasets
@@ -25,7 +24,7 @@ from distill.data.prompts import (
 from distill.data.synthetic import SyntheticLanguage, build_tokenizer
 from distill.generation.completions import OnPolicySpec, completion_source
 from distill.trainers.distill import DistillTrainer, kd_data
-from tests.helpers import REPO, TINY_LLAMA, check, launch_scenarios
+from tests.helpers import REPO, TINY_LLAMA, check, launch_scenarios, python
 
 PAD, EOS = 0, 2
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['content'] }} {% endfor %}"
@@ -184,7 +183,7 @@ def test_generation_under_zero3_and_the_sampled_loss(generation_runs, name):
 
 def _train(recipe: dict, path: Path) -> subprocess.CompletedProcess:
     path.write_text(yaml.safe_dump(recipe))
-    return subprocess.run([sys.executable, "-m", "distill.train", str(path)], capture_output=True, text=True,
+    return subprocess.run(python("-m", "distill.train", str(path)), capture_output=True, text=True,
                           timeout=300, env=os.environ.copy())
 
 
@@ -215,10 +214,10 @@ def test_lmbda_zero_is_exactly_offline_kd_on_the_same_data(prompts, tmp_path):
 
 @pytest.mark.multiprocess
 def test_onpolicy_quickstart_lowers_reverse_kl_on_the_students_own_samples(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "distill.train", "recipes/onpolicy_quickstart.yaml",
+    proc = subprocess.run(python("-m", "distill.train", "recipes/onpolicy_quickstart.yaml",
                            f"output_dir={tmp_path / 'run'}", f"data.train={tmp_path / 'p/train.jsonl'}",
                            f"data.eval={tmp_path / 'p/eval.jsonl'}", "train.max_steps=40", "train.eval_batches=2",
-                           "train.progress=false"], capture_output=True, text=True, timeout=400, cwd=REPO)
+                           "train.progress=false"), capture_output=True, text=True, timeout=400, cwd=REPO)
     check(proc)
     summary = json.loads((tmp_path / "run/summary.json").read_text())
     before, after = summary["before"], summary["after"]

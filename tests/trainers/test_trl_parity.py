@@ -17,9 +17,10 @@ compared exactly, separately.
 import json
 import os
 import subprocess
-import sys
 
 import pytest
+
+from tests.helpers import python
 
 trl = pytest.importorskip("trl")
 
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.trl
 
 def _run(*args, cwd=None):
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "WANDB_DISABLED": "true"}
-    return subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    return subprocess.Popen(python(*args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
 def _wait(proc, what):
