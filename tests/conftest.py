@@ -22,12 +22,15 @@ def pytest_sessionstart(session):
     controller = not hasattr(config, "workerinput") and (getattr(config.option, "numprocesses", None) or 0) > 0
     if controller or os.environ.get("DISTILL_TEST_FORK", "1") == "0":
         return
+    from tests.forked import SOCKET_ENV
+    from tests.helpers import REPO
+
     where = tempfile.mkdtemp(prefix="distill-fork-")
     path = os.path.join(where, "socket")
-    os.environ["DISTILL_TEST_FORKSERVER"] = path  # before the server starts: it is part of the environment it records
+    os.environ[SOCKET_ENV] = path  # before the server starts: it is part of the environment it records
     log = open(os.path.join(where, "server.log"), "w")
-    server = subprocess.Popen([sys.executable, "-m", "tests.forkserver", path], cwd=os.path.dirname(os.path.dirname(__file__)),
-                              stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    server = subprocess.Popen([sys.executable, "-m", "tests.forkserver", path], cwd=REPO, stdin=subprocess.DEVNULL,
+                              stdout=log, stderr=subprocess.STDOUT)
     with open(path + ".pid", "w") as f:
         f.write(str(server.pid))
     session.config._distill_forkserver = (server, where, log)

@@ -26,8 +26,9 @@ import threading
 import traceback
 
 
-def _imports() -> None:
-    """What a launching process imports before it forks its ranks (distill.train, tests/scripts/launch.py)."""
+def import_stack() -> None:
+    """What a launching process imports before it forks its ranks (`python -m distill.train`, tests/scripts/launch.py),
+    so that they start with it imported."""
     import accelerate.commands.launch  # noqa: F401
     import deepspeed  # noqa: F401
     import torch.distributed.run  # noqa: F401
@@ -39,7 +40,7 @@ def _imports() -> None:
 
 def main(path: str) -> None:
     before = dict(os.environ)
-    _imports()
+    import_stack()
     # what the imports set when unset (DeepSpeed's PYTORCH_NVML_BASED_CUDA_CHECK, torch's inductor cache directory)
     added = {k: v for k, v in os.environ.items() if before.get(k) != v}
     if threading.active_count() != 1:  # a fork would copy another thread's locks held: serve nothing
@@ -48,7 +49,7 @@ def main(path: str) -> None:
     import tests
 
     own = {sys.path[0], *os.environ.get("PYTHONPATH", "").split(os.pathsep)}
-    info = {"pid": os.getpid(), "env": before, "added": added, "roots": {
+    info = {"env": before, "added": added, "roots": {
         "distill": os.path.dirname(os.path.realpath(distill.__file__)),
         "tests": os.path.dirname(os.path.realpath(tests.__file__))}}
     base = [p for p in sys.path if p not in own]  # the interpreter's own entries (stdlib, site-packages)
@@ -144,8 +145,9 @@ def _run(request: dict, fds: list[int], base: list[str], added: dict[str, str]) 
     os.environ.clear()
     os.environ.update({**added, **request["env"]})  # as the imports would have left a fresh process's
     argv = request["argv"]
-    module = argv[1] if argv[0] == "-m" else None
-    first = os.getcwd() if module else "" if argv[0] == "-c" else os.path.dirname(os.path.abspath(argv[0]))
+    how = argv[0] if argv[0] in ("-m", "-c") else "script"
+    # sys.path[0] as Python sets it: the working directory for -m, "" for -c, the script's directory
+    first = os.getcwd() if how == "-m" else "" if how == "-c" else os.path.dirname(os.path.abspath(argv[0]))
     extra = [os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     sys.path[:] = [first, *extra, *base]
     if threads := os.environ.get("OMP_NUM_THREADS"):  # read when torch loaded OpenMP, in the server: set it as it would be
@@ -156,15 +158,15 @@ def _run(request: dict, fds: list[int], base: list[str], added: dict[str, str]) 
     if not any(os.path.realpath(os.path.join(p, "tests")) == tests_root for p in sys.path):
         for name in [n for n in sys.modules if n == "tests" or n.startswith("tests.")]:
             del sys.modules[name]  # a fresh `python ARGV` could not import the suite's package: nor can this one
-    sys.argv = [module, *argv[2:]] if module else ["-c", *argv[2:]] if argv[0] == "-c" else list(argv)
+    sys.argv = list(argv) if how == "script" else [argv[1] if how == "-m" else "-c", *argv[2:]]
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     import runpy
 
     try:
-        if module:
-            runpy.run_module(module, run_name="__main__", alter_sys=True)
-        elif argv[0] == "-c":
+        if how == "-m":
+            runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+        elif how == "-c":
             import types
 
             main = sys.modules["__main__"] = types.ModuleType("__main__")  # a new, empty one, as `python -c` has

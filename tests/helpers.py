@@ -115,7 +115,9 @@ def python(*args: str) -> list[str]:
     transformers, DeepSpeed, accelerate and distill once (tests/forkserver.py), where that runs it as a fresh
     interpreter would; a fresh interpreter otherwise, and always with DISTILL_TEST_FORK=0. Tests of starting
     itself (the CLI, signals, killed launchers) start `sys.executable` directly."""
-    if os.environ.get("DISTILL_TEST_FORKSERVER"):
+    from tests.forked import SOCKET_ENV
+
+    if os.environ.get(SOCKET_ENV):
         return [sys.executable, "-I", str(FORKED), *args]
     return [sys.executable, *args]
 

@@ -12,11 +12,10 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     n, module, *args = argv if argv is not None else sys.argv[1:]
-    import deepspeed  # noqa: F401  what every rank imports, once here
-    import transformers.models.llama.modeling_llama  # noqa: F401
-
-    import distill.trainers  # noqa: F401
     from distill.runtime.launch import relaunch
+    from tests.forkserver import import_stack
+
+    import_stack()  # what every rank imports, once here
 
     if module == "tests.scripts.many":  # the script it runs (the module itself each rank runs as __main__)
         importlib.import_module(args[0])

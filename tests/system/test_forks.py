@@ -10,9 +10,10 @@ import time
 
 import pytest
 
+from tests.forked import SOCKET_ENV
 from tests.helpers import python, pythonpath
 
-pytestmark = pytest.mark.skipif(not os.environ.get("DISTILL_TEST_FORKSERVER"), reason="DISTILL_TEST_FORK=0: no forkserver")
+pytestmark = pytest.mark.skipif(not os.environ.get(SOCKET_ENV), reason="DISTILL_TEST_FORK=0: no forkserver")
 
 SEES = """
 import json, os, sys, torch
